@@ -1,0 +1,131 @@
+"""One run's configuration: the cell of a grid, normalised so that equal runs hash equally.
+
+Everything that can change a run's result lives here; nothing about where or how it executes
+(device, worker, checkpoint folder) does, so the same cell on a GPU worker and a laptop has one hash.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+MODELS = ("kan", "mlp", "mlp_wide")
+DEPTHS = ("shallow", "medium", "deep")
+INITS = ("kaiming_normal", "kaiming_uniform", "orthogonal")
+OPTIMIZERS = ("sgd", "sgd_momentum", "adam")
+TRAINERS = ("backprop", "hsic")
+ACTIVATIONS = ("relu", "gelu", "silu", "elu", "cos")
+
+#: activation used when a config leaves it unset: the study's defaults.
+DEFAULT_ACTIVATION = {"kan": "gelu", "mlp": "relu", "mlp_wide": "relu"}
+
+
+class ConfigError(ValueError):
+    """A bad value in a run or grid configuration; ``field`` names the offending field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A single training run. ``hidden_widths`` are the *base* widths (for ``mlp_wide`` the
+    widths are scaled at model build time to match the KAN's parameter count)."""
+
+    dataset: str = "digits"
+    model: str = "kan"
+    depth: str | None = "shallow"
+    hidden_widths: tuple[int, ...] = ()
+    init: str = "kaiming_normal"
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    trainer: str = "backprop"
+    activation: str | None = None
+    spline_order: int = 3
+    grid_size: int = 5
+    batch_size: int = 64
+    max_epochs: int = 10
+    seed: int = 0
+    patience: int | None = None
+    dropout: float = 0.2
+    wide_multiplier: float | None = None
+    train_eval_size: int | None = None
+    hsic_beta: float = 100.0
+    hsic_sigma: float = 10.0
+    hsic_x_term: bool = False
+    hsic_format_epochs: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=True)
+
+    def normalised(self) -> "RunConfig":
+        """Validate and fill derived fields (activation, widths); idempotent."""
+        from kanfarm.models.presets import hidden_widths_for  # local: keeps config import light
+
+        def choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+            if value not in allowed:
+                raise ConfigError(name, f"{value!r} is not one of {', '.join(allowed)}")
+
+        choice("model", self.model, MODELS)
+        choice("init", self.init, INITS)
+        choice("optimizer", self.optimizer, OPTIMIZERS)
+        choice("trainer", self.trainer, TRAINERS)
+        activation = self.activation or DEFAULT_ACTIVATION[self.model]
+        choice("activation", activation, ACTIVATIONS)
+        if not (isinstance(self.lr, (int, float)) and 0 < float(self.lr) < 1e3):
+            raise ConfigError("lr", f"{self.lr!r} must be a positive number")
+        for name in ("batch_size", "max_epochs", "grid_size", "spline_order"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(name, f"{value!r} must be a positive integer")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError("seed", f"{self.seed!r} must be a non-negative integer")
+        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
+            raise ConfigError("patience", f"{self.patience!r} must be a positive integer or unset")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ConfigError("dropout", f"{self.dropout!r} must lie in [0, 1)")
+        if self.wide_multiplier is not None and not float(self.wide_multiplier) > 0:
+            raise ConfigError("wide_multiplier", f"{self.wide_multiplier!r} must be positive")
+        if self.hidden_widths:
+            widths = tuple(int(w) for w in self.hidden_widths)
+            if any(w < 1 for w in widths):
+                raise ConfigError("hidden_widths", f"{list(widths)} must be positive integers")
+            depth = self.depth if self.depth in DEPTHS else None
+        else:
+            choice("depth", self.depth, DEPTHS)
+            widths = hidden_widths_for(self.dataset, self.depth)
+            depth = self.depth
+        return dataclasses.replace(
+            self,
+            activation=activation,
+            hidden_widths=widths,
+            depth=depth,
+            lr=float(self.lr),
+            dropout=float(self.dropout),
+            wide_multiplier=None if self.wide_multiplier is None else float(self.wide_multiplier),
+            hsic_beta=float(self.hsic_beta),
+            hsic_sigma=float(self.hsic_sigma),
+            extra=dict(sorted(self.extra.items())),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["hidden_widths"] = list(self.hidden_widths)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown field (known: {', '.join(sorted(known))})")
+        values = dict(data)
+        if "hidden_widths" in values and values["hidden_widths"] is not None:
+            values["hidden_widths"] = tuple(values["hidden_widths"])
+        return cls(**values)
+
+    def config_hash(self) -> str:
+        """sha256 over the normalised config as canonical JSON: the run's identity."""
+        canonical = json.dumps(self.normalised().to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
