@@ -1,0 +1,116 @@
+"""Crash-safe checkpoints: atomic writes, a sha256 per file, the last N kept, a fallback chain on load.
+
+A checkpoint is written to a temporary file, fsynced and renamed into place, then its sha256 is
+written beside it the same way: a checkpoint without a matching digest is never trusted. Loading
+uses ``torch.load(weights_only=True)`` so a tampered file cannot run code.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^epoch-(\d{6})\.pt$")
+
+
+def _atomic_write(path: Path, payload: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class CheckpointManager:
+    """Saves and restores one run's training state in ``directory``.
+
+    ``every``: save after every N-th epoch (the final epoch is always saved); ``min_interval_s``:
+    additionally skip saves closer together than this (0 = no time limit); ``on_save`` is told
+    (epoch, path, sha256) after each save, e.g. to record it in the store.
+    """
+
+    def __init__(self, directory: str | os.PathLike, config_hash: str, keep: int = 2, every: int = 1,
+                 min_interval_s: float = 0.0,
+                 on_save: Callable[[int, Path, str], None] | None = None):
+        if keep < 1 or every < 1:
+            raise ValueError("keep and every must be at least 1")
+        self.directory = Path(directory)
+        self.config_hash = config_hash
+        self.keep = keep
+        self.every = every
+        self.min_interval_s = min_interval_s
+        self.on_save = on_save
+        self._last_save = 0.0
+
+    def paths(self) -> list[tuple[int, Path]]:
+        """Existing checkpoints, newest first."""
+        if not self.directory.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := _NAME.match(p.name))]
+        return sorted(found, reverse=True)
+
+    def due(self, epoch: int, final: bool = False) -> bool:
+        if final:
+            return True
+        if epoch % self.every:
+            return False
+        return time.monotonic() - self._last_save >= self.min_interval_s
+
+    def save(self, epoch: int, state: dict[str, Any]) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save({"epoch": epoch, "config_hash": self.config_hash, "state": state}, buffer)
+        payload = buffer.getvalue()
+        digest = hashlib.sha256(payload).hexdigest()
+        path = self.directory / f"epoch-{epoch:06d}.pt"
+        _atomic_write(path, payload)
+        _atomic_write(path.with_name(path.name + ".sha256"), digest.encode())
+        self._last_save = time.monotonic()
+        self._prune()
+        if self.on_save is not None:
+            self.on_save(epoch, path, digest)
+        return path
+
+    def _prune(self) -> None:
+        for _, path in self.paths()[self.keep:]:
+            for p in (path, path.with_name(path.name + ".sha256")):
+                p.unlink(missing_ok=True)
+
+    def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[int, dict[str, Any]] | None:
+        """(epoch, state) of the newest checkpoint that verifies, else None (a fresh start).
+
+        An unreadable, corrupted or foreign checkpoint is skipped with a warning and the previous
+        one is tried.
+        """
+        for epoch, path in self.paths():
+            try:
+                payload = path.read_bytes()
+                expected = path.with_name(path.name + ".sha256").read_text().strip()
+                if hashlib.sha256(payload).hexdigest() != expected:
+                    raise ValueError("sha256 mismatch")
+                blob = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+                if blob.get("config_hash") != self.config_hash:
+                    raise ValueError("checkpoint belongs to another config")
+                if blob.get("epoch") != epoch:
+                    raise ValueError("epoch in file does not match its name")
+                return epoch, blob["state"]
+            except Exception as exc:  # any failure means: do not trust this file
+                log.warning("checkpoint %s unusable (%s); trying an older one", path, exc)
+        if self.paths():
+            log.warning("no usable checkpoint in %s; starting fresh", self.directory)
+        return None

@@ -1,0 +1,154 @@
+"""The epoch loop every trainer shares: seeding, evaluation, divergence, checkpoints, exact resume.
+
+A trainer is a ``Method``: which optimisers it needs and how it trains one epoch from a stream
+of batches. Everything around that (epoch 0 evaluation, records to the sink, early stopping,
+checkpoint/resume with every RNG state) lives here once, so both trainers resume the same way.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Iterator, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from kanfarm.config import RunConfig
+from kanfarm.data.dataset import Dataset
+from kanfarm.models import build_model, count_params
+from kanfarm.training import rng
+from kanfarm.training.checkpoint import CheckpointManager
+from kanfarm.training.records import EpochRecord, RunResult, ShouldStop, Sink
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class Method(Protocol):
+    def optimizers(self, model: torch.nn.Module, config: RunConfig) -> dict[str, torch.optim.Optimizer]: ...
+
+    def train_epoch(self, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer],
+                    batches: Iterator[Batch], epoch: int, config: RunConfig) -> torch.Tensor:
+        """Train one epoch; return the summed training loss as a device tensor (NaN/inf = diverged)."""
+        ...
+
+    def extra(self, model: torch.nn.Module, data: Dataset, config: RunConfig) -> dict[str, Any]:
+        """Method-specific metrics stored in ``epoch_metrics.extra``."""
+        ...
+
+
+def shuffled_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                     order: torch.Generator) -> Iterator[Batch]:
+    """One epoch of minibatches in an order drawn from ``order`` (a CPU generator, checkpointed)."""
+    perm = torch.randperm(x.shape[0], generator=order).to(x.device)
+    for start in range(0, x.shape[0], batch_size):
+        idx = perm[start:start + batch_size]
+        yield x[idx], y[idx]
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy in eval mode (dropout off), one host sync."""
+    model.eval()
+    loss = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    for start in range(0, x.shape[0], chunk):
+        logits = model(x[start:start + chunk])
+        target = y[start:start + chunk]
+        loss += F.cross_entropy(logits.float(), target, reduction="sum")
+        correct += (logits.argmax(dim=1) == target).sum()
+    n = x.shape[0]
+    return (loss / n).item(), (correct.float() / n).item()
+
+
+def _train_eval_subset(data: Dataset, size: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if size is None or size >= data.x_train.shape[0]:
+        return data.x_train, data.y_train
+    g = torch.Generator().manual_seed(seed + 7919)
+    idx = torch.randperm(data.x_train.shape[0], generator=g)[:size].to(data.x_train.device)
+    return data.x_train[idx], data.y_train[idx]
+
+
+def fit(config: RunConfig, data: Dataset, sink: Sink, method: Method, *,
+        checkpoints: CheckpointManager | None = None, device: str | torch.device = "cpu",
+        should_stop: ShouldStop | None = None) -> RunResult:
+    """Train ``config`` on ``data``, emitting an ``EpochRecord`` per epoch (0 = before training).
+
+    Resumes from the newest verified checkpoint when ``checkpoints`` has one; epochs after it are
+    trained again and emit identical records.
+    """
+    config = config.normalised()
+    device = torch.device(device)
+    rng.seed_everything(config.seed)
+    model = build_model(config, data.n_features, data.n_classes).to(device)
+    n_params = count_params(model)
+    optimizers = method.optimizers(model, config)
+    order = torch.Generator().manual_seed(config.seed)
+    data = data.to(device)
+    x_eval, y_eval = _train_eval_subset(data, config.train_eval_size, config.seed)
+    best_acc, best_epoch, epoch = -1.0, 0, 0
+
+    def state() -> dict[str, Any]:
+        return {"model": model.state_dict(),
+                "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                "rng": rng.capture(order),
+                "progress": {"best_acc": best_acc, "best_epoch": best_epoch}}
+
+    resumed = checkpoints.load_latest(map_location=device) if checkpoints is not None else None
+    if resumed is not None:
+        epoch, saved = resumed
+        model.load_state_dict(saved["model"])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(saved["optimizers"][name])
+        rng.restore(saved["rng"], order)
+        best_acc, best_epoch = saved["progress"]["best_acc"], saved["progress"]["best_epoch"]
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def patience_exhausted() -> bool:
+        return config.patience is not None and epoch - best_epoch >= config.patience
+
+    def record(train_loss_sum: torch.Tensor | None, started: float) -> EpochRecord | None:
+        """Evaluate and emit; None when the run diverged at this epoch."""
+        nonlocal best_acc, best_epoch
+        train_loss, train_acc = evaluate(model, x_eval, y_eval)
+        test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
+        finite = all(math.isfinite(v) for v in (train_loss, test_loss))
+        if train_loss_sum is not None:
+            finite = finite and bool(torch.isfinite(train_loss_sum))
+        sync()
+        seconds = time.perf_counter() - started
+        if not finite:
+            sink(EpochRecord(epoch, None, None, None, None, seconds, {}, diverged=True))
+            return None
+        extra = method.extra(model, data, config)
+        rec = EpochRecord(epoch, train_loss, train_acc, test_loss, test_acc, seconds, extra)
+        rec.validate()
+        sink(rec)
+        if test_acc > best_acc:
+            best_acc, best_epoch = test_acc, epoch
+        return rec
+
+    if resumed is None:
+        if record(None, time.perf_counter()) is None:
+            return RunResult("diverged", 0, n_params)
+        if checkpoints is not None:
+            checkpoints.save(0, state())
+
+    while epoch < config.max_epochs and not patience_exhausted():
+        if should_stop is not None and should_stop():
+            if checkpoints is not None and not any(e == epoch for e, _ in checkpoints.paths()):
+                checkpoints.save(epoch, state())
+            return RunResult("stopped", epoch, n_params)
+        started = time.perf_counter()
+        epoch += 1
+        batches = shuffled_batches(data.x_train, data.y_train, config.batch_size, order)
+        loss_sum = method.train_epoch(model, optimizers, batches, epoch, config)
+        if record(loss_sum, started) is None:
+            return RunResult("diverged", epoch, n_params)
+        if checkpoints is not None:
+            final = epoch == config.max_epochs or patience_exhausted()
+            if checkpoints.due(epoch, final=final):
+                checkpoints.save(epoch, state())
+    return RunResult("completed", epoch, n_params)
