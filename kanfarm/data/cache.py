@@ -1,0 +1,63 @@
+"""The preprocessed cache beside the raw files: one ``cache-<key>.pt`` per dataset and option set.
+
+The key hashes the dataset name, its format version and the options that change the tensors, so
+different vocabularies or split sizes never collide. Files are written atomically and read with
+``weights_only=True`` (plain tensors only, nothing unpickled beyond them). After replacing raw files,
+delete the ``cache-*.pt`` files of that dataset.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REQUIRED = ("x_train", "y_train", "x_test", "y_test")
+
+
+def cache_key(dataset: str, format_version: int, options: dict[str, Any]) -> str:
+    text = json.dumps({"dataset": dataset, "format": format_version, "options": options}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cache_path(folder: Path, dataset: str, format_version: int, options: dict[str, Any]) -> Path:
+    return folder / f"cache-{cache_key(dataset, format_version, options)}.pt"
+
+
+def read(path: Path) -> dict[str, torch.Tensor] | None:
+    """The cached tensors, or None when there is no usable cache (a broken one is ignored and rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or foreign file: rebuild rather than fail
+        warnings.warn(f"ignoring unreadable dataset cache {path}: {exc}", stacklevel=3)
+        return None
+    if not isinstance(tensors, dict) or any(k not in tensors for k in REQUIRED):
+        warnings.warn(f"ignoring dataset cache {path}: missing tensors", stacklevel=3)
+        return None
+    return tensors
+
+
+def write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Save atomically; a read-only folder only costs the speed-up, so failures just warn."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".cache-", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        warnings.warn(f"cannot write dataset cache {path}: {exc}", stacklevel=3)
+        return
+    try:
+        with os.fdopen(fd, "wb") as out:
+            torch.save(tensors, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        warnings.warn(f"cannot write dataset cache {path}: {exc}", stacklevel=3)

@@ -1,0 +1,61 @@
+"""CIFAR-10 from the *binary* archive ``cifar-10-binary.tar.gz`` (the pickled Python version is not
+supported: nothing here ever unpickles downloaded data).
+
+Each record is 1 label byte followed by 3,072 pixel bytes: the 32x32 red plane, then green, then
+blue, each row-major. Features keep exactly that channel-major order (3072 = 3x32x32).
+Split: ``data_batch_1..5.bin`` (50,000) train, ``test_batch.bin`` (10,000) test.
+Scaling: pixels 0..255 map to ``p / 255 * 2 - 1`` in [-1, 1].
+"""
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kanfarm.data.errors import DatasetFormatError
+
+N_CLASSES = 10
+FORMAT_VERSION = 1
+DEFAULTS: dict[str, Any] = {}
+ARCHIVE = "cifar-10-binary.tar.gz"
+PIXELS = 3 * 32 * 32
+RECORD = 1 + PIXELS
+MEMBERS = {"train": [f"cifar-10-batches-bin/data_batch_{i}.bin" for i in range(1, 6)],
+           "test": ["cifar-10-batches-bin/test_batch.bin"]}
+
+
+def n_features(options: dict[str, Any]) -> int:
+    return PIXELS
+
+
+def build(folder: Path, options: dict[str, Any]) -> dict[str, torch.Tensor]:
+    path = folder / ARCHIVE
+    wanted = {name for names in MEMBERS.values() for name in names}
+    blobs: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for member in tar:  # stream: the archive is read once, nothing is extracted to disk
+                if member.isfile() and member.name in wanted:
+                    blobs[member.name] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise DatasetFormatError(f"{path}: not a readable tar.gz archive ({exc})") from exc
+    out: dict[str, torch.Tensor] = {"code_max": torch.tensor(255.0)}
+    for split, names in MEMBERS.items():
+        records = []
+        for name in names:
+            if name not in blobs:
+                raise DatasetFormatError(f"{path}: member {name} is missing (is this the binary version?)")
+            blob = blobs[name]
+            if len(blob) % RECORD:
+                raise DatasetFormatError(f"{path}: {name} has {len(blob)} bytes, not a multiple of {RECORD}")
+            records.append(np.frombuffer(blob, dtype=np.uint8).reshape(-1, RECORD))
+        data = np.concatenate(records)
+        labels = data[:, 0].astype(np.int64)
+        if labels.size and labels.max() >= N_CLASSES:
+            raise DatasetFormatError(f"{path}: label {labels.max()} outside 0..9")
+        out[f"x_{split}"] = torch.from_numpy(np.ascontiguousarray(data[:, 1:]))
+        out[f"y_{split}"] = torch.from_numpy(labels)
+    return out

@@ -1,0 +1,76 @@
+"""Fetch missing raw files into a dataset folder: atomically, checksum-verified, or fail clearly.
+
+A download goes to a temporary file in the destination folder, is verified, fsynced and only then
+renamed into place, so a crash or a concurrent worker never leaves a half file under the real name.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Callable, Iterable
+
+from kanfarm.data.errors import DatasetUnavailable
+from kanfarm.data.sources import RemoteFile
+
+TIMEOUT_S = 30  # per connect / socket read, not for the whole transfer
+CHUNK = 1 << 20
+
+#: replaceable in tests; called as ``opener(url, timeout=...)`` and used as a context manager.
+opener: Callable = urllib.request.urlopen
+
+
+def missing_files(folder: Path, files: Iterable[RemoteFile]) -> list[RemoteFile]:
+    return [f for f in files if not (folder / f.filename).is_file()]
+
+
+def ensure_files(dataset: str, folder: Path, files: tuple[RemoteFile, ...], allow_download: bool) -> None:
+    """Make sure every file is in ``folder``; download what is missing or raise DatasetUnavailable."""
+    missing = missing_files(folder, files)
+    if not missing:
+        return
+    if not allow_download:
+        raise DatasetUnavailable(_message(dataset, folder, missing,
+                                          "downloads are disabled (KANFARM_OFFLINE=1 or download=False)"))
+    for remote in missing:
+        try:
+            fetch(remote, folder)
+        except (OSError, ValueError) as exc:  # URLError and socket timeouts are OSErrors
+            raise DatasetUnavailable(_message(dataset, folder, missing_files(folder, files),
+                                              f"downloading {remote.url} failed: {exc}")) from exc
+
+
+def fetch(remote: RemoteFile, folder: Path) -> Path:
+    """Download one file to ``folder/remote.filename``; raises ValueError on a checksum mismatch."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dest = folder / remote.filename
+    fd, tmp = tempfile.mkstemp(prefix=f".{remote.filename}.", suffix=".part", dir=folder)
+    try:
+        digest, size = hashlib.sha256(), 0
+        with os.fdopen(fd, "wb") as out, opener(remote.url, timeout=TIMEOUT_S) as response:
+            while chunk := response.read(CHUNK):
+                out.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if size == 0:
+            raise ValueError(f"{remote.url} returned an empty file")
+        if remote.sha256 is not None and digest.hexdigest() != remote.sha256:
+            raise ValueError(f"checksum mismatch for {remote.filename}: expected sha256 {remote.sha256},"
+                             f" got {digest.hexdigest()}")
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def _message(dataset: str, folder: Path, missing: list[RemoteFile], reason: str) -> str:
+    lines = [f"dataset {dataset!r} is unavailable: {reason}.",
+             f"Missing in {folder}:"]
+    lines += [f"  {f.filename}  (from {f.url})" for f in missing]
+    lines.append(f"Download them yourself and put them in {folder} (set KANFARM_DATA_DIR to use another root).")
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""HIGGS (UCI): ``HIGGS.csv.gz``, each row a 0/1 label then 28 features, 11M rows.
+
+Only the first ``n_train + n_test`` rows are read (streamed; the rest of the 2.6 GB file is never
+decompressed). Split as in the paper: the first ``n_train`` rows (default 50,000) train, the next
+``n_test`` (default 50,000) test. Scaling: standardise each feature with the *training* mean and
+standard deviation, clip at +-3 standard deviations, divide by 3, so features lie in [-1, 1].
+"""
+from __future__ import annotations
+
+import gzip
+import itertools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kanfarm.data.errors import DatasetFormatError
+
+N_CLASSES = 2
+FORMAT_VERSION = 1
+DEFAULTS: dict[str, Any] = {"n_train": 50_000, "n_test": 50_000}
+FILE = "HIGGS.csv.gz"
+N_FEATURES = 28
+CLIP = 3.0
+
+
+def n_features(options: dict[str, Any]) -> int:
+    return N_FEATURES
+
+
+def read_rows(path: Path, n_rows: int) -> np.ndarray:
+    """The first ``n_rows`` rows as float64 (n_rows, 29)."""
+    try:
+        with gzip.open(path, "rt") as f:
+            lines = list(itertools.islice(f, n_rows))
+    except (OSError, EOFError) as exc:
+        raise DatasetFormatError(f"{path}: not a readable gzip file ({exc})") from exc
+    if len(lines) < n_rows:
+        raise DatasetFormatError(f"{path}: needs {n_rows} rows (n_train + n_test), file has {len(lines)}")
+    try:
+        rows = np.loadtxt(lines, delimiter=",", dtype=np.float64, ndmin=2)
+    except ValueError as exc:
+        raise DatasetFormatError(f"{path}: unparsable row ({exc})") from exc
+    if rows.shape[1] != 1 + N_FEATURES:
+        raise DatasetFormatError(f"{path}: rows have {rows.shape[1]} columns, expected {1 + N_FEATURES}")
+    return rows
+
+
+def squash(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    return np.clip((x - mean) / std, -CLIP, CLIP) / CLIP
+
+
+def build(folder: Path, options: dict[str, Any]) -> dict[str, torch.Tensor]:
+    n_train, n_test = int(options["n_train"]), int(options["n_test"])
+    path = folder / FILE
+    rows = read_rows(path, n_train + n_test)
+    labels = rows[:, 0]
+    if not np.isin(labels, (0.0, 1.0)).all():
+        raise DatasetFormatError(f"{path}: labels must be 0 or 1")
+    x = rows[:, 1:]
+    mean = x[:n_train].mean(axis=0)
+    std = x[:n_train].std(axis=0)
+    std[std == 0] = 1.0  # a constant feature stays at 0 instead of dividing by zero
+    features = squash(x, mean, std).astype(np.float32)
+    y = labels.astype(np.int64)
+    return {"x_train": torch.from_numpy(features[:n_train].copy()), "y_train": torch.from_numpy(y[:n_train].copy()),
+            "x_test": torch.from_numpy(features[n_train:].copy()), "y_test": torch.from_numpy(y[n_train:].copy())}

@@ -1,0 +1,89 @@
+"""IMDB sentiment (aclImdb_v1.tar.gz) as a bag of words over the ``vocab_size`` most frequent
+training words.
+
+Reviews: ``aclImdb/{train,test}/{neg,pos}/*.txt`` (label neg = 0, pos = 1; the unlabelled
+``train/unsup`` reviews are skipped), 25,000 train / 25,000 test, ordered by split, label, file name.
+Tokens: lowercase, ``<br />`` removed, runs of letters/digits (inner apostrophes kept: "don't");
+everything else is a separator. Vocabulary: the ``vocab_size`` tokens with the highest total count
+in the *training* reviews, ties broken alphabetically; column j is the j-th most frequent word.
+Features: binary presence scaled to the grid, +1 if the word occurs in the review, -1 otherwise.
+When the training text has fewer distinct words than ``vocab_size``, the extra columns are all -1.
+"""
+from __future__ import annotations
+
+import re
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from kanfarm.data.errors import DatasetFormatError
+
+N_CLASSES = 2
+FORMAT_VERSION = 1
+DEFAULTS: dict[str, Any] = {"vocab_size": 5000}
+ARCHIVE = "aclImdb_v1.tar.gz"
+LABELS = {"neg": 0, "pos": 1}
+_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
+_TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")
+
+
+def n_features(options: dict[str, Any]) -> int:
+    return int(options["vocab_size"])
+
+
+def tokenize(text: str) -> list[str]:
+    return _TOKEN.findall(_BREAK.sub(" ", text.lower()))
+
+
+def build_vocabulary(texts: Iterable[str], size: int) -> list[str]:
+    """The ``size`` most frequent tokens of ``texts`` (total count), most frequent first."""
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(tokenize(text))
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return [word for word, _ in ranked[:size]]
+
+
+def presence_codes(texts: list[str], vocabulary: list[str], size: int) -> np.ndarray:
+    """(n, size) uint8 matrix: 1 where the vocabulary word occurs in the text."""
+    index = {word: j for j, word in enumerate(vocabulary)}
+    codes = np.zeros((len(texts), size), dtype=np.uint8)
+    for i, text in enumerate(texts):
+        columns = [index[t] for t in set(tokenize(text)) if t in index]
+        codes[i, columns] = 1
+    return codes
+
+
+def read_reviews(path: Path) -> dict[str, list[tuple[str, int, str]]]:
+    """split -> sorted (file name, label, text) of the labelled reviews in the archive."""
+    reviews: dict[str, list[tuple[str, int, str]]] = {"train": [], "test": []}
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for member in tar:  # stream; nothing is extracted to disk
+                parts = member.name.split("/")
+                if (member.isfile() and len(parts) == 4 and parts[0] == "aclImdb" and parts[1] in reviews
+                        and parts[2] in LABELS and parts[3].endswith(".txt")):
+                    text = tar.extractfile(member).read().decode("utf-8", errors="replace")
+                    reviews[parts[1]].append((parts[3], LABELS[parts[2]], text))
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise DatasetFormatError(f"{path}: not a readable tar.gz archive ({exc})") from exc
+    for split, items in reviews.items():
+        if not items:
+            raise DatasetFormatError(f"{path}: no reviews under aclImdb/{split}/pos or aclImdb/{split}/neg")
+        items.sort(key=lambda item: (item[1], item[0]))
+    return reviews
+
+
+def build(folder: Path, options: dict[str, Any]) -> dict[str, torch.Tensor]:
+    size = int(options["vocab_size"])
+    reviews = read_reviews(folder / ARCHIVE)
+    vocabulary = build_vocabulary((text for _, _, text in reviews["train"]), size)
+    out: dict[str, torch.Tensor] = {"code_max": torch.tensor(1.0)}
+    for split, items in reviews.items():
+        out[f"x_{split}"] = torch.from_numpy(presence_codes([t for _, _, t in items], vocabulary, size))
+        out[f"y_{split}"] = torch.tensor([label for _, label, _ in items], dtype=torch.int64)
+    return out

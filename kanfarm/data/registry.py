@@ -1,0 +1,74 @@
+"""The dataset registry: names, option checking, shapes, and the load path raw files -> cache -> Dataset.
+
+Loading order: a cache file for (dataset, format version, options) is used when present, without
+touching the raw files; otherwise missing raw files are downloaded (unless disabled), the loader
+module preprocesses them once, and the result is cached beside them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from kanfarm.data import cache, cifar10, digits, download, higgs, imdb, mnist, paths
+from kanfarm.data.dataset import Dataset
+from kanfarm.data.encoding import decode
+from kanfarm.data.sources import SOURCES
+
+#: dataset name -> loader module (N_CLASSES, FORMAT_VERSION, DEFAULTS, n_features(), build()).
+LOADERS: dict[str, ModuleType] = {
+    "digits": digits,
+    "mnist": mnist,
+    "fashion-mnist": mnist,
+    "cifar10": cifar10,
+    "imdb": imdb,
+    "higgs": higgs,
+}
+DATASETS: tuple[str, ...] = tuple(LOADERS)
+
+
+def _loader(name: str) -> ModuleType:
+    if name not in LOADERS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    return LOADERS[name]
+
+
+def resolve_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The dataset's defaults overridden by ``options``; unknown or non-positive values are rejected."""
+    defaults = _loader(name).DEFAULTS
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        allowed = ", ".join(sorted(defaults)) or "none"
+        raise ValueError(f"dataset {name!r} has no option(s) {', '.join(unknown)}; allowed: {allowed}")
+    resolved = {**defaults, **options}
+    for key, value in resolved.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"dataset {name!r}: option {key} must be a positive integer, got {value!r}")
+    return resolved
+
+
+def dataset_shape(name: str, **options: Any) -> tuple[int, int]:
+    """(n_features, n_classes) of a dataset, without reading any file."""
+    options.pop("download", None)
+    loader = _loader(name)
+    return loader.n_features(resolve_options(name, options)), loader.N_CLASSES
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None, **options: Any) -> Dataset:
+    """Load a dataset as CPU tensors: float32 features in [-1, 1], int64 labels.
+
+    ``download=False`` (or env ``KANFARM_OFFLINE=1``) never downloads: missing files raise
+    DatasetUnavailable at once. Other options are per dataset (``vocab_size``, ``n_train``, ``n_test``).
+    """
+    allow_download = bool(options.pop("download", True)) and not paths.offline()
+    loader = _loader(name)
+    resolved = resolve_options(name, options)
+    folder = Path(data_dir if data_dir is not None else paths.data_dir()).expanduser() / name
+    path = cache.cache_path(folder, name, loader.FORMAT_VERSION, resolved)
+    tensors = cache.read(path)
+    if tensors is None:
+        download.ensure_files(name, folder, SOURCES[name], allow_download)
+        tensors = loader.build(folder, resolved)
+        cache.write(path, tensors)
+    t = decode(tensors)
+    return Dataset(name, t["x_train"], t["y_train"], t["x_test"], t["y_test"], loader.N_CLASSES)
