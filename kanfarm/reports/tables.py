@@ -1,0 +1,116 @@
+"""The study's questions as tables: rows of plain dicts built on the ``run_summary`` view.
+
+Per-run figures come straight from the view (SQL a user can write too); only the statistics SQL
+cannot say portably (median, IQR, overfitting onset) are computed here.
+"""
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from typing import Any, Iterable, Protocol
+
+from kanfarm.reports.efficiency import efficiency
+
+FINISHED = ("completed", "diverged")
+CONFIG_COLUMNS = ("run_id", "dataset", "model", "depth", "hidden_widths", "trainer", "init", "optimizer", "lr",
+                  "activation", "spline_order", "grid_size", "seed", "n_params", "status")
+#: rows sort so that each KAN stands next to its parameter-matched MLP-Wide, then the plain MLP.
+MODEL_ORDER = {"kan": 0, "mlp_wide": 1, "mlp": 2}
+
+
+class SummarySource(Protocol):
+    def summary(self, grid: str | None = None) -> list[dict[str, Any]]: ...
+
+    def epoch_metrics(self, run_id: int | None = None, grid: str | None = None) -> list[dict[str, Any]]: ...
+
+
+def _finished(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r["status"] in FINISHED]
+
+
+def _pick(row: dict[str, Any], columns: Iterable[str]) -> dict[str, Any]:
+    return {c: row.get(c) for c in columns}
+
+
+def summary_table(store: SummarySource, grid: str | None = None) -> list[dict[str, Any]]:
+    cols = CONFIG_COLUMNS + ("best_test_acc", "best_epoch", "train_acc_at_best", "gap_at_best", "epochs_run",
+                             "efficiency")
+    return [_pick(r, cols) for r in store.summary(grid)]
+
+
+def efficiency_table(store: SummarySource, grid: str | None = None,
+                     intrinsic_dim: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """Finished runs by decreasing efficiency; ``intrinsic_dim`` overrides the stored values."""
+    rows = []
+    for r in _finished(store.summary(grid)):
+        dim = (intrinsic_dim or {}).get(r["dataset"], r["intrinsic_dim"])
+        row = _pick(r, CONFIG_COLUMNS + ("best_test_acc", "best_epoch"))
+        row["intrinsic_dim"] = dim
+        row["efficiency"] = efficiency(r["best_test_acc"], r["best_epoch"], r["n_params"], dim)
+        rows.append(row)
+    rows.sort(key=lambda r: (r["efficiency"] is None, -(r["efficiency"] or 0.0), r["run_id"]))
+    return rows
+
+
+def overfit_onset(curve: list[tuple[int, float]], tolerance: float = 0.0) -> int | None:
+    """The epoch after which test accuracy falls: the first epoch at the maximum, when some later
+    epoch lies more than ``tolerance`` below it; None when accuracy never falls after its peak."""
+    if not curve:
+        return None
+    best_epoch, best = max(curve, key=lambda p: (p[1], -p[0]))
+    later = [acc for epoch, acc in curve if epoch > best_epoch]
+    return best_epoch if later and min(later) < best - tolerance else None
+
+
+def gap_table(store: SummarySource, grid: str | None = None, tolerance: float = 0.0) -> list[dict[str, Any]]:
+    """Generalisation gap (train - test accuracy) at the best epoch, mean and max over epochs, and
+    the onset of overfitting."""
+    curves: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    for m in store.epoch_metrics(grid=grid):
+        if m["test_acc"] is not None:
+            curves[m["run_id"]].append((m["epoch"], m["test_acc"]))
+    rows = []
+    for r in _finished(store.summary(grid)):
+        row = _pick(r, CONFIG_COLUMNS + ("best_test_acc", "best_epoch", "train_acc_at_best", "gap_at_best",
+                                        "mean_gap", "max_gap"))
+        row["overfit_onset_epoch"] = overfit_onset(sorted(curves[r["run_id"]]), tolerance)
+        rows.append(row)
+    return rows
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) == 1:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def sensitivity_table(store: SummarySource, grid: str | None = None) -> list[dict[str, Any]]:
+    """Spread of best test accuracy over training schemes per dataset x model x depth x trainer.
+
+    Diverged runs count towards ``divergence_rate``; their best accuracy before diverging (if any)
+    counts towards the spread like any other run's.
+    """
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in _finished(store.summary(grid)):
+        groups[(r["dataset"], r["depth"] or r["hidden_widths"], r["trainer"], r["model"])].append(r)
+    rows = []
+    for (dataset, depth, trainer, model), runs in groups.items():
+        accs = sorted(r["best_test_acc"] for r in runs if r["best_test_acc"] is not None)
+        row: dict[str, Any] = {"dataset": dataset, "depth": depth, "trainer": trainer, "model": model,
+                               "runs": len(runs), "count": len(accs),
+                               "divergence_rate": sum(r["status"] == "diverged" for r in runs) / len(runs)}
+        if accs:
+            q1, q3 = _quartiles(accs)
+            row.update(mean=statistics.fmean(accs), median=statistics.median(accs),
+                       std=statistics.stdev(accs) if len(accs) > 1 else 0.0, iqr=q3 - q1,
+                       min=accs[0], max=accs[-1])
+        else:
+            row.update(mean=None, median=None, std=None, iqr=None, min=None, max=None)
+        rows.append(row)
+    rows.sort(key=lambda r: (r["dataset"], str(r["depth"]), r["trainer"], MODEL_ORDER.get(r["model"], 9)))
+    return rows
+
+
+REPORTS = {"summary": summary_table, "efficiency": efficiency_table, "gap": gap_table,
+           "sensitivity": sensitivity_table}
