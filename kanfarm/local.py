@@ -1,0 +1,113 @@
+"""Runs a grid on this machine with N local workers: the embedded default, no broker needed.
+
+Workers are separate processes (spawned, so no CUDA context or database connection crosses a
+fork) that claim runs from the database exactly as Celery workers do; with one worker a thread
+is enough. The parent only watches the database and forwards Ctrl-C as a warm shutdown.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from kanfarm.runner import DEFAULT_LEASE_S, work_loop, worker_name
+from kanfarm.store import Store
+
+ACTIVE_SQL = """
+SELECT r.id AS run_id, r.dataset, r.model, r.depth, r.max_epochs, MAX(e.epoch) AS epoch
+FROM runs r JOIN grid_runs g ON g.run_id = r.id JOIN grids gr ON gr.id = g.grid_id
+LEFT JOIN epoch_metrics e ON e.run_id = r.id
+WHERE r.status = 'running' AND gr.name = :grid
+GROUP BY r.id, r.dataset, r.model, r.depth, r.max_epochs
+ORDER BY r.id
+"""
+
+
+@dataclass
+class Snapshot:
+    """What the grid looks like now: counts per status and the epoch of each active run."""
+
+    counts: dict[str, int]
+    active: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def done(self) -> int:
+        return sum(self.counts.get(s, 0) for s in ("completed", "diverged", "failed", "cancelled"))
+
+
+def snapshot(store: Store, grid: str) -> Snapshot:
+    return Snapshot(store.status_counts(grid), store.query(ACTIVE_SQL, {"grid": grid}))
+
+
+def _child(url: str, grid: str, device: str, lease_s: float, shutdown: Any, threads: int,
+           max_attempts: int | None) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into a warm shutdown
+    import torch
+
+    torch.set_num_threads(threads)
+    store = Store(url)
+    try:
+        work_loop(store, worker_name(), grid=grid, device=device, lease_s=lease_s, shutdown=shutdown,
+                  max_attempts=max_attempts)
+    finally:
+        store.dispose()
+
+
+def run_grid_locally(store: Store, grid: str, *, workers: int = 1, device: str = "cpu",
+                     lease_s: float = DEFAULT_LEASE_S, max_attempts: int | None = None,
+                     on_poll: Callable[[Snapshot], None] | None = None, poll_s: float = 0.5) -> Snapshot:
+    """Execute every claimable run of ``grid``; returns the final snapshot.
+
+    Ctrl-C (KeyboardInterrupt) sets the shutdown flag: each worker checkpoints at its next epoch
+    boundary and puts its run back to ``queued``, then the interrupt is re-raised. Running the same
+    grid again finishes it.
+    """
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
+    if workers == 1:
+        shutdown: Any = threading.Event()
+        errors: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                work_loop(store, worker_name(":local"), grid=grid, device=device, lease_s=lease_s,
+                          shutdown=shutdown, max_attempts=max_attempts)
+            except BaseException as exc:  # surfaced in the parent thread below
+                errors.append(exc)
+
+        pool = [threading.Thread(target=target, name="kanfarm-worker", daemon=True)]
+    else:
+        ctx = mp.get_context("spawn")
+        shutdown = ctx.Event()
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        pool = [ctx.Process(target=_child, args=(store.url_string, grid, device, lease_s, shutdown, threads,
+                                                 max_attempts), name=f"kanfarm-worker-{i}")
+                for i in range(workers)]
+        errors = []
+    for p in pool:
+        p.start()
+    try:
+        while any(p.is_alive() for p in pool):
+            if on_poll is not None:
+                on_poll(snapshot(store, grid))
+            for p in pool:
+                p.join(timeout=poll_s / len(pool))
+    except KeyboardInterrupt:
+        shutdown.set()
+        for p in pool:
+            p.join()
+        raise
+    if errors:
+        raise errors[0]
+    final = snapshot(store, grid)
+    if on_poll is not None:
+        on_poll(final)
+    return final
