@@ -81,7 +81,9 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    if _is_int(value):
+        return abs(value) < 1e300  # float() of a larger int overflows
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def _pos_int(fld: str, value: Any, allow_none: bool = False) -> int | None:
@@ -138,10 +140,12 @@ def _axis(key: str, data: dict[str, Any]) -> tuple[Any, ...]:
     if not values and key not in _MAY_BE_EMPTY:
         raise ConfigError(key, "must be a non-empty list")
     out: list[Any] = []
+    seen: set[Any] = set()
     for i, value in enumerate(values):
         value = _element(f"{key}[{i}]", kind, allowed, value)
-        if value in out:
+        if value in seen:
             raise ConfigError(f"{key}[{i}]", f"{value!r} appears twice")
+        seen.add(value)
         out.append(value)
     return tuple(out)
 

@@ -1,0 +1,274 @@
+"""Grid specs: presets reproduce the study, expansion is stable, every bad value names its field."""
+from __future__ import annotations
+
+import json
+import tomllib
+
+import pytest
+
+from kanfarm.config import ConfigError, RunConfig
+from kanfarm.grids import KNOWN_INTRINSIC_DIM, PRESETS, GridSpec, load_spec, parse_spec
+
+BASE = {
+    "name": "t",
+    "datasets": ["digits"],
+    "models": ["kan", "mlp", "mlp_wide"],
+    "depths": ["shallow"],
+    "inits": ["kaiming_normal"],
+    "optimizers": ["adam"],
+    "learning_rates": [0.01],
+}
+
+PAPER_BATCH = {"mnist": 4096, "fashion-mnist": 4096, "cifar10": 2048, "imdb": 2000, "higgs": 20000}
+
+
+def spec(**changes) -> GridSpec:
+    data = {**BASE, **changes}
+    return parse_spec({k: v for k, v in data.items() if v is not None})
+
+
+def hashes(s: GridSpec) -> list[str]:
+    return [c.config_hash() for c in s.expand()]
+
+
+# --- presets -------------------------------------------------------------------------------------
+
+EXPECTED_CELLS = {
+    **{f"paper-{d}": 243 for d in PAPER_BATCH},
+    "paper-hsic-mnist": 243,
+    "paper-activations": 45,  # 5 datasets x 3 depths x 3 activations
+    "paper-degree": 12,  # 3 widths x 4 spline orders
+    "demo": 6,
+}
+
+
+def test_presets_listed_match_files_and_expected():
+    assert set(PRESETS) == set(EXPECTED_CELLS)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_CELLS))
+def test_preset_loads_with_expected_cells(name):
+    s = load_spec(name)
+    assert s.name == name
+    cells = s.expand()
+    assert len(cells) == EXPECTED_CELLS[name]
+    assert len({c.config_hash() for c in cells}) == len(cells)
+    assert all(c == c.normalised() for c in cells)
+
+
+@pytest.mark.parametrize("dataset", sorted(PAPER_BATCH))
+def test_paper_grid_matches_study(dataset):
+    cells = load_spec(f"paper-{dataset}").expand()
+    assert {c.dataset for c in cells} == {dataset}
+    assert {c.batch_size for c in cells} == {PAPER_BATCH[dataset]}
+    assert {c.max_epochs for c in cells} == {100}
+    assert {c.trainer for c in cells} == {"backprop"}
+    assert {c.lr for c in cells} == {0.05, 0.005, 0.0005}
+    for model in ("kan", "mlp", "mlp_wide"):
+        assert sum(c.model == model for c in cells) == 81  # 3 depths x 27 schemes
+
+
+def test_paper_intrinsic_dims():
+    assert load_spec("paper-mnist").intrinsic_dim("mnist") == 750
+    assert load_spec("paper-cifar10").intrinsic_dim("cifar10") == 9000
+    for d in ("fashion-mnist", "imdb", "higgs"):
+        assert load_spec(f"paper-{d}").intrinsic_dim(d) == 0
+        assert load_spec("paper-activations").intrinsic_dim(d) == 0
+    assert load_spec("demo").intrinsic_dim("digits") is None
+    assert KNOWN_INTRINSIC_DIM == {"mnist": 750, "cifar10": 9000}
+
+
+def test_activation_preset_uses_per_dataset_batch_sizes():
+    cells = load_spec("paper-activations").expand()
+    assert {(c.dataset, c.batch_size) for c in cells} == set(PAPER_BATCH.items())
+    assert {c.activation for c in cells} == {"gelu", "elu", "silu"}
+    assert {(c.init, c.optimizer, c.lr, c.model) for c in cells} == {("kaiming_normal", "adam", 0.0005, "kan")}
+
+
+def test_degree_and_hsic_presets():
+    cells = load_spec("paper-degree").expand()
+    assert {c.hidden_widths for c in cells} == {(32,), (64,), (128,)}
+    assert {c.spline_order for c in cells} == {2, 3, 4, 5}
+    assert {c.lr for c in cells} == {0.0001}
+    hsic = load_spec("paper-hsic-mnist")
+    backprop = load_spec("paper-mnist")
+    assert {c.trainer for c in hsic.expand()} == {"hsic"}
+    # same grid apart from the trainer
+    strip = lambda c: {**c.to_dict(), "trainer": None}  # noqa: E731
+    assert [strip(c) for c in hsic.expand()] == [strip(c) for c in backprop.expand()]
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+def test_load_from_file_uses_stem_as_default_name(tmp_path):
+    path = tmp_path / "my-grid.toml"
+    path.write_text('datasets = ["digits"]\nmodels = ["kan"]\ndepths = ["shallow"]\n'
+                    'inits = ["orthogonal"]\noptimizers = ["sgd"]\nlearning_rates = [0.1]\n')
+    s = load_spec(str(path))
+    assert s.name == "my-grid"
+    assert len(s.expand()) == 1
+    path.write_text('name = "other"\n' + path.read_text())
+    assert load_spec(str(path)).name == "other"
+
+
+def test_unknown_preset_or_missing_file_lists_presets(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_spec("paper-mnsit")
+    assert err.value.field == "spec" and "paper-mnist" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_spec(str(tmp_path / "nope.toml"))
+    assert err.value.field == "spec" and "demo" in str(err.value)
+
+
+def test_bad_toml_is_a_config_error(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("datasets = [\n")
+    with pytest.raises(ConfigError) as err:
+        load_spec(str(path))
+    assert err.value.field == "spec"
+
+
+# --- expansion -----------------------------------------------------------------------------------
+
+def test_expansion_deterministic_across_loads():
+    assert hashes(load_spec("paper-mnist")) == hashes(load_spec("paper-mnist"))
+
+
+def test_expansion_order_outermost_first():
+    cells = spec(learning_rates=[0.01, 0.001], seeds=[0, 1], models=["kan", "mlp"]).expand()
+    assert [(c.model, c.lr, c.seed) for c in cells] == [
+        ("kan", 0.01, 0), ("kan", 0.01, 1), ("kan", 0.001, 0), ("kan", 0.001, 1),
+        ("mlp", 0.01, 0), ("mlp", 0.01, 1), ("mlp", 0.001, 0), ("mlp", 0.001, 1),
+    ]
+
+
+def test_shared_cell_has_one_hash_across_specs():
+    demo_kan = next(c for c in load_spec("demo").expand() if c.model == "kan" and c.lr == 0.01)
+    other = spec(name="other", models=["kan"], learning_rates=[0.01], epochs=15,
+                 spline_orders=[3, 4], hsic={"beta": 5.0}, wide_multiplier=2.0)
+    assert demo_kan.config_hash() in hashes(other)
+    assert demo_kan.config_hash() == RunConfig(dataset="digits", lr=0.01, max_epochs=15).config_hash()
+
+
+def test_extending_a_grid_keeps_existing_hashes_and_adds_only_new():
+    small = hashes(spec(learning_rates=[0.01], seeds=[0]))
+    big = hashes(spec(learning_rates=[0.01, 0.001], seeds=[0, 1], spline_orders=[3, 2],
+                      trainers=["backprop", "hsic"], depths=["shallow", "deep"]))
+    assert set(small) <= set(big)
+    assert len(set(big) - set(small)) == len(big) - len(small)
+
+
+def test_mlp_not_duplicated_over_spline_axes():
+    cells = spec(spline_orders=[2, 3, 4], grid_sizes=[5, 8]).expand()
+    per_model = {m: [c for c in cells if c.model == m] for m in ("kan", "mlp", "mlp_wide")}
+    assert len(per_model["kan"]) == len(per_model["mlp_wide"]) == 6
+    assert len(per_model["mlp"]) == 1
+    assert len({c.config_hash() for c in cells}) == len(cells) == 13
+
+
+def test_per_dataset_batch_size_table():
+    s = spec(datasets=["digits", "mnist", "cifar10"], batch_size={"mnist": 4096, "default": 32})
+    sizes = {(c.dataset, c.batch_size) for c in s.expand()}
+    assert sizes == {("digits", 32), ("mnist", 4096), ("cifar10", 32)}
+    with pytest.raises(ConfigError) as err:
+        spec(datasets=["digits", "mnist"], batch_size={"mnist": 4096})
+    assert err.value.field == "batch_size.digits"
+
+
+def test_widths_and_depths_both_expand():
+    cells = spec(models=["kan"], depths=["shallow"], widths=[[16], [64, 32]]).expand()
+    assert [(c.depth, c.hidden_widths) for c in cells] == [("shallow", (32,)), (None, (16,)), (None, (64, 32))]
+
+
+def test_activations_default_per_model():
+    cells = spec().expand()
+    assert {c.model: c.activation for c in cells} == {"kan": "gelu", "mlp": "relu", "mlp_wide": "relu"}
+
+
+def test_wide_multiplier_and_hsic_only_where_they_matter():
+    cells = spec(wide_multiplier=2.0, trainers=["backprop", "hsic"], hsic={"beta": 50.0}).expand()
+    assert {c.model for c in cells if c.wide_multiplier == 2.0} == {"mlp_wide"}
+    assert {c.trainer for c in cells if c.hsic_beta == 50.0} == {"hsic"}
+
+
+# --- round trips and describe --------------------------------------------------------------------
+
+def test_to_dict_json_and_toml_round_trips():
+    for name in ("paper-activations", "paper-degree", "paper-hsic-mnist"):
+        s = load_spec(name)
+        assert parse_spec(json.loads(json.dumps(s.to_dict()))) == s
+        again = parse_spec(tomllib.loads(s.to_toml()))
+        assert again == s and hashes(again) == hashes(s)
+    odd = spec(patience=3, train_eval_size=500, wide_multiplier=1.5, intrinsic_dim={"digits": 40},
+               hsic={"format_epochs": 4, "x_term": True}, description='quote " here')
+    assert parse_spec(tomllib.loads(odd.to_toml())) == odd
+
+
+def test_describe():
+    d = load_spec("paper-mnist").describe(sample=4)
+    assert d["cells"] == 243
+    assert d["per_model"] == {"kan": 81, "mlp": 81, "mlp_wide": 81}
+    assert d["axes"]["learning_rates"] == 3 and d["axes"]["depths"] == 3
+    assert len(d["sample"]) == 4 and all(isinstance(c, dict) for c in d["sample"])
+    RunConfig.from_dict(d["sample"][-1])
+    json.dumps(d)
+    assert load_spec("demo").describe(sample=0)["sample"] == []
+
+
+# --- validation: every error names its field -----------------------------------------------------
+
+@pytest.mark.parametrize("changes, field", [
+    ({"colour": "red"}, "colour"),
+    ({"optimizers": ["adam", "adamw"]}, "optimizers[1]"),
+    ({"models": []}, "models"),
+    ({"seeds": []}, "seeds"),
+    ({"learning_rates": None}, "learning_rates"),
+    ({"learning_rates": 0.01}, "learning_rates"),
+    ({"learning_rates": [0.01, "fast"]}, "learning_rates[1]"),
+    ({"learning_rates": [0.01, 0.01]}, "learning_rates[1]"),
+    ({"seeds": [0, True]}, "seeds[1]"),
+    ({"spline_orders": [3, 0]}, "spline_orders[1]"),
+    ({"datasets": ["digits", "mnits"]}, "datasets[1]"),
+    ({"depths": ["huge"]}, "depths[0]"),
+    ({"depths": [], "widths": []}, "depths"),
+    ({"widths": [[32, -1]]}, "widths[0][1]"),
+    ({"widths": [32]}, "widths[0]"),
+    ({"activations": ["tanh"]}, "activations[0]"),
+    ({"epochs": 0}, "epochs"),
+    ({"batch_size": "big"}, "batch_size"),
+    ({"batch_size": {"mnsit": 2}}, "batch_size.mnsit"),
+    ({"dropout": 1.0}, "dropout"),
+    ({"patience": 1.5}, "patience"),
+    ({"wide_multiplier": -2}, "wide_multiplier"),
+    ({"intrinsic_dim": {"digits": -1}}, "intrinsic_dim.digits"),
+    ({"hsic": {"gamma": 1}}, "hsic.gamma"),
+    ({"hsic": {"x_term": "no"}}, "hsic.x_term"),
+    ({"name": ""}, "name"),
+])
+def test_validation_names_field(changes, field):
+    data = {**BASE, **changes}
+    data = {k: v for k, v in data.items() if v is not None}
+    with pytest.raises(ConfigError) as err:
+        parse_spec(data)
+    assert err.value.field == field
+
+
+def test_unknown_key_lists_allowed_and_bad_value_lists_choices():
+    with pytest.raises(ConfigError, match="allowed: .*learning_rates"):
+        spec(learnig_rates=[0.1])
+    with pytest.raises(ConfigError, match=r"optimizers\[1\]: 'adamw' is not one of sgd, sgd_momentum, adam"):
+        spec(optimizers=["adam", "adamw"])
+
+
+def test_name_from_caller_when_spec_has_none():
+    data = {k: v for k, v in BASE.items() if k != "name"}
+    assert parse_spec(data, name="given").name == "given"
+    with pytest.raises(ConfigError) as err:
+        parse_spec(data)
+    assert err.value.field == "name"
+
+
+def test_huge_grid_refused():
+    with pytest.raises(ConfigError) as err:
+        spec(seeds=list(range(40_000)), learning_rates=[0.1, 0.01, 0.001])
+    assert err.value.field == "spec"
