@@ -1,0 +1,382 @@
+"""kanfarm.data: every loader on small files written here in the real formats; no network."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import struct
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kanfarm import data
+from kanfarm.data import DatasetFormatError, DatasetUnavailable, dataset_shape, load_dataset
+from kanfarm.data import download, imdb, sources
+
+MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+               "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """Any download attempt that a test did not arrange fails loudly instead of using the network."""
+    def refuse(url, timeout=None):
+        raise OSError(f"network disabled in tests ({url})")
+    monkeypatch.setattr(download, "opener", refuse)
+    monkeypatch.delenv("KANFARM_OFFLINE", raising=False)
+
+
+def write_idx(path: Path, array: np.ndarray, magic: bytes | None = None) -> None:
+    header = magic if magic is not None else bytes([0, 0, 0x08, array.ndim])
+    header += b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_mnist(folder: Path, n_train=20, n_test=10, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+        write_idx(folder / MNIST_FILES[split][0], images)
+        write_idx(folder / MNIST_FILES[split][1], labels)
+        arrays[split] = (images, labels)
+    return arrays
+
+
+def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def write_cifar(folder: Path, per_batch=3, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    records = {}
+    with tarfile.open(folder / "cifar-10-binary.tar.gz", "w:gz") as tar:
+        add_member(tar, "cifar-10-batches-bin/batches.meta.txt", b"airplane\nautomobile\n")
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            batch = rng.integers(0, 256, size=(per_batch, 3073), dtype=np.uint8)
+            batch[:, 0] = rng.integers(0, 10, size=per_batch)
+            add_member(tar, f"cifar-10-batches-bin/{name}.bin", batch.tobytes())
+            records[name] = batch
+    return records
+
+
+IMDB_REVIEWS = {
+    # train: "movie" 6x, "good" 4x, "bad" 3x, "plot" 1x ... test words never enter the vocabulary
+    ("train", "pos", "0_9.txt"): "Good movie, GOOD movie!<br />Good plot.",
+    ("train", "pos", "1_8.txt"): "movie movie good",
+    ("train", "neg", "0_2.txt"): "Bad movie.<br /><br />bad, bad acting",
+    ("train", "neg", "1_1.txt"): "movie",
+    ("train", "unsup", "0_0.txt"): "zzz zzz zzz zzz zzz zzz zzz zzz",  # unlabelled: must be ignored
+    ("test", "pos", "0_10.txt"): "good",
+    ("test", "neg", "0_3.txt"): "terrible terrible terrible terrible terrible terrible terrible",
+    ("test", "neg", "1_4.txt"): "a bad movie",
+}
+
+
+def write_imdb(folder: Path, reviews=IMDB_REVIEWS):
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(folder / "aclImdb_v1.tar.gz", "w:gz") as tar:
+        add_member(tar, "aclImdb/README", b"readme readme readme readme readme readme readme")
+        for (split, label, name), text in reviews.items():
+            add_member(tar, f"aclImdb/{split}/{label}/{name}", text.encode())
+
+
+def write_higgs(folder: Path, n_rows=30, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, size=n_rows)
+    features = rng.normal(size=(n_rows, 28)) * 5 + 2
+    features[3, 0] = 1e6  # an outlier that must be clipped into the range
+    with gzip.open(folder / "HIGGS.csv.gz", "wt") as f:
+        for label, row in zip(labels, features):
+            f.write(",".join(f"{v:.18e}" for v in [float(label), *row]) + "\n")
+    return labels, features
+
+
+def check_tensors(ds, n_train, n_test, n_features, n_classes):
+    assert ds.x_train.shape == (n_train, n_features) and ds.x_test.shape == (n_test, n_features)
+    assert ds.x_train.dtype == ds.x_test.dtype == torch.float32
+    assert ds.y_train.dtype == ds.y_test.dtype == torch.int64
+    assert ds.y_train.shape == (n_train,) and ds.y_test.shape == (n_test,)
+    for x in (ds.x_train, ds.x_test):
+        assert x.min() >= -1.0 and x.max() <= 1.0
+    assert ds.n_classes == n_classes
+    assert (n_features, n_classes) == dataset_shape(ds.name)
+
+
+# ---- digits
+
+
+def test_digits_split_is_deterministic_stratified_and_scaled(tmp_path):
+    a = load_dataset("digits", data_dir=tmp_path / "a")
+    b = load_dataset("digits", data_dir=tmp_path / "b")
+    check_tensors(a, 1347, 450, 64, 10)
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
+    # stratified: each class has ~25% of its images in the test split
+    for c in range(10):
+        n_test, n_all = int((a.y_test == c).sum()), int((a.y_train == c).sum() + (a.y_test == c).sum())
+        assert abs(n_test / n_all - 0.25) < 0.02
+    # pixel 0..16 -> p/16*2-1: exactly 17 grid values, both ends reached
+    values = torch.unique(torch.cat([a.x_train, a.x_test]))
+    assert torch.allclose(values, torch.arange(17, dtype=torch.float32) / 16 * 2 - 1)
+
+
+def test_digits_pixels_match_sklearn(tmp_path):
+    from sklearn.datasets import load_digits
+
+    ds = load_dataset("digits", data_dir=tmp_path)
+    x, _ = load_digits(return_X_y=True)
+    expected = torch.from_numpy(x / 16 * 2 - 1).float()
+    # every training row is one of sklearn's images (as a set of rows)
+    rows = {tuple(r.tolist()) for r in expected}
+    assert all(tuple(r.tolist()) in rows for r in ds.x_train[:50])
+
+
+# ---- MNIST family
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_mnist_family_loads_idx_files(tmp_path, name):
+    arrays = write_mnist(tmp_path / name)
+    ds = load_dataset(name, data_dir=tmp_path, download=False)
+    check_tensors(ds, 20, 10, 784, 10)
+    images, labels = arrays["train"]
+    assert ds.y_train.tolist() == labels.tolist()
+    assert ds.y_test.tolist() == arrays["test"][1].tolist()
+    # exact pixel mapping: row r, col c of image i is feature r*28 + c
+    i, r, c = 7, 13, 5
+    assert ds.x_train[i, r * 28 + c].item() == pytest.approx(images[i, r, c] / 255 * 2 - 1, abs=1e-6)
+    assert torch.allclose(ds.x_train, torch.from_numpy(images.reshape(20, -1) / 255 * 2 - 1).float(), atol=1e-6)
+
+
+def test_mnist_extreme_pixels_map_to_grid_ends(tmp_path):
+    folder = tmp_path / "mnist"
+    write_mnist(folder)
+    images = np.zeros((20, 28, 28), np.uint8)
+    images[0, 0, 0], images[0, 0, 1] = 255, 0
+    write_idx(folder / "train-images-idx3-ubyte.gz", images)
+    ds = load_dataset("mnist", data_dir=tmp_path, download=False)
+    assert ds.x_train[0, 0].item() == 1.0 and ds.x_train[0, 1].item() == -1.0
+
+
+def test_cache_is_used_on_second_load(tmp_path):
+    write_mnist(tmp_path / "mnist")
+    first = load_dataset("mnist", data_dir=tmp_path, download=False)
+    caches = list((tmp_path / "mnist").glob("cache-*.pt"))
+    assert len(caches) == 1
+    for f in (tmp_path / "mnist").glob("*.gz"):
+        f.unlink()  # raw files gone: only the cache can serve the second load
+    second = load_dataset("mnist", data_dir=tmp_path, download=False)
+    assert torch.equal(first.x_train, second.x_train) and torch.equal(first.y_test, second.y_test)
+
+
+def test_bad_idx_magic_is_a_clear_error(tmp_path):
+    folder = tmp_path / "mnist"
+    write_mnist(folder)
+    write_idx(folder / "train-labels-idx1-ubyte.gz", np.zeros(20, np.uint8), magic=b"\x00\x00\x0d\x01")
+    with pytest.raises(DatasetFormatError, match=r"train-labels-idx1-ubyte\.gz.*magic"):
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+
+
+def test_idx_size_and_count_mismatches_are_rejected(tmp_path):
+    folder = tmp_path / "mnist"
+    write_mnist(folder)
+    with gzip.open(folder / "t10k-images-idx3-ubyte.gz", "wb") as f:  # header says 10 images, holds 9
+        f.write(bytes([0, 0, 8, 3]) + struct.pack(">III", 10, 28, 28) + bytes(9 * 784))
+    with pytest.raises(DatasetFormatError, match="t10k-images"):
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+    write_mnist(folder)
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.zeros(11, np.uint8))
+    with pytest.raises(DatasetFormatError, match="11 labels"):
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+
+
+# ---- CIFAR-10
+
+
+def test_cifar10_binary_archive(tmp_path):
+    records = write_cifar(tmp_path / "cifar10", per_batch=3)
+    ds = load_dataset("cifar10", data_dir=tmp_path, download=False)
+    check_tensors(ds, 15, 3, 3072, 10)
+    train = np.concatenate([records[f"data_batch_{i}"] for i in range(1, 6)])
+    assert ds.y_train.tolist() == train[:, 0].tolist()
+    assert ds.y_test.tolist() == records["test_batch"][:, 0].tolist()
+    # channel-major: green plane, row 4, col 9 of record 1 of data_batch_2 (train row 4)
+    pixel = records["data_batch_2"][1, 1 + 1024 + 4 * 32 + 9]
+    assert ds.x_train[4, 1024 + 4 * 32 + 9].item() == pytest.approx(pixel / 255 * 2 - 1, abs=1e-6)
+
+
+def test_cifar10_truncated_batch_is_rejected(tmp_path):
+    folder = tmp_path / "cifar10"
+    folder.mkdir()
+    with tarfile.open(folder / "cifar-10-binary.tar.gz", "w:gz") as tar:
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            add_member(tar, f"cifar-10-batches-bin/{name}.bin", bytes(3073 + (name == "test_batch")))
+    with pytest.raises(DatasetFormatError, match="test_batch.bin"):
+        load_dataset("cifar10", data_dir=tmp_path, download=False)
+
+
+# ---- IMDB
+
+
+def test_imdb_vocabulary_picks_most_frequent_training_words(tmp_path):
+    write_imdb(tmp_path / "imdb")
+    ds = load_dataset("imdb", data_dir=tmp_path, vocab_size=3, download=False)
+    assert ds.x_train.shape == (4, 3) and ds.x_test.shape == (3, 3)
+    assert dataset_shape("imdb", vocab_size=3) == (3, 2)
+    counts = {}
+    for (split, label, _), text in IMDB_REVIEWS.items():
+        if split == "train" and label != "unsup":
+            for t in imdb.tokenize(text):
+                counts[t] = counts.get(t, 0) + 1
+    expected = sorted(counts, key=lambda w: (-counts[w], w))[:3]
+    assert expected == ["movie", "good", "bad"]  # 6, 4, 3 uses; "zzz" (unsup) and "terrible" (test) never enter
+    # rows are ordered neg then pos, by file name: neg/0_2, neg/1_1, pos/0_9, pos/1_8
+    assert ds.y_train.tolist() == [0, 0, 1, 1] and ds.y_test.tolist() == [0, 0, 1]
+    presence = (ds.x_train > 0).int().tolist()
+    assert presence == [[1, 0, 1], [1, 0, 0], [1, 1, 0], [1, 1, 0]]
+    assert set(torch.unique(ds.x_train).tolist()) == {-1.0, 1.0}
+    # test rows: "terrible..." has no vocabulary word; "a bad movie"; "good"
+    assert (ds.x_test > 0).int().tolist() == [[0, 0, 0], [1, 0, 1], [0, 1, 0]]
+
+
+def test_imdb_tokenizer_strips_markup_and_punctuation():
+    assert imdb.tokenize("Great<br />film... Don't MISS it!") == ["great", "film", "don't", "miss", "it"]
+
+
+def test_imdb_vocab_size_is_part_of_cache_key_and_pads(tmp_path):
+    write_imdb(tmp_path / "imdb")
+    small = load_dataset("imdb", data_dir=tmp_path, vocab_size=2, download=False)
+    large = load_dataset("imdb", data_dir=tmp_path, vocab_size=50, download=False)
+    assert small.n_features == 2 and large.n_features == 50
+    assert len(list((tmp_path / "imdb").glob("cache-*.pt"))) == 2
+    assert torch.equal(large.x_train[:, :2], small.x_train)
+    assert (large.x_train[:, 20:] == -1).all()  # fewer distinct words than columns: padding is absent
+
+
+# ---- HIGGS
+
+
+def test_higgs_reads_split_rows_and_squashes_with_train_statistics(tmp_path):
+    labels, features = write_higgs(tmp_path / "higgs", n_rows=30)
+    ds = load_dataset("higgs", data_dir=tmp_path, n_train=20, n_test=8, download=False)
+    check_tensors(ds, 20, 8, 28, 2)
+    assert ds.y_train.tolist() == labels[:20].tolist() and ds.y_test.tolist() == labels[20:28].tolist()
+    mean, std = features[:20].mean(0), features[:20].std(0)
+    expected = np.clip((features[:28] - mean) / std, -3, 3) / 3
+    assert np.allclose(ds.x_train.numpy(), expected[:20], atol=1e-5)
+    assert np.allclose(ds.x_test.numpy(), expected[20:], atol=1e-5)
+    assert ds.x_train[3, 0].item() == 1.0  # the outlier is clipped to the grid end
+
+
+def test_higgs_split_sizes_are_part_of_cache_key(tmp_path):
+    write_higgs(tmp_path / "higgs", n_rows=30)
+    a = load_dataset("higgs", data_dir=tmp_path, n_train=10, n_test=5, download=False)
+    b = load_dataset("higgs", data_dir=tmp_path, n_train=20, n_test=10, download=False)
+    assert (len(a.y_train), len(a.y_test), len(b.y_train), len(b.y_test)) == (10, 5, 20, 10)
+    assert len(list((tmp_path / "higgs").glob("cache-*.pt"))) == 2
+
+
+def test_higgs_too_few_rows_is_a_clear_error(tmp_path):
+    write_higgs(tmp_path / "higgs", n_rows=30)
+    with pytest.raises(DatasetFormatError, match="31 rows"):
+        load_dataset("higgs", data_dir=tmp_path, n_train=21, n_test=10, download=False)
+
+
+# ---- missing files, downloads, options
+
+
+@pytest.mark.parametrize("name, filename", [("mnist", "t10k-labels-idx1-ubyte.gz"),
+                                            ("cifar10", "cifar-10-binary.tar.gz"),
+                                            ("imdb", "aclImdb_v1.tar.gz"), ("higgs", "HIGGS.csv.gz")])
+def test_missing_file_names_file_folder_and_source(tmp_path, name, filename):
+    with pytest.raises(DatasetUnavailable) as err:
+        load_dataset(name, data_dir=tmp_path, download=False)
+    message = str(err.value)
+    assert filename in message and str(tmp_path / name) in message and "http" in message
+
+
+def test_offline_env_skips_download(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(download, "opener", lambda url, timeout=None: calls.append(url))
+    monkeypatch.setenv("KANFARM_OFFLINE", "1")
+    with pytest.raises(DatasetUnavailable, match="disabled"):
+        load_dataset("higgs", data_dir=tmp_path)
+    assert calls == []
+
+
+def test_failed_download_names_files_and_leaves_no_partial_file(tmp_path):
+    with pytest.raises(DatasetUnavailable) as err:
+        load_dataset("cifar10", data_dir=tmp_path)  # the autouse fixture makes every request fail
+    assert "cifar-10-binary.tar.gz" in str(err.value) and "network disabled" in str(err.value)
+    assert list((tmp_path / "cifar10").glob("*")) == []
+
+
+def _serve_from(tmp_path, monkeypatch, name, checksums):
+    """Point the dataset's sources at local file:// URLs and use the real urllib opener."""
+    import urllib.request
+
+    remote_dir = tmp_path / "remote"
+    files = tuple(sources.RemoteFile(f.filename, (remote_dir / f.filename).as_uri(), checksums(remote_dir / f.filename))
+                  for f in sources.SOURCES[name])
+    monkeypatch.setitem(sources.SOURCES, name, files)
+    monkeypatch.setattr(download, "opener", urllib.request.urlopen)
+    return remote_dir
+
+
+def test_download_from_file_url_verifies_checksum(tmp_path, monkeypatch):
+    write_higgs(tmp_path / "remote", n_rows=30)
+    sha = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    _serve_from(tmp_path, monkeypatch, "higgs", sha)
+    ds = load_dataset("higgs", data_dir=tmp_path / "data", n_train=20, n_test=10)
+    assert len(ds.y_train) == 20
+    assert (tmp_path / "data/higgs/HIGGS.csv.gz").read_bytes() == (tmp_path / "remote/HIGGS.csv.gz").read_bytes()
+    assert not list((tmp_path / "data/higgs").glob("*.part"))
+
+
+def test_download_with_wrong_checksum_is_rejected(tmp_path, monkeypatch):
+    write_higgs(tmp_path / "remote", n_rows=30)
+    _serve_from(tmp_path, monkeypatch, "higgs", lambda p: "0" * 64)
+    with pytest.raises(DatasetUnavailable, match="checksum mismatch"):
+        load_dataset("higgs", data_dir=tmp_path / "data", n_train=20, n_test=10)
+    assert list((tmp_path / "data/higgs").glob("*")) == []  # no partial or unverified file left
+
+
+def test_data_dir_follows_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("KANFARM_DATA_DIR", str(tmp_path))
+    assert data.data_dir() == tmp_path
+    write_mnist(tmp_path / "mnist")
+    assert load_dataset("mnist", download=False).x_train.shape == (20, 784)
+    monkeypatch.delenv("KANFARM_DATA_DIR")
+    assert data.data_dir() == Path("~/.cache/kanfarm/data").expanduser()
+
+
+def test_registry_names_shapes_and_option_checks():
+    assert set(data.DATASETS) == {"digits", "mnist", "fashion-mnist", "cifar10", "imdb", "higgs"}
+    assert dataset_shape("imdb") == (5000, 2) and dataset_shape("imdb", vocab_size=100) == (100, 2)
+    assert dataset_shape("cifar10") == (3072, 10) and dataset_shape("higgs", n_train=10) == (28, 2)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        dataset_shape("svhn")
+    with pytest.raises(ValueError, match="vocab_size"):
+        dataset_shape("mnist", vocab_size=10)
+    with pytest.raises(ValueError, match="positive integer"):
+        dataset_shape("imdb", vocab_size=0)
+
+
+def test_corrupt_cache_is_rebuilt(tmp_path):
+    write_mnist(tmp_path / "mnist")
+    first = load_dataset("mnist", data_dir=tmp_path, download=False)
+    (cache_file,) = (tmp_path / "mnist").glob("cache-*.pt")
+    cache_file.write_bytes(b"not a torch file")
+    with pytest.warns(UserWarning, match="unreadable dataset cache"):
+        again = load_dataset("mnist", data_dir=tmp_path, download=False)
+    assert torch.equal(first.x_test, again.x_test)
