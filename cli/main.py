@@ -1,0 +1,302 @@
+"""The ``kanfarm`` command: a thin Typer adapter over the library.
+
+Bad input exits with code 2 and a message naming the field; nothing is written before the whole
+input has been validated.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from cli.output import console, emit_rows, err_console, fail, to_csv, to_json
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Batch benchmarking of KANs against MLPs: grids of runs, workers, per-epoch metrics, reports.")
+db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic migrations).")
+grid_app = typer.Typer(no_args_is_help=True, help="Inspect and submit grid specs.")
+run_app = typer.Typer(no_args_is_help=True, help="Run grids on this machine.")
+report_app = typer.Typer(no_args_is_help=True, help="Reports over finished runs.")
+app.add_typer(db_app, name="db")
+app.add_typer(grid_app, name="grid")
+app.add_typer(run_app, name="run")
+app.add_typer(report_app, name="report")
+
+GridOpt = typer.Option(None, "--grid", help="Only runs of this grid (default: all).")
+JsonOpt = typer.Option(False, "--json", help="Machine-readable JSON on stdout.")
+CsvOpt = typer.Option(False, "--csv", help="CSV on stdout.")
+
+
+def handles_errors(func: Callable) -> Callable:
+    """Turn the library's expected failures into one-line messages and exit codes."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from kanfarm.config import ConfigError
+        from kanfarm.data import DatasetUnavailable
+        from kanfarm.store import SchemaOutOfDate
+
+        try:
+            return func(*args, **kwargs)
+        except ConfigError as exc:
+            fail(f"invalid {exc}")
+        except SchemaOutOfDate as exc:
+            fail(str(exc), code=2)
+        except DatasetUnavailable as exc:
+            fail(str(exc), code=1)
+
+    return wrapper
+
+
+def open_store(check: bool = True):
+    from kanfarm.store import Store
+
+    store = Store()
+    if check:
+        store.check_schema()
+    return store
+
+
+def _grid_exists(store, grid: str | None) -> None:
+    if grid is not None and store.grid(grid) is None:
+        names = ", ".join(g.name for g in store.grids()) or "none yet"
+        fail(f"--grid: no grid named {grid!r} (known: {names})")
+
+
+# --- db ---------------------------------------------------------------------------------------
+
+@db_app.command("upgrade")
+@handles_errors
+def db_upgrade() -> None:
+    """Create or migrate the schema to the newest revision."""
+    store = open_store(check=False)
+    store.upgrade()
+    console.print(f"database {store.url} at revision {store.schema_revision()}")
+
+
+@db_app.command("current")
+@handles_errors
+def db_current() -> None:
+    """Print the schema revision of the database."""
+    store = open_store(check=False)
+    console.print(f"database {store.url} at revision {store.schema_revision() or 'none (empty)'}")
+
+
+# --- grids ------------------------------------------------------------------------------------
+
+@grid_app.command("show")
+@handles_errors
+def grid_show(spec: str = typer.Argument(..., help="A TOML spec file or a preset name."),
+              sample: int = typer.Option(5, help="How many cells to show."), as_json: bool = JsonOpt) -> None:
+    """Print a spec's cell count, axes and a sample of cells."""
+    from kanfarm.grids import load_spec
+    from kanfarm.submission import sized_cells
+
+    grid = load_spec(spec)
+    info = grid.describe(sample=sample)
+    cells = sized_cells(grid)
+    info["n_params"] = {"min": min(c[1] for c in cells), "max": max(c[1] for c in cells)} if cells else None
+    if as_json:
+        sys.stdout.write(to_json(info) + "\n")
+        return
+    console.print(f"[bold]{grid.name}[/]: {info['cells']} cells")
+    for key, value in info.items():
+        if key not in ("cells", "sample", "name"):
+            console.print(f"  {key}: {value}")
+    emit_rows(info["sample"], title=f"first {len(info['sample'])} cells")
+
+
+@grid_app.command("list")
+@handles_errors
+def grid_list(as_json: bool = JsonOpt) -> None:
+    """Grids in the database, with their run counts per status."""
+    store = open_store()
+    rows = [{"name": g.name, "created_at": g.created_at, **store.status_counts(g.name)} for g in store.grids()]
+    emit_rows(rows, title="grids", as_json=as_json)
+
+
+def _submit(store, spec: str):
+    from kanfarm.grids import load_spec
+    from kanfarm.submission import submit
+
+    grid = load_spec(spec)
+    result = submit(store, grid)
+    err_console.print(f"grid [bold]{grid.name}[/]: {result.added} runs added, {result.existing} already stored")
+    return grid, result
+
+
+@grid_app.command("submit")
+@handles_errors
+def grid_submit(spec: str = typer.Argument(..., help="A TOML spec file or a preset name.")) -> None:
+    """Write a grid's runs into the database (idempotent: existing cells are kept)."""
+    _submit(open_store(), spec)
+
+
+# --- running locally --------------------------------------------------------------------------
+
+def _run_locally(store, grid_name: str, workers: int, device: str) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from kanfarm.local import run_grid_locally
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("{task.fields[active]}"), console=err_console,
+                  transient=False) as progress:
+        task = progress.add_task(grid_name, total=None, active="")
+
+        def on_poll(snap) -> None:
+            active = "  ".join(f"#{a['run_id']} {a['model']} ep {a['epoch'] or 0}/{a['max_epochs']}"
+                               for a in snap.active[:4])
+            progress.update(task, total=snap.total, completed=snap.done, active=active)
+
+        try:
+            return run_grid_locally(store, grid_name, workers=workers, device=device, on_poll=on_poll)
+        except KeyboardInterrupt:
+            err_console.print("interrupted: runs were checkpointed and released; run the same command to finish")
+            raise typer.Exit(130)
+
+
+def _check_device(device: str) -> None:
+    if device not in ("cpu", "cuda"):
+        fail(f"--device: {device!r} is not one of cpu, cuda")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            fail("--device: cuda requested but torch sees no CUDA device")
+
+
+@run_app.command("grid")
+@handles_errors
+def run_grid(spec: str = typer.Argument(..., help="A TOML spec file or a preset name."),
+             workers: int = typer.Option(1, "--workers", min=1, help="Local worker processes."),
+             device: str = typer.Option("cpu", "--device", help="cpu or cuda.")) -> None:
+    """Write a grid's runs, then execute them with local workers (resumable: run again to finish)."""
+    _check_device(device)
+    store = open_store()
+    grid, _ = _submit(store, spec)
+    final = _run_locally(store, grid.name, workers, device)
+    err_console.print(f"done: {final.counts}")
+
+
+@app.command()
+@handles_errors
+def demo(workers: int = typer.Option(2, "--workers", min=1, help="Local worker processes.")) -> None:
+    """A small KAN vs MLP vs MLP-Wide grid on scikit-learn's digits, then its summary."""
+    store = open_store(check=False)
+    store.upgrade()
+    grid, _ = _submit(store, "demo")
+    started = time.perf_counter()
+    _run_locally(store, grid.name, workers, "cpu")
+    from kanfarm.reports import sensitivity_table, summary_table
+
+    emit_rows(summary_table(store, grid.name), title="demo: summary",
+              columns=("run_id", "model", "lr", "n_params", "best_test_acc", "best_epoch", "gap_at_best",
+                       "efficiency", "status"))
+    emit_rows(sensitivity_table(store, grid.name), title="demo: sensitivity over schemes",
+              columns=("model", "depth", "runs", "mean", "min", "max", "divergence_rate"))
+    console.print(f"finished in {time.perf_counter() - started:.1f} s; database: {store.url}")
+
+
+# --- status and reports -----------------------------------------------------------------------
+
+@app.command()
+@handles_errors
+def status(grid: Optional[str] = GridOpt, as_json: bool = JsonOpt) -> None:
+    """Runs per status, progress and an estimate of the time left."""
+    from kanfarm.status import grid_status
+
+    store = open_store()
+    _grid_exists(store, grid)
+    info = grid_status(store, grid)
+    if as_json:
+        sys.stdout.write(to_json(info) + "\n")
+        return
+    console.print(f"[bold]{grid or 'all grids'}[/]: {info['done']}/{info['total']} runs finished "
+                  f"({info['progress']:.0%})")
+    for name, count in info["counts"].items():
+        console.print(f"  {name:<10} {count}")
+    eta = info["eta_seconds"]
+    console.print(f"  time left: {'unknown' if eta is None else f'about {eta:.0f} s'}"
+                  f" (one worker, from {info['epochs_timed']} timed epochs)")
+
+
+def _report(kind: str, grid: str | None, as_json: bool, as_csv: bool, **kwargs: Any) -> None:
+    from kanfarm.reports import REPORTS
+
+    store = open_store()
+    _grid_exists(store, grid)
+    rows = REPORTS[kind](store, grid, **kwargs)
+    emit_rows(rows, title=f"{kind} ({grid or 'all grids'})", as_json=as_json, as_csv=as_csv)
+
+
+@report_app.command("summary")
+@handles_errors
+def report_summary(grid: Optional[str] = GridOpt, as_json: bool = JsonOpt, as_csv: bool = CsvOpt) -> None:
+    """One row per run: best test accuracy, its epoch, the gap there, efficiency."""
+    _report("summary", grid, as_json, as_csv)
+
+
+@report_app.command("efficiency")
+@handles_errors
+def report_efficiency(grid: Optional[str] = GridOpt, as_json: bool = JsonOpt, as_csv: bool = CsvOpt,
+                      intrinsic_dim: list[str] = typer.Option(
+                          [], "--intrinsic-dim", help="DATASET=N, overrides the stored intrinsic dimension.")) -> None:
+    """A / (t + 1) / ln(1 + N - ID) per finished run, best first (FACTS.md)."""
+    overrides = {}
+    for item in intrinsic_dim:
+        name, _, value = item.partition("=")
+        if not name or not value.isdigit():
+            fail(f"--intrinsic-dim: {item!r} is not DATASET=N with N a non-negative integer")
+        overrides[name] = int(value)
+    _report("efficiency", grid, as_json, as_csv, intrinsic_dim=overrides)
+
+
+@report_app.command("gap")
+@handles_errors
+def report_gap(grid: Optional[str] = GridOpt, as_json: bool = JsonOpt, as_csv: bool = CsvOpt) -> None:
+    """Generalisation gap at the best epoch, mean and max, and the onset of overfitting."""
+    _report("gap", grid, as_json, as_csv)
+
+
+@report_app.command("sensitivity")
+@handles_errors
+def report_sensitivity(grid: Optional[str] = GridOpt, as_json: bool = JsonOpt, as_csv: bool = CsvOpt) -> None:
+    """Spread of best test accuracy over training schemes, and divergence rate, per model."""
+    _report("sensitivity", grid, as_json, as_csv)
+
+
+@app.command()
+@handles_errors
+def export(grid: Optional[str] = GridOpt,
+           fmt: str = typer.Option(..., "--format", help="csv or json."),
+           out: Optional[Path] = typer.Option(None, "--out", help="File to write (default: stdout).")) -> None:
+    """Runs and their epoch metrics in long format (one row per run and epoch)."""
+    if fmt not in ("csv", "json"):
+        fail(f"--format: {fmt!r} is not one of csv, json")
+    from kanfarm.export import long_rows
+
+    store = open_store()
+    _grid_exists(store, grid)
+    rows = long_rows(store, grid)
+    text = to_csv(rows) if fmt == "csv" else to_json(rows) + "\n"
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, out)
+        err_console.print(f"wrote {len(rows)} rows to {out}")
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

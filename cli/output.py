@@ -1,0 +1,76 @@
+"""Rendering rows for people (a Rich table) or programs (JSON, CSV), and errors with exit codes."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import sys
+from typing import Any, Iterable, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Exit with ``code`` (2: bad input) and a one-line message on stderr."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
+
+
+def to_json(data: Any) -> str:
+    return json.dumps(data, indent=2, default=_json_default)
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    columns = list(rows[0]) if rows else []
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def emit_rows(rows: list[dict[str, Any]], *, title: str, as_json: bool = False, as_csv: bool = False,
+              columns: Iterable[str] | None = None) -> None:
+    if as_json and as_csv:
+        fail("--json and --csv exclude each other")
+    if as_json:
+        sys.stdout.write(to_json(rows) + "\n")
+        return
+    if as_csv:
+        sys.stdout.write(to_csv(rows))
+        return
+    if not rows:
+        console.print(f"{title}: no rows (no finished runs match).")
+        return
+    cols = list(columns or rows[0])
+    table = Table(title=title, show_lines=False)
+    for c in cols:
+        table.add_column(c, overflow="fold")
+    for row in rows:
+        table.add_row(*(_cell(row.get(c)) for c in cols))
+    console.print(table)

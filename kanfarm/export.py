@@ -1,0 +1,29 @@
+"""Runs and epoch metrics in long format: one row per (run, epoch), config columns repeated."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kanfarm.store import Store
+
+_SQL = """
+SELECT r.id AS run_id, r.config_hash, r.dataset, r.model, r.depth, r.hidden_widths, r.init, r.optimizer, r.lr,
+       r.trainer, r.activation, r.spline_order, r.grid_size, r.batch_size, r.max_epochs, r.seed, r.n_params,
+       r.status, e.epoch, e.train_loss, e.train_acc, e.test_loss, e.test_acc, e.seconds, e.diverged, e.extra
+FROM runs r JOIN epoch_metrics e ON e.run_id = r.id
+{grid_filter}
+ORDER BY r.id, e.epoch
+"""
+_GRID_FILTER = "WHERE r.id IN (SELECT g.run_id FROM grid_runs g JOIN grids gr ON gr.id = g.grid_id WHERE gr.name = :grid)"
+
+
+def long_rows(store: Store, grid: str | None = None) -> list[dict[str, Any]]:
+    rows = store.query(_SQL.format(grid_filter=_GRID_FILTER if grid else ""), {"grid": grid} if grid else {})
+    for row in rows:
+        if isinstance(row.get("extra"), str):
+            row["extra"] = json.loads(row["extra"])
+        if isinstance(row.get("hidden_widths"), str) and row["hidden_widths"].startswith("["):
+            row["hidden_widths"] = json.loads(row["hidden_widths"])
+        if row.get("diverged") is not None:
+            row["diverged"] = bool(row["diverged"])
+    return rows
