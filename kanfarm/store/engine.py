@@ -1,0 +1,68 @@
+"""Engine set-up: which database, and the per-backend settings that make many writers safe.
+
+SQLite: WAL (readers never block the writer), a 30 s busy timeout, foreign keys on, and write
+transactions opened with ``BEGIN IMMEDIATE`` so two processes never both hold a read lock and then
+deadlock upgrading it (the cause of instant "database is locked" errors that busy_timeout cannot
+help). Read-only work goes through :func:`read_only` and opens a plain deferred ``BEGIN``.
+
+PostgreSQL: ``pool_pre_ping`` so connections dropped by the server or a network blip are replaced.
+"""
+from __future__ import annotations
+
+import os
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Engine, make_url
+
+DEFAULT_URL = "sqlite:///kanfarm.db"
+URL_ENV = "KANFARM_DATABASE_URL"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: execution option marking connections that only read (SQLite opens them with a deferred BEGIN).
+READ_ONLY_OPTION = "kanfarm_read_only"
+
+
+def database_url(url: str | URL | None = None) -> URL:
+    """The given URL, else ``$KANFARM_DATABASE_URL``, else a ``kanfarm.db`` file in the cwd."""
+    return make_url(url or os.environ.get(URL_ENV) or DEFAULT_URL)
+
+
+def masked(url: str | URL) -> str:
+    """The URL as text with any password replaced by ``***`` (safe to print or log)."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def make_engine(url: str | URL | None = None) -> Engine:
+    url = database_url(url)
+    if url.get_backend_name() == "sqlite":
+        engine = sa.create_engine(url)
+        _configure_sqlite(engine)
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+def read_only(engine: Engine) -> Engine:
+    """A view of ``engine`` (same pool) whose transactions only read."""
+    return engine.execution_options(**{READ_ONLY_OPTION: True})
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):
+        # Let SQLAlchemy's "begin" event below issue BEGIN instead of the driver's implicit one.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS:d}")
+            cursor.execute("PRAGMA foreign_keys = ON")
+            if engine.url.database not in (None, "", ":memory:"):
+                cursor.execute("PRAGMA journal_mode = WAL")
+                cursor.execute("PRAGMA synchronous = NORMAL")
+        finally:
+            cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(connection):
+        if connection.get_execution_options().get(READ_ONLY_OPTION):
+            connection.exec_driver_sql("BEGIN")
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")

@@ -1,0 +1,424 @@
+"""The experiment store: grids of runs, the run state machine (claims, leases), epoch rows.
+
+State machine of ``runs.status``::
+
+    pending/queued --claim--> running --finish--> completed | diverged | failed
+    running --lease expires--> (claimable again; attempts counts the tries)
+    running --release--> queued          pending/queued/running --cancel--> cancelled
+    pending/failed/cancelled --mark_queued--> queued
+
+Every transition is one conditional UPDATE whose WHERE states the allowed source states, so two
+workers racing for a run cannot both win: the loser's UPDATE matches no row. Times come from the
+caller's clock (UTC); machines sharing a PostgreSQL store should keep their clocks in sync (NTP)
+and use leases much longer than the skew.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, Iterable, Iterator, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, Connection
+
+from kanfarm.config import RunConfig
+from kanfarm.store import migrate
+from kanfarm.store.engine import database_url, make_engine, masked, read_only
+from kanfarm.store.errors import LeaseLost, RunNotFound, SchemaOutOfDate
+from kanfarm.store.rows import CheckpointRow, GridRow, RunRow, SubmitResult
+from kanfarm.store.schema import (CLAIMABLE, FINISHED, RUN_SUMMARY_COLUMNS, STATUSES, UTCDateTime,
+                                  checkpoints, epoch_metrics, grid_runs, grids, runs, utcnow)
+
+#: intrinsic dimensions (d_int90, FACTS.md) used when a submission gives none for the dataset.
+INTRINSIC_DIMS = {"mnist": 750, "cifar10": 9000}
+
+_CHUNK = 500  # ids per IN (...) list: far below SQLite's bound-parameter limit
+_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "seconds", "diverged", "extra")
+_run_summary = sa.table("run_summary", *(sa.column(name) for name in RUN_SUMMARY_COLUMNS))
+
+
+def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start:start + _CHUNK]
+
+
+def _at(when) -> sa.BindParameter:
+    """A time as a bind parameter typed like the columns (so SQLite gets naive UTC text)."""
+    return sa.literal(when, UTCDateTime())
+
+
+class Store:
+    """One database of grids and runs. Cheap to create; call :meth:`dispose` in forked children.
+
+    ``url``: a SQLAlchemy URL; defaults to ``$KANFARM_DATABASE_URL`` or ``sqlite:///kanfarm.db``.
+    ``str(store.url)`` masks the password; ``store.url.render_as_string(hide_password=False)``
+    gives the full URL to hand to a child process.
+    """
+
+    def __init__(self, url: str | URL | None = None):
+        self.url: URL = database_url(url)
+        if self.url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError(f"unsupported database {masked(self.url)}: use sqlite or postgresql")
+        self.engine = make_engine(self.url)
+        self._reader = read_only(self.engine)
+        self._schema_ok = False
+
+    def __repr__(self) -> str:
+        return f"Store({masked(self.url)!r})"
+
+    # -- schema ---------------------------------------------------------------------------------
+
+    def upgrade(self) -> None:
+        """Apply pending migrations (alembic upgrade head)."""
+        migrate.upgrade(self.engine)
+        self._schema_ok = True
+
+    def schema_revision(self) -> str | None:
+        """The database's alembic revision; None for an empty database."""
+        with self._reader.connect() as conn:
+            return migrate.current_revision(conn)
+
+    def check_schema(self) -> None:
+        """Raise :class:`SchemaOutOfDate` unless the database is at the newest revision."""
+        if self._schema_ok:
+            return
+        current, head = self.schema_revision(), migrate.head_revision()
+        if current != head:
+            raise SchemaOutOfDate(masked(self.url), current, head)
+        self._schema_ok = True
+
+    def dispose(self, close: bool = False) -> None:
+        """Drop pooled connections. In a forked child call it before any use with the default
+        ``close=False``, so the parent's connections are left alone; ``close=True`` closes them."""
+        self.engine.dispose(close=close)
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        self.check_schema()
+        with self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        self.check_schema()
+        with self._reader.connect() as conn:
+            yield conn
+
+    def _insert(self, table: sa.Table):
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        return dialect.insert(table)
+
+    # -- grids ----------------------------------------------------------------------------------
+
+    def submit_grid(self, name: str, spec: dict[str, Any],
+                    cells: Iterable[tuple[RunConfig, int, int | None]]) -> SubmitResult:
+        """Create or extend grid ``name`` with ``(config, n_params, intrinsic_dim)`` cells, in one
+        transaction. New configs become ``pending`` runs; known ones are only linked to the grid.
+        A changed spec replaces the stored one; cells already in the grid stay."""
+        now = utcnow()
+        values: dict[str, dict[str, Any]] = {}
+        for config, n_params, intrinsic_dim in cells:
+            row = _run_values(config.normalised(), n_params, intrinsic_dim, now)
+            values.setdefault(row["config_hash"], row)
+        hashes = list(values)
+        with self._write() as conn:
+            conn.execute(self._insert(grids).values(name=name, spec=spec, created_at=_at(now))
+                         .on_conflict_do_nothing(index_elements=["name"]))
+            grid_id, stored_spec = conn.execute(
+                sa.select(grids.c.id, grids.c.spec).where(grids.c.name == name)).one()
+            if stored_spec != json.loads(json.dumps(spec)):
+                conn.execute(sa.update(grids).where(grids.c.id == grid_id).values(spec=spec))
+            known = self._ids_by_hash(conn, hashes)
+            new = [dict(values[h], grid_id=grid_id) for h in hashes if h not in known]
+            for chunk in _chunks(new):
+                conn.execute(self._insert(runs).on_conflict_do_nothing(index_elements=["config_hash"]),
+                             list(chunk))
+            links = [{"grid_id": grid_id, "run_id": run_id}
+                     for run_id in self._ids_by_hash(conn, hashes).values()]
+            for chunk in _chunks(links):
+                conn.execute(self._insert(grid_runs).on_conflict_do_nothing(), list(chunk))
+        return SubmitResult(grid_id=grid_id, added=len(new), existing=len(known))
+
+    @staticmethod
+    def _ids_by_hash(conn: Connection, hashes: Sequence[str]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for chunk in _chunks(hashes):
+            rows = conn.execute(sa.select(runs.c.config_hash, runs.c.id)
+                                .where(runs.c.config_hash.in_(chunk)))
+            found.update({h: i for h, i in rows})
+        return found
+
+    def grid(self, name: str) -> GridRow | None:
+        with self._read() as conn:
+            row = conn.execute(sa.select(grids).where(grids.c.name == name)).one_or_none()
+        return None if row is None else GridRow(**row._asdict())
+
+    def grids(self) -> list[GridRow]:
+        with self._read() as conn:
+            return [GridRow(**row._asdict())
+                    for row in conn.execute(sa.select(grids).order_by(grids.c.id))]
+
+    # -- runs -----------------------------------------------------------------------------------
+
+    def run(self, run_id: int) -> RunRow:
+        with self._read() as conn:
+            return self._run_row(conn, run_id)
+
+    @staticmethod
+    def _run_row(conn: Connection, run_id: int) -> RunRow:
+        row = conn.execute(sa.select(runs).where(runs.c.id == run_id)).one_or_none()
+        if row is None:
+            raise RunNotFound(f"no run with id {run_id}")
+        data = row._asdict()
+        data["config"] = RunConfig.from_dict(data["config"])
+        return RunRow(**data)
+
+    def run_ids(self, grid: str | None = None, statuses: Iterable[str] | None = None) -> list[int]:
+        query = _in_grid(sa.select(runs.c.id), grid).order_by(runs.c.id)
+        if statuses is not None:
+            query = query.where(runs.c.status.in_(_checked_statuses(statuses)))
+        with self._read() as conn:
+            return list(conn.scalars(query))
+
+    def mark_queued(self, run_ids: Iterable[int]) -> int:
+        """pending, failed and cancelled runs -> queued (failed/cancelled get a fresh attempt
+        budget); other states are left alone. Returns how many runs changed."""
+        changed = 0
+        ids = list(run_ids)
+        with self._write() as conn:
+            for chunk in _chunks(ids):
+                changed += conn.execute(
+                    sa.update(runs)
+                    .where(runs.c.id.in_(chunk), runs.c.status.in_(("pending", "failed", "cancelled")))
+                    .values(status="queued", lease_expires_at=None, finished_at=None,
+                            attempts=sa.case((runs.c.status == "pending", runs.c.attempts), else_=0))
+                ).rowcount
+        return changed
+
+    # -- claims and leases ----------------------------------------------------------------------
+
+    @staticmethod
+    def _claimable(now) -> sa.ColumnElement[bool]:
+        return sa.or_(runs.c.status.in_(CLAIMABLE),
+                      sa.and_(runs.c.status == "running", runs.c.lease_expires_at < _at(now)))
+
+    def claim(self, run_id: int, worker: str, lease_seconds: float,
+              max_attempts: int | None = None) -> RunRow | None:
+        """Take run ``run_id`` for ``worker`` if it is waiting or its lease expired; None if
+        someone else holds it, it is finished, or (with ``max_attempts``) it ran out of tries, in
+        which case it is marked failed."""
+        with self._write() as conn:
+            return self._claim(conn, run_id, worker, lease_seconds, max_attempts)
+
+    def _claim(self, conn: Connection, run_id: int, worker: str, lease_seconds: float,
+               max_attempts: int | None) -> RunRow | None:
+        now = utcnow()
+        where = sa.and_(runs.c.id == run_id, self._claimable(now))
+        if max_attempts is not None:
+            gave_up = conn.execute(
+                sa.update(runs).where(where, runs.c.attempts >= max_attempts)
+                .values(status="failed", finished_at=_at(now), lease_expires_at=None,
+                        error=sa.func.coalesce(runs.c.error, f"gave up after {max_attempts} attempts")))
+            if gave_up.rowcount:
+                return None
+            where = sa.and_(where, runs.c.attempts < max_attempts)
+        claimed = conn.execute(
+            sa.update(runs).where(where)
+            .values(status="running", attempts=runs.c.attempts + 1, worker=worker,
+                    lease_expires_at=_at(now + timedelta(seconds=lease_seconds)),
+                    heartbeat_at=_at(now), started_at=sa.func.coalesce(runs.c.started_at, _at(now)),
+                    finished_at=None))
+        return self._run_row(conn, run_id) if claimed.rowcount == 1 else None
+
+    def claim_next(self, worker: str, lease_seconds: float, grid: str | None = None,
+                   max_attempts: int | None = None) -> RunRow | None:
+        """Claim the lowest-id claimable run (of ``grid``); None when none is left."""
+        while True:
+            with self._write() as conn:
+                candidate = conn.scalar(
+                    _in_grid(sa.select(runs.c.id), grid).where(self._claimable(utcnow()))
+                    .order_by(runs.c.id).limit(1)
+                    .with_for_update(skip_locked=True, of=runs))  # PostgreSQL; SQLite: BEGIN IMMEDIATE
+                if candidate is None:
+                    return None
+                row = self._claim(conn, candidate, worker, lease_seconds, max_attempts)
+            if row is not None:
+                return row  # else: lost a race or the run ran out of attempts; try the next one
+
+    def heartbeat(self, run_id: int, worker: str, lease_seconds: float) -> bool:
+        """Extend ``worker``'s lease; False means the run is no longer its own: stop."""
+        now = utcnow()
+        with self._write() as conn:
+            return conn.execute(
+                sa.update(runs)
+                .where(runs.c.id == run_id, runs.c.status == "running", runs.c.worker == worker)
+                .values(lease_expires_at=_at(now + timedelta(seconds=lease_seconds)),
+                        heartbeat_at=_at(now))
+            ).rowcount == 1
+
+    def finish(self, run_id: int, worker: str, status: str, error: str | None = None) -> bool:
+        """running (by ``worker``) -> completed | diverged | failed. False if not its run."""
+        if status not in FINISHED:
+            raise ValueError(f"finish status {status!r} is not one of {', '.join(FINISHED)}")
+        return self._leave_running(run_id, worker, status=status, finished_at=_at(utcnow()),
+                                   lease_expires_at=None, error=error)
+
+    def release(self, run_id: int, worker: str, error: str | None = None) -> bool:
+        """running (by ``worker``) -> queued, for another worker to resume. False if not its run."""
+        values: dict[str, Any] = {"status": "queued", "lease_expires_at": None}
+        if error is not None:
+            values["error"] = error
+        return self._leave_running(run_id, worker, **values)
+
+    def _leave_running(self, run_id: int, worker: str, **values: Any) -> bool:
+        with self._write() as conn:
+            return conn.execute(
+                sa.update(runs)
+                .where(runs.c.id == run_id, runs.c.status == "running", runs.c.worker == worker)
+                .values(**values)
+            ).rowcount == 1
+
+    def cancel(self, grid: str) -> tuple[int, int]:
+        """Cancel the grid's waiting and running runs (a run shared with other grids is cancelled
+        for them too). Running workers see it at their next heartbeat. Returns (waiting, running)."""
+        now = utcnow()
+        counts = []
+        with self._write() as conn:
+            for states in (CLAIMABLE, ("running",)):
+                counts.append(conn.execute(
+                    sa.update(runs)
+                    .where(runs.c.status.in_(states), _grid_ids(grid))
+                    .values(status="cancelled", lease_expires_at=None, finished_at=_at(now))
+                ).rowcount)
+        return counts[0], counts[1]
+
+    def stale_runs(self, grid: str | None = None) -> list[int]:
+        """Running runs whose lease expired (their worker died or hung)."""
+        query = (_in_grid(sa.select(runs.c.id), grid)
+                 .where(runs.c.status == "running", runs.c.lease_expires_at < _at(utcnow()))
+                 .order_by(runs.c.id))
+        with self._read() as conn:
+            return list(conn.scalars(query))
+
+    def status_counts(self, grid: str | None = None) -> dict[str, int]:
+        """Runs per status, every status present (0 when none)."""
+        query = _in_grid(sa.select(runs.c.status, sa.func.count()), grid).group_by(runs.c.status)
+        counts = dict.fromkeys(STATUSES, 0)
+        with self._read() as conn:
+            counts.update({status: n for status, n in conn.execute(query)})
+        return counts
+
+    # -- metrics and checkpoints ----------------------------------------------------------------
+
+    def write_epoch(self, run_id: int, record, worker: str | None = None) -> None:
+        """Store one EpochRecord; a repeat of (run, epoch) replaces the row (resumed runs).
+        With ``worker``, raise :class:`LeaseLost` unless that worker holds the run."""
+        record.validate()
+        extra = dict(record.extra)
+        json.dumps(extra, allow_nan=False)  # refuse NaN/inf and non-JSON values before writing
+        values = {"run_id": run_id, "epoch": record.epoch, "train_loss": record.train_loss,
+                  "train_acc": record.train_acc, "test_loss": record.test_loss,
+                  "test_acc": record.test_acc, "seconds": record.seconds,
+                  "diverged": bool(record.diverged), "extra": extra}
+        stmt = self._insert(epoch_metrics).values(**values)
+        stmt = stmt.on_conflict_do_update(index_elements=["run_id", "epoch"],
+                                          set_={name: stmt.excluded[name] for name in _METRICS})
+        with self._write() as conn:
+            if worker is not None:
+                self._require_holder(conn, run_id, worker)
+            conn.execute(stmt)
+
+    @staticmethod
+    def _require_holder(conn: Connection, run_id: int, worker: str) -> None:
+        row = conn.execute(sa.select(runs.c.status, runs.c.worker)
+                           .where(runs.c.id == run_id)).one_or_none()
+        if row is None:
+            raise RunNotFound(f"no run with id {run_id}")
+        if row.status != "running" or row.worker != worker:
+            raise LeaseLost(f"run {run_id} is {row.status} (worker {row.worker}), not held by {worker}")
+
+    def epoch_metrics(self, run_id: int | None = None, grid: str | None = None) -> list[dict[str, Any]]:
+        query = sa.select(epoch_metrics).order_by(epoch_metrics.c.run_id, epoch_metrics.c.epoch)
+        if run_id is not None:
+            query = query.where(epoch_metrics.c.run_id == run_id)
+        if grid is not None:
+            query = query.where(epoch_metrics.c.run_id.in_(_grid_run_ids(grid)))
+        with self._read() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def record_checkpoint(self, run_id: int, epoch: int, path: str, sha256: str) -> None:
+        """Note a checkpoint file; a second one for the same (run, epoch) replaces the first."""
+        stmt = self._insert(checkpoints).values(run_id=run_id, epoch=epoch, path=str(path),
+                                                sha256=sha256, created_at=_at(utcnow()))
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["run_id", "epoch"],
+            set_={name: stmt.excluded[name] for name in ("path", "sha256", "created_at")})
+        with self._write() as conn:
+            conn.execute(stmt)
+
+    def checkpoints(self, run_id: int) -> list[CheckpointRow]:
+        query = sa.select(checkpoints).where(checkpoints.c.run_id == run_id).order_by(checkpoints.c.epoch)
+        with self._read() as conn:
+            return [CheckpointRow(**row._asdict()) for row in conn.execute(query)]
+
+    # -- reports --------------------------------------------------------------------------------
+
+    def summary(self, grid: str | None = None) -> list[dict[str, Any]]:
+        """Rows of the ``run_summary`` view (of ``grid``), by run id."""
+        query = sa.select(_run_summary).order_by(_run_summary.c.run_id)
+        if grid is not None:
+            query = query.where(_run_summary.c.run_id.in_(_grid_run_ids(grid)))
+        with self._read() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def query(self, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Run a read-only parameterised SQL query (``:name`` placeholders); writes are refused."""
+        postgres = self.engine.dialect.name == "postgresql"
+        with self._read() as conn:
+            conn.exec_driver_sql("SET TRANSACTION READ ONLY" if postgres else "PRAGMA query_only = ON")
+            try:
+                return [dict(row._mapping) for row in conn.execute(sa.text(sql), params or {})]
+            finally:
+                if not postgres:
+                    conn.exec_driver_sql("PRAGMA query_only = OFF")
+
+
+def _grid_run_ids(grid: str) -> sa.Select:
+    return (sa.select(grid_runs.c.run_id).join(grids, grids.c.id == grid_runs.c.grid_id)
+            .where(grids.c.name == grid))
+
+
+def _grid_ids(grid: str | None) -> sa.ColumnElement[bool]:
+    return sa.true() if grid is None else runs.c.id.in_(_grid_run_ids(grid))
+
+
+def _in_grid(query: sa.Select, grid: str | None) -> sa.Select:
+    """Restrict a query on ``runs`` to a grid's runs (through grid_runs); an unknown grid has none."""
+    return query if grid is None else query.where(_grid_ids(grid))
+
+
+def _checked_statuses(statuses: Iterable[str]) -> list[str]:
+    statuses = list(statuses)
+    unknown = sorted(set(statuses) - set(STATUSES))
+    if unknown:
+        raise ValueError(f"unknown status {unknown[0]!r}; known: {', '.join(STATUSES)}")
+    return statuses
+
+
+def _run_values(config: RunConfig, n_params: int, intrinsic_dim: int | None, now) -> dict[str, Any]:
+    """The ``runs`` row of a normalised config (grid_id added by the caller)."""
+    if intrinsic_dim is None:
+        intrinsic_dim = INTRINSIC_DIMS.get(config.dataset)
+    return {
+        "config": config.to_dict(), "config_hash": config.config_hash(),
+        "dataset": config.dataset, "model": config.model, "depth": config.depth,
+        "hidden_widths": ",".join(str(w) for w in config.hidden_widths),
+        "init": config.init, "optimizer": config.optimizer, "lr": config.lr,
+        "trainer": config.trainer, "activation": config.activation,
+        "spline_order": config.spline_order, "grid_size": config.grid_size,
+        "batch_size": config.batch_size, "max_epochs": config.max_epochs, "seed": config.seed,
+        "n_params": int(n_params), "intrinsic_dim": None if intrinsic_dim is None else int(intrinsic_dim),
+        "status": "pending", "attempts": 0, "worker": None, "created_at": now,
+    }
