@@ -272,3 +272,15 @@ def test_huge_grid_refused():
     with pytest.raises(ConfigError) as err:
         spec(seeds=list(range(40_000)), learning_rates=[0.1, 0.01, 0.001])
     assert err.value.field == "spec"
+
+
+def test_documented_example_parses():
+    """docs/grid-spec.md's full example stays valid."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "grid-spec.md").read_text()
+    example = re.findall(r"```toml\n(.*?)```", text, re.S)[0]
+    s = parse_spec(tomllib.loads(example))
+    assert s.name == "my-study" and s.intrinsic_dim("digits") == 40
+    assert len(s.expand()) == 2 * 3 * 5 * 27 * 2  # datasets x models x architectures x schemes x seeds

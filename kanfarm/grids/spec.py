@@ -28,9 +28,8 @@ from kanfarm.config import (
     ConfigError,
     RunConfig,
 )
+from kanfarm.reports.efficiency import KNOWN_INTRINSIC_DIM  # one table: d_int90 where known (FACTS.md)
 
-#: Intrinsic dimension d_int90 (Li et al. 2018) of datasets where it is known (FACTS.md).
-KNOWN_INTRINSIC_DIM: dict[str, int] = {"mnist": 750, "cifar10": 9000}
 
 #: A guard against a typo that multiplies a grid into millions of runs.
 MAX_CELLS = 100_000
