@@ -53,8 +53,8 @@ class Store:
     """One database of grids and runs. Cheap to create; call :meth:`dispose` in forked children.
 
     ``url``: a SQLAlchemy URL; defaults to ``$KANFARM_DATABASE_URL`` or ``sqlite:///kanfarm.db``.
-    ``str(store.url)`` masks the password; ``store.url.render_as_string(hide_password=False)``
-    gives the full URL to hand to a child process.
+    ``str(store.url)`` masks the password; :attr:`url_string` is the full URL to hand to a child
+    process (never print or log it).
     """
 
     def __init__(self, url: str | URL | None = None):
@@ -67,6 +67,11 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({masked(self.url)!r})"
+
+    @property
+    def url_string(self) -> str:
+        """The URL with its password, for ``Store(url)`` in another process. Do not log it."""
+        return self.url.render_as_string(hide_password=False)
 
     # -- schema ---------------------------------------------------------------------------------
 

@@ -1,0 +1,93 @@
+"""Migrations build the documented schema from an empty database, on SQLite and PostgreSQL, and the
+store refuses to work on a database that is not at head."""
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from kanfarm.store import SchemaOutOfDate, Store
+from kanfarm.store import migrate
+from kanfarm.store.schema import RUN_SUMMARY_COLUMNS, metadata
+
+TABLES = {"grids", "grid_runs", "runs", "epoch_metrics", "checkpoints"}
+
+backends = pytest.mark.parametrize("url_fixture", [
+    "sqlite_url", pytest.param("fresh_postgres_url", marks=pytest.mark.services)])
+
+
+@backends
+def test_upgrade_from_empty_creates_every_table_and_the_view(url_fixture, request):
+    store = Store(request.getfixturevalue(url_fixture))
+    try:
+        assert store.schema_revision() is None
+        store.upgrade()
+        assert store.schema_revision() == migrate.head_revision()
+        store.check_schema()
+        inspector = sa.inspect(store.engine)
+        assert TABLES <= set(inspector.get_table_names())
+        assert "run_summary" in inspector.get_view_names()
+        with store.engine.connect() as conn:
+            columns = tuple(conn.execute(sa.text("SELECT * FROM run_summary")).keys())
+        assert columns == RUN_SUMMARY_COLUMNS
+        store.upgrade()  # a second upgrade is a no-op
+        assert store.schema_revision() == migrate.head_revision()
+    finally:
+        store.dispose(close=True)
+
+
+@backends
+def test_migrated_schema_matches_the_metadata(url_fixture, request):
+    """schema.py (what the code uses) and the migration (what databases get) must not drift."""
+    store = Store(request.getfixturevalue(url_fixture))
+    try:
+        store.upgrade()
+        with store.engine.connect() as conn:
+            diffs = compare_metadata(MigrationContext.configure(conn), metadata)
+        assert diffs == []
+    finally:
+        store.dispose(close=True)
+
+
+@backends
+def test_downgrade_to_base_removes_everything_and_upgrade_restores_it(url_fixture, request):
+    store = Store(request.getfixturevalue(url_fixture))
+    try:
+        store.upgrade()
+        migrate.downgrade(store.engine, "base")
+        inspector = sa.inspect(store.engine)
+        assert not TABLES & set(inspector.get_table_names())
+        assert "run_summary" not in inspector.get_view_names()
+        store.upgrade()
+        assert TABLES <= set(sa.inspect(store.engine).get_table_names())
+    finally:
+        store.dispose(close=True)
+
+
+def test_operations_on_an_unmigrated_database_raise_schema_out_of_date(sqlite_url):
+    store = Store(sqlite_url)
+    for operation in (store.check_schema, store.run_ids, store.grids, lambda: store.claim_next("w", 60),
+                      lambda: store.submit_grid("g", {}, [])):
+        with pytest.raises(SchemaOutOfDate, match="kanfarm db upgrade"):
+            operation()
+    assert "runs" not in sa.inspect(store.engine).get_table_names()  # nothing was created
+
+
+def test_a_database_at_another_revision_is_out_of_date(sqlite_url):
+    Store(sqlite_url).upgrade()
+    engine = sa.create_engine(sqlite_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = :v"), {"v": "0000"})
+    engine.dispose()
+    with pytest.raises(SchemaOutOfDate) as info:
+        Store(sqlite_url).run_ids()
+    assert info.value.current == "0000" and info.value.head == migrate.head_revision()
+
+
+def test_url_password_is_masked_but_available_to_child_processes():
+    store = Store("postgresql+psycopg://kan:s3cret@db.example:5432/farm")
+    assert "s3cret" not in repr(store) and "s3cret" not in str(store.url)
+    assert "s3cret" in store.url_string
+    with pytest.raises(ValueError, match="unsupported"):
+        Store("mysql://u:p@h/d")
