@@ -96,16 +96,27 @@ class RunConfig:
             choice("depth", self.depth, DEPTHS)
             widths = hidden_widths_for(self.dataset, self.depth)
             depth = self.depth
+        # Settings a cell does not use stay at their defaults, so one network has one hash.
+        base = self
+        if self.model == "mlp":
+            base = dataclasses.replace(base, spline_order=3, grid_size=5)
+        if self.model == "kan":  # the study's code applied dropout to MLPs only
+            base = dataclasses.replace(base, dropout=0.2)
+        if self.model != "mlp_wide":
+            base = dataclasses.replace(base, wide_multiplier=None)
+        if self.trainer != "hsic":
+            base = dataclasses.replace(base, hsic_beta=100.0, hsic_sigma=10.0, hsic_x_term=False,
+                                       hsic_format_epochs=None)
         return dataclasses.replace(
-            self,
+            base,
             activation=activation,
             hidden_widths=widths,
             depth=depth,
             lr=float(self.lr),
-            dropout=float(self.dropout),
-            wide_multiplier=None if self.wide_multiplier is None else float(self.wide_multiplier),
-            hsic_beta=float(self.hsic_beta),
-            hsic_sigma=float(self.hsic_sigma),
+            dropout=float(base.dropout),
+            wide_multiplier=None if base.wide_multiplier is None else float(base.wide_multiplier),
+            hsic_beta=float(base.hsic_beta),
+            hsic_sigma=float(base.hsic_sigma),
             extra=dict(sorted(self.extra.items())),
         )
 
