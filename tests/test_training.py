@@ -1,0 +1,127 @@
+"""The backprop trainer: accuracy on digits, exact resume, divergence, checkpoint fallback."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+
+from kanfarm.config import RunConfig
+from kanfarm.data import load_dataset
+from kanfarm.training import CheckpointManager, train
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def run(config, data, **kwargs):
+    records = []
+    result = train(config, data, records.append, **kwargs)
+    return result, records
+
+
+@pytest.mark.parametrize("model,lr", [("kan", 0.01), ("mlp", 0.01)])
+def test_reaches_ninety_percent_on_digits(digits, model, lr):
+    config = RunConfig(dataset="digits", model=model, depth="shallow", optimizer="adam", lr=lr,
+                       batch_size=64, max_epochs=8)
+    result, records = run(config, digits)
+    assert result.status == "completed" and result.epochs_run == 8
+    assert [r.epoch for r in records] == list(range(9))
+    assert records[0].test_acc < 0.5, "epoch 0 is evaluated before any training"
+    assert max(r.test_acc for r in records) >= 0.9
+    for r in records:
+        r.validate()
+
+
+def test_resume_is_bit_identical(digits, tmp_path):
+    config = RunConfig(dataset="digits", model="mlp", depth="medium", optimizer="sgd_momentum", lr=0.05,
+                       batch_size=128, max_epochs=4, seed=3)
+    straight = CheckpointManager(tmp_path / "a", config.config_hash())
+    result, full = run(config, digits, checkpoints=straight)
+    assert result.status == "completed"
+
+    # Stop after epoch 2 (should_stop is asked before each epoch), then resume in a fresh call.
+    ckpt = CheckpointManager(tmp_path / "b", config.config_hash())
+    asked = []
+
+    def stop_after_two() -> bool:
+        asked.append(1)
+        return len(asked) > 2
+
+    first = run(config, digits, checkpoints=ckpt, should_stop=stop_after_two)
+    assert first[0].status == "stopped" and first[0].epochs_run == 2
+    # Scramble the global RNG: resume must restore it from the checkpoint.
+    torch.manual_seed(12345)
+    second = run(config, digits, checkpoints=ckpt)
+    assert second[0].status == "completed"
+    resumed = first[1] + second[1]
+    assert [r.epoch for r in resumed] == [0, 1, 2, 3, 4]
+    strip = [dataclasses.replace(r, seconds=0.0) for r in full]
+    assert strip == [dataclasses.replace(r, seconds=0.0) for r in resumed]
+    a = torch.load(straight.paths()[0][1], weights_only=True)["state"]["model"]
+    b = torch.load(ckpt.paths()[0][1], weights_only=True)["state"]["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kan_resume_is_bit_identical(digits, tmp_path):
+    config = RunConfig(dataset="digits", model="kan", depth="shallow", optimizer="adam", lr=0.01,
+                       batch_size=128, max_epochs=3, seed=1)
+    _, full = run(config, digits)
+    ckpt = CheckpointManager(tmp_path, config.config_hash())
+    calls = iter([False, True])
+    first = run(config, digits, checkpoints=ckpt, should_stop=lambda: next(calls, False))
+    second = run(config, digits, checkpoints=ckpt)
+    resumed = first[1] + second[1]
+    assert [dataclasses.replace(r, seconds=0.0) for r in full] == \
+           [dataclasses.replace(r, seconds=0.0) for r in resumed]
+
+
+def test_absurd_learning_rate_diverges(digits):
+    config = RunConfig(dataset="digits", model="mlp", depth="shallow", optimizer="sgd", lr=900.0,
+                       batch_size=64, max_epochs=5)
+    result, records = run(config, digits)
+    assert result.status == "diverged"
+    assert records[-1].diverged and records[-1].test_acc is None
+    assert all(not r.diverged for r in records[:-1])
+
+
+def test_corrupted_checkpoint_falls_back_to_previous(digits, tmp_path, caplog):
+    config = RunConfig(dataset="digits", model="mlp", depth="shallow", lr=0.01, batch_size=128, max_epochs=3)
+    ckpt = CheckpointManager(tmp_path, config.config_hash(), keep=2)
+    _, full = run(config, digits, checkpoints=ckpt)
+    (newest_epoch, newest), (older_epoch, _) = ckpt.paths()
+    assert (newest_epoch, older_epoch) == (3, 2)
+    newest.write_bytes(newest.read_bytes()[:-10] + b"0123456789")
+    with caplog.at_level(logging.WARNING):
+        loaded = ckpt.load_latest()
+    assert loaded is not None and loaded[0] == 2
+    assert "unusable" in caplog.text
+
+    # Rerunning resumes from epoch 2 and reproduces epoch 3 exactly.
+    result, again = run(config, digits, checkpoints=ckpt)
+    assert [r.epoch for r in again] == [3]
+    assert dataclasses.replace(again[0], seconds=0.0) == dataclasses.replace(full[-1], seconds=0.0)
+
+
+def test_foreign_or_missing_checkpoints_start_fresh(digits, tmp_path, caplog):
+    config = RunConfig(dataset="digits", model="mlp", depth="shallow", lr=0.01, batch_size=128, max_epochs=1)
+    other = CheckpointManager(tmp_path, "not-this-config")
+    other.save(1, {"anything": torch.zeros(1)})
+    ckpt = CheckpointManager(tmp_path, config.config_hash())
+    with caplog.at_level(logging.WARNING):
+        result, records = run(config, digits, checkpoints=ckpt)
+    assert [r.epoch for r in records] == [0, 1]
+    assert "another config" in caplog.text
+
+
+def test_checkpoints_keep_last_n_and_verify_digest(tmp_path):
+    ckpt = CheckpointManager(tmp_path, "h", keep=2)
+    for epoch in range(4):
+        ckpt.save(epoch, {"w": torch.full((2,), float(epoch))})
+    assert [e for e, _ in ckpt.paths()] == [3, 2]
+    (tmp_path / "epoch-000003.pt.sha256").write_text("0" * 64)
+    epoch, state = ckpt.load_latest()
+    assert epoch == 2 and torch.equal(state["w"], torch.full((2,), 2.0))
