@@ -7,10 +7,10 @@ from kanfarm.store.engine import DEFAULT_URL, URL_ENV, database_url, masked
 from kanfarm.store.errors import LeaseLost, RunNotFound, SchemaOutOfDate
 from kanfarm.store.rows import CheckpointRow, GridRow, RunRow, SubmitResult
 from kanfarm.store.schema import STATUSES
-from kanfarm.store.store import INTRINSIC_DIMS, Store
+from kanfarm.store.store import Store
 
 __all__ = [
     "DEFAULT_URL", "URL_ENV", "database_url", "masked", "LeaseLost", "RunNotFound",
     "SchemaOutOfDate", "CheckpointRow", "GridRow", "RunRow", "SubmitResult", "STATUSES",
-    "INTRINSIC_DIMS", "Store",
+    "Store",
 ]

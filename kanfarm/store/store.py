@@ -31,9 +31,6 @@ from kanfarm.store.rows import CheckpointRow, GridRow, RunRow, SubmitResult
 from kanfarm.store.schema import (CLAIMABLE, FINISHED, RUN_SUMMARY_COLUMNS, STATUSES, UTCDateTime,
                                   checkpoints, epoch_metrics, grid_runs, grids, runs, utcnow)
 
-#: intrinsic dimensions (d_int90, FACTS.md) used when a submission gives none for the dataset.
-INTRINSIC_DIMS = {"mnist": 750, "cifar10": 9000}
-
 _CHUNK = 500  # ids per IN (...) list: far below SQLite's bound-parameter limit
 _METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "seconds", "diverged", "extra")
 _run_summary = sa.table("run_summary", *(sa.column(name) for name in RUN_SUMMARY_COLUMNS))
@@ -413,9 +410,8 @@ def _checked_statuses(statuses: Iterable[str]) -> list[str]:
 
 
 def _run_values(config: RunConfig, n_params: int, intrinsic_dim: int | None, now) -> dict[str, Any]:
-    """The ``runs`` row of a normalised config (grid_id added by the caller)."""
-    if intrinsic_dim is None:
-        intrinsic_dim = INTRINSIC_DIMS.get(config.dataset)
+    """The ``runs`` row of a normalised config (grid_id added by the caller). ``intrinsic_dim``
+    is stored as given: the grid spec resolves it (kanfarm.reports.KNOWN_INTRINSIC_DIM)."""
     return {
         "config": config.to_dict(), "config_hash": config.config_hash(),
         "dataset": config.dataset, "model": config.model, "depth": config.depth,

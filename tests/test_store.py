@@ -1,0 +1,344 @@
+"""The store on SQLite and PostgreSQL: submission, the claim/lease state machine, epoch rows, the
+run_summary view (against an independent Python calculation) and concurrent workers."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import multiprocessing as mp
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+
+from kanfarm.config import ConfigError, RunConfig
+from kanfarm.store import LeaseLost, RunNotFound, Store
+from kanfarm.training.records import EpochRecord
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.services)])
+def store(request) -> Store:
+    return request.getfixturevalue(f"{request.param}_store")
+
+
+def cells(n: int, dataset: str = "mnist", n_params: int = 5000, intrinsic_dim: int | None = 750,
+          **fields):
+    return [(RunConfig(dataset=dataset, seed=seed, **fields), n_params, intrinsic_dim)
+            for seed in range(n)]
+
+
+def record(epoch: int, train_acc: float | None, test_acc: float | None, **fields) -> EpochRecord:
+    loss = None if test_acc is None else 1.0 - test_acc
+    values = dict(epoch=epoch, train_loss=loss, train_acc=train_acc, test_loss=loss,
+                  test_acc=test_acc, seconds=0.25)
+    values.update(fields)
+    return EpochRecord(**values)
+
+
+# -- submission ---------------------------------------------------------------------------------
+
+def test_submit_is_idempotent_and_extends(store):
+    first = store.submit_grid("g", {"seeds": 3}, cells(3))
+    assert (first.added, first.existing) == (3, 0)
+    ids = store.run_ids(grid="g")
+    again = store.submit_grid("g", {"seeds": 3}, cells(3))
+    assert (again.grid_id, again.added, again.existing) == (first.grid_id, 0, 3)
+    assert store.run_ids(grid="g") == ids
+
+    extended = store.submit_grid("g", {"seeds": 5}, cells(5))
+    assert (extended.added, extended.existing) == (2, 3)
+    assert store.grid("g").spec == {"seeds": 5}
+    assert store.run_ids(grid="g")[:3] == ids and len(store.run_ids(grid="g")) == 5
+
+    # a second grid sharing two cells links them; the run keeps the grid that first added it
+    other = store.submit_grid("h", {}, cells(2))
+    assert (other.added, other.existing) == (0, 2)
+    assert store.run_ids(grid="h") == ids[:2]
+    assert store.run(ids[0]).grid_id == first.grid_id
+    assert [g.name for g in store.grids()] == ["g", "h"]
+    assert store.grid("nope") is None and store.run_ids(grid="nope") == []
+
+
+def test_equivalent_configs_are_one_run_and_round_trip(store):
+    explicit = RunConfig(dataset="mnist", depth="medium", activation="gelu", lr=1e-3)
+    implicit = RunConfig(dataset="mnist", depth="medium", activation=None, lr=0.001)
+    result = store.submit_grid("g", {}, [(explicit, 100, None), (implicit, 100, None)])
+    assert result.added == 1
+    run = store.run(store.run_ids()[0])
+    assert run.config == explicit.normalised()
+    assert run.config_hash == explicit.config_hash()
+    assert run.hidden_widths == "64,32" and run.activation == "gelu"
+    assert (run.status, run.attempts, run.intrinsic_dim) == ("pending", 0, None)
+    assert run.created_at.tzinfo is not None
+    assert abs(run.created_at - datetime.now(timezone.utc)) < timedelta(minutes=1)
+    with pytest.raises(RunNotFound):
+        store.run(10_000)
+
+
+def test_a_bad_cell_writes_nothing(store):
+    bad = cells(2) + [(RunConfig(dataset="mnist", optimizer="lbfgs"), 10, None)]
+    with pytest.raises(ConfigError):
+        store.submit_grid("g", {}, bad)
+    assert store.grids() == [] and store.run_ids() == []
+
+
+# -- claims and leases --------------------------------------------------------------------------
+
+def test_only_one_of_two_claims_succeeds(store):
+    store.submit_grid("g", {}, cells(1))
+    run_id = store.run_ids()[0]
+    won = store.claim(run_id, "w1", 60)
+    assert won is not None and (won.status, won.attempts, won.worker) == ("running", 1, "w1")
+    assert won.lease_expires_at > datetime.now(timezone.utc) + timedelta(seconds=50)
+    assert store.claim(run_id, "w2", 60) is None
+    assert store.run(run_id).worker == "w1"
+
+
+def test_racing_threads_claim_each_run_once(store):
+    store.submit_grid("g", {}, cells(6))
+    for run_id in store.run_ids():
+        barrier = threading.Barrier(2)
+
+        def attempt(worker):
+            barrier.wait()
+            return store.claim(run_id, worker, 60)
+
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(attempt, ["a", "b"]))
+        assert sum(r is not None for r in results) == 1
+
+
+def test_expired_lease_is_reclaimed_and_the_old_worker_is_told(store):
+    store.submit_grid("g", {}, cells(2))
+    run_id = store.run_ids()[0]
+    started = store.claim(run_id, "w1", -1).started_at  # lease already expired: w1 "died"
+    assert store.stale_runs() == [run_id] and store.stale_runs(grid="other") == []
+    taken = store.claim(run_id, "w2", 60)
+    assert (taken.worker, taken.attempts, taken.started_at) == ("w2", 2, started)
+    assert store.stale_runs() == []
+    assert store.heartbeat(run_id, "w1", 60) is False
+    assert store.finish(run_id, "w1", "completed") is False
+    with pytest.raises(LeaseLost):
+        store.write_epoch(run_id, record(0, 0.1, 0.1), worker="w1")
+    assert store.heartbeat(run_id, "w2", 60) is True
+    assert store.finish(run_id, "w2", "completed") is True
+    finished = store.run(run_id)
+    assert finished.status == "completed" and finished.lease_expires_at is None
+    assert finished.finished_at >= finished.started_at
+    assert store.claim(run_id, "w3", 60) is None  # finished runs are never claimed again
+
+
+def test_cancel_stops_running_and_waiting_runs(store):
+    store.submit_grid("g", {}, cells(3))
+    running = store.claim_next("w1", 60, grid="g").id
+    assert store.cancel("g") == (2, 1)
+    assert store.heartbeat(running, "w1", 60) is False
+    assert store.status_counts("g")["cancelled"] == 3
+    assert store.claim_next("w2", 60) is None
+    assert store.mark_queued(store.run_ids(grid="g")) == 3
+    requeued = store.run(running)
+    assert (requeued.status, requeued.attempts, requeued.finished_at) == ("queued", 0, None)
+
+
+def test_release_requeues_and_max_attempts_fails_the_run(store):
+    store.submit_grid("g", {}, cells(1))
+    run_id = store.run_ids()[0]
+    store.claim(run_id, "w1", 60, max_attempts=2)
+    assert store.release(run_id, "w1", error="worker shut down") is True
+    assert store.release(run_id, "w1") is False  # no longer running
+    assert store.run(run_id).status == "queued"
+    store.claim(run_id, "w2", -1, max_attempts=2)  # second attempt, then the lease lapses
+    assert store.claim(run_id, "w3", 60, max_attempts=2) is None
+    failed = store.run(run_id)
+    assert (failed.status, failed.attempts, failed.error) == ("failed", 2, "worker shut down")
+    assert store.mark_queued([run_id]) == 1
+    assert store.claim(run_id, "w4", 60, max_attempts=2).attempts == 1
+
+
+def test_claim_next_takes_lowest_id_of_the_grid(store):
+    store.submit_grid("a", {}, cells(2))
+    store.submit_grid("b", {}, cells(2, dataset="digits", intrinsic_dim=None))
+    a_ids, b_ids = store.run_ids(grid="a"), store.run_ids(grid="b")
+    assert store.claim_next("w", 60, grid="b").id == b_ids[0]
+    assert store.claim_next("w", 60).id == a_ids[0]
+    assert [store.claim_next("w", 60, grid="b").id, store.claim_next("w", 60, grid="b")] == [b_ids[1], None]
+    assert store.status_counts("b") == {**dict.fromkeys(store.status_counts(), 0), "running": 2}
+    assert store.run_ids(statuses=["pending"]) == a_ids[1:]
+    with pytest.raises(ValueError):
+        store.run_ids(statuses=["bogus"])
+    with pytest.raises(ValueError):
+        store.finish(a_ids[0], "w", "pending")
+
+
+# -- epochs and checkpoints ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [dict(test_acc=1.5), dict(train_acc=-0.1), dict(test_acc=math.nan),
+                                 dict(train_loss=math.inf), dict(extra={"lr": math.nan})])
+def test_write_epoch_refuses_bad_values(store, bad):
+    store.submit_grid("g", {}, cells(1))
+    run_id = store.run_ids()[0]
+    with pytest.raises(ValueError):
+        store.write_epoch(run_id, dataclasses.replace(record(3, 0.5, 0.5), **bad))
+    assert store.epoch_metrics(run_id) == []
+
+
+def test_acc_check_constraints_guard_direct_sql(store):
+    store.submit_grid("g", {}, cells(1))
+    run_id = store.run_ids()[0]
+    with pytest.raises(sa.exc.IntegrityError), store.engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO epoch_metrics (run_id, epoch, test_acc, seconds, diverged, extra)"
+                             " VALUES (:r, 0, 1.5, 0, :d, :e)"), {"r": run_id, "d": False, "e": "{}"})
+
+
+def test_write_epoch_is_idempotent_and_a_rewrite_replaces(store):
+    store.submit_grid("g", {}, cells(1))
+    run_id = store.run_ids()[0]
+    store.claim(run_id, "w", 60)
+    store.write_epoch(run_id, record(0, 0.1, 0.1, extra={"lr": 0.001}), worker="w")
+    store.write_epoch(run_id, record(0, 0.1, 0.1, extra={"lr": 0.001}), worker="w")
+    rows = store.epoch_metrics(run_id)
+    assert len(rows) == 1 and rows[0]["extra"] == {"lr": 0.001} and rows[0]["diverged"] is False
+    store.write_epoch(run_id, record(0, 0.2, 0.3))
+    store.write_epoch(run_id, record(1, None, None, diverged=True))
+    rows = store.epoch_metrics(grid="g")
+    assert [(r["epoch"], r["test_acc"], r["diverged"]) for r in rows] == [(0, 0.3, False), (1, None, True)]
+
+
+def test_checkpoint_rewrite_replaces(store):
+    store.submit_grid("g", {}, cells(1))
+    run_id = store.run_ids()[0]
+    store.record_checkpoint(run_id, 2, "/ck/2.pt", "a" * 64)
+    store.record_checkpoint(run_id, 2, "/ck/2b.pt", "b" * 64)
+    store.record_checkpoint(run_id, 1, "/ck/1.pt", "c" * 64)
+    assert [(c.epoch, c.path, c.sha256) for c in store.checkpoints(run_id)] == [
+        (1, "/ck/1.pt", "c" * 64), (2, "/ck/2b.pt", "b" * 64)]
+
+
+def test_query_is_parameterised_and_read_only(store):
+    store.submit_grid("g", {}, cells(3))
+    assert store.query("SELECT COUNT(*) AS n FROM runs WHERE seed >= :s", {"s": 1}) == [{"n": 2}]
+    with pytest.raises(sa.exc.DBAPIError):
+        store.query("DELETE FROM runs")
+    assert len(store.run_ids()) == 3
+    store.write_epoch(store.run_ids()[0], record(0, 0.1, 0.1))  # the connection is writable again
+
+
+# -- run_summary --------------------------------------------------------------------------------
+
+def expected_summary(rows: list[EpochRecord], n_params: int, intrinsic_dim: int | None) -> dict:
+    """Straight from FACTS.md, independent of the view's SQL."""
+    scored = [r for r in rows if r.test_acc is not None]
+    best = max(r.test_acc for r in scored)
+    at_best = min((r for r in scored if r.test_acc == best), key=lambda r: r.epoch)
+    gaps = [r.train_acc - r.test_acc for r in rows if r.train_acc is not None and r.test_acc is not None]
+    eff = None
+    if intrinsic_dim is not None and n_params > intrinsic_dim:
+        eff = best / (at_best.epoch + 1) / math.log(1 + n_params - intrinsic_dim)
+    return {"best_test_acc": best, "best_epoch": at_best.epoch, "train_acc_at_best": at_best.train_acc,
+            "gap_at_best": at_best.train_acc - at_best.test_acc, "mean_gap": sum(gaps) / len(gaps),
+            "max_gap": max(gaps), "epochs_run": max(r.epoch for r in rows), "efficiency": eff}
+
+
+def test_run_summary_matches_an_independent_calculation(store):
+    rng = random.Random(7)
+    specs = [(5000, 750), (254_080, 9000), (700, 750), (5000, None), (2000, 0)]
+    hand_built = [  # ties at the maximum: best_epoch is the first of them
+        [record(0, 0.10, 0.10), record(1, 0.65, 0.60), record(2, 0.90, 0.80), record(3, 0.95, 0.80),
+         record(4, 0.99, 0.70)],
+        [record(0, 0.50, 0.90), record(1, 0.20, 0.30)],  # best before training: t = 0
+    ]
+    runs = hand_built + [[record(e, round(rng.random(), 2), round(rng.choice([0.5, 0.6, rng.random()]), 2))
+                          for e in range(rng.randint(2, 8))] for _ in specs[2:]]
+    for i, ((n_params, intrinsic_dim), _rows) in enumerate(zip(specs, runs)):
+        store.submit_grid("g", {}, [(RunConfig(dataset="mnist", seed=i), n_params, intrinsic_dim)])
+    store.submit_grid("g", {}, [(RunConfig(dataset="mnist", seed=99), 5000, 750)])  # no epochs
+    ids = store.run_ids(grid="g")
+    for run_id, rows in zip(ids, runs):
+        for r in rows:
+            store.write_epoch(run_id, r)
+    store.write_epoch(ids[0], record(5, None, None, diverged=True))  # no accs: ignored but counted
+    store.claim(ids[0], "w", 60)
+    store.finish(ids[0], "w", "diverged")
+
+    summary = {row["run_id"]: row for row in store.summary(grid="g")}
+    assert sorted(summary) == ids
+    for run_id, rows, (n_params, intrinsic_dim) in zip(ids, runs, specs):
+        want = expected_summary(rows, n_params, intrinsic_dim)
+        if run_id == ids[0]:
+            want["epochs_run"] = 5
+        got = summary[run_id]
+        for key, value in want.items():
+            if value is None:
+                assert got[key] is None, key
+            else:
+                assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), (run_id, key)
+        assert (got["n_params"], got["intrinsic_dim"], got["dataset"], got["hidden_widths"]) == (
+            n_params, intrinsic_dim, "mnist", "32")
+    assert summary[ids[0]]["best_epoch"] == 2 and summary[ids[1]]["best_epoch"] == 0
+    assert [summary[i]["diverged"] for i in ids[:2]] == [1, 0]
+    empty = summary[ids[-1]]
+    assert empty["best_test_acc"] is None and empty["epochs_run"] is None and empty["efficiency"] is None
+    assert empty["status"] == "pending" and store.summary(grid="other") == []
+
+
+# -- concurrency --------------------------------------------------------------------------------
+
+def drain(url: str, worker: str, start=None) -> list[int]:
+    """A worker's life: claim, beat, write an epoch, finish, until nothing is left."""
+    store = Store(url)
+    if start is not None:
+        start.wait()
+    claimed = []
+    try:
+        while (run := store.claim_next(worker, 60)) is not None:
+            claimed.append(run.id)
+            assert store.heartbeat(run.id, worker, 60)
+            store.write_epoch(run.id, record(0, 0.5, 0.5), worker=worker)
+            assert store.finish(run.id, worker, "completed")
+    finally:
+        store.dispose(close=True)
+    return claimed
+
+
+def _drain_process(url: str, worker: str, start, results) -> None:
+    try:
+        results.put((worker, drain(url, worker, start)))
+    except BaseException as exc:  # reported to the parent, which fails the test
+        results.put((worker, f"{type(exc).__name__}: {exc}"))
+
+
+def assert_each_claimed_once(store: Store, claims: dict[str, list[int]]) -> None:
+    errors = {w: c for w, c in claims.items() if isinstance(c, str)}
+    assert errors == {}
+    every = [run_id for ids in claims.values() for run_id in ids]
+    assert sorted(every) == store.run_ids() and len(set(every)) == 40
+    assert store.status_counts()["completed"] == 40
+    assert all(store.run(i).attempts == 1 for i in every)
+
+
+@pytest.mark.services
+def test_eight_threads_on_postgres_claim_every_run_once(postgres_store):
+    postgres_store.submit_grid("g", {}, cells(40))
+    start = threading.Barrier(8)
+    with ThreadPoolExecutor(8) as pool:
+        futures = {f"t{i}": pool.submit(drain, postgres_store.url_string, f"t{i}", start) for i in range(8)}
+        claims = {w: f.result(timeout=60) for w, f in futures.items()}
+    assert_each_claimed_once(postgres_store, claims)
+
+
+def test_processes_on_one_sqlite_file_claim_every_run_once(sqlite_store):
+    sqlite_store.submit_grid("g", {}, cells(40))
+    sqlite_store.dispose(close=True)  # no open SQLite connection may cross a fork
+    # fork: children start in milliseconds (spawn would re-import torch via kanfarm.training)
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    start, results = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_drain_process, args=(sqlite_store.url_string, f"p{i}", start, results))
+             for i in range(3)]
+    for p in procs:
+        p.start()
+    claims = dict(results.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=10)
+    assert_each_claimed_once(sqlite_store, claims)
