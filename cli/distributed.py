@@ -1,0 +1,193 @@
+"""Distributed commands: ``worker``, ``enqueue grid``, ``requeue``, ``cancel``.
+
+The database decides what runs; the broker only carries "try run N" messages. So every command
+here first changes run states in the database and then publishes run ids, and publishing the same
+id twice is always safe (the second claim is a no-op). Wired into the main app by
+``register(app)`` at the end of ``cli/main.py``.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable, Optional
+
+import typer
+
+from cli.output import console, err_console, fail, to_json
+
+enqueue_app = typer.Typer(no_args_is_help=True, help="Put runs on the Redis queue for Celery workers.")
+
+QueueOpt = typer.Option("cpu", "--queue", help="Broker queue: gpu or cpu.")
+JsonOpt = typer.Option(False, "--json", help="Machine-readable JSON on stdout.")
+#: statuses ``enqueue`` moves to queued: waiting ones and cancelled ones (not finished: failed is)
+_ENQUEUE_FROM = ("pending", "cancelled")
+
+
+def _handled(func: Callable) -> Callable:
+    """cli.main's error handling, looked up at call time (cli.main imports this module)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from cli.main import handles_errors
+
+        return handles_errors(func)(*args, **kwargs)
+
+    return wrapper
+
+
+def _open_store():
+    from cli.main import open_store
+
+    return open_store()
+
+
+def _check_grid(store, grid: str | None) -> None:
+    from cli.main import _grid_exists
+
+    _grid_exists(store, grid)
+
+
+def _check_queue(queue: str) -> None:
+    from workers.celery_app import QUEUES
+
+    if queue not in QUEUES:
+        fail(f"--queue: {queue!r} is not one of {', '.join(QUEUES)}")
+
+
+def _publish(run_ids: list[int], queue: str) -> int:
+    """Publish, or exit 1 with a message (no URL, no credentials) when the broker is down."""
+    from kombu.exceptions import OperationalError
+
+    from workers.tasks import publish
+
+    if not run_ids:
+        return 0
+    try:
+        return publish(run_ids, queue)
+    except OperationalError as exc:
+        fail(f"broker unreachable ({type(exc).__name__}); the runs stay queued in the database: "
+             "run `kanfarm requeue` once Redis is back", code=1)
+
+
+def _report(info: dict[str, Any], as_json: bool, lines: list[str]) -> None:
+    if as_json:
+        sys.stdout.write(to_json(info) + "\n")
+    else:
+        for line in lines:
+            console.print(line, highlight=False)
+
+
+def _max_attempts(value: Optional[int]) -> int:
+    from workers.tasks import max_attempts
+
+    return value if value is not None else max_attempts()
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+@enqueue_app.command("grid")
+@_handled
+def enqueue_grid(spec: str = typer.Argument(..., help="A TOML spec file or a preset name."),
+                 queue: str = QueueOpt,
+                 dry_run: bool = typer.Option(False, "--dry-run", help="Say what would happen; write nothing."),
+                 as_json: bool = JsonOpt) -> None:
+    """Write a grid's runs (idempotent), mark the unfinished ones queued, publish one message each."""
+    from kanfarm.grids import load_spec
+    from kanfarm.submission import sized_cells, submit
+
+    _check_queue(queue)
+    grid = load_spec(spec)
+    store = _open_store()
+    if dry_run:
+        hashes = {config.normalised().config_hash() for config, _, _ in sized_cells(grid)}
+        known = {row["config_hash"]: row["status"]
+                 for row in store.query("SELECT config_hash, status FROM runs")}
+        stored = hashes & known.keys()
+        waiting = sum(known[h] in ("queued",) + _ENQUEUE_FROM for h in stored)
+        info = {"grid": grid.name, "queue": queue, "dry_run": True, "added": len(hashes) - len(stored),
+                "skipped": len(stored), "published": len(hashes) - len(stored) + waiting}
+    else:
+        result = submit(store, grid)
+        store.mark_queued(store.run_ids(grid.name, statuses=_ENQUEUE_FROM))
+        queued = store.run_ids(grid.name, statuses=["queued"])
+        info = {"grid": grid.name, "queue": queue, "dry_run": False, "added": result.added,
+                "skipped": result.existing, "published": _publish(queued, queue)}
+    verb = "would be " if dry_run else ""
+    _report(info, as_json, [
+        f"grid [bold]{grid.name}[/]: {info['added']} runs {verb}added, {info['skipped']} already stored "
+        f"(finished or running ones are skipped), {info['published']} {verb}published to queue {queue}"])
+
+
+def requeue(grid: Optional[str] = typer.Option(None, "--grid", help="Only runs of this grid (default: all)."),
+            stale: bool = typer.Option(False, "--stale", help="Also runs whose lease expired (dead worker)."),
+            failed: bool = typer.Option(False, "--failed", help="Also failed runs with attempts left."),
+            queue: str = QueueOpt,
+            max_attempts: Optional[int] = typer.Option(
+                None, "--max-attempts", min=1, help="Attempts bound for --failed (default $KANFARM_MAX_ATTEMPTS or 3)."),
+            as_json: bool = JsonOpt) -> None:
+    """Re-publish every queued run (after a Redis restart or flush), and stale/failed ones if asked.
+
+    All queued runs are published, not only those missing from Redis: a duplicate message is a
+    no-op claim, while reading the broker's internals to find the missing ones would be fragile.
+    """
+    _check_queue(queue)
+    store = _open_store()
+    _check_grid(store, grid)
+    queued = store.run_ids(grid, statuses=["queued"])
+    stale_ids = store.stale_runs(grid) if stale else []
+    retried: list[int] = []
+    exhausted: list[int] = []
+    if failed:
+        bound = _max_attempts(max_attempts)
+        ids = set(store.run_ids(grid, statuses=["failed"]))
+        for row in store.query("SELECT id, attempts FROM runs WHERE status = 'failed' ORDER BY id"):
+            if row["id"] in ids:
+                (retried if row["attempts"] < bound else exhausted).append(row["id"])
+        store.mark_queued(retried)
+    run_ids = sorted(set(queued) | set(stale_ids) | set(retried))
+    info = {"grid": grid, "queue": queue, "queued": len(queued), "stale": len(stale_ids),
+            "failed_retried": len(retried), "failed_exhausted": len(exhausted),
+            "published": _publish(run_ids, queue)}
+    lines = [f"{info['published']} runs published to queue {queue}: {len(queued)} queued, "
+             f"{len(stale_ids)} stale" + (f", {len(retried)} failed retried" if failed else "")]
+    if exhausted:
+        lines.append(f"{len(exhausted)} failed runs used all their attempts and stay failed")
+    _report(info, as_json, lines)
+
+
+def cancel(grid: str = typer.Option(..., "--grid", help="The grid to cancel.")) -> None:
+    """Queued runs become cancelled; running ones stop at their next epoch boundary."""
+    store = _open_store()
+    _check_grid(store, grid)
+    waiting, running = store.cancel(grid)
+    console.print(f"grid [bold]{grid}[/]: {waiting} waiting runs cancelled, {running} running runs "
+                  "will stop at their next epoch", highlight=False)
+
+
+def worker(gpus: Optional[str] = typer.Option(None, "--gpus", help="GPU ids, e.g. 0,1: one worker process per GPU."),
+           queues: Optional[str] = typer.Option(None, "--queues", help="Queues to consume (default gpu with --gpus, else cpu)."),
+           concurrency: int = typer.Option(1, "--concurrency", min=1, help="Worker processes per GPU (or CPU workers)."),
+           loglevel: str = typer.Option("INFO", "--loglevel", help="Celery log level.")) -> None:
+    """Start Celery workers on this machine and wait; SIGTERM/Ctrl-C checkpoints and releases runs."""
+    from workers.launcher import launch, parse_gpus, parse_queues, plan
+
+    try:
+        gpu_ids = parse_gpus(gpus)
+        specs = plan(gpu_ids, parse_queues(queues, "gpu" if gpu_ids else "cpu"), concurrency)
+    except ValueError as exc:
+        fail(str(exc))
+    store = _open_store()  # refuse to start against a database that was not migrated
+    store.dispose(close=True)
+    for spec in specs:
+        err_console.print(f"starting worker {spec.name} on {','.join(spec.queues)} "
+                          f"(device {spec.env.get('KANFARM_DEVICE')}, CUDA_VISIBLE_DEVICES={spec.env['CUDA_VISIBLE_DEVICES']!r})",
+                          highlight=False)
+    raise typer.Exit(launch(specs, loglevel))
+
+
+def register(app: typer.Typer) -> None:
+    """Add the distributed commands to the ``kanfarm`` app."""
+    app.add_typer(enqueue_app, name="enqueue")
+    app.command("requeue")(_handled(requeue))
+    app.command("cancel")(_handled(cancel))
+    app.command("worker")(_handled(worker))

@@ -1,0 +1,99 @@
+"""``kanfarm worker``: one Celery worker process per GPU (or per CPU slot), each pinned by its env.
+
+Separate processes rather than a prefork pool: each one sees exactly one GPU through
+``CUDA_VISIBLE_DEVICES`` and initialises CUDA itself, so no CUDA context ever crosses a fork; a
+crash takes down one run, not the node. The launcher forwards SIGTERM/SIGINT to its children
+(each then checkpoints and releases its run: a warm shutdown) and exits when they all have.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+from workers.celery_app import QUEUES
+
+
+@dataclass
+class WorkerSpec:
+    """One ``celery worker`` process: its node name, queues and environment overrides."""
+
+    name: str
+    queues: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+
+    def argv(self, loglevel: str = "INFO") -> list[str]:
+        return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
+                "--pool", "solo", "--concurrency", "1", "--prefetch-multiplier", "1",
+                "-Q", ",".join(self.queues), "-n", self.name, "--loglevel", loglevel,
+                "--without-gossip", "--without-mingle", "-E"]
+
+
+def parse_gpus(text: str | None) -> list[str]:
+    """``"0,1"`` -> ``["0", "1"]``; ids (or UUIDs) as CUDA_VISIBLE_DEVICES takes them."""
+    if text is None or not text.strip():
+        return []
+    gpus = [g.strip() for g in text.split(",")]
+    if any(not g for g in gpus) or len(set(gpus)) != len(gpus):
+        raise ValueError(f"--gpus {text!r}: give distinct GPU ids separated by commas, e.g. 0,1")
+    return gpus
+
+
+def parse_queues(text: str | None, default: str) -> tuple[str, ...]:
+    queues = tuple(q.strip() for q in (text or default).split(",") if q.strip())
+    unknown = [q for q in queues if q not in QUEUES]
+    if not queues or unknown:
+        raise ValueError(f"--queues {text!r}: choose from {', '.join(QUEUES)}")
+    return queues
+
+
+def plan(gpus: list[str], queues: tuple[str, ...] | None = None, concurrency: int = 1,
+         host: str | None = None) -> list[WorkerSpec]:
+    """The worker processes to start: ``concurrency`` per GPU, or ``concurrency`` CPU workers."""
+    if concurrency < 1:
+        raise ValueError("--concurrency must be at least 1")
+    host = host or socket.gethostname()
+    specs = []
+    if gpus:
+        for gpu in gpus:
+            for slot in range(concurrency):
+                specs.append(WorkerSpec(
+                    f"gpu{gpu}-{slot}@{host}", queues or ("gpu",),
+                    {"CUDA_VISIBLE_DEVICES": gpu, "KANFARM_DEVICE": "cuda"}))
+    else:
+        threads = str(max(1, (os.cpu_count() or 1) // concurrency))
+        for slot in range(concurrency):
+            # hide GPUs so a CPU worker never opens a CUDA context; split the cores between slots
+            specs.append(WorkerSpec(
+                f"cpu-{slot}@{host}", queues or ("cpu",),
+                {"CUDA_VISIBLE_DEVICES": "", "KANFARM_DEVICE": "cpu",
+                 "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}))
+    return specs
+
+
+def launch(specs: list[WorkerSpec], loglevel: str = "INFO") -> int:
+    """Start every worker, forward SIGTERM/SIGINT to them, wait; the worst exit code wins."""
+    procs: list[subprocess.Popen] = []
+
+    def forward(signum, _frame) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for spec in specs:
+            # own process group: a terminal's Ctrl-C reaches only the launcher, which forwards it once
+            procs.append(subprocess.Popen(spec.argv(loglevel), env={**os.environ, **spec.env},
+                                          start_new_session=True))
+        codes = [proc.wait() for proc in procs]
+    except BaseException:
+        forward(signal.SIGTERM, None)  # never leave half a node running
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return max((abs(c) for c in codes), default=0)

@@ -1,0 +1,127 @@
+"""The one Celery task: "try run N", delegated to :func:`kanfarm.runner.execute_run`.
+
+Everything that makes a run crash-safe lives in the runner and the store (atomic claim, lease
+heartbeat, checkpoint resume, idempotent epoch rows). This module only adds what a Celery worker
+needs around it: settings from the environment, one Store per process, turning Celery's warm
+shutdown into the runner's ``shutdown`` event, and re-publishing a run it released so the
+release never strands it in ``queued`` without a message.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Iterable
+
+from celery import signals
+from celery.utils.log import get_task_logger
+
+from workers.celery_app import DEFAULT_QUEUE, QUEUES, TASK_NAME, app
+
+log = get_task_logger(__name__)
+
+DEVICE_ENV = "KANFARM_DEVICE"
+LEASE_ENV = "KANFARM_LEASE_SECONDS"
+ATTEMPTS_ENV = "KANFARM_MAX_ATTEMPTS"
+DEFAULT_MAX_ATTEMPTS = 3
+
+#: set from Celery's warm shutdown; the running run checkpoints at its next epoch and is released.
+SHUTDOWN = threading.Event()
+_store = None
+_store_lock = threading.Lock()
+
+
+def _positive(env: str, default: float, kind=float):
+    raw = os.environ.get(env, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ValueError(f"{env}={raw!r} is not a number") from None
+    if value <= 0:
+        raise ValueError(f"{env} must be positive, got {raw!r}")
+    return value
+
+
+def lease_seconds() -> float:
+    from kanfarm.runner import DEFAULT_LEASE_S
+
+    return _positive(LEASE_ENV, DEFAULT_LEASE_S)
+
+
+def max_attempts() -> int:
+    return _positive(ATTEMPTS_ENV, DEFAULT_MAX_ATTEMPTS, int)
+
+
+def device() -> str:
+    """``cuda`` when the launcher pinned this process to one GPU, else ``cpu``."""
+    value = os.environ.get(DEVICE_ENV, "cpu").strip() or "cpu"
+    if value not in ("cpu", "cuda") and not value.startswith("cuda:"):
+        raise ValueError(f"{DEVICE_ENV}={value!r} is not cpu or cuda")
+    return value
+
+
+def store():
+    """This process's Store (from ``KANFARM_DATABASE_URL``), created on first use."""
+    global _store
+    with _store_lock:
+        if _store is None:
+            from kanfarm.store import Store
+
+            _store = Store()
+        return _store
+
+
+@signals.worker_process_init.connect
+def _forked_child(**_kwargs) -> None:
+    """prefork pool: never reuse the parent's pooled database connections in a child."""
+    global _store
+    if _store is not None:
+        _store.dispose()
+    _store = None
+
+
+@signals.worker_shutting_down.connect
+def _warm_shutdown(**_kwargs) -> None:
+    SHUTDOWN.set()
+
+
+def publish(run_ids: Iterable[int], queue: str = DEFAULT_QUEUE, celery_app=None) -> int:
+    """One message per run id on ``queue``, over one broker connection. Returns the count."""
+    if queue not in QUEUES:
+        raise ValueError(f"queue {queue!r} is not one of {', '.join(QUEUES)}")
+    celery_app = celery_app or app
+    count = 0
+    with celery_app.producer_or_acquire() as producer:
+        for run_id in run_ids:
+            celery_app.send_task(TASK_NAME, args=[int(run_id)], queue=queue, routing_key=queue,
+                                 producer=producer, ignore_result=True)
+            count += 1
+    return count
+
+
+@app.task(name=TASK_NAME, bind=True, ignore_result=True, acks_late=True, max_retries=5)
+def execute_run_task(self, run_id: int) -> str:
+    """Claim and train run ``run_id``; a failed claim (taken, finished, cancelled) is a no-op."""
+    from sqlalchemy.exc import OperationalError
+
+    from kanfarm.runner import execute_run, worker_name
+
+    if isinstance(run_id, bool) or not isinstance(run_id, int):
+        log.error("ignoring message with run id %r: not an integer", run_id)
+        return "bad-message"
+    if SHUTDOWN.is_set():  # delivered while stopping: leave it to the next worker
+        self.retry(countdown=0, max_retries=None)
+    try:
+        outcome = execute_run(store(), run_id, worker_name(":celery"), device=device(),
+                              lease_s=lease_seconds(), shutdown=SHUTDOWN, max_attempts=max_attempts())
+    except OperationalError as exc:  # database unreachable: the run is untouched, try later
+        log.warning("run %s: database unavailable (%s); retrying", run_id, type(exc).__name__)
+        raise self.retry(countdown=min(30 * 2 ** self.request.retries, 600), exc=exc)
+    if outcome.status == "released":
+        queue = (self.request.delivery_info or {}).get("routing_key") or DEFAULT_QUEUE
+        publish([run_id], queue if queue in QUEUES else DEFAULT_QUEUE, self.app)
+        log.info("run %s released at epoch %s and re-published to %s", run_id, outcome.epochs_run, queue)
+    else:
+        log.info("run %s: %s after %s epochs", run_id, outcome.status, outcome.epochs_run)
+    return outcome.status
