@@ -294,6 +294,9 @@ def export(grid: Optional[str] = GridOpt,
         err_console.print(f"wrote {len(rows)} rows to {out}")
 
 
+from cli.distributed import register; register(app)  # noqa: E402
+
+
 def main() -> None:  # pragma: no cover - console script entry
     app()
 
