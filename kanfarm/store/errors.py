@@ -7,8 +7,8 @@ class SchemaOutOfDate(RuntimeError):
 
     def __init__(self, url: str, current: str | None, head: str):
         super().__init__(
-            f"database {url} is at schema revision {current or '(none: empty database)'}, "
-            f"this kanfarm needs {head}; run `kanfarm db upgrade`")
+            f"run `kanfarm db upgrade`: the database schema is at revision "
+            f"{current or 'none (empty database)'}, this kanfarm needs {head} (database: {url})")
         self.current = current
         self.head = head
 
