@@ -1,0 +1,149 @@
+"""The embedded default end to end through the CLI: SQLite, local workers, digits."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+
+TINY = """
+name = "tiny"
+datasets = ["digits"]
+models = ["mlp", "kan"]
+depths = ["shallow"]
+inits = ["kaiming_normal"]
+optimizers = ["adam", "sgd"]
+learning_rates = [0.01]
+seeds = [0]
+batch_size = 128
+epochs = 2
+"""
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KANFARM_DATABASE_URL", f"sqlite:///{tmp_path / 'k.db'}")
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    (tmp_path / "tiny.toml").write_text(TINY)
+    return tmp_path
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(app, list(args))
+    return result
+
+
+def rows(db: Path, sql: str, params=()):
+    con = sqlite3.connect(db)
+    con.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in con.execute(sql, params)]
+    finally:
+        con.close()
+
+
+def test_commands_refuse_an_unmigrated_database(env):
+    result = invoke("status")
+    assert result.exit_code == 2
+    assert "kanfarm db upgrade" in result.output
+
+
+def test_invalid_spec_exits_2_names_the_field_and_writes_nothing(env):
+    assert invoke("db", "upgrade").exit_code == 0
+    (env / "bad.toml").write_text(TINY.replace('"adam", "sgd"', '"adam", "adamw"'))
+    result = invoke("run", "grid", "bad.toml")
+    assert result.exit_code == 2
+    assert "optimizers[1]" in result.output and "adamw" in result.output
+    assert rows(env / "k.db", "SELECT COUNT(*) AS n FROM runs")[0]["n"] == 0
+    assert rows(env / "k.db", "SELECT COUNT(*) AS n FROM grids")[0]["n"] == 0
+    assert invoke("grid", "show", "no-such-preset").exit_code == 2
+    assert invoke("report", "summary", "--grid", "nope").exit_code == 2
+    assert invoke("export", "--format", "xml").exit_code == 2
+
+
+def test_grid_show_json(env):
+    result = invoke("grid", "show", "paper-mnist", "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["cells"] == 243
+    assert info["n_params"]["max"] > info["n_params"]["min"] > 0
+
+
+def test_run_grid_then_reports_match_an_independent_calculation(env):
+    assert invoke("db", "upgrade").exit_code == 0
+    result = invoke("run", "grid", "tiny.toml")
+    assert result.exit_code == 0, result.output
+    db = env / "k.db"
+    runs = rows(db, "SELECT * FROM runs ORDER BY id")
+    assert len(runs) == 4 and {r["status"] for r in runs} == {"completed"}
+    epochs = rows(db, "SELECT * FROM epoch_metrics ORDER BY run_id, epoch")
+    assert len(epochs) == 4 * 3
+
+    # Resubmitting adds nothing; the runs are not executed again.
+    again = invoke("run", "grid", "tiny.toml")
+    assert again.exit_code == 0 and "0 runs added, 4 already stored" in again.output
+    assert rows(db, "SELECT COUNT(*) AS n FROM epoch_metrics")[0]["n"] == 12
+    assert rows(db, "SELECT MAX(attempts) AS n FROM runs")[0]["n"] == 1
+
+    summary = json.loads(invoke("report", "summary", "--grid", "tiny", "--json").output)
+    eff = {r["run_id"]: r for r in json.loads(invoke("report", "efficiency", "--json",
+                                                     "--intrinsic-dim", "digits=100").output)}
+    gap = {r["run_id"]: r for r in json.loads(invoke("report", "gap", "--json").output)}
+    for s in summary:
+        curve = [e for e in epochs if e["run_id"] == s["run_id"]]
+        best = max(e["test_acc"] for e in curve)
+        first = min(e["epoch"] for e in curve if e["test_acc"] == best)
+        at_best = next(e for e in curve if e["epoch"] == first)
+        assert s["best_test_acc"] == pytest.approx(best)
+        assert s["best_epoch"] == first
+        assert s["gap_at_best"] == pytest.approx(at_best["train_acc"] - best)
+        assert gap[s["run_id"]]["mean_gap"] == pytest.approx(
+            sum(e["train_acc"] - e["test_acc"] for e in curve) / len(curve))
+        n_params = next(r["n_params"] for r in runs if r["id"] == s["run_id"])
+        assert eff[s["run_id"]]["efficiency"] == pytest.approx(best / (first + 1) / math.log(1 + n_params - 100))
+        assert s["efficiency"] is None  # digits has no known intrinsic dimension
+
+    sens = json.loads(invoke("report", "sensitivity", "--json").output)
+    assert [(r["model"], r["count"]) for r in sens] == [("kan", 2), ("mlp", 2)]
+    for r in sens:
+        accs = sorted(s["best_test_acc"] for s in summary if s["model"] == r["model"])
+        assert r["min"] == pytest.approx(accs[0]) and r["max"] == pytest.approx(accs[-1])
+        assert r["mean"] == pytest.approx(sum(accs) / 2) and r["divergence_rate"] == 0
+
+    csv_text = invoke("report", "summary", "--csv").output
+    assert csv_text.splitlines()[0].startswith("run_id,") and len(csv_text.splitlines()) == 5
+
+    status = json.loads(invoke("status", "--grid", "tiny", "--json").output)
+    assert status["counts"] == {"completed": 4} and status["progress"] == 1.0 and status["eta_seconds"] == 0
+
+    assert invoke("export", "--format", "json", "--out", "long.json").exit_code == 0
+    long = json.loads((env / "long.json").read_text())
+    assert len(long) == 12 and {"config_hash", "epoch", "test_acc", "model"} <= set(long[0])
+
+
+def test_two_local_worker_processes_share_one_sqlite_file(env):
+    """As a subprocess, the way a researcher runs it; no 'database is locked'."""
+    spec = TINY.replace('learning_rates = [0.01]', 'learning_rates = [0.01, 0.003, 0.001]')
+    (env / "tiny.toml").write_text(spec)
+    cmd = [sys.executable, "-m", "cli.main"]
+    environ = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    subprocess.run(cmd + ["db", "upgrade"], check=True, env=environ, capture_output=True)
+    done = subprocess.run(cmd + ["run", "grid", "tiny.toml", "--workers", "2"], env=environ,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "locked" not in done.stderr
+    db = env / "k.db"
+    runs = rows(db, "SELECT status, worker, attempts FROM runs")
+    assert len(runs) == 12 and {r["status"] for r in runs} == {"completed"}
+    assert {r["attempts"] for r in runs} == {1}
+    dup = rows(db, "SELECT run_id, epoch, COUNT(*) AS n FROM epoch_metrics GROUP BY run_id, epoch HAVING n > 1")
+    assert dup == []
