@@ -1,0 +1,77 @@
+"""Plain-row helpers shared by the figures and the HTML page: labels, orderings, the picks of the
+learning-curve figure, and the note on what is still missing. No matplotlib here."""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Iterable
+
+from kanfarm.reports.tables import FINISHED, MODEL_ORDER
+
+Row = dict[str, Any]
+_DEPTH_ORDER = {"shallow": 0, "medium": 1, "deep": 2}
+
+
+def finished(rows: Iterable[Row]) -> list[Row]:
+    return [r for r in rows if r.get("status") in FINISHED]
+
+
+def with_value(rows: Iterable[Row], column: str) -> list[Row]:
+    """Finished runs that have ``column`` (a run that diverged at once has no best accuracy)."""
+    return [r for r in finished(rows) if r.get(column) is not None]
+
+
+def arch_label(row: Row) -> str:
+    """The depth preset's name, else the hidden widths: the same network reads the same everywhere."""
+    return row.get("depth") or f"[{row.get('hidden_widths') or ''}]"
+
+
+def arch_key(label: str) -> tuple:
+    if label in _DEPTH_ORDER:
+        return (0, _DEPTH_ORDER[label], ())
+    widths = tuple(int(w) for w in label.strip("[]").split(",") if w.strip().isdigit())
+    return (1, len(widths), widths)
+
+
+def model_key(model: str) -> tuple:
+    return (MODEL_ORDER.get(model, 9), model)
+
+
+def several(rows: Iterable[Row], column: str) -> bool:
+    return len({r.get(column) for r in rows}) > 1
+
+
+def series_label(row: Row, show_trainer: bool) -> str:
+    """Model name, plus the trainer when a grid mixes trainers (their bars must not be merged)."""
+    return f"{row['model']} ({row['trainer']})" if show_trainer else row["model"]
+
+
+def group(rows: Iterable[Row], key: Callable[[Row], Any]) -> dict[Any, list[Row]]:
+    out: dict[Any, list[Row]] = defaultdict(list)
+    for r in rows:
+        out[key(r)].append(r)
+    return dict(out)
+
+
+def extremes(rows: Iterable[Row]) -> dict[tuple[str, str], tuple[Row, Row]]:
+    """(dataset, model) -> (best run, worst run) by best test accuracy; ties go to the lower id."""
+    picks = {}
+    for key, runs in group(with_value(rows, "best_test_acc"), lambda r: (r["dataset"], r["model"])).items():
+        best = max(runs, key=lambda r: (r["best_test_acc"], -r["run_id"]))
+        worst = min(runs, key=lambda r: (r["best_test_acc"], r["run_id"]))
+        picks[key] = (best, worst)
+    return picks
+
+
+def missing_note(counts: dict[str, int], grid: str | None = None) -> str | None:
+    """What a report cannot show yet, from the runs per status; None once every run has finished."""
+    total = sum(counts.values())
+    where = f"grid {grid!r}" if grid else "the database"
+    if total == 0:
+        return f"no runs in {where} yet: submit a grid first"
+    done = sum(counts.get(s, 0) for s in FINISHED)
+    rest = ", ".join(f"{n} {status}" for status, n in counts.items() if n and status not in FINISHED)
+    if done == 0:
+        return f"no finished runs yet: {rest}"
+    if rest:
+        return f"{done} of {total} runs finished; the figures and tables leave out {rest}"
+    return None

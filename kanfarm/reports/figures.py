@@ -1,0 +1,330 @@
+"""The study's figures from plain report rows.
+
+Each figure function takes rows (``run_summary`` / report-table dicts) and returns a
+``matplotlib.figure.Figure``, or raises :class:`NoData` saying what it lacks. Figures are built on
+the Agg canvas directly, without pyplot: no global figure registry to leak or close, no display
+needed, and a caller's own backend (say, a notebook's) is left alone.
+"""
+from __future__ import annotations
+
+import io
+import os
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator, NullFormatter
+
+from kanfarm.reports import _plotdata as pd
+from kanfarm.reports.tables import efficiency_table
+
+Row = dict[str, Any]
+MODEL_COLOURS = {"kan": "C0", "mlp_wide": "C1", "mlp": "C2"}
+MODEL_MARKERS = {"kan": "o", "mlp_wide": "^", "mlp": "s"}
+TRAINER_COLOURS = {"backprop": "C0", "hsic": "C3"}
+PANEL_SIZE = (4.8, 3.6)
+
+
+class NoData(ValueError):
+    """A figure has nothing to show; the message says what is missing."""
+
+
+def _figure(nrows: int = 1, ncols: int = 1, width: float | None = None) -> tuple[Figure, list[list[Any]]]:
+    fig = Figure(figsize=(width or PANEL_SIZE[0] * ncols, PANEL_SIZE[1] * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, squeeze=False).tolist()
+
+
+def _colour(label: str) -> str:
+    """By model (or by trainer on the backprop vs HSIC figure); anything else grey."""
+    return MODEL_COLOURS.get(label.split(" (")[0]) or TRAINER_COLOURS.get(label) or "grey"
+
+
+def _hatch(label: str) -> str | None:
+    """HSIC-trained series of a model are hatched, so both trainers of a model share its colour."""
+    return "//" if label.endswith("(hsic)") else None
+
+
+def _grouped_bars(rows: list[Row], value: str, height: Callable[[list[float]], float],
+                  group_of: Callable[[Row], str], series_of: Callable[[Row], str],
+                  ylabel: str, title: str) -> Figure:
+    """One panel per dataset; per group one bar per series, whiskers from min to max over the runs
+    (the training schemes) behind the bar."""
+    datasets = sorted({r["dataset"] for r in rows})
+    groups = sorted({group_of(r) for r in rows}, key=_group_key)
+    names = sorted({series_of(r) for r in rows}, key=_series_key)
+    fig, axes = _figure(len(datasets), 1, width=max(6.4, 1.5 + 0.45 * len(groups) * len(names)))
+    for (ax,), dataset in zip(axes, datasets):
+        cells = pd.group([r for r in rows if r["dataset"] == dataset], lambda r: (group_of(r), series_of(r)))
+        here = [g for g in groups if any((g, s) in cells for s in names)]
+        width = 0.8 / max(sum((g, s) in cells for s in names) for g in here)
+        labelled = set()
+        for i, g in enumerate(here):
+            present = [s for s in names if (g, s) in cells]
+            for j, name in enumerate(present):
+                values = [r[value] for r in cells[(g, name)]]
+                h = height(values)
+                x = i + (j - (len(present) - 1) / 2) * width
+                ax.bar(x, h, width, color=_colour(name), hatch=_hatch(name),
+                       label=None if name in labelled else name)
+                ax.errorbar(x, h, yerr=[[h - min(values)], [max(values) - h]], fmt="none", ecolor="black",
+                            capsize=3, linewidth=1)
+                labelled.add(name)
+        ax.set_xticks(range(len(here)), here)
+        ax.set_title(dataset)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
+    fig.suptitle(title)
+    return fig
+
+
+def _log_x(ax) -> None:
+    """Log x axis with labels at the decades only (minor labels overlap on narrow ranges)."""
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _group_key(label: str) -> tuple:
+    model, _, arch = label.rpartition("\n")
+    return (pd.arch_key(arch), pd.model_key(model))
+
+
+def _series_key(label: str) -> tuple:
+    model, _, trainer = label.partition(" (")
+    return (pd.model_key(model), trainer)
+
+
+def accuracy_bars(rows: Iterable[Row]) -> Figure:
+    """Best test accuracy per model x depth (bar: the best scheme; whiskers: min-max over schemes)."""
+    rows = pd.with_value(rows, "best_test_acc")
+    if not rows:
+        raise NoData("no finished run has a test accuracy")
+    trainers = pd.several(rows, "trainer")
+    return _grouped_bars(rows, "best_test_acc", max, pd.arch_label, lambda r: pd.series_label(r, trainers),
+                         "best test accuracy", "Best test accuracy per model and depth (whiskers: min-max over schemes)")
+
+
+def gap_bars(rows: Iterable[Row]) -> Figure:
+    """Generalisation gap (train - test accuracy at the best epoch) per model x depth, median over
+    schemes with min-max whiskers."""
+    rows = pd.with_value(rows, "gap_at_best")
+    if not rows:
+        raise NoData("no finished run has a generalisation gap (train and test accuracy at its best epoch)")
+    trainers = pd.several(rows, "trainer")
+    return _grouped_bars(rows, "gap_at_best", statistics.median, pd.arch_label,
+                         lambda r: pd.series_label(r, trainers), "train - test accuracy at best epoch",
+                         "Generalisation gap per model and depth (bar: median, whiskers: min-max over schemes)")
+
+
+def trainer_bars(rows: Iterable[Row]) -> Figure:
+    """Backprop next to HSIC: best test accuracy per model x depth, one bar per trainer."""
+    rows = pd.with_value(rows, "best_test_acc")
+    found = sorted({r["trainer"] for r in rows})
+    if not {"backprop", "hsic"} <= set(found):
+        raise NoData(f"needs finished runs of both backprop and hsic (found: {', '.join(found) or 'none'})")
+    return _grouped_bars(rows, "best_test_acc", max, lambda r: f"{r['model']}\n{pd.arch_label(r)}",
+                         lambda r: r["trainer"], "best test accuracy",
+                         "Backprop vs HSIC: best test accuracy (whiskers: min-max over schemes)")
+
+
+def sensitivity_boxes(rows: Iterable[Row]) -> Figure:
+    """Best test accuracy over training schemes, one box per model x depth, one panel per dataset:
+    a tall box means the model's result depends on the scheme."""
+    rows = pd.with_value(rows, "best_test_acc")
+    if not rows:
+        raise NoData("no finished run has a test accuracy")
+    trainers = pd.several(rows, "trainer")
+    datasets = sorted({r["dataset"] for r in rows})
+    cells = pd.group(rows, lambda r: (r["dataset"], pd.arch_label(r), pd.series_label(r, trainers)))
+    most = max(sum(1 for c in cells if c[0] == d) for d in datasets)
+    fig, axes = _figure(len(datasets), 1, width=max(6.4, 1.5 + 0.75 * most))
+    for (ax,), dataset in zip(axes, datasets):
+        keys = sorted((c for c in cells if c[0] == dataset), key=lambda c: (pd.arch_key(c[1]), _series_key(c[2])))
+        parts = ax.boxplot([[r["best_test_acc"] for r in cells[k]] for k in keys], patch_artist=True)
+        for box, k in zip(parts["boxes"], keys):
+            box.set_facecolor(_colour(k[2]))
+            box.set_hatch(_hatch(k[2]))
+            box.set_alpha(0.7)
+        ax.set_xticks(range(1, len(keys) + 1), [f"{k[2]}\n{k[1]}".replace(" (", "\n(") for k in keys],
+                      fontsize="small")
+        ax.set_title(dataset)
+        ax.set_ylabel("best test accuracy")
+    fig.suptitle("Sensitivity to the training scheme (init x optimiser x learning rate)")
+    return fig
+
+
+def efficiency_scatter(rows: Iterable[Row]) -> Figure:
+    """Efficiency against parameter count, all datasets together: marker = model, colour = dataset."""
+    rows = [r for r in rows if r.get("efficiency") is not None and r.get("n_params")]
+    if not rows:
+        raise NoData("no run has a defined efficiency (needs a finished run, a known intrinsic dimension "
+                     "and more parameters than it)")
+    datasets = sorted({r["dataset"] for r in rows})
+    colours = {d: f"C{i % 10}" for i, d in enumerate(datasets)}
+    fig, axes = _figure(1, 1, width=6.4)
+    ax = axes[0][0]
+    models = sorted({r["model"] for r in rows}, key=pd.model_key)
+    for model in models:
+        mine = [r for r in rows if r["model"] == model]
+        ax.scatter([r["n_params"] for r in mine], [r["efficiency"] for r in mine],
+                   c=[colours[r["dataset"]] for r in mine], marker=MODEL_MARKERS.get(model, "D"),
+                   label=model, alpha=0.8, edgecolors="black", linewidths=0.5)
+    _log_x(ax)
+    ax.set_xlabel("parameters (log scale)")
+    ax.set_ylabel("efficiency: A / (t + 1) / ln(1 + N - ID)")
+    handles = [Line2D([], [], linestyle="", marker=MODEL_MARKERS.get(m, "D"), color="grey", label=m) for m in models]
+    handles += [Line2D([], [], linestyle="", marker="o", color=colours[d], label=d) for d in datasets]
+    ax.legend(handles=handles, fontsize="small")
+    ax.set_title("Efficiency against model size")
+    return fig
+
+
+def learning_curves(rows: Iterable[Row], epoch_rows: Iterable[Row]) -> Figure:
+    """Train and test accuracy per epoch of the best and the worst run of each model (per dataset):
+    one panel per dataset x model. ``epoch_rows`` may hold other runs too; they are ignored."""
+    picks = pd.extremes(rows)
+    if not picks:
+        raise NoData("no finished run has a test accuracy")
+    curves = pd.group((m for m in epoch_rows), lambda m: m["run_id"])
+    datasets = sorted({d for d, _ in picks})
+    models = sorted({m for _, m in picks}, key=pd.model_key)
+    fig, axes = _figure(len(datasets), len(models))
+    for row_axes, dataset in zip(axes, datasets):
+        for ax, model in zip(row_axes, models):
+            if (dataset, model) not in picks:
+                ax.set_axis_off()
+                ax.text(0.5, 0.5, f"no finished {model} runs", ha="center", va="center", transform=ax.transAxes)
+                continue
+            best, worst = picks[(dataset, model)]
+            runs = [("best", best, "C2")] + ([("worst", worst, "C3")] if worst is not best else [])
+            for tag, run, colour in runs:
+                points = sorted(curves.get(run["run_id"], []), key=lambda m: m["epoch"])
+                label = f"{tag}: #{run['run_id']} {run['optimizer']} lr={run['lr']:g} {run['init']}"
+                for column, style in (("train_acc", "--"), ("test_acc", "-")):
+                    xy = [(m["epoch"], m[column]) for m in points if m[column] is not None]
+                    ax.plot([p[0] for p in xy], [p[1] for p in xy], style, color=colour,
+                            label=label if column == "test_acc" else None)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_title(f"{dataset} / {model}", fontsize="medium")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("accuracy")
+            ax.legend(fontsize="x-small")
+    fig.suptitle("Learning curves of the best and worst run (dashed: train, solid: test)")
+    return fig
+
+
+def degree_rows(rows: Iterable[Row]) -> dict[str, list[Row]]:
+    """Per dataset, the KAN runs of a degree study: one hidden layer, more than one spline order
+    and more than one width."""
+    kans = [r for r in pd.with_value(rows, "best_test_acc")
+            if r["model"] == "kan" and r.get("hidden_widths") and "," not in r["hidden_widths"]]
+    out = {}
+    for dataset, runs in pd.group(kans, lambda r: r["dataset"]).items():
+        if pd.several(runs, "spline_order") and pd.several(runs, "hidden_widths"):
+            out[dataset] = runs
+    return out
+
+
+def degree_vs_width(rows: Iterable[Row]) -> Figure:
+    """KAN spline order against width: accuracy per order (one line per width), and the same points
+    against parameter count, to see whether a higher degree buys what a wider layer does."""
+    studies = degree_rows(rows)
+    if not studies:
+        raise NoData("no degree study: needs finished KAN runs with one hidden layer, more than one "
+                     "spline_order and more than one width")
+    fig, axes = _figure(len(studies), 2)
+    for (left, right), (dataset, runs) in zip(axes, sorted(studies.items())):
+        for i, (width, mine) in enumerate(sorted(pd.group(runs, lambda r: int(r["hidden_widths"])).items())):
+            best = {}
+            for r in mine:  # best scheme per order
+                if r["spline_order"] not in best or r["best_test_acc"] > best[r["spline_order"]]["best_test_acc"]:
+                    best[r["spline_order"]] = r
+            points = [best[k] for k in sorted(best)]
+            acc = [r["best_test_acc"] for r in points]
+            left.plot([r["spline_order"] for r in points], acc, "o-", color=f"C{i % 10}", label=f"width {width}")
+            right.plot([r["n_params"] for r in points], acc, "o-", color=f"C{i % 10}", label=f"width {width}")
+        left.set_xlabel("spline order (degree)")
+        right.set_xlabel("parameters (log scale)")
+        left.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _log_x(right)
+        for ax in (left, right):
+            ax.set_ylabel("best test accuracy")
+            ax.set_title(dataset)
+            ax.legend(fontsize="small")
+    fig.suptitle("KAN degree versus width (one hidden layer)")
+    return fig
+
+
+# -- from the store -----------------------------------------------------------------------------
+
+@dataclass
+class FigureSet:
+    """Built figures by name, the figures left out with the reason, and what the grid still lacks."""
+
+    figures: dict[str, Figure] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    note: str | None = None
+
+
+def build_figures(store, grid: str | None = None) -> FigureSet:
+    """Every figure the grid has data for; the others go to ``skipped`` with the reason."""
+    out = FigureSet(note=pd.missing_note(store.status_counts(grid), grid))
+    rows = store.summary(grid)
+    picks = pd.extremes(rows)
+    epochs = [m for best, worst in picks.values() for run in {best["run_id"], worst["run_id"]}
+              for m in store.epoch_metrics(run_id=run)]
+    makers: dict[str, Callable[[], Figure]] = {
+        "accuracy": lambda: accuracy_bars(rows),
+        "sensitivity": lambda: sensitivity_boxes(rows),
+        "efficiency": lambda: efficiency_scatter(efficiency_table(store, grid)),
+        "gap": lambda: gap_bars(rows),
+        "learning_curves": lambda: learning_curves(rows, epochs),
+        "trainers": lambda: trainer_bars(rows),
+        "degree": lambda: degree_vs_width(rows),
+    }
+    for name, make in makers.items():
+        try:
+            out.figures[name] = make()
+        except NoData as exc:
+            out.skipped[name] = str(exc)
+    return out
+
+
+def figure_bytes(fig: Figure, fmt: str, dpi: int = 100) -> bytes:
+    """The figure as PNG or SVG bytes; no creation date in SVGs, so equal data give equal files."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=fmt, dpi=dpi, metadata={"Date": None} if fmt == "svg" else None)
+    return buffer.getvalue()
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write next to the target, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_figures(figures: dict[str, Figure], out_dir: str | Path) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, fig in figures.items():
+        for fmt in ("png", "svg"):
+            path = out / f"{name}.{fmt}"
+            atomic_write(path, figure_bytes(fig, fmt))
+            paths.append(path)
+    return paths
+
+
+def write_figures(store, grid: str | None, out_dir: str | Path) -> list[Path]:
+    """Write ``name.png`` and ``name.svg`` per figure with data; prints the skipped ones and why."""
+    built = build_figures(store, grid)
+    if built.note:
+        print(built.note)
+    for name, reason in built.skipped.items():
+        print(f"skipped {name}: {reason}")
+    return save_figures(built.figures, out_dir)
