@@ -297,6 +297,9 @@ def export(grid: Optional[str] = GridOpt,
 from cli.distributed import register; register(app)  # noqa: E402
 
 
+from cli.plots import register as _register_plots; _register_plots(report_app)  # noqa: E402
+
+
 def main() -> None:  # pragma: no cover - console script entry
     app()
 

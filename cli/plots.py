@@ -1,0 +1,53 @@
+"""``kanfarm report plot`` and ``kanfarm report html``: figures and the one-page report.
+
+Kept out of cli/main.py; main adds them with ``register(report_app)``. cli.main is imported inside
+``register`` (by then it is fully defined), so importing this module first causes no cycle.
+"""
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cli.output import console, err_console, fail
+
+
+def register(report_app: typer.Typer) -> None:
+    from cli.main import GridOpt, _grid_exists, handles_errors, open_store
+
+    @report_app.command("plot")
+    @handles_errors
+    def report_plot(grid: Optional[str] = GridOpt,
+                    out: Path = typer.Option(..., "--out", help="Folder for name.png and name.svg.")) -> None:
+        """Figures (PNG and SVG) of every study question the grid has data for."""
+        from kanfarm.reports.figures import build_figures, save_figures
+
+        store = open_store()
+        _grid_exists(store, grid)
+        built = build_figures(store, grid)
+        if built.note:
+            err_console.print(built.note, highlight=False)
+        try:
+            paths = save_figures(built.figures, out)
+        except OSError as exc:
+            fail(f"--out: cannot write to {out}: {exc.strerror or exc}")
+        for name, reason in built.skipped.items():
+            err_console.print(f"skipped {name}: {reason}", highlight=False)
+        for path in paths:
+            console.print(str(path), highlight=False, soft_wrap=True)
+        if not paths:
+            err_console.print("no figures written: nothing to plot yet", highlight=False)
+
+    @report_app.command("html")
+    @handles_errors
+    def report_html(grid: Optional[str] = GridOpt,
+                    out: Path = typer.Option(Path("report.html"), "--out", help="The page to write.")) -> None:
+        """One self-contained HTML page: figures, tables, grid spec, versions and hardware."""
+        from kanfarm.reports.html import write_html
+
+        store = open_store()
+        _grid_exists(store, grid)
+        try:
+            write_html(store, grid, out)
+        except OSError as exc:
+            fail(f"--out: cannot write {out}: {exc.strerror or exc}")
+        console.print(f"wrote {out}", highlight=False, soft_wrap=True)
