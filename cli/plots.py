@@ -25,17 +25,17 @@ def register(report_app: typer.Typer) -> None:
         _grid_exists(store, grid)
         built = build_figures(store, grid)
         if built.note:
-            err_console.print(built.note, highlight=False)
+            err_console.print(built.note, highlight=False, soft_wrap=True)
         try:
             paths = save_figures(built.figures, out)
         except OSError as exc:
             fail(f"--out: cannot write to {out}: {exc.strerror or exc}")
         for name, reason in built.skipped.items():
-            err_console.print(f"skipped {name}: {reason}", highlight=False)
+            err_console.print(f"skipped {name}: {reason}", highlight=False, soft_wrap=True)
         for path in paths:
             console.print(str(path), highlight=False, soft_wrap=True)
         if not paths:
-            err_console.print("no figures written: nothing to plot yet", highlight=False)
+            err_console.print("no figures written: nothing to plot yet", highlight=False, soft_wrap=True)
 
     @report_app.command("html")
     @handles_errors

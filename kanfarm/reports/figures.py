@@ -217,15 +217,15 @@ def learning_curves(rows: Iterable[Row], epoch_rows: Iterable[Row]) -> Figure:
     return fig
 
 
-def degree_rows(rows: Iterable[Row]) -> dict[str, list[Row]]:
-    """Per dataset, the KAN runs of a degree study: one hidden layer, more than one spline order
-    and more than one width."""
+def degree_rows(rows: Iterable[Row]) -> dict[tuple[str, str], list[Row]]:
+    """Per (dataset, trainer), the KAN runs of a degree study: one hidden layer, more than one
+    spline order and more than one width."""
     kans = [r for r in pd.with_value(rows, "best_test_acc")
             if r["model"] == "kan" and r.get("hidden_widths") and "," not in r["hidden_widths"]]
     out = {}
-    for dataset, runs in pd.group(kans, lambda r: r["dataset"]).items():
+    for key, runs in pd.group(kans, lambda r: (r["dataset"], r["trainer"])).items():
         if pd.several(runs, "spline_order") and pd.several(runs, "hidden_widths"):
-            out[dataset] = runs
+            out[key] = runs
     return out
 
 
@@ -237,7 +237,7 @@ def degree_vs_width(rows: Iterable[Row]) -> Figure:
         raise NoData("no degree study: needs finished KAN runs with one hidden layer, more than one "
                      "spline_order and more than one width")
     fig, axes = _figure(len(studies), 2)
-    for (left, right), (dataset, runs) in zip(axes, sorted(studies.items())):
+    for (left, right), ((dataset, trainer), runs) in zip(axes, sorted(studies.items())):
         for i, (width, mine) in enumerate(sorted(pd.group(runs, lambda r: int(r["hidden_widths"])).items())):
             best = {}
             for r in mine:  # best scheme per order
@@ -253,7 +253,7 @@ def degree_vs_width(rows: Iterable[Row]) -> Figure:
         _log_x(right)
         for ax in (left, right):
             ax.set_ylabel("best test accuracy")
-            ax.set_title(dataset)
+            ax.set_title(f"{dataset} ({trainer})")
             ax.legend(fontsize="small")
     fig.suptitle("KAN degree versus width (one hidden layer)")
     return fig

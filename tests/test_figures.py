@@ -1,0 +1,248 @@
+"""Figures and the HTML report from a small synthetic database (no training).
+
+Grid "full": digits with 3 models x 2 depths x 2 learning rates (backprop, one run diverged), kan and
+mlp shallow with HSIC, an MNIST KAN degree study (widths 16, 32 x spline orders 2, 3), and one run
+pending and one running so the grid is partial. Grid "empty": nothing finished.
+"""
+from __future__ import annotations
+
+import base64
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import pytest
+from matplotlib.collections import PathCollection
+
+from kanfarm.config import RunConfig
+from kanfarm.reports import figures as F
+from kanfarm.reports.html import render_html, write_html
+from kanfarm.store import Store
+from kanfarm.training.records import EpochRecord
+
+FIGURES = ("accuracy", "sensitivity", "efficiency", "gap", "learning_curves", "trainers", "degree")
+DESCRIPTION = "<script>alert('x')</script> KAN & MLP"
+
+
+def _finish(store: Store, run_id: int, accs: list[float], diverge: bool = False) -> None:
+    """Epoch rows with test accuracy ``accs`` (train 0.1 above), optionally a diverged last epoch."""
+    store.claim(run_id, "w", 60)
+    for epoch, acc in enumerate(accs):
+        store.write_epoch(run_id, EpochRecord(epoch, 1.0, min(1.0, acc + 0.1), 1.0, acc, 0.01))
+    if diverge:
+        store.write_epoch(run_id, EpochRecord(len(accs), None, None, None, None, 0.01, diverged=True))
+    store.finish(run_id, "w", "diverged" if diverge else "completed")
+
+
+def _full_grid(store: Store) -> dict[str, int]:
+    cells = []
+    for model in ("kan", "mlp", "mlp_wide"):
+        for depth in ("shallow", "medium"):
+            for lr in (0.01, 0.001):
+                cells.append(RunConfig(dataset="digits", model=model, depth=depth, lr=lr))
+    cells += [RunConfig(dataset="digits", model=m, depth="shallow", lr=0.01, trainer="hsic") for m in ("kan", "mlp")]
+    cells += [RunConfig(dataset="mnist", model="kan", depth=None, hidden_widths=(w,), spline_order=k)
+              for w in (16, 32) for k in (2, 3)]
+    waiting = [RunConfig(dataset="digits", model="mlp", depth="deep", lr=lr) for lr in (0.01, 0.001)]
+    sized = [(c, 1000 + 100 * i, 50 if c.dataset == "digits" else 750) for i, c in enumerate(cells + waiting)]
+    store.submit_grid("full", {"name": "full", "description": DESCRIPTION}, sized)
+    ids = store.run_ids("full")
+    for i, run_id in enumerate(ids[:len(cells)]):
+        _finish(store, run_id, [0.2, 0.4 + 0.02 * i, 0.3 + 0.02 * i], diverge=(i == 0))
+    store.claim(ids[-1], "w", 60)  # running; the one before it stays pending
+    return {"finished": len(cells), "digits": 14, "mnist": 4}
+
+
+@pytest.fixture
+def store(sqlite_url):
+    store = Store(sqlite_url)
+    store.upgrade()
+    _full_grid(store)
+    store.submit_grid("empty", {"name": "empty"},
+                      [(RunConfig(dataset="digits", model="kan", lr=lr, seed=1), 500, None) for lr in (0.1, 0.01, 0.001)])
+    store.claim(store.run_ids("empty")[0], "w", 60)
+    yield store
+    store.dispose(close=True)
+
+
+def _panels(fig) -> dict[str, object]:
+    return {ax.get_title(): ax for ax in fig.axes}
+
+
+# -- figures from plain rows --------------------------------------------------------------------
+
+def test_bar_figures_hold_one_bar_per_model_depth_and_scheme_whiskers(store):
+    rows = store.summary("full")
+    for fig in (F.accuracy_bars(rows), F.gap_bars(rows)):
+        panels = _panels(fig)
+        assert set(panels) == {"digits", "mnist"}
+        # digits: shallow has kan, mlp (both trainers) and mlp_wide = 5 bars; medium 3 (backprop only)
+        assert len(panels["digits"].patches) == 8
+        assert len(panels["mnist"].patches) == 2  # kan [16] and [32]: their two orders are the "schemes"
+        assert [t.get_text() for t in panels["digits"].get_xticklabels()] == ["shallow", "medium"]
+        # whiskers (one errorbar per bar) span the two learning rates
+        assert len(panels["digits"].containers) == 16
+    best = max(r["best_test_acc"] for r in rows if r["dataset"] == "mnist")
+    assert max(p.get_height() for p in _panels(F.accuracy_bars(rows))["mnist"].patches) == pytest.approx(best)
+
+
+def test_sensitivity_has_one_box_per_model_and_depth(store):
+    panels = _panels(F.sensitivity_boxes(store.summary("full")))
+    assert len(panels["digits"].patches) == 8  # patch_artist boxes
+    assert len(panels["mnist"].patches) == 2
+    labels = [t.get_text() for t in panels["digits"].get_xticklabels()]
+    assert labels[0] == "kan\n(backprop)\nshallow" and "mlp\n(hsic)\nshallow" in labels
+
+
+def test_efficiency_scatter_one_collection_per_model_on_log_axis(store):
+    from kanfarm.reports import efficiency_table
+
+    rows = efficiency_table(store, "full")
+    ax = F.efficiency_scatter(rows).axes[0]
+    assert ax.get_xscale() == "log"
+    points = {c.get_label(): len(c.get_offsets()) for c in ax.collections if isinstance(c, PathCollection)}
+    assert points == {"kan": 4 + 1 + 4, "mlp": 5, "mlp_wide": 4}
+    assert sum(points.values()) == sum(r["efficiency"] is not None for r in rows) == 18
+
+
+def test_learning_curves_plot_best_and_worst_run(store):
+    rows = store.summary("full")
+    fig = F.learning_curves(rows, store.epoch_metrics(grid="full"))
+    panels = _panels(fig)
+    assert len(panels["digits / kan"].lines) == 4  # best and worst, train and test each
+    worst_test = panels["digits / kan"].lines[3]
+    assert list(worst_test.get_xdata()) == [0, 1, 2]  # the diverged epoch has no accuracy to draw
+    assert len(panels["mnist / kan"].lines) == 4
+    off = [ax for ax in fig.axes if not ax.axison]
+    assert len(off) == 2 and not off[0].lines  # mnist has no mlp or mlp_wide runs
+
+
+def test_trainers_and_degree_figures(store):
+    rows = store.summary("full")
+    panels = _panels(F.trainer_bars(rows))
+    assert len(panels["digits"].patches) == 8
+    assert [t.get_text() for t in panels["digits"].get_legend().get_texts()] == ["backprop", "hsic"]
+    degree = F.degree_vs_width(rows)
+    left, right = degree.axes
+    assert [line.get_label() for line in left.lines] == ["width 16", "width 32"]
+    assert [list(line.get_xdata()) for line in left.lines] == [[2, 3], [2, 3]]
+    assert right.get_xscale() == "log"
+
+
+def test_figures_without_data_say_what_is_missing(store):
+    backprop_only = [r for r in store.summary("full") if r["trainer"] == "backprop"]
+    with pytest.raises(F.NoData, match="found: backprop"):
+        F.trainer_bars(backprop_only)
+    with pytest.raises(F.NoData, match="degree study"):
+        F.degree_vs_width([r for r in backprop_only if r["dataset"] == "digits"])
+    for make in (F.accuracy_bars, F.sensitivity_boxes, F.gap_bars, F.efficiency_scatter):
+        with pytest.raises(F.NoData):
+            make(store.summary("empty"))
+
+
+def test_build_figures_on_partial_and_empty_grids(store):
+    full = F.build_figures(store, "full")
+    assert set(full.figures) == set(FIGURES) and not full.skipped
+    assert full.note == "18 of 20 runs finished; the figures and tables leave out 1 pending, 1 running"
+    empty = F.build_figures(store, "empty")
+    assert not empty.figures and set(empty.skipped) == set(FIGURES)
+    assert empty.note == "no finished runs yet: 2 pending, 1 running"
+    assert F.build_figures(store, "nope").note == "no runs in grid 'nope' yet: submit a grid first"
+
+
+# -- HTML page and CLI ----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def cli(store, sqlite_url, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    monkeypatch.setenv("KANFARM_DATABASE_URL", sqlite_url)
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, ["report", *args])
+
+
+# -- HTML page ----------------------------------------------------------------------------------
+
+class PageParser(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.imgs, self.ids, self.tags, self.urls = [], set(), [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append(tag)
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+        if tag == "img":
+            self.imgs.append(attrs)
+        self.urls += [v for k, v in attrs.items() if k in ("src", "href") and v]
+
+
+def _parse(text: str) -> PageParser:
+    parser = PageParser()
+    parser.feed(text)
+    parser.close()
+    return parser
+
+
+def test_cli_html_page_embeds_every_figure_and_the_tables(cli, tmp_path):
+    result = cli("html", "--grid", "full", "--out", str(tmp_path / "report.html"))
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "report.html").read_text(encoding="utf-8")
+    page = _parse(text)
+    assert {img["id"] for img in page.imgs} == {f"fig-{name}" for name in FIGURES}
+    for img in page.imgs:
+        assert img["src"].startswith("data:image/png;base64,") and img["alt"]
+        assert base64.b64decode(img["src"].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(u.startswith("data:") for u in page.urls)  # nothing fetched from the network
+    assert not {"script", "link", "iframe"} & set(page.tags)  # the spec's <script> is escaped text
+    assert {"table-summary", "table-gap", "table-efficiency", "table-sensitivity", "spec", "environment",
+            "missing"} <= page.ids
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; KAN &amp; MLP" in text
+    assert "1 pending, 1 running" in text and "torch" in text and "cpu_count" in text
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_html_page_of_an_empty_grid_says_what_is_missing(store):
+    text = render_html(store, "empty")
+    page = _parse(text)
+    assert not page.imgs and "missing" in page.ids and "skipped" in page.ids
+    assert "no finished runs yet: 2 pending, 1 running" in text
+    assert "Traceback" not in text
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="chromium is not installed")
+def test_html_page_renders_in_headless_chromium(store, tmp_path):
+    from matplotlib.image import imread
+
+    path = write_html(store, "full", tmp_path / "report.html")
+    shot = tmp_path / "shot.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,1600",
+                    f"--screenshot={shot}", path.as_uri()], check=True, timeout=60, capture_output=True)
+    pixels = imread(shot)
+    assert pixels.std() > 0.01  # not a blank page
+
+
+def test_cli_plot_writes_png_and_svg(cli, tmp_path):
+    out = tmp_path / "figs"
+    result = cli("plot", "--grid", "full", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}.{ext}" for n in FIGURES for ext in ("png", "svg"))
+    assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert "<svg" in (out / "degree.svg").read_text()
+
+
+def test_cli_plot_and_html_on_an_empty_grid(cli, tmp_path):
+    result = cli("plot", "--grid", "empty", "--out", str(tmp_path / "figs"))
+    assert result.exit_code == 0, result.output
+    assert "no finished runs yet: 2 pending, 1 running" in result.output
+    assert "skipped trainers: needs finished runs of both backprop and hsic" in result.output
+    assert not list((tmp_path / "figs").iterdir())
+    result = cli("html", "--grid", "empty", "--out", str(tmp_path / "r.html"))
+    assert result.exit_code == 0, result.output
+    assert "no finished runs yet" in (tmp_path / "r.html").read_text()
+    result = cli("html", "--grid", "nope", "--out", str(tmp_path / "x.html"))
+    assert result.exit_code == 2 and "no grid named 'nope'" in result.output
+    assert not (tmp_path / "x.html").exists()
