@@ -2,7 +2,9 @@
 
 The key hashes the dataset name, its format version and the options that change the tensors, so
 different vocabularies or split sizes never collide. Files are written atomically and read with
-``weights_only=True`` (plain tensors only, nothing unpickled beyond them). After replacing raw files,
+``weights_only=True`` (plain tensors only, nothing unpickled beyond them) and ``mmap=True``: the
+float32 features are memory-mapped copy-on-write, so a load takes milliseconds even for CIFAR-10
+(737 MB of features) and workers on one machine share the pages. After replacing raw files,
 delete the ``cache-*.pt`` files of that dataset.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import torch
 
-REQUIRED = ("x_train", "y_train", "x_test", "y_test")
+REQUIRED = {"x_train": torch.float32, "y_train": torch.int64, "x_test": torch.float32, "y_test": torch.int64}
 
 
 def cache_key(dataset: str, format_version: int, options: dict[str, Any]) -> str:
@@ -34,12 +36,13 @@ def read(path: Path) -> dict[str, torch.Tensor] | None:
     if not path.is_file():
         return None
     try:
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # truncated or foreign file: rebuild rather than fail
         warnings.warn(f"ignoring unreadable dataset cache {path}: {exc}", stacklevel=3)
         return None
-    if not isinstance(tensors, dict) or any(k not in tensors for k in REQUIRED):
-        warnings.warn(f"ignoring dataset cache {path}: missing tensors", stacklevel=3)
+    if not isinstance(tensors, dict) or any(tensors.get(k) is None or tensors[k].dtype != t
+                                             for k, t in REQUIRED.items()):
+        warnings.warn(f"ignoring dataset cache {path}: missing or mistyped tensors", stacklevel=3)
         return None
     return tensors
 

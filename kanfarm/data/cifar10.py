@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from kanfarm.data.errors import DatasetFormatError
+from kanfarm.data.scaling import to_grid
 
 N_CLASSES = 10
 FORMAT_VERSION = 1
@@ -42,7 +43,7 @@ def build(folder: Path, options: dict[str, Any]) -> dict[str, torch.Tensor]:
                     blobs[member.name] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise DatasetFormatError(f"{path}: not a readable tar.gz archive ({exc})") from exc
-    out: dict[str, torch.Tensor] = {"code_max": torch.tensor(255.0)}
+    out: dict[str, torch.Tensor] = {}
     for split, names in MEMBERS.items():
         records = []
         for name in names:
@@ -56,6 +57,6 @@ def build(folder: Path, options: dict[str, Any]) -> dict[str, torch.Tensor]:
         labels = data[:, 0].astype(np.int64)
         if labels.size and labels.max() >= N_CLASSES:
             raise DatasetFormatError(f"{path}: label {labels.max()} outside 0..9")
-        out[f"x_{split}"] = torch.from_numpy(np.ascontiguousarray(data[:, 1:]))
+        out[f"x_{split}"] = torch.from_numpy(to_grid(data[:, 1:], 255))
         out[f"y_{split}"] = torch.from_numpy(labels)
     return out

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from kanfarm.data.scaling import to_grid
+
 N_CLASSES = 10
 FORMAT_VERSION = 1
 DEFAULTS: dict[str, Any] = {}
@@ -28,7 +30,6 @@ def build(folder: Path, options: dict[str, Any]) -> dict[str, torch.Tensor]:
 
     x, y = load_digits(return_X_y=True)
     x_train, x_test, y_train, y_test = train_test_split(
-        x.astype(np.uint8), y, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=y)
+        to_grid(x, 16), y, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=y)
     return {"x_train": torch.from_numpy(x_train), "y_train": torch.from_numpy(y_train.astype(np.int64)),
-            "x_test": torch.from_numpy(x_test), "y_test": torch.from_numpy(y_test.astype(np.int64)),
-            "code_max": torch.tensor(16.0)}
+            "x_test": torch.from_numpy(x_test), "y_test": torch.from_numpy(y_test.astype(np.int64))}

@@ -48,14 +48,14 @@ def build_vocabulary(texts: Iterable[str], size: int) -> list[str]:
     return [word for word, _ in ranked[:size]]
 
 
-def presence_codes(texts: list[str], vocabulary: list[str], size: int) -> np.ndarray:
-    """(n, size) uint8 matrix: 1 where the vocabulary word occurs in the text."""
+def presence_features(texts: list[str], vocabulary: list[str], size: int) -> np.ndarray:
+    """(n, size) float32 matrix: +1 where the vocabulary word occurs in the text, -1 elsewhere."""
     index = {word: j for j, word in enumerate(vocabulary)}
-    codes = np.zeros((len(texts), size), dtype=np.uint8)
+    x = np.full((len(texts), size), -1.0, dtype=np.float32)
     for i, text in enumerate(texts):
         columns = [index[t] for t in set(tokenize(text)) if t in index]
-        codes[i, columns] = 1
-    return codes
+        x[i, columns] = 1.0
+    return x
 
 
 def read_reviews(path: Path) -> dict[str, list[tuple[str, int, str]]]:
@@ -82,8 +82,8 @@ def build(folder: Path, options: dict[str, Any]) -> dict[str, torch.Tensor]:
     size = int(options["vocab_size"])
     reviews = read_reviews(folder / ARCHIVE)
     vocabulary = build_vocabulary((text for _, _, text in reviews["train"]), size)
-    out: dict[str, torch.Tensor] = {"code_max": torch.tensor(1.0)}
+    out: dict[str, torch.Tensor] = {}
     for split, items in reviews.items():
-        out[f"x_{split}"] = torch.from_numpy(presence_codes([t for _, _, t in items], vocabulary, size))
+        out[f"x_{split}"] = torch.from_numpy(presence_features([t for _, _, t in items], vocabulary, size))
         out[f"y_{split}"] = torch.tensor([label for _, label, _ in items], dtype=torch.int64)
     return out

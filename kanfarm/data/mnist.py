@@ -13,6 +13,7 @@ import torch
 
 from kanfarm.data.errors import DatasetFormatError
 from kanfarm.data.idx import read_idx
+from kanfarm.data.scaling import to_grid
 
 N_CLASSES = 10
 FORMAT_VERSION = 1
@@ -27,7 +28,7 @@ def n_features(options: dict[str, Any]) -> int:
 
 
 def build(folder: Path, options: dict[str, Any]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {"code_max": torch.tensor(255.0)}
+    out: dict[str, torch.Tensor] = {}
     for split, (images_name, labels_name) in FILES.items():
         images = read_idx(folder / images_name, ndim=3)
         labels = read_idx(folder / labels_name, ndim=1)
@@ -38,6 +39,6 @@ def build(folder: Path, options: dict[str, Any]) -> dict[str, torch.Tensor]:
                                      f" {labels_name} has {len(labels)} labels")
         if labels.size and labels.max() >= N_CLASSES:
             raise DatasetFormatError(f"{folder / labels_name}: label {labels.max()} outside 0..9")
-        out[f"x_{split}"] = torch.from_numpy(images.reshape(len(images), -1).copy())
+        out[f"x_{split}"] = torch.from_numpy(to_grid(images.reshape(len(images), -1), 255))
         out[f"y_{split}"] = torch.from_numpy(labels.astype(np.int64))
     return out

@@ -12,7 +12,6 @@ from typing import Any
 
 from kanfarm.data import cache, cifar10, digits, download, higgs, imdb, mnist, paths
 from kanfarm.data.dataset import Dataset
-from kanfarm.data.encoding import decode
 from kanfarm.data.sources import SOURCES
 
 #: dataset name -> loader module (N_CLASSES, FORMAT_VERSION, DEFAULTS, n_features(), build()).
@@ -70,5 +69,5 @@ def load_dataset(name: str, data_dir: str | Path | None = None, **options: Any) 
         download.ensure_files(name, folder, SOURCES[name], allow_download)
         tensors = loader.build(folder, resolved)
         cache.write(path, tensors)
-    t = decode(tensors)
-    return Dataset(name, t["x_train"], t["y_train"], t["x_test"], t["y_test"], loader.N_CLASSES)
+    return Dataset(name, tensors["x_train"], tensors["y_train"], tensors["x_test"], tensors["y_test"],
+                   loader.N_CLASSES)
