@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
-from kanfarm.reports import _plotdata as pd
+from kanfarm.reports import _plotdata as plotdata
 from kanfarm.reports.tables import efficiency_table
 
 Row = dict[str, Any]
@@ -59,7 +59,7 @@ def _grouped_bars(rows: list[Row], value: str, height: Callable[[list[float]], f
     names = sorted({series_of(r) for r in rows}, key=_series_key)
     fig, axes = _figure(len(datasets), 1, width=max(6.4, 1.5 + 0.45 * len(groups) * len(names)))
     for (ax,), dataset in zip(axes, datasets):
-        cells = pd.group([r for r in rows if r["dataset"] == dataset], lambda r: (group_of(r), series_of(r)))
+        cells = plotdata.group([r for r in rows if r["dataset"] == dataset], lambda r: (group_of(r), series_of(r)))
         here = [g for g in groups if any((g, s) in cells for s in names)]
         width = 0.8 / max(sum((g, s) in cells for s in names) for g in here)
         labelled = set()
@@ -90,43 +90,43 @@ def _log_x(ax) -> None:
 
 def _group_key(label: str) -> tuple:
     model, _, arch = label.rpartition("\n")
-    return (pd.arch_key(arch), pd.model_key(model))
+    return (plotdata.arch_key(arch), plotdata.model_key(model))
 
 
 def _series_key(label: str) -> tuple:
     model, _, trainer = label.partition(" (")
-    return (pd.model_key(model), trainer)
+    return (plotdata.model_key(model), trainer)
 
 
 def accuracy_bars(rows: Iterable[Row]) -> Figure:
     """Best test accuracy per model x depth (bar: the best scheme; whiskers: min-max over schemes)."""
-    rows = pd.with_value(rows, "best_test_acc")
+    rows = plotdata.with_value(rows, "best_test_acc")
     if not rows:
         raise NoData("no finished run has a test accuracy")
-    trainers = pd.several(rows, "trainer")
-    return _grouped_bars(rows, "best_test_acc", max, pd.arch_label, lambda r: pd.series_label(r, trainers),
+    trainers = plotdata.several(rows, "trainer")
+    return _grouped_bars(rows, "best_test_acc", max, plotdata.arch_label, lambda r: plotdata.series_label(r, trainers),
                          "best test accuracy", "Best test accuracy per model and depth (whiskers: min-max over schemes)")
 
 
 def gap_bars(rows: Iterable[Row]) -> Figure:
     """Generalisation gap (train - test accuracy at the best epoch) per model x depth, median over
     schemes with min-max whiskers."""
-    rows = pd.with_value(rows, "gap_at_best")
+    rows = plotdata.with_value(rows, "gap_at_best")
     if not rows:
         raise NoData("no finished run has a generalisation gap (train and test accuracy at its best epoch)")
-    trainers = pd.several(rows, "trainer")
-    return _grouped_bars(rows, "gap_at_best", statistics.median, pd.arch_label,
-                         lambda r: pd.series_label(r, trainers), "train - test accuracy at best epoch",
+    trainers = plotdata.several(rows, "trainer")
+    return _grouped_bars(rows, "gap_at_best", statistics.median, plotdata.arch_label,
+                         lambda r: plotdata.series_label(r, trainers), "train - test accuracy at best epoch",
                          "Generalisation gap per model and depth (bar: median, whiskers: min-max over schemes)")
 
 
 def trainer_bars(rows: Iterable[Row]) -> Figure:
     """Backprop next to HSIC: best test accuracy per model x depth, one bar per trainer."""
-    rows = pd.with_value(rows, "best_test_acc")
+    rows = plotdata.with_value(rows, "best_test_acc")
     found = sorted({r["trainer"] for r in rows})
     if not {"backprop", "hsic"} <= set(found):
         raise NoData(f"needs finished runs of both backprop and hsic (found: {', '.join(found) or 'none'})")
-    return _grouped_bars(rows, "best_test_acc", max, lambda r: f"{r['model']}\n{pd.arch_label(r)}",
+    return _grouped_bars(rows, "best_test_acc", max, lambda r: f"{r['model']}\n{plotdata.arch_label(r)}",
                          lambda r: r["trainer"], "best test accuracy",
                          "Backprop vs HSIC: best test accuracy (whiskers: min-max over schemes)")
 
@@ -134,16 +134,16 @@ def trainer_bars(rows: Iterable[Row]) -> Figure:
 def sensitivity_boxes(rows: Iterable[Row]) -> Figure:
     """Best test accuracy over training schemes, one box per model x depth, one panel per dataset:
     a tall box means the model's result depends on the scheme."""
-    rows = pd.with_value(rows, "best_test_acc")
+    rows = plotdata.with_value(rows, "best_test_acc")
     if not rows:
         raise NoData("no finished run has a test accuracy")
-    trainers = pd.several(rows, "trainer")
+    trainers = plotdata.several(rows, "trainer")
     datasets = sorted({r["dataset"] for r in rows})
-    cells = pd.group(rows, lambda r: (r["dataset"], pd.arch_label(r), pd.series_label(r, trainers)))
+    cells = plotdata.group(rows, lambda r: (r["dataset"], plotdata.arch_label(r), plotdata.series_label(r, trainers)))
     most = max(sum(1 for c in cells if c[0] == d) for d in datasets)
     fig, axes = _figure(len(datasets), 1, width=max(6.4, 1.5 + 0.75 * most))
     for (ax,), dataset in zip(axes, datasets):
-        keys = sorted((c for c in cells if c[0] == dataset), key=lambda c: (pd.arch_key(c[1]), _series_key(c[2])))
+        keys = sorted((c for c in cells if c[0] == dataset), key=lambda c: (plotdata.arch_key(c[1]), _series_key(c[2])))
         parts = ax.boxplot([[r["best_test_acc"] for r in cells[k]] for k in keys], patch_artist=True)
         for box, k in zip(parts["boxes"], keys):
             box.set_facecolor(_colour(k[2]))
@@ -167,7 +167,7 @@ def efficiency_scatter(rows: Iterable[Row]) -> Figure:
     colours = {d: f"C{i % 10}" for i, d in enumerate(datasets)}
     fig, axes = _figure(1, 1, width=6.4)
     ax = axes[0][0]
-    models = sorted({r["model"] for r in rows}, key=pd.model_key)
+    models = sorted({r["model"] for r in rows}, key=plotdata.model_key)
     for model in models:
         mine = [r for r in rows if r["model"] == model]
         ax.scatter([r["n_params"] for r in mine], [r["efficiency"] for r in mine],
@@ -186,12 +186,12 @@ def efficiency_scatter(rows: Iterable[Row]) -> Figure:
 def learning_curves(rows: Iterable[Row], epoch_rows: Iterable[Row]) -> Figure:
     """Train and test accuracy per epoch of the best and the worst run of each model (per dataset):
     one panel per dataset x model. ``epoch_rows`` may hold other runs too; they are ignored."""
-    picks = pd.extremes(rows)
+    picks = plotdata.extremes(rows)
     if not picks:
         raise NoData("no finished run has a test accuracy")
-    curves = pd.group((m for m in epoch_rows), lambda m: m["run_id"])
+    curves = plotdata.group((m for m in epoch_rows), lambda m: m["run_id"])
     datasets = sorted({d for d, _ in picks})
-    models = sorted({m for _, m in picks}, key=pd.model_key)
+    models = sorted({m for _, m in picks}, key=plotdata.model_key)
     fig, axes = _figure(len(datasets), len(models))
     for row_axes, dataset in zip(axes, datasets):
         for ax, model in zip(row_axes, models):
@@ -220,11 +220,11 @@ def learning_curves(rows: Iterable[Row], epoch_rows: Iterable[Row]) -> Figure:
 def degree_rows(rows: Iterable[Row]) -> dict[tuple[str, str], list[Row]]:
     """Per (dataset, trainer), the KAN runs of a degree study: one hidden layer, more than one
     spline order and more than one width."""
-    kans = [r for r in pd.with_value(rows, "best_test_acc")
+    kans = [r for r in plotdata.with_value(rows, "best_test_acc")
             if r["model"] == "kan" and r.get("hidden_widths") and "," not in r["hidden_widths"]]
     out = {}
-    for key, runs in pd.group(kans, lambda r: (r["dataset"], r["trainer"])).items():
-        if pd.several(runs, "spline_order") and pd.several(runs, "hidden_widths"):
+    for key, runs in plotdata.group(kans, lambda r: (r["dataset"], r["trainer"])).items():
+        if plotdata.several(runs, "spline_order") and plotdata.several(runs, "hidden_widths"):
             out[key] = runs
     return out
 
@@ -238,7 +238,7 @@ def degree_vs_width(rows: Iterable[Row]) -> Figure:
                      "spline_order and more than one width")
     fig, axes = _figure(len(studies), 2)
     for (left, right), ((dataset, trainer), runs) in zip(axes, sorted(studies.items())):
-        for i, (width, mine) in enumerate(sorted(pd.group(runs, lambda r: int(r["hidden_widths"])).items())):
+        for i, (width, mine) in enumerate(sorted(plotdata.group(runs, lambda r: int(r["hidden_widths"])).items())):
             best = {}
             for r in mine:  # best scheme per order
                 if r["spline_order"] not in best or r["best_test_acc"] > best[r["spline_order"]]["best_test_acc"]:
@@ -272,9 +272,9 @@ class FigureSet:
 
 def build_figures(store, grid: str | None = None) -> FigureSet:
     """Every figure the grid has data for; the others go to ``skipped`` with the reason."""
-    out = FigureSet(note=pd.missing_note(store.status_counts(grid), grid))
+    out = FigureSet(note=plotdata.missing_note(store.status_counts(grid), grid))
     rows = store.summary(grid)
-    picks = pd.extremes(rows)
+    picks = plotdata.extremes(rows)
     epochs = [m for best, worst in picks.values() for run in {best["run_id"], worst["run_id"]}
               for m in store.epoch_metrics(run_id=run)]
     makers: dict[str, Callable[[], Figure]] = {
