@@ -1,0 +1,161 @@
+"""Forward + backward time and peak memory of one KAN layer: reference vs fast, against matmul floors.
+
+Rows per shape (batch, in -> out), G = 5, k = 3, float32:
+  reference   KANLinear(fast=False): autograd through the Cox-de Boor recursion
+  fast        KANLinear(fast=True): closed-form uniform bases, hand-written backward
+  matmuls     the bare products of the layer: F.linear(x, base_weight) + F.linear(bases, spline weight)
+              on bases computed beforehand (weight gradients only): a floor for any KAN layer
+  mlp         nn.Linear(in, out) + GELU of the same shape
+The KAN and MLP rows also compute the input gradient (as every layer after the first must).
+
+Time: median wall time of ``--repeats`` steps after two warm-up steps.
+Memory on CPU: every (row, shape) runs in a fresh process: a warm-up step at batch 8 loads the
+libraries, then peak RSS growth over one full-size step (VmHWM, reset through
+/proc/self/clear_refs after malloc_trim just before, minus VmRSS at that moment),
+in MiB. It counts everything the step allocates (activations, saved tensors, gradients), at page
+granularity, as the OS sees it. On CUDA: ``torch.cuda.max_memory_allocated`` growth over one step.
+
+    python benchmarks/kan_layer.py [--quick] [--device cpu|cuda] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from kanfarm.models import KANLinear  # noqa: E402
+
+ROWS = ("reference", "fast", "matmuls", "mlp")
+CPU_SHAPES = [(256, 784, 256), (1024, 784, 256), (256, 256, 256), (1024, 256, 256)]
+CUDA_SHAPES = [(8192, 784, 256), (8192, 1024, 1024)]
+
+
+def make_step(row: str, batch: int, n_in: int, n_out: int, device: str):
+    """A closure running one forward + backward of ``row`` at this shape."""
+    torch.manual_seed(0)
+    x = (torch.rand(batch, n_in, device=device) * 2 - 1)
+    if row in ("reference", "fast"):
+        layer = KANLinear(n_in, n_out, fast=row == "fast").to(device)
+        x.requires_grad_(True)
+        fn = layer
+    elif row == "mlp":
+        layer = nn.Sequential(nn.Linear(n_in, n_out), nn.GELU()).to(device)
+        x.requires_grad_(True)
+        fn = layer
+    else:
+        layer = KANLinear(n_in, n_out).to(device)
+        with torch.no_grad():
+            bases = layer.spline_bases(x).reshape(batch, -1)
+            spline = layer.scaled_spline_weight.reshape(n_out, -1).detach().clone().requires_grad_(True)
+        base = layer.base_weight
+
+        def fn(inp):
+            return F.linear(inp, base) + F.linear(bases, spline)
+
+    def step():
+        out = fn(x)
+        out.backward(torch.ones_like(out))
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return step
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Return freed heap pages to the OS, then reset VmHWM (peak RSS) to the current RSS (Linux)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def measure_memory(row: str, batch: int, n_in: int, n_out: int, device: str) -> float:
+    """Peak memory growth of one step in MiB (this process must be fresh on CPU)."""
+    make_step(row, 8, n_in, n_out, device)()
+    step = make_step(row, batch, n_in, n_out, device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    reset_peak_rss()
+    before = _status_bytes("VmRSS")
+    step()
+    return max(0, _status_bytes("VmHWM") - before) / 2**20
+
+
+def memory_in_subprocess(row: str, shape: tuple[int, int, int], device: str, threads: int) -> float:
+    args = [sys.executable, os.path.abspath(__file__), "--memory-of", row, *map(str, shape),
+            "--device", device, "--threads", str(threads)]
+    return float(subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip())
+
+
+def median_time(step, repeats: int) -> float:
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="3 repeats, batch-1024 CPU shapes only")
+    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--memory-of", nargs=4, metavar=("ROW", "BATCH", "IN", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_of:
+        row, *shape = args.memory_of
+        print(measure_memory(row, *map(int, shape), args.device))
+        return
+    shapes = CUDA_SHAPES if args.device == "cuda" else CPU_SHAPES
+    if args.quick and args.device == "cpu":
+        shapes = [s for s in shapes if s[0] == 1024]
+    repeats = args.repeats or (3 if args.quick else 7)
+    print(f"device={args.device} threads={torch.get_num_threads()} repeats={repeats} G=5 k=3 float32")
+    print(f"{'batch':>6} {'in->out':>10} {'row':>10} {'ms':>9} {'x ref':>7} {'MiB':>8} {'x ref':>7}")
+    results = []
+    for shape in shapes:
+        rows = {}
+        for row in ROWS:
+            ms = median_time(make_step(row, *shape, args.device), repeats)
+            mib = memory_in_subprocess(row, shape, args.device, args.threads)
+            rows[row] = (ms, mib)
+        ref_ms, ref_mib = rows["reference"]
+        for row, (ms, mib) in rows.items():
+            print(f"{shape[0]:>6} {f'{shape[1]}->{shape[2]}':>10} {row:>10} {ms:>9.1f} {ms / ref_ms:>7.2f}"
+                  f" {mib:>8.1f} {mib / ref_mib if ref_mib else float('nan'):>7.2f}")
+            results.append({"batch": shape[0], "in": shape[1], "out": shape[2], "row": row,
+                            "ms": ms, "mib": mib})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Parameter counts from widths alone, and the MLP-Wide widths that match a KAN's count."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def kan_params(widths: Sequence[int], grid_size: int, spline_order: int) -> int:
+    """G + k spline coefficients, one base weight and one scaler per edge."""
+    per_edge = grid_size + spline_order + 2
+    return sum(a * b * per_edge for a, b in zip(widths[:-1], widths[1:]))
+
+
+def mlp_params(widths: Sequence[int]) -> int:
+    return sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+
+
+def scale_hidden(widths: Sequence[int], factor: float) -> list[int]:
+    """Hidden widths times ``factor``, rounded, at least 1; input and output widths unchanged."""
+    return [widths[0], *(max(1, round(w * factor)) for w in widths[1:-1]), widths[-1]]
+
+
+def match_mlp_widths(widths: Sequence[int], target: int) -> list[int]:
+    """Hidden widths scaled by one factor so that the MLP's count is as close to ``target`` as the
+    rounding of widths allows.
+
+    The count grows monotonically with the factor, so bisection finds the smallest factor whose
+    rounded widths reach ``target``; that and the widths just below are compared.
+    """
+    if len(widths) < 3:
+        return list(widths)
+    lo, hi = 0.0, 1.0
+    while mlp_params(scale_hidden(widths, hi)) < target:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if mlp_params(scale_hidden(widths, mid)) >= target:
+            hi = mid
+        else:
+            lo = mid
+    candidates = [scale_hidden(widths, lo), scale_hidden(widths, hi)]
+    return min(candidates, key=lambda ws: abs(mlp_params(ws) - target))

@@ -1,0 +1,111 @@
+"""The fast KAN layer computes what the reference (autograd through Cox-de Boor) computes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kanfarm.models import KANLinear
+from kanfarm.models.uniform_spline import UniformSplineLinear, grid_origin_and_scale
+
+
+def pair(in_features, out_features, grid_size, order, seed=0, dtype=torch.float32):
+    """A reference layer and a fast copy, with O(1) spline coefficients so the spline term matters."""
+    torch.manual_seed(seed)
+    ref = KANLinear(in_features, out_features, grid_size, order, fast=False).to(dtype)
+    with torch.no_grad():
+        ref.spline_weight.normal_()
+        ref.spline_scaler.normal_()
+    fast = KANLinear(in_features, out_features, grid_size, order, fast=True).to(dtype)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def inputs(layer: KANLinear, batch: int, seed=1, dtype=torch.float32) -> torch.Tensor:
+    """Points inside the range, in the extended cells, outside every knot, and exactly on knots."""
+    g = torch.Generator().manual_seed(seed)
+    grid = layer.grid.to(dtype)
+    x = torch.rand(batch, layer.in_features, generator=g, dtype=dtype) * 2 - 1
+    n = batch // 4
+    x[:n] *= 1.2 + grid[:, -1].abs().max()                                  # reaches outside the knots
+    x[n:2 * n] = grid[:, torch.randint(0, grid.shape[1], (n,), generator=g)].t()  # on knots, t_0 and t_last too
+    return x
+
+
+def forward_backward(layer: KANLinear, x: torch.Tensor):
+    x = x.clone().requires_grad_(True)
+    out = layer(x)
+    g = torch.Generator().manual_seed(3)
+    upstream = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    params = [layer.base_weight, layer.spline_weight, layer.spline_scaler]
+    grads = torch.autograd.grad(out, [x, *params], upstream)
+    return [out.detach(), *grads]
+
+
+def assert_same(fast_results, ref_results, tol=1e-5):
+    names = ["output", "grad x", "grad base_weight", "grad spline_weight", "grad spline_scaler"]
+    for name, a, b in zip(names, fast_results, ref_results):
+        scale = b.abs().max().item()
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("grid_size", [3, 5, 10])
+def test_fast_equals_reference_float32(order, grid_size):
+    ref, fast = pair(7, 5, grid_size, order)
+    assert fast.uses_fast_path() == (order >= 2)
+    assert not ref.uses_fast_path()
+    x = inputs(ref, 96)
+    assert_same(forward_backward(fast, x), forward_backward(ref, x))
+
+
+def test_fast_equals_reference_float64_tightly():
+    ref, fast = pair(6, 4, 5, 3, dtype=torch.float64)
+    x = inputs(ref, 64, dtype=torch.float64)
+    assert_same(forward_backward(fast, x), forward_backward(ref, x), tol=1e-12)
+
+
+def test_batches_larger_than_one_chunk(monkeypatch):
+    import kanfarm.models.uniform_spline as us
+    monkeypatch.setattr(us, "CHUNK_ELEMENTS", 64)  # forces many small chunks
+    ref, fast = pair(5, 3, 5, 3)
+    x = inputs(ref, 50)
+    assert_same(forward_backward(fast, x), forward_backward(ref, x))
+
+
+def test_per_input_uniform_grids_after_update_grid_use_fast_path():
+    ref, fast = pair(4, 3, 5, 3)
+    data = torch.rand(500, 4) * torch.tensor([1.0, 2.0, 0.5, 3.0]) - 0.5
+    for layer in (ref, fast):
+        layer.update_grid(data, grid_eps=1.0)  # uniform per input, different ranges
+    assert fast.uses_fast_path()
+    assert_same(forward_backward(fast, inputs(ref, 64)), forward_backward(ref, inputs(ref, 64)))
+
+
+def test_non_uniform_grid_falls_back_to_reference():
+    ref, fast = pair(4, 3, 5, 3)
+    data = torch.rand(500, 4) ** 3 * 2 - 1
+    for layer in (ref, fast):
+        layer.update_grid(data)
+    assert not fast.uses_fast_path()
+    x = inputs(ref, 64)
+    assert_same(forward_backward(fast, x), forward_backward(ref, x))
+    with torch.no_grad():  # the cache follows in-place changes of the grid
+        fast.grid.copy_(KANLinear(4, 3).grid)
+    assert fast.uses_fast_path()
+
+
+def test_leading_dimensions():
+    ref, fast = pair(4, 3, 5, 2)
+    x = torch.rand(2, 5, 4) * 2 - 1
+    assert fast(x).shape == (2, 5, 3)
+    torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_hand_written_backward_passes_gradcheck():
+    torch.manual_seed(0)
+    layer = KANLinear(3, 2, 4, 3).double()
+    x = (torch.rand(6, 3, dtype=torch.float64) * 2.4 - 1.2).requires_grad_(True)
+    n_bases = layer.grid_size + layer.spline_order
+    weight = torch.randn(2, n_bases * 3, dtype=torch.float64, requires_grad=True)
+    t0, inv_h = grid_origin_and_scale(layer.grid, 3)
+    assert torch.autograd.gradcheck(lambda a, w: UniformSplineLinear.apply(a, w, t0, inv_h, 3), (x, weight))
