@@ -73,7 +73,8 @@ class RunConfig:
         choice("trainer", self.trainer, TRAINERS)
         activation = self.activation or DEFAULT_ACTIVATION[self.model]
         choice("activation", activation, ACTIVATIONS)
-        if not (isinstance(self.lr, (int, float)) and 0 < float(self.lr) < 1e3):
+        if not (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool)
+                and 0 < float(self.lr) < float("inf")):
             raise ConfigError("lr", f"{self.lr!r} must be a positive number")
         for name in ("batch_size", "max_epochs", "grid_size", "spline_order"):
             value = getattr(self, name)

@@ -79,8 +79,9 @@ def test_kan_resume_is_bit_identical(digits, tmp_path):
            [dataclasses.replace(r, seconds=0.0) for r in resumed]
 
 
-def test_absurd_learning_rate_diverges(digits):
-    config = RunConfig(dataset="digits", model="mlp", depth="shallow", optimizer="sgd", lr=900.0,
+@pytest.mark.parametrize("model,lr", [("kan", 1e6), ("mlp", 1e20)])
+def test_absurd_learning_rate_diverges(digits, model, lr):
+    config = RunConfig(dataset="digits", model=model, depth="shallow", optimizer="sgd", lr=lr,
                        batch_size=64, max_epochs=5)
     result, records = run(config, digits)
     assert result.status == "diverged"
