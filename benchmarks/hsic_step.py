@@ -1,0 +1,145 @@
+"""Time one HSIC Bottleneck step against one backprop step at batch 2048 (MLP and KAN, 784-64-32-10).
+
+Variants, all computing the same loss (sum over hidden layers of -beta * nHSIC(Z_i, Y)) and taking
+one optimiser step per block:
+
+* plain: the formula as written: explicit centring matrix H (two m x m matmuls per kernel), a
+  Cholesky solve for R of each kernel, the label kernel rebuilt and refactorised for every layer,
+  trace(R_z R_y) from the two full R.
+* eigh: R = U diag(l / (l + eps m)) U^T from one eigendecomposition per kernel (label kernel once
+  per batch); trace(R_z R_y) = a^T (U^T V)^2 b. Gradient through eigh.
+* fast: the trainer (``kanfarm.training.hsic.hsic_step``): mean-subtraction centring, layers
+  batched, one Cholesky per layer, low-rank label target (solve with C right-hand sides).
+
+Also prints how far eigh's gradient lies from the Cholesky one (eigh's backward divides by
+eigenvalue gaps). Usage: python benchmarks/hsic_step.py [--batch 2048] [--reps 5] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from kanfarm.config import RunConfig
+from kanfarm.models import build_model
+from kanfarm.training.backprop import backprop_step
+from kanfarm.training.hsic import HSICBottleneck, HSICSettings, hsic_step
+from kanfarm.training.hsic_kernels import WORK_DTYPE, gaussian_kernel
+
+BETA, SIGMA, EPS = 100.0, 10.0, 1e-5
+
+
+def _hidden(model, x):
+    zs, h = [], x
+    for block in list(model.blocks)[:-1]:
+        h = block(h.detach())
+        zs.append(h)
+    return zs, h
+
+
+def plain_loss(model, x, y, n_classes):
+    zs, _ = _hidden(model, x)
+    m = x.shape[0]
+    eye = torch.eye(m, dtype=WORK_DTYPE, device=x.device)
+    h = eye - 1.0 / m
+
+    def r(k):
+        kc = h @ k @ h
+        return torch.cholesky_solve(kc, torch.linalg.cholesky(kc + EPS * m * eye))
+
+    total = 0.0
+    for z in zs:
+        ky = gaussian_kernel(F.one_hot(y, n_classes).to(WORK_DTYPE), SIGMA)  # rebuilt per layer
+        total = total - BETA * torch.trace(r(gaussian_kernel(z, SIGMA)) @ r(ky))
+    return total
+
+
+def eigh_loss(model, x, y, n_classes):
+    from kanfarm.training.hsic_kernels import centre, centred_gaussian_kernel
+    zs, _ = _hidden(model, x)
+    m = x.shape[0]
+    ly, v = torch.linalg.eigh(centre(gaussian_kernel(F.one_hot(y, n_classes).to(WORK_DTYPE), SIGMA)))
+    b = ly.clamp_min(0) / (ly.clamp_min(0) + EPS * m)
+    kz = torch.stack([centred_gaussian_kernel(z, SIGMA) for z in zs])
+    lz, u = torch.linalg.eigh(kz)
+    a = lz.clamp_min(0) / (lz.clamp_min(0) + EPS * m)
+    w = u.transpose(-1, -2) @ v
+    return -BETA * torch.einsum("li,lij,j->", a, w * w, b)
+
+
+def step_with(loss_fn, model, opts, x, y, n_classes):
+    model.train()
+    for o in opts.values():
+        o.zero_grad(set_to_none=True)
+    loss = loss_fn(model, x, y, n_classes)
+    _, h = _hidden(model, x)
+    loss = loss + F.cross_entropy(model.blocks[-1](h.detach()), y)
+    loss.backward()
+    for o in opts.values():
+        o.step()
+    return loss.detach()
+
+
+def timed(fn, reps, device):
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def grad_of(loss_fn, model, x, y):
+    model.zero_grad(set_to_none=True)
+    model.train()
+    loss_fn(model, x, y, 10).backward()
+    return torch.cat([p.grad.flatten() for p in model.blocks[0].parameters()])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=2048)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--plain-reps", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    print("| device | model | backprop ms | plain HSIC ms | eigh HSIC ms | fast HSIC ms | plain/bp | eigh/bp | fast/bp | eigh-vs-chol grad rel. diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for device in devices:
+        for kind in ("mlp", "kan"):
+            torch.manual_seed(0)
+            config = RunConfig(dataset="mnist", model=kind, trainer="hsic", hidden_widths=(64, 32),
+                               dropout=0.0, batch_size=args.batch).normalised()
+            model = build_model(config, 784, 10).to(device)
+            x = torch.rand(args.batch, 784, device=device) * 2 - 1
+            y = torch.randint(0, 10, (args.batch,), device=device)
+            opts = HSICBottleneck().optimizers(model, config)
+            settings = HSICSettings.from_config(config)
+            bp_opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            bp = timed(lambda: backprop_step(model, bp_opt, x, y), args.reps, device)
+            plain = timed(lambda: step_with(plain_loss, model, opts, x, y, 10), args.plain_reps, device)
+            eig = timed(lambda: step_with(eigh_loss, model, opts, x, y, 10), args.plain_reps, device)
+            fast = timed(lambda: hsic_step(model, opts, x, y, settings), args.reps, device)
+            g_eig, g_fast = grad_of(eigh_loss, model, x, y), grad_of(plain_loss, model, x, y)
+            diff = float((g_eig - g_fast).norm() / g_fast.norm())
+            name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{args.threads} threads"
+            print(f"| {name} | {kind} | {bp * 1e3:.1f} | {plain * 1e3:.0f} | {eig * 1e3:.0f} | {fast * 1e3:.1f} "
+                  f"| {plain / bp:.0f}x | {eig / bp:.0f}x | {fast / bp:.1f}x | {diff:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
