@@ -64,7 +64,7 @@ def test_update_grid_keeps_the_function_on_the_data():
     layer = KANLinear(6, 4)
     with torch.no_grad():
         layer.spline_weight.normal_()
-    x = torch.rand(1000, 6) * 1.8 - 0.9
+    x = torch.rand(2000, 6) * 1.8 - 0.9
     before = layer(x).detach()
     stale = KANLinear(6, 4)
     stale.load_state_dict(layer.state_dict())
