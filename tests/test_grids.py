@@ -74,7 +74,8 @@ def test_paper_intrinsic_dims():
     for d in ("fashion-mnist", "imdb", "higgs"):
         assert load_spec(f"paper-{d}").intrinsic_dim(d) == 0
         assert load_spec("paper-activations").intrinsic_dim(d) == 0
-    assert load_spec("demo").intrinsic_dim("digits") is None
+    assert load_spec("demo").intrinsic_dim("digits") == 0
+    assert spec().intrinsic_dim("digits") is None
     assert KNOWN_INTRINSIC_DIM == {"mnist": 750, "cifar10": 9000}
 
 
