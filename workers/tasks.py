@@ -81,6 +81,19 @@ def _forked_child(**_kwargs) -> None:
     _store = None
 
 
+@signals.worker_init.connect
+def _warm_up(**_kwargs) -> None:
+    """Import torch and the trainer before the worker says ready, not inside the first run, and
+    say early when the database is unreachable or not migrated. Never initialises CUDA."""
+    import kanfarm.runner  # noqa: F401
+    import kanfarm.training.loop  # noqa: F401
+
+    try:
+        store().check_schema()
+    except Exception as exc:  # the worker still starts: runs fail loudly until this is fixed
+        log.error("database not ready: %s (run `kanfarm db upgrade`)", exc)
+
+
 @signals.worker_shutting_down.connect
 def _warm_shutdown(**_kwargs) -> None:
     SHUTDOWN.set()

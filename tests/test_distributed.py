@@ -1,0 +1,471 @@
+"""Distributed execution against the real services: Redis (a dedicated DB number, flushed only
+there), PostgreSQL (a database of its own) and real ``celery worker`` subprocesses.
+
+No broker, database or Celery piece is faked: runs are enqueued through the CLI, executed by two
+worker processes, killed with SIGKILL or stopped with SIGTERM, and checked against a local run
+of the same configs on a separate SQLite database.
+
+Unreachable Redis or PostgreSQL: skipped, or failed when ``CI=true``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.pool import NullPool
+
+ROOT = Path(__file__).resolve().parents[1]
+REDIS_URL = os.environ.get("KANFARM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+LEASE_S = 4  # short, so a killed worker's run is reclaimable within the test
+WAIT_S = 150  # bound on any single wait; nothing here should come near it
+
+
+def _unavailable(message: str) -> None:
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{message} (CI=true: service tests must run)", pytrace=False)
+    pytest.skip(message)
+
+
+# --- no services needed -------------------------------------------------------------------------
+
+def test_celery_settings_are_crash_safe_and_json_only(monkeypatch):
+    from workers.celery_app import make_app
+
+    monkeypatch.setenv("KANFARM_VISIBILITY_TIMEOUT", "7200")
+    conf = make_app("redis://127.0.0.1:6379/15").conf
+    assert conf.task_serializer == conf.result_serializer == "json"
+    assert list(conf.accept_content) == ["json"]
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.task_ignore_result
+    assert conf.result_backend is None
+    assert conf.worker_prefetch_multiplier == 1 and conf.worker_pool == "solo"
+    assert conf.broker_transport_options["visibility_timeout"] == 7200
+    assert {q.name for q in conf.task_queues} == {"gpu", "cpu"}
+    monkeypatch.delenv("KANFARM_VISIBILITY_TIMEOUT")
+    assert make_app().conf.broker_transport_options["visibility_timeout"] == 12 * 3600
+
+
+def test_launcher_pins_one_process_per_gpu():
+    from workers.launcher import parse_gpus, parse_queues, plan
+
+    specs = plan(parse_gpus("0,1"), parse_queues(None, "gpu"), host="h")
+    assert [s.name for s in specs] == ["gpu0-0@h", "gpu1-0@h"]
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in specs] == ["0", "1"]
+    assert all(s.env["KANFARM_DEVICE"] == "cuda" and s.queues == ("gpu",) for s in specs)
+    argv = specs[0].argv()
+    assert argv[argv.index("--pool") + 1] == "solo" and argv[argv.index("--concurrency") + 1] == "1"
+    cpu = plan([], parse_queues("cpu,gpu", "cpu"), concurrency=2, host="h")
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in cpu] == ["", ""]  # CPU workers never see a GPU
+    assert all(s.env["KANFARM_DEVICE"] == "cpu" and s.queues == ("cpu", "gpu") for s in cpu)
+    with pytest.raises(ValueError):
+        parse_gpus("0,0")
+    with pytest.raises(ValueError):
+        parse_queues("tpu", "cpu")
+
+
+# --- services -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def redis_db():
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3, socket_timeout=10)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError as exc:
+        _unavailable(f"Redis at {REDIS_URL} is unreachable: {type(exc).__name__}")
+    client.flushdb()  # this test DB only
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def pg_url(postgres_url):
+    """The session's PostgreSQL database, emptied and migrated for this module."""
+    from kanfarm.store import Store
+
+    engine = sa.create_engine(postgres_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.exec_driver_sql("DROP SCHEMA public CASCADE")
+        conn.exec_driver_sql("CREATE SCHEMA public")
+    engine.dispose()
+    store = Store(postgres_url)
+    store.upgrade()
+    store.dispose(close=True)
+    return postgres_url
+
+
+@pytest.fixture(scope="module")
+def env(redis_db, pg_url, tmp_path_factory):
+    """Environment for workers and CLI calls: test broker, test database, shared checkpoints."""
+    base = tmp_path_factory.mktemp("distributed")
+    return {**os.environ, "KANFARM_BROKER_URL": REDIS_URL, "KANFARM_DATABASE_URL": pg_url,
+            "KANFARM_CHECKPOINT_DIR": str(base / "checkpoints"), "KANFARM_LEASE_SECONDS": str(LEASE_S),
+            "KANFARM_MAX_ATTEMPTS": "3", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            "KANFARM_TEST_LOGS": str(base)}
+
+
+@pytest.fixture(scope="module")
+def store(pg_url):
+    from kanfarm.store import Store
+
+    s = Store(pg_url)
+    yield s
+    s.dispose(close=True)
+
+
+class Fleet:
+    """Real ``celery worker`` subprocesses (solo pool, queue cpu), with their logs."""
+
+    def __init__(self, env: dict):
+        self.env, self.procs, self.logs = env, {}, {}
+
+    def start(self, name: str, queues: str = "cpu") -> subprocess.Popen:
+        log = Path(self.env["KANFARM_TEST_LOGS"]) / f"{name}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--pool", "solo",
+                 "--concurrency", "1", "-Q", queues, "-n", f"{name}@%h", "--loglevel", "INFO",
+                 "--without-gossip", "--without-mingle"],
+                cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        self.procs[name], self.logs[name] = proc, log
+        return proc
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        wait_for(lambda: all(" ready." in self.logs[n].read_text(errors="replace") for n in self.procs),
+                 timeout, "workers ready", self)
+
+    def by_pid(self, pid: int) -> str:
+        return next(name for name, p in self.procs.items() if p.pid == pid)
+
+    def tail(self) -> str:
+        return "\n".join(f"--- {n}\n" + log.read_text(errors="replace")[-3000:] for n, log in self.logs.items())
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def fleet(env):
+    workers = Fleet(env)
+    workers.start("w1")
+    workers.start("w2")
+    try:
+        workers.wait_ready()
+        yield workers
+    finally:
+        workers.stop()
+
+
+def wait_for(predicate, timeout: float, what: str, fleet: Fleet | None = None, poll: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{fleet.tail() if fleet else ''}")
+
+
+def cli(env: dict, *args: str, timeout: float = 120):
+    """``python -m cli.main ARGS``; returns parsed JSON when ``--json`` is among them."""
+    proc = subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"kanfarm {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}"
+    return json.loads(proc.stdout) if "--json" in args else proc.stdout
+
+
+def spec(name: str, lrs=(0.01,), seeds=(0,), epochs: int = 4, batch_size: int = 128) -> dict:
+    return {"name": name, "datasets": ["digits"], "models": ["mlp"], "depths": ["shallow"],
+            "inits": ["kaiming_normal"], "optimizers": ["adam"], "learning_rates": list(lrs),
+            "seeds": list(seeds), "epochs": epochs, "batch_size": batch_size}
+
+
+def spec_file(tmp_path: Path, data: dict) -> str:
+    lines = []
+    for key, value in data.items():
+        lines.append(f"{key} = {json.dumps(value)}")  # JSON scalars and lists are valid TOML here
+    path = tmp_path / f"{data['name']}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def local_reference(tmp_path: Path, data: dict, monkeypatch) -> dict[str, list[tuple]]:
+    """The same grid run by the local runner on its own SQLite file and checkpoint dir."""
+    from kanfarm.grids import parse_spec
+    from kanfarm.local import run_grid_locally
+    from kanfarm.store import Store
+    from kanfarm.submission import submit
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "local-checkpoints"))
+    local = Store(f"sqlite:///{tmp_path / 'local.db'}")
+    local.upgrade()
+    try:
+        submit(local, parse_spec(data))
+        run_grid_locally(local, data["name"])
+        return metrics_by_hash(local, data["name"])
+    finally:
+        local.dispose(close=True)
+
+
+def metrics_by_hash(store, grid: str) -> dict[str, list[tuple]]:
+    hashes = {row["id"]: row["config_hash"] for row in store.query("SELECT id, config_hash FROM runs")}
+    out: dict[str, list[tuple]] = {}
+    for row in store.epoch_metrics(grid=grid):
+        out.setdefault(hashes[row["run_id"]], []).append((row["epoch"], row["test_acc"], row["test_loss"]))
+    return out
+
+
+def assert_same_metrics(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for h in want:
+        assert [(e, acc) for e, acc, _ in got[h]] == [(e, acc) for e, acc, _ in want[h]], h
+        for (_, _, a), (_, _, b) in zip(got[h], want[h]):
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
+
+
+def finished(store, grid: str, n: int) -> bool:
+    counts = store.status_counts(grid)
+    return counts["completed"] + counts["diverged"] + counts["failed"] == n
+
+
+def assert_contiguous_epochs(store, run_id: int, max_epochs: int) -> None:
+    epochs = [row["epoch"] for row in store.epoch_metrics(run_id=run_id)]
+    assert epochs == list(range(max_epochs + 1))  # unique (primary key) and no gap
+
+
+@pytest.mark.services
+def test_flushed_broker_is_recovered_by_requeue(env, store, fleet, redis_db, tmp_path):
+    """Runs queued in the database lose their messages (FLUSHDB): requeue republishes them all.
+    They are enqueued on the gpu queue, which no test worker consumes, so they are surely still
+    waiting when the broker is flushed."""
+    data = spec("flush", lrs=(0.01, 0.001), epochs=3)
+    out = cli(env, "enqueue", "grid", spec_file(tmp_path, data), "--queue", "gpu", "--json")
+    assert (out["added"], out["published"]) == (2, 2)
+    assert redis_db.llen("gpu") == 2
+    redis_db.flushdb()
+    assert redis_db.llen("gpu") == 0 and store.status_counts("flush")["queued"] == 2
+    out = cli(env, "requeue", "--grid", "flush", "--queue", "cpu", "--json")
+    assert out["published"] == 2
+    wait_for(lambda: finished(store, "flush", 2), WAIT_S, "flushed grid to finish", fleet)
+    assert store.status_counts("flush")["completed"] == 2
+
+
+@pytest.mark.services
+def test_two_workers_finish_grid_like_local_run(env, store, fleet, tmp_path, monkeypatch):
+    data = spec("e2e", lrs=(0.01, 0.001), seeds=(0, 1), epochs=4)
+    path = spec_file(tmp_path, data)
+    dry = cli(env, "enqueue", "grid", path, "--dry-run", "--json")
+    assert (dry["added"], dry["published"]) == (4, 4) and store.grid("e2e") is None
+    out = cli(env, "enqueue", "grid", path, "--json")
+    assert (out["added"], out["skipped"], out["published"]) == (4, 0, 4)
+    want = local_reference(tmp_path, data, monkeypatch)  # runs while the workers train
+    wait_for(lambda: finished(store, "e2e", 4), WAIT_S, "grid e2e to finish", fleet)
+    assert store.status_counts("e2e")["completed"] == 4
+    assert_same_metrics(metrics_by_hash(store, "e2e"), want)
+    runs = [store.run(i) for i in store.run_ids("e2e")]
+    assert all(r.attempts == 1 for r in runs)
+    assert len({r.worker for r in runs}) == 2  # both workers took part
+    for r in runs:
+        assert_contiguous_epochs(store, r.id, 4)
+    again = cli(env, "enqueue", "grid", path, "--json")  # idempotent: nothing new, nothing to run
+    assert (again["added"], again["skipped"], again["published"]) == (0, 4, 0)
+
+
+@pytest.mark.services
+def test_message_delivered_twice_runs_once(env, store, fleet, redis_db):
+    from kanfarm.grids import parse_spec
+    from kanfarm.submission import submit
+    from workers.celery_app import make_app
+    from workers.tasks import publish
+
+    submit(store, parse_spec(spec("dup", lrs=(0.003,), epochs=3)))
+    [run_id] = store.run_ids("dup")
+    store.mark_queued([run_id])
+    app = make_app(REDIS_URL)
+    assert publish([run_id, run_id], "cpu", celery_app=app) == 2  # both workers get a copy
+    wait_for(lambda: finished(store, "dup", 1), WAIT_S, "duplicated run to finish", fleet)
+    publish([run_id], "cpu", celery_app=app)  # and a late third copy
+    wait_for(lambda: redis_db.llen("cpu") == 0 and redis_db.hlen("unacked") == 0, 60,
+             "every copy consumed", fleet)
+    run = store.run(run_id)
+    assert (run.status, run.attempts) == ("completed", 1)
+    assert_contiguous_epochs(store, run_id, 3)
+
+
+@pytest.mark.services
+def test_eight_concurrent_workers_claim_each_run_once(pg_url, store, tmp_path, monkeypatch):
+    """Eight workers (threads, each with its own engine) are all handed every run id."""
+    import random
+
+    import torch
+
+    from kanfarm.grids import parse_spec
+    from kanfarm.runner import execute_run
+    from kanfarm.store import Store
+    from kanfarm.submission import submit
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "race-checkpoints"))
+    submit(store, parse_spec(spec("race", lrs=(0.01, 0.003, 0.001), seeds=(0, 1), epochs=2)))
+    ids = store.run_ids("race")
+    store.mark_queued(ids)
+    outcomes: list[tuple[int, str]] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def worker(i: int) -> None:
+        own = Store(pg_url)
+        try:
+            order = ids[:]
+            random.Random(i).shuffle(order)
+            start.wait(timeout=30)
+            for run_id in order:
+                outcomes.append((run_id, execute_run(own, run_id, f"race-{i}", lease_s=60, max_attempts=3).status))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        finally:
+            own.dispose(close=True)
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pool = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join(timeout=WAIT_S)
+    finally:
+        torch.set_num_threads(threads_before)
+    assert not errors and not any(t.is_alive() for t in pool)
+    assert len(outcomes) == 8 * len(ids)
+    for run_id in ids:
+        ran = [status for rid, status in outcomes if rid == run_id and status != "not-claimed"]
+        assert ran == ["completed"], run_id  # executed exactly once, by one worker
+        assert store.run(run_id).attempts == 1
+        assert_contiguous_epochs(store, run_id, 2)
+
+
+@pytest.mark.services
+def test_cancel_stops_queued_and_running_runs(env, store, fleet, redis_db, tmp_path):
+    from workers.celery_app import make_app
+    from workers.tasks import publish
+
+    data = spec("cancel", lrs=(0.004,), seeds=(0, 1), epochs=400, batch_size=32)
+    cli(env, "enqueue", "grid", spec_file(tmp_path, data), "--queue", "gpu", "--json")  # nobody consumes gpu
+    first, second = store.run_ids("cancel")
+    redis_db.delete("gpu")
+    publish([first], "cpu", celery_app=make_app(REDIS_URL))
+    wait_for(lambda: len(store.epoch_metrics(run_id=first)) >= 2, WAIT_S, "the first run to train", fleet)
+    assert "1 waiting runs cancelled, 1 running" in cli(env, "cancel", "--grid", "cancel")
+    assert store.status_counts("cancel")["cancelled"] == 2
+    time.sleep(LEASE_S)  # a few heartbeats: the running worker sees the cancel and stops
+    publish([second], "cpu", celery_app=make_app(REDIS_URL))  # a message for a cancelled run: no-op
+    wait_for(lambda: redis_db.llen("cpu") == 0 and redis_db.hlen("unacked") == 0, 60, "messages consumed", fleet)
+    n_first = len(store.epoch_metrics(run_id=first))
+    time.sleep(1.0)
+    assert len(store.epoch_metrics(run_id=first)) == n_first < 401  # stopped training
+    assert store.epoch_metrics(run_id=second) == []
+    assert store.status_counts("cancel")["cancelled"] == 2
+
+
+@pytest.mark.services
+def test_requeue_failed_respects_attempts(env, store, fleet):
+    from kanfarm.grids import parse_spec
+    from kanfarm.submission import submit
+
+    submit(store, parse_spec(spec("failed", lrs=(0.02, 0.03), epochs=2)))
+    retry, spent = store.run_ids("failed")
+    store.claim(retry, "crashed", 60)
+    store.finish(retry, "crashed", "failed", error="boom")
+    for _ in range(2):
+        store.claim(spent, "crashed", 60)
+        store.release(spent, "crashed")
+    store.claim(spent, "crashed", 60)
+    store.finish(spent, "crashed", "failed", error="out of memory")
+    out = cli(env, "requeue", "--grid", "failed", "--failed", "--json")
+    assert (out["failed_retried"], out["failed_exhausted"], out["published"]) == (1, 1, 1)
+    wait_for(lambda: store.run(retry).status == "completed", WAIT_S, "the retried run", fleet)
+    run = store.run(spent)
+    assert (run.status, run.attempts, run.error) == ("failed", 3, "out of memory")
+
+
+@pytest.mark.services
+def test_warm_shutdown_checkpoints_releases_and_republishes(env, store, fleet, redis_db, tmp_path):
+    """``kanfarm worker`` gets SIGTERM mid-run: its run is checkpointed, released to queued and
+    its message re-published (on gpu, which only that worker consumed); requeue moves it to the
+    cpu workers, which resume it."""
+    data = spec("warm", lrs=(0.002,), epochs=12, batch_size=8)  # slow epochs: time to stop mid-run
+    log = Path(env["KANFARM_TEST_LOGS"]) / "launcher.log"
+    with open(log, "wb") as out:
+        launcher = subprocess.Popen([sys.executable, "-m", "cli.main", "worker", "--queues", "gpu"],
+                                    cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: " ready." in log.read_text(errors="replace"), 90, "kanfarm worker ready")
+        cli(env, "enqueue", "grid", spec_file(tmp_path, data), "--queue", "gpu", "--json")
+        [run_id] = store.run_ids("warm")
+        wait_for(lambda: len(store.epoch_metrics(run_id=run_id)) >= 2, WAIT_S, "an epoch on the launcher's worker",
+                 poll=0.02)
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=60) == 0, log.read_text(errors="replace")[-3000:]
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait(timeout=10)
+    run = store.run(run_id)
+    assert run.status == "queued", log.read_text(errors="replace")[-3000:]
+    stopped_at = max(c.epoch for c in store.checkpoints(run_id))
+    assert 1 <= stopped_at < 12
+    assert redis_db.llen("gpu") == 1  # the release re-published its run id
+    cli(env, "requeue", "--grid", "warm", "--json")
+    wait_for(lambda: finished(store, "warm", 1), WAIT_S, "released run to finish", fleet)
+    run = store.run(run_id)
+    assert (run.status, run.attempts) == ("completed", 2)
+    assert_contiguous_epochs(store, run_id, 12)
+    redis_db.delete("gpu")
+
+
+@pytest.mark.services
+def test_killed_worker_run_resumes_on_other_worker(env, store, fleet, tmp_path, monkeypatch):
+    """SIGKILL the worker training a run: once its lease expires, requeue --stale republishes it
+    and the other worker resumes from the checkpoint; the result equals an uninterrupted run."""
+    data = spec("kill", lrs=(0.005,), epochs=8, batch_size=8)  # slow epochs: time to kill mid-run
+    cli(env, "enqueue", "grid", spec_file(tmp_path, data), "--json")
+    [run_id] = store.run_ids("kill")
+    wait_for(lambda: len(store.epoch_metrics(run_id=run_id)) >= 2, WAIT_S, "a trained epoch", fleet, poll=0.02)
+    holder = store.run(run_id).worker
+    victim = fleet.by_pid(int(holder.split(":")[-2]))
+    fleet.procs[victim].send_signal(signal.SIGKILL)
+    fleet.procs[victim].wait(timeout=30)
+    before = {row["epoch"]: row for row in store.epoch_metrics(run_id=run_id)}
+    saved = max(c.epoch for c in store.checkpoints(run_id))
+    assert store.run(run_id).status == "running" and saved < 8
+
+    wait_for(lambda: store.stale_runs("kill") == [run_id], LEASE_S * 10, "the lease to expire")
+    out = cli(env, "requeue", "--grid", "kill", "--stale", "--json")
+    assert (out["stale"], out["published"]) == (1, 1)
+    wait_for(lambda: finished(store, "kill", 1), WAIT_S, "reclaimed run to finish", fleet)
+
+    run = store.run(run_id)
+    assert (run.status, run.attempts) == ("completed", 2) and run.worker != holder
+    assert_contiguous_epochs(store, run_id, 8)
+    after = {row["epoch"]: row for row in store.epoch_metrics(run_id=run_id)}
+    for epoch in range(saved + 1):  # resumed, not restarted: rows up to the checkpoint untouched
+        assert after[epoch]["seconds"] == before[epoch]["seconds"], epoch
+    assert_same_metrics(metrics_by_hash(store, "kill"), local_reference(tmp_path, data, monkeypatch))
