@@ -1,0 +1,127 @@
+"""Per-member optimisers over stacked parameters: SGD, SGD + Nesterov momentum 0.9, and Adam.
+
+Each member's update is torch.optim's single-tensor formula for that run alone (same op order,
+scalars rounded as torch rounds them), so a packed member follows its solo run to the last bit
+where the products agree. Members are sorted by optimiser, so each kind updates a contiguous
+slice (views, no copies). A member whose loss went non-finite (``alive`` False) keeps its
+parameters and state: updates are masked with ``torch.where``, so NaN never spreads.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from kanfarm.training.optim import make_optimizer
+
+MOMENTUM = 0.9
+BETAS = (0.9, 0.999)
+EPS = 1e-8
+
+
+def _col(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``(k,)`` -> ``(k, 1, ..., 1)`` broadcasting against a stacked tensor."""
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
+class StackedOptimizer:
+    """``kinds[m]`` in ('sgd', 'sgd_momentum', 'adam'), sorted; ``lrs[m]`` per member.
+
+    ``steps`` counts the updates done (shared: members of a pack start at the same epoch).
+    """
+
+    def __init__(self, params: dict[str, torch.Tensor], kinds: list[str], lrs: list[float], steps: int = 0):
+        if kinds != sorted(kinds, key=_ORDER.index):
+            raise ValueError("members must be sorted by optimiser kind")
+        self.kinds, self.lrs, self.steps = list(kinds), [float(lr) for lr in lrs], steps
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+        for name, p in params.items():
+            self.state[name] = {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        self._lr_cache(next(iter(params.values())).device)
+
+    def _lr_cache(self, device: torch.device) -> None:
+        self.slices = {}
+        for kind in _ORDER:
+            idx = [m for m, k in enumerate(self.kinds) if k == kind]
+            if idx:
+                self.slices[kind] = slice(idx[0], idx[-1] + 1)
+        self.lr64 = torch.tensor(self.lrs, dtype=torch.float64, device=device)
+        # torch passes alpha=-lr as a Python float, which the kernel rounds to float32
+        self.neg_lr = (-self.lr64).float()
+
+    def keep(self, members: list[int]) -> None:
+        idx = torch.tensor(members, device=self.lr64.device)
+        for st in self.state.values():
+            for key in st:
+                st[key] = st[key].index_select(0, idx)
+        self.kinds = [self.kinds[m] for m in members]
+        self.lrs = [self.lrs[m] for m in members]
+        self._lr_cache(self.lr64.device)
+
+    @torch.no_grad()
+    def step(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], alive: torch.Tensor) -> None:
+        self.steps += 1
+        step = self.steps
+        bc1, bc2 = 1 - BETAS[0] ** step, 1 - BETAS[1] ** step
+        bc2_sqrt = bc2 ** 0.5
+        for name, p in params.items():
+            p, g, st = p.detach(), grads[name], self.state[name]
+            for kind, sl in self.slices.items():
+                live = _col(alive[sl], p[sl])
+                neg_lr = _col(self.neg_lr[sl], p[sl])
+                if kind == "sgd":
+                    _commit(p[sl], torch.addcmul(p[sl], g[sl], neg_lr), live)
+                elif kind == "sgd_momentum":
+                    buf = st["momentum_buffer"][sl]
+                    new_buf = g[sl].clone() if step == 1 else buf.mul(MOMENTUM).add_(g[sl])
+                    _commit(buf, new_buf, live)
+                    direction = g[sl].add(buf, alpha=MOMENTUM)
+                    _commit(p[sl], torch.addcmul(p[sl], direction, neg_lr), live)
+                else:
+                    exp_avg, exp_avg_sq = st["exp_avg"][sl], st["exp_avg_sq"][sl]
+                    _commit(exp_avg, exp_avg.lerp(g[sl], 1 - BETAS[0]), live)
+                    _commit(exp_avg_sq, exp_avg_sq.mul(BETAS[1]).addcmul_(g[sl], g[sl], value=1 - BETAS[1]), live)
+                    denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(EPS)
+                    neg_step = _col((-(self.lr64[sl] / bc1)).float(), p[sl])
+                    _commit(p[sl], p[sl] + (neg_step * exp_avg) / denom, live)
+
+    # -- members in torch.optim's format --------------------------------------------------------
+
+    def member_state_dict(self, m: int, model: nn.Module) -> dict:
+        """Member ``m``'s state as ``torch.optim``'s ``state_dict()`` for the single model ``model``."""
+        opt = make_optimizer(self.kinds[m], model.parameters(), self.lrs[m])
+        if self.steps > 0:
+            for (name, param) in model.named_parameters():
+                st = self.state[name]
+                if self.kinds[m] == "sgd_momentum":
+                    opt.state[param] = {"momentum_buffer": st["momentum_buffer"][m].clone()}
+                elif self.kinds[m] == "adam":
+                    opt.state[param] = {"step": torch.tensor(float(self.steps), dtype=torch.float32),
+                                        "exp_avg": st["exp_avg"][m].clone(),
+                                        "exp_avg_sq": st["exp_avg_sq"][m].clone()}
+        return opt.state_dict()
+
+    def load_member(self, m: int, model: nn.Module, saved: dict) -> None:
+        """Load a ``torch.optim`` state dict (of the single model ``model``) into member ``m``."""
+        opt = make_optimizer(self.kinds[m], model.parameters(), self.lrs[m])
+        opt.load_state_dict(saved)
+        for name, param in model.named_parameters():
+            st = opt.state.get(param, {})
+            for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+                if st.get(key) is not None:
+                    self.state[name][key][m].copy_(st[key])
+            if "step" in st and int(st["step"]) != self.steps:
+                raise ValueError(f"member {m}: optimiser step {int(st['step'])} != pack step {self.steps}")
+
+
+_ORDER = ["sgd", "sgd_momentum", "adam"]
+
+
+def _commit(dst: torch.Tensor, new: torch.Tensor, live: torch.Tensor) -> None:
+    dst.copy_(torch.where(live, new, dst))
+
+
+def batches_per_epoch(n: int, batch_size: int) -> int:
+    return math.ceil(n / batch_size)

@@ -1,0 +1,74 @@
+"""Which runs can share a pack, and how many fit on a device.
+
+Runs pack together when everything that sets tensor shapes or the data stream is equal: dataset,
+model family and widths (KAN grid size and spline order; for MLP-Wide, what sets its widths),
+batch size, epochs, seed (the batch order), train-eval subset, and the trainer, which must be
+backprop (HSIC is not packed yet). Members may differ in init, optimiser, learning rate,
+activation, dropout and patience.
+"""
+from __future__ import annotations
+
+import json
+from typing import Hashable, Sequence, TypeVar
+
+from kanfarm.config import RunConfig
+
+#: fields a pack's members may differ in: none of them changes a tensor shape or the batch order.
+MEMBER_FIELDS = ("init", "optimizer", "lr", "activation", "dropout", "patience")
+#: most members one pack takes (``auto`` included): beyond it the gain is small and a crash costs more.
+MAX_PACK = 64
+
+Id = TypeVar("Id", bound=Hashable)
+
+
+def pack_key(config: RunConfig) -> str | None:
+    """Equal keys can share a pack; None: this run trains alone."""
+    config = config.normalised()
+    if config.trainer != "backprop":
+        return None
+    shared = {k: v for k, v in config.to_dict().items() if k not in MEMBER_FIELDS}
+    return json.dumps(shared, sort_keys=True)
+
+
+def plan_packs(runs: Sequence[tuple[Id, RunConfig]], pack_size: int) -> list[list[Id]]:
+    """Group ``(id, config)`` pairs into packs of at most ``pack_size`` members, in first-seen
+    order; unpackable runs and ``pack_size`` 1 give packs of one."""
+    if pack_size < 1:
+        raise ValueError("pack_size must be at least 1")
+    groups: dict[str, list[Id]] = {}
+    packs: list[list[Id]] = []
+    for run_id, config in runs:
+        key = pack_key(config) if pack_size > 1 else None
+        if key is None:
+            packs.append([run_id])
+            continue
+        group = groups.setdefault(key, [])
+        if not group:
+            packs.append(group)
+        group.append(run_id)
+        if len(group) == pack_size:
+            del groups[key]  # full: the next run of this key starts a new pack
+    return packs
+
+
+def member_bytes(config: RunConfig, n_features: int, n_classes: int) -> int:
+    """Rough device memory of one member while training: parameters with gradient and three
+    optimiser buffers, plus activations (a KAN keeps bases and slopes of every hidden input)."""
+    from kanfarm.models import model_widths, param_count
+
+    config = config.normalised()
+    widths = model_widths(config, n_features, n_classes)
+    per_value = config.grid_size + config.spline_order if config.model == "kan" else 1
+    activations = config.batch_size * sum(widths[1:]) * (2 * per_value + 4)
+    return 4 * (6 * param_count(config, n_features, n_classes) + activations)
+
+
+def auto_pack_size(config: RunConfig, n_features: int, n_classes: int, device: str = "cpu") -> int:
+    """Members that fit in half the free memory of a CUDA device; 8 on CPU (no gain beyond)."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return 8
+    free, _ = torch.cuda.mem_get_info(dev)
+    return max(1, min(MAX_PACK, int(free * 0.5) // member_bytes(config, n_features, n_classes)))

@@ -1,0 +1,241 @@
+"""The packed epoch loop: many runs of one shape trained as one stacked model, each keeping its
+own records, status, checkpoints and random streams.
+
+Per member it does what ``kanfarm.training.loop.fit`` does for one run (seeding, epoch-0
+evaluation, divergence, patience, checkpoint/resume), so a member's rows equal its solo run's and
+its checkpoints load in the single-run path and back. Members resumed at different epochs are
+trained as separate sub-packs (they need different batch orders).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kanfarm.config import RunConfig
+from kanfarm.data.dataset import Dataset
+from kanfarm.models import build_model, count_params
+from kanfarm.packing.optim import _ORDER, StackedOptimizer, batches_per_epoch
+from kanfarm.packing.planner import pack_key
+from kanfarm.packing.stacked import StackedNet
+from kanfarm.training import rng
+from kanfarm.training.checkpoint import CheckpointManager
+from kanfarm.training.loop import _train_eval_subset, shuffled_batches
+from kanfarm.training.records import EpochRecord, RunResult, ShouldStop, Sink
+
+
+@dataclass
+class Member:
+    """One run of a pack: its config, where its records go, its checkpoints, when it must stop."""
+
+    config: RunConfig
+    sink: Sink
+    checkpoints: CheckpointManager | None = None
+    should_stop: ShouldStop | None = None
+
+
+@dataclass
+class _Slot:
+    """A member's running state inside the pack."""
+
+    index: int
+    member: Member
+    config: RunConfig
+    model: torch.nn.Module  # the single model: template for state dicts
+    n_params: int
+    rng: dict[str, Any]  # rng.capture() layout; "torch" and "order" refreshed at save time
+    generator: torch.Generator
+    epoch: int = 0
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    saved: dict[str, Any] | None = None
+
+    def patience_exhausted(self, epoch: int) -> bool:
+        return self.config.patience is not None and epoch - self.best_epoch >= self.config.patience
+
+
+def train_pack(members: list[Member], data: Dataset, *, device: str | torch.device = "cpu") -> list[RunResult]:
+    """Train every member to its end; results in ``members`` order.
+
+    Members must share :func:`pack_key` (dataset, widths, batch size, epochs, trainer, seed...).
+    """
+    if not members:
+        return []
+    configs = [m.config.normalised() for m in members]
+    keys = {pack_key(c) for c in configs}
+    if len(keys) != 1 or None in keys:
+        raise ValueError("members of a pack must share dataset, model shape, batch size, epochs and seed "
+                         "and use the backprop trainer")
+    device = torch.device(device)
+    slots = [_make_slot(i, m, c, data, device) for i, (m, c) in enumerate(zip(members, configs))]
+    results: list[RunResult | None] = [None] * len(members)
+    by_epoch: dict[int, list[_Slot]] = {}
+    for slot in slots:
+        by_epoch.setdefault(slot.epoch, []).append(slot)
+    data = data.to(device)
+    for start in sorted(by_epoch):
+        group = sorted(by_epoch[start], key=lambda s: (_ORDER.index(s.config.optimizer), s.config.activation, s.index))
+        for slot, result in _train_group(group, data, device, start):
+            results[slot.index] = result
+    return results  # type: ignore[return-value]
+
+
+def _make_slot(index: int, member: Member, config: RunConfig, data: Dataset, device: torch.device) -> _Slot:
+    """Build the member exactly as ``fit`` does (same seeding, same init draws) and resume it."""
+    rng.seed_everything(config.seed)
+    model = build_model(config, data.n_features, data.n_classes)
+    state = rng.capture(torch.Generator().manual_seed(config.seed))
+    generator = torch.Generator(device=device)
+    if device.type == "cpu":
+        generator.set_state(state["torch"])
+    else:  # the solo run's dropout draws from the CUDA generator seeded by manual_seed(seed)
+        generator.manual_seed(config.seed)
+    slot = _Slot(index, member, config, model.to(device), count_params(model), state, generator)
+    resumed = member.checkpoints.load_latest(map_location=device) if member.checkpoints is not None else None
+    if resumed is not None:
+        slot.epoch, saved = resumed
+        model.load_state_dict(saved["model"])
+        slot.saved = saved
+        slot.rng = dict(saved["rng"])
+        if device.type == "cpu":
+            generator.set_state(saved["rng"]["torch"].cpu())
+        elif "cuda" in saved["rng"]:
+            generator.set_state(saved["rng"]["cuda"][0].cpu())
+        slot.best_acc = saved["progress"]["best_acc"]
+        slot.best_epoch = saved["progress"]["best_epoch"]
+    return slot
+
+
+def _state(slot: _Slot, m: int, net: StackedNet, opt: StackedOptimizer, order: torch.Generator) -> dict[str, Any]:
+    """Member ``m``'s checkpoint in ``fit``'s layout."""
+    state_rng = dict(slot.rng, order=order.get_state())
+    if slot.generator.device.type == "cpu":
+        state_rng["torch"] = slot.generator.get_state()
+    else:
+        state_rng["cuda"] = [slot.generator.get_state()]
+    slot.model.load_state_dict(net.member_state_dict(m))
+    return {"model": slot.model.state_dict(),
+            "optimizers": {"all": opt.member_state_dict(m, slot.model)},
+            "rng": state_rng,
+            "progress": {"best_acc": slot.best_acc, "best_epoch": slot.best_epoch}}
+
+
+@torch.no_grad()
+def _evaluate(net: StackedNet, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-member mean cross-entropy and accuracy (dropout off), as device tensors."""
+    loss = torch.zeros(net.size, device=x.device)
+    correct = torch.zeros(net.size, device=x.device, dtype=torch.long)
+    for start in range(0, x.shape[0], chunk):
+        logits = net.forward(x[start:start + chunk])
+        target = y[start:start + chunk]
+        members, n, classes = logits.shape
+        ce = F.cross_entropy(logits.float().reshape(-1, classes), target.repeat(members), reduction="none")
+        loss += ce.view(members, n).sum(dim=1)
+        correct += (logits.argmax(dim=2) == target).sum(dim=1)
+    n = x.shape[0]
+    return loss / n, correct.float() / n
+
+
+def _train_group(group: list[_Slot], data: Dataset, device: torch.device, start: int):
+    """Yield (slot, RunResult) as members end; all members of ``group`` resume at ``start``."""
+    config = group[0].config
+    order = torch.Generator().manual_seed(config.seed)
+    if start > 0:
+        order.set_state(group[0].saved["rng"]["order"].cpu())
+    x_eval, y_eval = _train_eval_subset(data, config.train_eval_size, config.seed)
+    net = StackedNet(config.model, [s.model for s in group], [s.config.activation for s in group],
+                     [s.config.dropout for s in group], device)
+    steps = start * batches_per_epoch(data.x_train.shape[0], config.batch_size)
+    opt = StackedOptimizer(net.params, [s.config.optimizer for s in group], [s.config.lr for s in group], steps)
+    for m, slot in enumerate(group):
+        if slot.saved is not None:
+            opt.load_member(m, slot.model, slot.saved["optimizers"]["all"])
+    active = list(group)
+
+    def drop(ended: list[_Slot]) -> None:
+        nonlocal active
+        if ended:
+            keep = [m for m, s in enumerate(active) if s not in ended]
+            active = [active[m] for m in keep]
+            if active:
+                net.keep(keep)
+                opt.keep(keep)
+
+    def record(epoch: int, started: float, loss_sum: torch.Tensor | None, alive: torch.Tensor | None):
+        """Evaluate every member, emit its record; returns the members that diverged."""
+        train_loss, train_acc = _evaluate(net, x_eval, y_eval)
+        test_loss, test_acc = _evaluate(net, data.x_test, data.y_test)
+        rows = [train_loss, train_acc, test_loss, test_acc]
+        if loss_sum is not None:
+            rows += [loss_sum, alive.float()]
+        values = torch.stack(rows).t().tolist()  # one host sync for the whole pack
+        seconds = time.perf_counter() - started
+        diverged = []
+        for slot, v in zip(active, values):
+            finite = all(math.isfinite(x) for x in (v[0], v[2]))
+            if loss_sum is not None:
+                finite = finite and math.isfinite(v[4]) and v[5] == 1.0
+            if not finite:
+                slot.member.sink(EpochRecord(epoch, None, None, None, None, seconds, {}, diverged=True))
+                diverged.append(slot)
+                continue
+            rec = EpochRecord(epoch, v[0], v[1], v[2], v[3], seconds, {})
+            rec.validate()
+            slot.member.sink(rec)
+            if v[3] > slot.best_acc:
+                slot.best_acc, slot.best_epoch = v[3], epoch
+        return diverged
+
+    epoch = start
+    if start == 0:
+        for slot in record(0, time.perf_counter(), None, None):
+            yield slot, RunResult("diverged", 0, slot.n_params)
+            drop([slot])
+        for m, slot in enumerate(active):
+            if slot.member.checkpoints is not None:
+                slot.member.checkpoints.save(0, _state(slot, m, net, opt, order))
+
+    while active:
+        ended = []
+        for m, slot in enumerate(active):
+            if epoch >= slot.config.max_epochs or slot.patience_exhausted(epoch):
+                ended.append(slot)
+                yield slot, RunResult("completed", epoch, slot.n_params)
+            elif slot.member.should_stop is not None and slot.member.should_stop():
+                ckpt = slot.member.checkpoints
+                if ckpt is not None and not any(e == epoch for e, _ in ckpt.paths()):
+                    ckpt.save(epoch, _state(slot, m, net, opt, order))
+                ended.append(slot)
+                yield slot, RunResult("stopped", epoch, slot.n_params)
+        drop(ended)
+        if not active:
+            break
+        started = time.perf_counter()
+        epoch += 1
+        alive = torch.ones(net.size, dtype=torch.bool, device=device)
+        loss_sum = torch.zeros(net.size, device=device)
+        generators = [s.generator for s in active]
+        for x, y in shuffled_batches(data.x_train, data.y_train, config.batch_size, order):
+            logits = net.forward(x, generators)
+            members, n, classes = logits.shape
+            losses = F.cross_entropy(logits.reshape(-1, classes), y.repeat(members), reduction="none").view(members, n).mean(dim=1)
+            params = list(net.params.values())
+            grads = torch.autograd.grad(losses.sum(), params)  # members' losses never mix: separate params
+            alive &= torch.isfinite(losses.detach())
+            opt.step(net.params, dict(zip(net.params, grads)), alive)
+            loss_sum += losses.detach() * n
+        diverged = record(epoch, started, loss_sum, alive)
+        for slot in diverged:
+            yield slot, RunResult("diverged", epoch, slot.n_params)
+        drop(diverged)
+        # Checkpoint all members together: at their last epoch, else when any manager is due
+        # (its min_interval_s keeps tiny models from spending their time writing checkpoints).
+        final = [epoch == s.config.max_epochs or s.patience_exhausted(epoch) for s in active]
+        due = any(s.member.checkpoints is not None and s.member.checkpoints.due(epoch) for s in active)
+        for m, slot in enumerate(active):
+            if slot.member.checkpoints is not None and (due or final[m]):
+                slot.member.checkpoints.save(epoch, _state(slot, m, net, opt, order))
