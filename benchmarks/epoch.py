@@ -55,7 +55,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(rows, 784, generator=g) * 2 - 1).to(args.device)
     y = torch.randint(0, 10, (rows,), generator=g).to(args.device)
-    print(f"device={args.device} threads={torch.get_num_threads()} rows={rows} batch={args.batch} Adam G=5 k=3")
+    print(f"device={args.device} threads={torch.get_num_threads()} rows={rows} batch={args.batch} Adam G=5 k=3"
+          f" loadavg={os.getloadavg()[0]:.2f} OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     print(f"{'model':>8} {'reference s':>12} {'fast s':>8} {'speed-up':>9} {'ref loss':>10} {'fast loss':>10}")
     for name, widths in ARCHITECTURES.items():
         ref_s, ref_loss = epoch(widths, False, x, y, args.batch)

@@ -8,7 +8,8 @@ Rows per shape (batch, in -> out), G = 5, k = 3, float32:
   mlp         nn.Linear(in, out) + GELU of the same shape
 The KAN and MLP rows also compute the input gradient (as every layer after the first must).
 
-Time: median wall time of ``--repeats`` steps after two warm-up steps.
+Time: median wall time of ``--repeats`` steps after two warm-up steps, the rows of a shape taking
+turns within every repeat (fair to all rows when other processes load the machine).
 Memory on CPU: every (row, shape) runs in a fresh process: a warm-up step at batch 8 loads the
 libraries, then peak RSS growth over one full-size step (VmHWM, reset through
 /proc/self/clear_refs after malloc_trim just before, minus VmRSS at that moment),
@@ -108,15 +109,19 @@ def memory_in_subprocess(row: str, shape: tuple[int, int, int], device: str, thr
     return float(subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip())
 
 
-def median_time(step, repeats: int) -> float:
-    for _ in range(2):
+def median_times(steps: dict, repeats: int) -> dict[str, float]:
+    """Median ms per step; rows interleave within every repeat so that load from other processes
+    falls on all of them alike."""
+    for step in steps.values():
         step()
-    times = []
+        step()
+    times: dict[str, list[float]] = {row: [] for row in steps}
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        for row, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[row].append(time.perf_counter() - start)
+    return {row: statistics.median(t) * 1e3 for row, t in times.items()}
 
 
 def main() -> None:
@@ -137,15 +142,13 @@ def main() -> None:
     if args.quick and args.device == "cpu":
         shapes = [s for s in shapes if s[0] == 1024]
     repeats = args.repeats or (3 if args.quick else 7)
-    print(f"device={args.device} threads={torch.get_num_threads()} repeats={repeats} G=5 k=3 float32")
+    print(f"device={args.device} threads={torch.get_num_threads()} repeats={repeats} G=5 k=3 float32"
+          f" loadavg={os.getloadavg()[0]:.2f} OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     print(f"{'batch':>6} {'in->out':>10} {'row':>10} {'ms':>9} {'x ref':>7} {'MiB':>8} {'x ref':>7}")
     results = []
     for shape in shapes:
-        rows = {}
-        for row in ROWS:
-            ms = median_time(make_step(row, *shape, args.device), repeats)
-            mib = memory_in_subprocess(row, shape, args.device, args.threads)
-            rows[row] = (ms, mib)
+        times = median_times({row: make_step(row, *shape, args.device) for row in ROWS}, repeats)
+        rows = {row: (times[row], memory_in_subprocess(row, shape, args.device, args.threads)) for row in ROWS}
         ref_ms, ref_mib = rows["reference"]
         for row, (ms, mib) in rows.items():
             print(f"{shape[0]:>6} {f'{shape[1]}->{shape[2]}':>10} {row:>10} {ms:>9.1f} {ms / ref_ms:>7.2f}"

@@ -22,8 +22,9 @@ import math
 
 import torch
 
-#: elements of one ``(chunk, basis, in)`` block on CPU: 512 KiB of float32, so a chunk and its temporaries stay in L2.
-CHUNK_ELEMENTS = 1 << 17
+#: elements of one ``(chunk, basis, in)`` block on CPU (4 MiB of float32): small enough to stay in
+#: cache, large enough to keep the number of parallel regions low on a busy machine.
+CHUNK_ELEMENTS = 1 << 20
 
 
 def _terms(order: int) -> list[tuple[float, float]]:
@@ -57,7 +58,7 @@ def uniform_basis(x: torch.Tensor, t0: torch.Tensor, inv_h: torch.Tensor, n_base
         for n, (shift, coef) in enumerate(terms):
             q = torch.rsub(r, shift).clamp_(min=0)
             if with_slopes:  # d/dt of (shift - |t - half|)_+^k is -sign(t - half) * k * q^(k-1)
-                power = q.pow(order - 1) if order > 2 else q.clone()
+                power = q if order == 2 else q * q if order == 3 else q.pow(order - 1)
                 if n == 0:
                     torch.mul(power, coef * order, out=slopes[rows])
                 else:
@@ -101,9 +102,22 @@ class UniformSplineLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_weight = grad_out.t() @ bases.view(bases.shape[0], -1)
         if ctx.needs_input_grad[0]:
-            grad_bases = (grad_out @ weight).view(bases.shape)
-            grad_x = grad_bases.mul_(slopes).sum(dim=1).mul_(-inv_h)
+            grad_x = _input_grad(grad_out, weight, slopes).mul_(-inv_h)
         return grad_x, grad_weight, None, None, None
+
+
+def _input_grad(grad_out: torch.Tensor, weight: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
+    """``sum_j (grad_out @ weight)[b, j, i] * slopes[b, j, i]``, a chunk of rows at a time, so the
+    full ``(batch, n_bases * in)`` gradient of the bases never exists (and never page-faults)."""
+    batch, n_bases, n_in = slopes.shape
+    result = slopes.new_empty(batch, n_in)
+    step = _chunk_rows(slopes[:, 0], n_bases)
+    buffer = slopes.new_empty(min(step, batch), n_bases * n_in)
+    for start in range(0, batch, step):
+        rows = slice(start, start + step)
+        grad_bases = torch.mm(grad_out[rows], weight, out=buffer[:min(step, batch - start)])
+        torch.sum(grad_bases.view(-1, n_bases, n_in).mul_(slopes[rows]), dim=1, out=result[rows])
+    return result
 
 
 def uniform_spline_linear(x: torch.Tensor, weight: torch.Tensor, grid: torch.Tensor, order: int) -> torch.Tensor:
