@@ -1,0 +1,180 @@
+"""Grid packing: a packed member trains exactly as its solo run (records, divergence, checkpoints),
+packs are planned from the right runs, and a packed grid run gives the same epoch rows."""
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kanfarm.config import RunConfig
+from kanfarm.data import load_dataset
+from kanfarm.packing import Member, pack_key, plan_packs, train_pack
+from kanfarm.training import CheckpointManager, train
+
+FIELDS = ("train_loss", "train_acc", "test_loss", "test_acc")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def solo(config, data, **kwargs):
+    records = []
+    return train(config, data, records.append, **kwargs), records
+
+
+def packed(configs, data, checkpoints=None, should_stop=None):
+    records = [[] for _ in configs]
+    members = [Member(c, records[i].append, None if checkpoints is None else checkpoints[i], should_stop)
+               for i, c in enumerate(configs)]
+    return train_pack(members, data), records
+
+
+def assert_same_records(a, b, tol=1e-5):
+    assert [r.epoch for r in a] == [r.epoch for r in b]
+    for x, y in zip(a, b):
+        assert x.diverged == y.diverged
+        for f in FIELDS:
+            u, v = getattr(x, f), getattr(y, f)
+            assert (u is None) == (v is None), (f, x.epoch)
+            if u is not None:
+                assert abs(u - v) <= tol, (f, x.epoch, u, v)
+
+
+def members(model, **base):
+    """sgd, Nesterov momentum and Adam side by side, each with its own lr, init and activation."""
+    config = RunConfig(dataset="digits", model=model, depth="shallow", batch_size=128, max_epochs=3, seed=2, **base)
+    return [dataclasses.replace(config, optimizer=o, lr=lr, init=i, activation=a) for o, lr, i, a in [
+        ("adam", 1e-2, "kaiming_normal", None), ("sgd", 0.2, "orthogonal", "silu"),
+        ("sgd_momentum", 0.05, "kaiming_uniform", None), ("adam", 3e-3, "orthogonal", "silu")]]
+
+
+def test_dropout_mask_is_the_solo_stream():
+    """The pack draws masks as nn.Dropout does, from a generator in the solo run's state."""
+    from kanfarm.packing.stacked import StackedNet
+    from kanfarm.models import MLP
+
+    torch.manual_seed(4)
+    model = MLP([5, 7, 3], "relu", 0.5)
+    net = StackedNet("mlp", [model], ["relu"], [0.5], torch.device("cpu"))
+    x = torch.randn(6, 5)
+    gen = torch.Generator().manual_seed(9)
+    torch.manual_seed(9)
+    model.train()
+    mine, theirs = net.forward(x, [gen])[0], model(x)
+    assert torch.allclose(mine, theirs, atol=1e-6)  # same masks (other masks differ by far more)
+    assert torch.equal(gen.get_state(), torch.get_rng_state())
+
+
+@pytest.mark.parametrize("model", ["mlp", "kan"])
+def test_packed_members_equal_their_solo_runs(digits, model):
+    configs = members(model)
+    if model == "mlp":
+        assert configs[0].normalised().dropout > 0  # dropout masks are per member
+    results, records = packed(configs, digits)
+    for config, result, recs in zip(configs, results, records):
+        alone, expected = solo(config, digits)
+        assert result == alone
+        assert_same_records(recs, expected)
+
+
+def test_divergence_stays_in_its_member(digits):
+    configs = members("mlp")[:3] + [dataclasses.replace(members("mlp")[1], lr=1e20)]
+    results, records = packed(configs, digits)
+    assert [r.status for r in results] == ["completed"] * 3 + ["diverged"]
+    for config, result, recs in zip(configs, results, records):
+        alone, expected = solo(config, digits)
+        assert result == alone
+        assert_same_records(recs, expected)
+    assert records[3][-1].diverged and records[3][-1].test_acc is None
+
+
+def test_member_checkpoints_resume_alone_or_in_a_pack(digits, tmp_path):
+    configs = [dataclasses.replace(c, max_epochs=4) for c in members("mlp")[:3]]
+    ckpts = [CheckpointManager(tmp_path / f"m{i}", c.config_hash(), min_interval_s=3600) for i, c in enumerate(configs)]
+    asked = []
+
+    def stop_after_two() -> bool:  # asked once per member before each epoch
+        asked.append(1)
+        return len(asked) > 2 * len(configs)
+
+    results, first = packed(configs, digits, ckpts, stop_after_two)
+    assert [(r.status, r.epochs_run) for r in results] == [("stopped", 2)] * 3
+    assert [e for e, _ in ckpts[0].paths()] == [2, 0]  # time-limited: epoch 1 was not written
+
+    # Same layout as a solo run's checkpoint: the single-run path loads it.
+    solo(configs[1], digits, checkpoints=CheckpointManager(tmp_path / "solo", configs[1].config_hash()))
+    mine = ckpts[1].load_latest()[1]
+    theirs = CheckpointManager(tmp_path / "solo", configs[1].config_hash()).load_latest()[1]
+    assert mine["model"].keys() == theirs["model"].keys()
+    assert mine["optimizers"]["all"]["param_groups"] == theirs["optimizers"]["all"]["param_groups"]
+    assert {k: set(v) for k, v in mine["optimizers"]["all"]["state"].items()} == \
+        {k: set(v) for k, v in theirs["optimizers"]["all"]["state"].items()}
+    assert set(mine["rng"]) == set(theirs["rng"])
+
+    torch.manual_seed(999)  # resume must restore every random state itself
+    alone = solo(configs[0], digits, checkpoints=ckpts[0])
+    rest = packed(configs[1:], digits, ckpts[1:])
+    assert [r.status for r in rest[0]] == ["completed", "completed"]
+    for config, tail, head in zip(configs, [alone[1]] + rest[1], first):
+        assert_same_records(head + tail, solo(config, digits)[1])
+
+
+def test_planner_groups_runs_that_share_shapes_and_data_order():
+    base = RunConfig(dataset="digits", model="kan", depth="shallow", max_epochs=3)
+    runs = [
+        (1, base), (2, dataclasses.replace(base, optimizer="sgd", lr=0.1, init="orthogonal", activation="silu")),
+        (3, dataclasses.replace(base, seed=1)),                  # other batch order
+        (4, dataclasses.replace(base, grid_size=8)),             # other shapes
+        (5, dataclasses.replace(base, trainer="hsic")),          # not packed
+        (6, dataclasses.replace(base, model="mlp")), (7, dataclasses.replace(base, model="mlp", dropout=0.0)),
+        (8, dataclasses.replace(base, model="mlp", grid_size=8)),  # unused by an MLP: same pack
+        (9, dataclasses.replace(base, lr=0.5)), (10, dataclasses.replace(base, batch_size=32)),
+    ]
+    assert plan_packs(runs, 8) == [[1, 2, 9], [3], [4], [5], [6, 7, 8], [10]]
+    assert plan_packs(runs, 2) == [[1, 2], [3], [4], [5], [6, 7], [8], [9], [10]]
+    assert plan_packs(runs, 1) == [[i] for i, _ in runs]
+    assert pack_key(runs[4][1]) is None
+    wide = dataclasses.replace(base, model="mlp_wide")
+    assert pack_key(wide) != pack_key(dataclasses.replace(wide, grid_size=8))  # other matched widths
+
+
+GRID = """
+name = "packed"
+datasets = ["digits"]
+models = ["mlp", "kan"]
+depths = ["shallow"]
+inits = ["kaiming_normal", "orthogonal"]
+optimizers = ["adam", "sgd", "sgd_momentum"]
+learning_rates = [0.01]
+seeds = [0]
+batch_size = 128
+epochs = 2
+"""
+
+
+def test_run_grid_with_packs_writes_the_same_rows(tmp_path, monkeypatch):
+    from cli.main import app
+
+    (tmp_path / "g.toml").write_text(GRID)
+    monkeypatch.chdir(tmp_path)
+    rows = {}
+    for size in ("1", "4"):
+        monkeypatch.setenv("KANFARM_DATABASE_URL", f"sqlite:///{tmp_path / f'{size}.db'}")
+        monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / f"ckpt{size}"))
+        assert CliRunner().invoke(app, ["db", "upgrade"]).exit_code == 0
+        result = CliRunner().invoke(app, ["run", "grid", "g.toml", "--pack-size", size])
+        assert result.exit_code == 0, result.output
+        con = sqlite3.connect(tmp_path / f"{size}.db")
+        rows[size] = {(h, e): acc for h, e, acc in con.execute(
+            "SELECT r.config_hash, e.epoch, e.test_acc FROM epoch_metrics e JOIN runs r ON r.id = e.run_id")}
+        assert {s for (s,) in con.execute("SELECT status FROM runs")} == {"completed"}
+        con.close()
+    assert len(rows["1"]) == 12 * 3 and rows["1"].keys() == rows["4"].keys()
+    for key, acc in rows["1"].items():
+        assert abs(rows["4"][key] - acc) <= 1e-5, key
+    assert CliRunner().invoke(app, ["run", "grid", "g.toml", "--pack-size", "0"]).exit_code == 2
