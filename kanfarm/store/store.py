@@ -249,6 +249,21 @@ class Store:
             if row is not None:
                 return row  # else: lost a race or the run ran out of attempts; try the next one
 
+    def claim_many(self, run_ids: Sequence[int], worker: str, lease_seconds: float,
+                   max_attempts: int | None = None) -> list[RunRow]:
+        """Claim every claimable run of ``run_ids`` in one transaction (a pack); the others
+        (finished, held by someone else, out of attempts) are left out. Returns those claimed."""
+        with self._write() as conn:
+            rows = [self._claim(conn, run_id, worker, lease_seconds, max_attempts) for run_id in run_ids]
+        return [row for row in rows if row is not None]
+
+    def claimable_runs(self, grid: str | None = None) -> list[tuple[int, RunConfig]]:
+        """(id, config) of the runs (of ``grid``) a worker could claim now, by id: input to packing."""
+        query = (_in_grid(sa.select(runs.c.id, runs.c.config), grid).where(self._claimable(utcnow()))
+                 .order_by(runs.c.id))
+        with self._read() as conn:
+            return [(run_id, RunConfig.from_dict(config)) for run_id, config in conn.execute(query)]
+
     def heartbeat(self, run_id: int, worker: str, lease_seconds: float) -> bool:
         """Extend ``worker``'s lease; False means the run is no longer its own: stop."""
         now = utcnow()
