@@ -48,7 +48,7 @@ def snapshot(store: Store, grid: str) -> Snapshot:
 
 
 def _child(url: str, grid: str, device: str, lease_s: float, shutdown: Any, threads: int,
-           max_attempts: int | None) -> None:
+           max_attempts: int | None, pack_size: int | str = 1) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into a warm shutdown
     import torch
 
@@ -56,15 +56,17 @@ def _child(url: str, grid: str, device: str, lease_s: float, shutdown: Any, thre
     store = Store(url)
     try:
         work_loop(store, worker_name(), grid=grid, device=device, lease_s=lease_s, shutdown=shutdown,
-                  max_attempts=max_attempts)
+                  max_attempts=max_attempts, pack_size=pack_size)
     finally:
         store.dispose()
 
 
 def run_grid_locally(store: Store, grid: str, *, workers: int = 1, device: str = "cpu",
                      lease_s: float = DEFAULT_LEASE_S, max_attempts: int | None = None,
-                     on_poll: Callable[[Snapshot], None] | None = None, poll_s: float = 0.5) -> Snapshot:
-    """Execute every claimable run of ``grid``; returns the final snapshot.
+                     on_poll: Callable[[Snapshot], None] | None = None, poll_s: float = 0.5,
+                     pack_size: int | str = 1) -> Snapshot:
+    """Execute every claimable run of ``grid``; returns the final snapshot. ``pack_size`` > 1 or
+    ``"auto"``: compatible runs train together as packs (``kanfarm.packing``).
 
     Ctrl-C (KeyboardInterrupt) sets the shutdown flag: each worker checkpoints at its next epoch
     boundary and puts its run back to ``queued``, then the interrupt is re-raised. Running the same
@@ -79,7 +81,7 @@ def run_grid_locally(store: Store, grid: str, *, workers: int = 1, device: str =
         def target() -> None:
             try:
                 work_loop(store, worker_name(":local"), grid=grid, device=device, lease_s=lease_s,
-                          shutdown=shutdown, max_attempts=max_attempts)
+                          shutdown=shutdown, max_attempts=max_attempts, pack_size=pack_size)
             except BaseException as exc:  # surfaced in the parent thread below
                 errors.append(exc)
 
@@ -89,7 +91,7 @@ def run_grid_locally(store: Store, grid: str, *, workers: int = 1, device: str =
         shutdown = ctx.Event()
         threads = max(1, (os.cpu_count() or 1) // workers)
         pool = [ctx.Process(target=_child, args=(store.url_string, grid, device, lease_s, shutdown, threads,
-                                                 max_attempts), name=f"kanfarm-worker-{i}")
+                                                 max_attempts, pack_size), name=f"kanfarm-worker-{i}")
                 for i in range(workers)]
         errors = []
     for p in pool:
