@@ -83,6 +83,25 @@ def _max_attempts(value: Optional[int]) -> int:
     return value if value is not None else max_attempts()
 
 
+def _publish_packs(store, grid: str, queued: list[int], size: int | str, queue: str) -> int:
+    """Group the queued runs into packs (``auto``: the largest; workers split them to fit) and
+    publish one message per pack."""
+    from kombu.exceptions import OperationalError
+
+    from kanfarm.packing import plan_packs
+    from kanfarm.packing.planner import MAX_PACK
+    from workers.tasks import publish_packs
+
+    wanted = set(queued)
+    packs = plan_packs([(i, c) for i, c in store.claimable_runs(grid) if i in wanted],
+                       MAX_PACK if size == "auto" else size)
+    try:
+        return publish_packs(packs, queue)
+    except OperationalError as exc:
+        fail(f"broker unreachable ({type(exc).__name__}); the runs stay queued in the database: "
+             "run `kanfarm requeue` once Redis is back", code=1)
+
+
 # --- commands ---------------------------------------------------------------------------------
 
 @enqueue_app.command("grid")
@@ -90,12 +109,17 @@ def _max_attempts(value: Optional[int]) -> int:
 def enqueue_grid(spec: str = typer.Argument(..., help="A TOML spec file or a preset name."),
                  queue: str = QueueOpt,
                  dry_run: bool = typer.Option(False, "--dry-run", help="Say what would happen; write nothing."),
-                 as_json: bool = JsonOpt) -> None:
+                 as_json: bool = JsonOpt,
+                 pack_size: str = typer.Option("1", "--pack-size",
+                                               help="Publish compatible runs as packs of up to N (trained as one stacked model), or auto (each worker fits its GPU).")) -> None:
     """Write a grid's runs (idempotent), mark the unfinished ones queued, publish one message each."""
     from kanfarm.grids import load_spec
     from kanfarm.submission import sized_cells, submit
 
+    from cli.main import parse_pack_size
+
     _check_queue(queue)
+    size = parse_pack_size(pack_size)
     grid = load_spec(spec)
     store = _open_store()
     if dry_run:
@@ -111,7 +135,8 @@ def enqueue_grid(spec: str = typer.Argument(..., help="A TOML spec file or a pre
         store.mark_queued(store.run_ids(grid.name, statuses=_ENQUEUE_FROM))
         queued = store.run_ids(grid.name, statuses=["queued"])
         info = {"grid": grid.name, "queue": queue, "dry_run": False, "added": result.added,
-                "skipped": result.existing, "published": _publish(queued, queue)}
+                "skipped": result.existing,
+                "published": _publish(queued, queue) if size == 1 else _publish_packs(store, grid.name, queued, size, queue)}
     verb = "would be " if dry_run else ""
     _report(info, as_json, [
         f"grid [bold]{grid.name}[/]: {info['added']} runs {verb}added, {info['skipped']} already stored "

@@ -139,7 +139,7 @@ def grid_submit(spec: str = typer.Argument(..., help="A TOML spec file or a pres
 
 # --- running locally --------------------------------------------------------------------------
 
-def _run_locally(store, grid_name: str, workers: int, device: str) -> Any:
+def _run_locally(store, grid_name: str, workers: int, device: str, pack_size: int | str = 1) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from kanfarm.local import run_grid_locally
@@ -155,10 +155,24 @@ def _run_locally(store, grid_name: str, workers: int, device: str) -> Any:
             progress.update(task, total=snap.total, completed=snap.done, active=active)
 
         try:
-            return run_grid_locally(store, grid_name, workers=workers, device=device, on_poll=on_poll)
+            return run_grid_locally(store, grid_name, workers=workers, device=device, on_poll=on_poll,
+                                    pack_size=pack_size)
         except KeyboardInterrupt:
             err_console.print("interrupted: runs were checkpointed and released; run the same command to finish")
             raise typer.Exit(130)
+
+
+def parse_pack_size(value: str) -> int | str:
+    """``--pack-size``: a positive integer or ``auto``."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if size < 1:
+        fail(f"--pack-size: {value!r} is not a positive integer or auto")
+    return size
 
 
 def _check_device(device: str) -> None:
@@ -175,12 +189,15 @@ def _check_device(device: str) -> None:
 @handles_errors
 def run_grid(spec: str = typer.Argument(..., help="A TOML spec file or a preset name."),
              workers: int = typer.Option(1, "--workers", min=1, help="Local worker processes."),
-             device: str = typer.Option("cpu", "--device", help="cpu or cuda.")) -> None:
+             device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+             pack_size: str = typer.Option("1", "--pack-size",
+                                           help="Train up to N compatible runs at once as one stacked model, or auto (fit free GPU memory).")) -> None:
     """Write a grid's runs, then execute them with local workers (resumable: run again to finish)."""
     _check_device(device)
+    size = parse_pack_size(pack_size)
     store = open_store()
     grid, _ = _submit(store, spec)
-    final = _run_locally(store, grid.name, workers, device)
+    final = _run_locally(store, grid.name, workers, device, size)
     err_console.print(f"done: {final.counts}")
 
 

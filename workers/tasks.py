@@ -113,6 +113,61 @@ def publish(run_ids: Iterable[int], queue: str = DEFAULT_QUEUE, celery_app=None)
     return count
 
 
+#: the pack task: "try runs [a, b, ...] together" (``kanfarm.runner.execute_pack``).
+PACK_TASK_NAME = "kanfarm.execute_pack"
+
+
+def publish_packs(packs: Iterable[list[int]], queue: str = DEFAULT_QUEUE, celery_app=None) -> int:
+    """One message per pack (a pack of one is a plain run message). Returns the runs published."""
+    if queue not in QUEUES:
+        raise ValueError(f"queue {queue!r} is not one of {', '.join(QUEUES)}")
+    celery_app = celery_app or app
+    count = 0
+    with celery_app.producer_or_acquire() as producer:
+        for pack in packs:
+            ids = [int(i) for i in pack]
+            name, args = (TASK_NAME, [ids[0]]) if len(ids) == 1 else (PACK_TASK_NAME, [ids])
+            celery_app.send_task(name, args=args, queue=queue, routing_key=queue, producer=producer,
+                                 ignore_result=True)
+            count += len(ids)
+    return count
+
+
+@app.task(name=PACK_TASK_NAME, bind=True, ignore_result=True, acks_late=True, max_retries=5)
+def execute_pack_task(self, run_ids: list[int]) -> str:
+    """Claim the claimable runs of ``run_ids`` and train them as packs sized for this worker's
+    device (``auto``: split to fit free GPU memory); taken or finished runs are skipped."""
+    from sqlalchemy.exc import OperationalError
+
+    from kanfarm.data import dataset_shape
+    from kanfarm.packing import auto_pack_size
+    from kanfarm.runner import execute_pack, worker_name
+
+    if not isinstance(run_ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in run_ids):
+        log.error("ignoring pack message %r: not a list of run ids", run_ids)
+        return "bad-message"
+    if SHUTDOWN.is_set():
+        self.retry(countdown=0, max_retries=None)
+    released: list[int] = []
+    try:
+        config = store().run(run_ids[0]).config
+        size = len(run_ids)  # as enqueued; on a GPU at most what fits in its free memory
+        if device() != "cpu":
+            size = min(size, auto_pack_size(config, *dataset_shape(config.dataset), device=device()))
+        for start in range(0, len(run_ids), size):
+            outcomes = execute_pack(store(), run_ids[start:start + size], worker_name(":celery"), device=device(),
+                                    lease_s=lease_seconds(), shutdown=SHUTDOWN, max_attempts=max_attempts())
+            released += [o.run_id for o in outcomes if o.status == "released"]
+    except OperationalError as exc:  # database unreachable: claimed runs come back when their leases end
+        log.warning("pack %s: database unavailable (%s); retrying", run_ids, type(exc).__name__)
+        raise self.retry(countdown=min(30 * 2 ** self.request.retries, 600), exc=exc)
+    if released:
+        queue = (self.request.delivery_info or {}).get("routing_key") or DEFAULT_QUEUE
+        publish_packs([released], queue if queue in QUEUES else DEFAULT_QUEUE, self.app)
+        log.info("pack: runs %s released and re-published to %s", released, queue)
+    return "done"
+
+
 @app.task(name=TASK_NAME, bind=True, ignore_result=True, acks_late=True, max_retries=5)
 def execute_run_task(self, run_id: int) -> str:
     """Claim and train run ``run_id``; a failed claim (taken, finished, cancelled) is a no-op."""
