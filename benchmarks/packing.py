@@ -1,0 +1,96 @@
+"""Runs per hour of paper-mnist-shaped work: one run at a time against packs of 9 and 27.
+
+Data: MNIST-sized random rows (784 features uniform in [-1, 1], 10 random classes; only shapes
+matter). Models: shallow KAN [784, 32, 10] (G = 5, k = 3) and shallow MLP [784, 32, 10] with
+dropout. Members mix the paper's schemes (3 inits x 3 optimisers x 3 learning rates). Each
+configuration trains 3 epochs through the real code paths (``kanfarm.training.train`` alone,
+``kanfarm.packing.train_pack`` packed: evaluation, records and all, no checkpoints); the faster of
+epochs 2 and 3 (wall time, so a shared machine's hiccups count less), scaled from the rows used to
+60,000, gives runs/hour for 100-epoch runs.
+
+    python benchmarks/packing.py [--quick] [--device cpu|cuda|all] [--threads 2]
+
+``--quick`` trains on a few batches per epoch (4 at batch 4096, 24 at batch 128) and evaluates
+on 2,000 test rows, so the CPU run takes about two minutes.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from kanfarm.config import RunConfig  # noqa: E402
+from kanfarm.data.dataset import Dataset  # noqa: E402
+from kanfarm.packing import Member, train_pack  # noqa: E402
+from kanfarm.training import train  # noqa: E402
+
+N_TRAIN, N_TEST, EPOCHS = 60_000, 10_000, 100
+SCHEMES = list(itertools.product(["sgd", "sgd_momentum", "adam"], [0.05, 0.005, 0.0005],
+                                 ["kaiming_normal", "kaiming_uniform", "orthogonal"]))
+
+
+def data(n_train: int, n_test: int) -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n_train + n_test, 784, generator=g) * 2 - 1
+    y = torch.randint(0, 10, (n_train + n_test,), generator=g)
+    return Dataset("mnist-shaped", x[:n_train], y[:n_train], x[n_train:], y[n_train:], 10)
+
+
+def configs(model: str, batch: int, n: int) -> list[RunConfig]:
+    base = RunConfig(dataset="mnist", model=model, depth="shallow", batch_size=batch, max_epochs=3)
+    return [dataclasses.replace(base, optimizer=o, lr=lr, init=i) for o, lr, i in SCHEMES[:n]]
+
+
+def epoch_seconds(cfgs: list[RunConfig], d: Dataset, device: str) -> float:
+    """Wall time of the faster of epochs 2 and 3 (training + evaluation), alone (one) or packed."""
+    seconds: list[float] = []
+
+    def sink(record) -> None:
+        if record.epoch >= 2:
+            seconds.append(record.seconds)
+
+    if len(cfgs) == 1:
+        train(cfgs[0], d, sink, device=device)
+    else:
+        train_pack([Member(c, sink) for c in cfgs], d, device=device)
+    return min(seconds[:2])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    devices = [dev for dev in devices if dev == "cpu" or torch.cuda.is_available()]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+          f"cuda: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print("| device | model | batch | rows/epoch used | runs in pack | s/epoch (pack) | runs/hour (100 ep) | x one-at-a-time |")
+    print("|---|---|---|---|---|---|---|---|")
+    for device in devices:
+        for batch in (4096, 128):
+            n_train = (4 if batch == 4096 else 24) * batch if args.quick else N_TRAIN
+            d = data(n_train, 2000 if args.quick else N_TEST)
+            scale = N_TRAIN / n_train
+            for model in ("kan", "mlp"):
+                base = None
+                for size in (1, 9, 27):
+                    s = epoch_seconds(configs(model, batch, size), d, device)
+                    per_hour = size * 3600 / (s * scale * EPOCHS)
+                    base = base or per_hour
+                    print(f"| {device} | {model} | {batch} | {n_train} | {size} | {s:.3f} | {per_hour:.1f} | "
+                          f"{per_hour / base:.1f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
