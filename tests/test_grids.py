@@ -94,9 +94,11 @@ def test_degree_and_hsic_presets():
     hsic = load_spec("paper-hsic-mnist")
     backprop = load_spec("paper-mnist")
     assert {c.trainer for c in hsic.expand()} == {"hsic"}
-    # same grid apart from the trainer
-    strip = lambda c: {**c.to_dict(), "trainer": None}  # noqa: E731
-    assert [strip(c) for c in hsic.expand()] == [strip(c) for c in backprop.expand()]
+    # same grid apart from the trainer and dropout (none for HSIC: it drowns the class signal)
+    assert {c.dropout for c in hsic.expand()} == {0.0}
+    strip = lambda c: repr({**c.to_dict(), "trainer": None, "dropout": None})  # noqa: E731
+    # compared as one string each: a failing diff of 243 dicts would take pytest minutes to render
+    assert "\n".join(map(strip, hsic.expand())) == "\n".join(map(strip, backprop.expand()))
 
 
 # --- loading -------------------------------------------------------------------------------------
