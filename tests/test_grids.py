@@ -95,7 +95,7 @@ def test_degree_and_hsic_presets():
     backprop = load_spec("paper-mnist")
     assert {c.trainer for c in hsic.expand()} == {"hsic"}
     # same grid apart from the trainer and dropout (none for HSIC: it drowns the class signal)
-    assert {c.dropout for c in hsic.expand()} == {0.0}
+    assert {c.dropout for c in hsic.expand() if c.model != "kan"} == {0.0}
     strip = lambda c: repr({**c.to_dict(), "trainer": None, "dropout": None})  # noqa: E731
     # compared as one string each: a failing diff of 243 dicts would take pytest minutes to render
     assert "\n".join(map(strip, hsic.expand())) == "\n".join(map(strip, backprop.expand()))
