@@ -19,7 +19,8 @@ from typing import Callable
 from kanfarm.data import load_dataset
 from kanfarm.data.dataset import Dataset
 from kanfarm.store import Store
-from kanfarm.training import CheckpointManager, EpochRecord, train
+from kanfarm.store.rows import RunRow
+from kanfarm.training import CheckpointManager, EpochRecord, RunResult, train
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,50 @@ class Outcome:
     epochs_run: int = 0
 
 
+class _ClaimedRun:
+    """One claimed run's wiring to the store: lease heartbeat, epoch sink, checkpoints, and how
+    it is settled at the end. Shared by single runs and pack members."""
+
+    def __init__(self, store: Store, run: RunRow, worker: str, lease_s: float,
+                 shutdown: threading.Event | None, on_epoch: Callable[[int, EpochRecord], None] | None,
+                 checkpoint_interval_s: float = 0.0):
+        self.store, self.run, self.worker = store, run, worker
+        self.shutdown, self.on_epoch = shutdown, on_epoch
+        self.checkpoints = CheckpointManager(
+            checkpoint_root() / run.config_hash, run.config_hash, min_interval_s=checkpoint_interval_s,
+            on_save=lambda epoch, path, digest: store.record_checkpoint(run.id, epoch, str(path), digest))
+        self.beat = _Heartbeat(store, run.id, worker, lease_s)
+        self.beat.start()
+
+    def sink(self, record: EpochRecord) -> None:
+        self.store.write_epoch(self.run.id, record)
+        if self.on_epoch is not None:
+            self.on_epoch(self.run.id, record)
+
+    def should_stop(self) -> bool:
+        return self.beat.lost.is_set() or (self.shutdown is not None and self.shutdown.is_set())
+
+    def settle(self, result: RunResult) -> Outcome:
+        """Finish the run, or release it after a warm shutdown; a lost lease touches nothing."""
+        self.beat.stop()
+        if result.status != "stopped":
+            self.store.finish(self.run.id, self.worker, result.status)
+            return Outcome(self.run.id, result.status, result.epochs_run)
+        if self.beat.lost.is_set():
+            return Outcome(self.run.id, "stopped", result.epochs_run)
+        self.store.release(self.run.id, self.worker)
+        return Outcome(self.run.id, "released", result.epochs_run)
+
+    def fail(self, error: str) -> Outcome:
+        self.beat.stop()
+        self.store.finish(self.run.id, self.worker, "failed", error=error)
+        return Outcome(self.run.id, "failed")
+
+
+def _error_text(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"[-4000:]
+
+
 def execute_run(store: Store, run_id: int, worker: str, *, device: str = "cpu",
                 lease_s: float = DEFAULT_LEASE_S, claimed: bool = False,
                 shutdown: threading.Event | None = None,
@@ -86,36 +131,15 @@ def execute_run(store: Store, run_id: int, worker: str, *, device: str = "cpu",
     if not claimed and store.claim(run_id, worker, lease_s, max_attempts=max_attempts) is None:
         log.info("run %s not claimed by %s (taken, finished or cancelled)", run_id, worker)
         return Outcome(run_id, "not-claimed")
-    run = store.run(run_id)
-    beat = _Heartbeat(store, run_id, worker, lease_s)
-    beat.start()
+    attached = _ClaimedRun(store, store.run(run_id), worker, lease_s, shutdown, on_epoch)
+    config = attached.run.config
     try:
-        def sink(record: EpochRecord) -> None:
-            store.write_epoch(run_id, record)
-            if on_epoch is not None:
-                on_epoch(run_id, record)
-
-        def should_stop() -> bool:
-            return beat.lost.is_set() or (shutdown is not None and shutdown.is_set())
-
-        checkpoints = CheckpointManager(
-            checkpoint_root() / run.config_hash, run.config_hash,
-            on_save=lambda epoch, path, digest: store.record_checkpoint(run_id, epoch, str(path), digest))
-        result = train(run.config, _dataset(run.config.dataset), sink, checkpoints=checkpoints,
-                       device=device, should_stop=should_stop)
+        result = train(config, _dataset(config.dataset), attached.sink, checkpoints=attached.checkpoints,
+                       device=device, should_stop=attached.should_stop)
     except Exception as exc:
-        beat.stop()
         log.exception("run %s failed", run_id)
-        store.finish(run_id, worker, "failed", error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"[-4000:])
-        return Outcome(run_id, "failed")
-    beat.stop()
-    if result.status == "stopped":
-        if beat.lost.is_set():
-            return Outcome(run_id, "stopped", result.epochs_run)
-        store.release(run_id, worker)
-        return Outcome(run_id, "released", result.epochs_run)
-    store.finish(run_id, worker, result.status)
-    return Outcome(run_id, result.status, result.epochs_run)
+        return attached.fail(_error_text(exc))
+    return attached.settle(result)
 
 
 def execute_pack(store: Store, run_ids: list[int], worker: str, *, device: str = "cpu",
@@ -132,47 +156,15 @@ def execute_pack(store: Store, run_ids: list[int], worker: str, *, device: str =
     if len(claimed) <= 1:
         return outcomes + [execute_run(store, r.id, worker, device=device, lease_s=lease_s, claimed=True,
                                        shutdown=shutdown, on_epoch=on_epoch) for r in claimed]
-    beats = {r.id: _Heartbeat(store, r.id, worker, lease_s) for r in claimed}
-    for beat in beats.values():
-        beat.start()
-
-    def member(run) -> Member:
-        beat = beats[run.id]
-
-        def sink(record: EpochRecord) -> None:
-            store.write_epoch(run.id, record)
-            if on_epoch is not None:
-                on_epoch(run.id, record)
-
-        checkpoints = CheckpointManager(
-            checkpoint_root() / run.config_hash, run.config_hash, min_interval_s=PACK_CHECKPOINT_S,
-            on_save=lambda epoch, path, digest: store.record_checkpoint(run.id, epoch, str(path), digest))
-        return Member(run.config, sink, checkpoints,
-                      lambda: beat.lost.is_set() or (shutdown is not None and shutdown.is_set()))
-
+    members = [_ClaimedRun(store, r, worker, lease_s, shutdown, on_epoch, PACK_CHECKPOINT_S) for r in claimed]
     try:
-        results = train_pack([member(r) for r in claimed], _dataset(claimed[0].config.dataset), device=device)
+        results = train_pack([Member(m.run.config, m.sink, m.checkpoints, m.should_stop) for m in members],
+                             _dataset(claimed[0].config.dataset), device=device)
     except Exception as exc:
-        for beat in beats.values():
-            beat.stop()
         log.exception("pack %s failed", [r.id for r in claimed])
-        error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"[-4000:]
-        for r in claimed:
-            store.finish(r.id, worker, "failed", error=error)
-        return outcomes + [Outcome(r.id, "failed") for r in claimed]
-    for beat in beats.values():
-        beat.stop()
-    for run, result in zip(claimed, results):
-        if result.status == "stopped":
-            if beats[run.id].lost.is_set():
-                outcomes.append(Outcome(run.id, "stopped", result.epochs_run))
-            else:
-                store.release(run.id, worker)
-                outcomes.append(Outcome(run.id, "released", result.epochs_run))
-        else:
-            store.finish(run.id, worker, result.status)
-            outcomes.append(Outcome(run.id, result.status, result.epochs_run))
-    return outcomes
+        error = _error_text(exc)
+        return outcomes + [m.fail(error) for m in members]
+    return outcomes + [m.settle(result) for m, result in zip(members, results)]
 
 
 def _pack_size(pack_size: int | str, run, device: str) -> int:
