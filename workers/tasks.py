@@ -101,16 +101,7 @@ def _warm_shutdown(**_kwargs) -> None:
 
 def publish(run_ids: Iterable[int], queue: str = DEFAULT_QUEUE, celery_app=None) -> int:
     """One message per run id on ``queue``, over one broker connection. Returns the count."""
-    if queue not in QUEUES:
-        raise ValueError(f"queue {queue!r} is not one of {', '.join(QUEUES)}")
-    celery_app = celery_app or app
-    count = 0
-    with celery_app.producer_or_acquire() as producer:
-        for run_id in run_ids:
-            celery_app.send_task(TASK_NAME, args=[int(run_id)], queue=queue, routing_key=queue,
-                                 producer=producer, ignore_result=True)
-            count += 1
-    return count
+    return publish_packs([[run_id] for run_id in run_ids], queue, celery_app)
 
 
 #: the pack task: "try runs [a, b, ...] together" (``kanfarm.runner.execute_pack``).
