@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import statistics
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -78,7 +79,7 @@ def _grouped_bars(rows: list[Row], value: str, height: Callable[[list[float]], f
         ax.set_title(dataset)
         ax.set_ylabel(ylabel)
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, 60))
     return fig
 
 
