@@ -61,6 +61,33 @@ def _child(url: str, grid: str, device: str, lease_s: float, shutdown: Any, thre
         store.dispose()
 
 
+class _ThreadWorker:
+    """The one-worker case: a thread whose end is signalled by an Event.
+
+    ``Thread.join`` is not used because an interrupted join (Ctrl-C) marks the thread as stopped
+    on Python < 3.13 while it still runs; the process would then exit mid-epoch."""
+
+    def __init__(self, target: Callable[[], None]):
+        self._finished = threading.Event()
+
+        def run() -> None:
+            try:
+                target()
+            finally:
+                self._finished.set()
+
+        self._thread = threading.Thread(target=run, name="kanfarm-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread.ident is not None and not self._finished.is_set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._finished.wait(timeout)
+
+
 def run_grid_locally(store: Store, grid: str, *, workers: int = 1, device: str = "cpu",
                      lease_s: float = DEFAULT_LEASE_S, max_attempts: int | None = None,
                      on_poll: Callable[[Snapshot], None] | None = None, poll_s: float = 0.5,
@@ -74,9 +101,9 @@ def run_grid_locally(store: Store, grid: str, *, workers: int = 1, device: str =
     """
     if workers < 1:
         raise ValueError("workers must be at least 1")
+    errors: list[BaseException] = []
     if workers == 1:
         shutdown: Any = threading.Event()
-        errors: list[BaseException] = []
 
         def target() -> None:
             try:
@@ -85,7 +112,7 @@ def run_grid_locally(store: Store, grid: str, *, workers: int = 1, device: str =
             except BaseException as exc:  # surfaced in the parent thread below
                 errors.append(exc)
 
-        pool = [threading.Thread(target=target, name="kanfarm-worker", daemon=True)]
+        pool: list[Any] = [_ThreadWorker(target)]
     else:
         ctx = mp.get_context("spawn")
         shutdown = ctx.Event()
@@ -93,10 +120,9 @@ def run_grid_locally(store: Store, grid: str, *, workers: int = 1, device: str =
         pool = [ctx.Process(target=_child, args=(store.url_string, grid, device, lease_s, shutdown, threads,
                                                  max_attempts, pack_size), name=f"kanfarm-worker-{i}")
                 for i in range(workers)]
-        errors = []
-    for p in pool:
-        p.start()
     try:
+        for p in pool:
+            p.start()
         while any(p.is_alive() for p in pool):
             if on_poll is not None:
                 on_poll(snapshot(store, grid))
@@ -105,7 +131,8 @@ def run_grid_locally(store: Store, grid: str, *, workers: int = 1, device: str =
     except KeyboardInterrupt:
         shutdown.set()
         for p in pool:
-            p.join()
+            if p.is_alive():
+                p.join()
         raise
     if errors:
         raise errors[0]

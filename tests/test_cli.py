@@ -147,3 +147,49 @@ def test_two_local_worker_processes_share_one_sqlite_file(env):
     assert {r["attempts"] for r in runs} == {1}
     dup = rows(db, "SELECT run_id, epoch, COUNT(*) AS n FROM epoch_metrics GROUP BY run_id, epoch HAVING n > 1")
     assert dup == []
+
+
+def test_ctrl_c_leaves_the_grid_resumable(env):
+    """SIGINT mid-grid: runs are checkpointed and released, and the same command finishes the grid
+    with epoch rows equal to an uninterrupted run's."""
+    import signal
+    import time
+
+    spec = TINY.replace("epochs = 2", "epochs = 12").replace('models = ["mlp", "kan"]', 'models = ["kan"]')
+    (env / "tiny.toml").write_text(spec)
+    cmd = [sys.executable, "-m", "cli.main"]
+    environ = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    subprocess.run(cmd + ["db", "upgrade"], check=True, env=environ, capture_output=True)
+    db = env / "k.db"
+    proc = subprocess.Popen(cmd + ["run", "grid", "tiny.toml"], env=environ, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        if db.exists() and rows(db, "SELECT COUNT(*) AS n FROM epoch_metrics WHERE epoch >= 2")[0]["n"]:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "run the same command to finish" in err
+    statuses = [r["status"] for r in rows(db, "SELECT status FROM runs ORDER BY id")]
+    assert "running" not in statuses and statuses.count("completed") < 2, statuses
+    interrupted = rows(db, "SELECT id FROM runs WHERE status = 'queued' ORDER BY id")
+    assert interrupted, statuses
+    assert rows(db, "SELECT COUNT(*) AS n FROM checkpoints WHERE run_id = ?", (interrupted[0]["id"],))[0]["n"]
+
+    done = subprocess.run(cmd + ["run", "grid", "tiny.toml"], env=environ, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert {r["status"] for r in rows(db, "SELECT status FROM runs")} == {"completed"}
+    resumed = rows(db, "SELECT r.config_hash, e.epoch, e.test_acc, e.train_loss FROM epoch_metrics e "
+                       "JOIN runs r ON r.id = e.run_id ORDER BY r.config_hash, e.epoch")
+
+    # The same grid uninterrupted, in another database.
+    environ["KANFARM_DATABASE_URL"] = f"sqlite:///{env / 'straight.db'}"
+    environ["KANFARM_CHECKPOINT_DIR"] = str(env / "ckpt2")
+    subprocess.run(cmd + ["db", "upgrade"], check=True, env=environ, capture_output=True)
+    subprocess.run(cmd + ["run", "grid", "tiny.toml"], check=True, env=environ, capture_output=True, timeout=300)
+    straight = rows(env / "straight.db", "SELECT r.config_hash, e.epoch, e.test_acc, e.train_loss FROM "
+                                         "epoch_metrics e JOIN runs r ON r.id = e.run_id ORDER BY r.config_hash, e.epoch")
+    assert resumed == straight and len(resumed) == 2 * 13
