@@ -3,16 +3,16 @@
 The database decides what runs; the broker only carries "try run N" messages. So every command
 here first changes run states in the database and then publishes run ids, and publishing the same
 id twice is always safe (the second claim is a no-op). Wired into the main app by
-``register(app)`` at the end of ``cli/main.py``.
+``register(app)`` in ``cli/main.py``.
 """
 from __future__ import annotations
 
-import functools
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import typer
 
+from cli.common import grid_exists, handles_errors, open_store, parse_pack_size
 from cli.output import console, err_console, fail, to_json
 
 enqueue_app = typer.Typer(no_args_is_help=True, help="Put runs on the Redis queue for Celery workers.")
@@ -21,30 +21,6 @@ QueueOpt = typer.Option("cpu", "--queue", help="Broker queue: gpu or cpu.")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable JSON on stdout.")
 #: statuses ``enqueue`` moves to queued: waiting ones and cancelled ones (not finished: failed is)
 _ENQUEUE_FROM = ("pending", "cancelled")
-
-
-def _handled(func: Callable) -> Callable:
-    """cli.main's error handling, looked up at call time (cli.main imports this module)."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from cli.main import handles_errors
-
-        return handles_errors(func)(*args, **kwargs)
-
-    return wrapper
-
-
-def _open_store():
-    from cli.main import open_store
-
-    return open_store()
-
-
-def _check_grid(store, grid: str | None) -> None:
-    from cli.main import _grid_exists
-
-    _grid_exists(store, grid)
 
 
 def _check_queue(queue: str) -> None:
@@ -105,7 +81,7 @@ def _publish_packs(store, grid: str, queued: list[int], size: int | str, queue: 
 # --- commands ---------------------------------------------------------------------------------
 
 @enqueue_app.command("grid")
-@_handled
+@handles_errors
 def enqueue_grid(spec: str = typer.Argument(..., help="A TOML spec file or a preset name."),
                  queue: str = QueueOpt,
                  dry_run: bool = typer.Option(False, "--dry-run", help="Say what would happen; write nothing."),
@@ -116,12 +92,11 @@ def enqueue_grid(spec: str = typer.Argument(..., help="A TOML spec file or a pre
     from kanfarm.grids import load_spec
     from kanfarm.submission import sized_cells, submit
 
-    from cli.main import parse_pack_size
 
     _check_queue(queue)
     size = parse_pack_size(pack_size)
     grid = load_spec(spec)
-    store = _open_store()
+    store = open_store()
     if dry_run:
         hashes = {config.normalised().config_hash() for config, _, _ in sized_cells(grid)}
         known = {row["config_hash"]: row["status"]
@@ -156,8 +131,8 @@ def requeue(grid: Optional[str] = typer.Option(None, "--grid", help="Only runs o
     no-op claim, while reading the broker's internals to find the missing ones would be fragile.
     """
     _check_queue(queue)
-    store = _open_store()
-    _check_grid(store, grid)
+    store = open_store()
+    grid_exists(store, grid)
     queued = store.run_ids(grid, statuses=["queued"])
     stale_ids = store.stale_runs(grid) if stale else []
     retried: list[int] = []
@@ -182,8 +157,8 @@ def requeue(grid: Optional[str] = typer.Option(None, "--grid", help="Only runs o
 
 def cancel(grid: str = typer.Option(..., "--grid", help="The grid to cancel.")) -> None:
     """Queued runs become cancelled; running ones stop at their next epoch boundary."""
-    store = _open_store()
-    _check_grid(store, grid)
+    store = open_store()
+    grid_exists(store, grid)
     waiting, running = store.cancel(grid)
     console.print(f"grid [bold]{grid}[/]: {waiting} waiting runs cancelled, {running} running runs "
                   "will stop at their next epoch", highlight=False)
@@ -201,7 +176,7 @@ def worker(gpus: Optional[str] = typer.Option(None, "--gpus", help="GPU ids, e.g
         specs = plan(gpu_ids, parse_queues(queues, "gpu" if gpu_ids else "cpu"), concurrency)
     except ValueError as exc:
         fail(str(exc))
-    store = _open_store()  # refuse to start against a database that was not migrated
+    store = open_store()  # refuse to start against a database that was not migrated
     store.dispose(close=True)
     for spec in specs:
         err_console.print(f"starting worker {spec.name} on {','.join(spec.queues)} "
@@ -213,6 +188,6 @@ def worker(gpus: Optional[str] = typer.Option(None, "--gpus", help="GPU ids, e.g
 def register(app: typer.Typer) -> None:
     """Add the distributed commands to the ``kanfarm`` app."""
     app.add_typer(enqueue_app, name="enqueue")
-    app.command("requeue")(_handled(requeue))
-    app.command("cancel")(_handled(cancel))
-    app.command("worker")(_handled(worker))
+    app.command("requeue")(handles_errors(requeue))
+    app.command("cancel")(handles_errors(cancel))
+    app.command("worker")(handles_errors(worker))

@@ -5,16 +5,18 @@ input has been validated.
 """
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import typer
 
+from cli.common import CsvOpt, GridOpt, JsonOpt, grid_exists, handles_errors, open_store, parse_pack_size
+from cli.distributed import register as register_distributed
 from cli.output import console, emit_rows, err_console, fail, to_csv, to_json
+from cli.plots import register as register_plots
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Batch benchmarking of KANs against MLPs: grids of runs, workers, per-epoch metrics, reports.")
@@ -27,45 +29,6 @@ app.add_typer(grid_app, name="grid")
 app.add_typer(run_app, name="run")
 app.add_typer(report_app, name="report")
 
-GridOpt = typer.Option(None, "--grid", help="Only runs of this grid (default: all).")
-JsonOpt = typer.Option(False, "--json", help="Machine-readable JSON on stdout.")
-CsvOpt = typer.Option(False, "--csv", help="CSV on stdout.")
-
-
-def handles_errors(func: Callable) -> Callable:
-    """Turn the library's expected failures into one-line messages and exit codes."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from kanfarm.config import ConfigError
-        from kanfarm.data import DatasetUnavailable
-        from kanfarm.store import SchemaOutOfDate
-
-        try:
-            return func(*args, **kwargs)
-        except ConfigError as exc:
-            fail(f"invalid {exc}")
-        except SchemaOutOfDate as exc:
-            fail(str(exc), code=2)
-        except DatasetUnavailable as exc:
-            fail(str(exc), code=1)
-
-    return wrapper
-
-
-def open_store(check: bool = True):
-    from kanfarm.store import Store
-
-    store = Store()
-    if check:
-        store.check_schema()
-    return store
-
-
-def _grid_exists(store, grid: str | None) -> None:
-    if grid is not None and store.grid(grid) is None:
-        names = ", ".join(g.name for g in store.grids()) or "none yet"
-        fail(f"--grid: no grid named {grid!r} (known: {names})")
 
 
 # --- db ---------------------------------------------------------------------------------------
@@ -162,19 +125,6 @@ def _run_locally(store, grid_name: str, workers: int, device: str, pack_size: in
             raise typer.Exit(130)
 
 
-def parse_pack_size(value: str) -> int | str:
-    """``--pack-size``: a positive integer or ``auto``."""
-    if value.strip().lower() == "auto":
-        return "auto"
-    try:
-        size = int(value)
-    except ValueError:
-        size = 0
-    if size < 1:
-        fail(f"--pack-size: {value!r} is not a positive integer or auto")
-    return size
-
-
 def _check_device(device: str) -> None:
     if device not in ("cpu", "cuda"):
         fail(f"--device: {device!r} is not one of cpu, cuda")
@@ -229,7 +179,7 @@ def status(grid: Optional[str] = GridOpt, as_json: bool = JsonOpt) -> None:
     from kanfarm.status import grid_status
 
     store = open_store()
-    _grid_exists(store, grid)
+    grid_exists(store, grid)
     info = grid_status(store, grid)
     if as_json:
         sys.stdout.write(to_json(info) + "\n")
@@ -247,7 +197,7 @@ def _report(kind: str, grid: str | None, as_json: bool, as_csv: bool, **kwargs: 
     from kanfarm.reports import REPORTS
 
     store = open_store()
-    _grid_exists(store, grid)
+    grid_exists(store, grid)
     rows = REPORTS[kind](store, grid, **kwargs)
     emit_rows(rows, title=f"{kind} ({grid or 'all grids'})", as_json=as_json, as_csv=as_csv)
 
@@ -299,7 +249,7 @@ def export(grid: Optional[str] = GridOpt,
     from kanfarm.export import long_rows
 
     store = open_store()
-    _grid_exists(store, grid)
+    grid_exists(store, grid)
     rows = long_rows(store, grid)
     text = to_csv(rows) if fmt == "csv" else to_json(rows) + "\n"
     if out is None:
@@ -311,10 +261,8 @@ def export(grid: Optional[str] = GridOpt,
         err_console.print(f"wrote {len(rows)} rows to {out}")
 
 
-from cli.distributed import register; register(app)  # noqa: E402
-
-
-from cli.plots import register as _register_plots; _register_plots(report_app)  # noqa: E402
+register_distributed(app)
+register_plots(report_app)
 
 
 def main() -> None:  # pragma: no cover - console script entry

@@ -1,19 +1,17 @@
 """``kanfarm report plot`` and ``kanfarm report html``: figures and the one-page report.
 
-Kept out of cli/main.py; main adds them with ``register(report_app)``. cli.main is imported inside
-``register`` (by then it is fully defined), so importing this module first causes no cycle.
+Kept out of cli/main.py; main adds them with ``register(report_app)``.
 """
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from cli.common import GridOpt, grid_exists, handles_errors, open_store
 from cli.output import console, err_console, fail
 
 
 def register(report_app: typer.Typer) -> None:
-    from cli.main import GridOpt, _grid_exists, handles_errors, open_store
-
     @report_app.command("plot")
     @handles_errors
     def report_plot(grid: Optional[str] = GridOpt,
@@ -22,7 +20,7 @@ def register(report_app: typer.Typer) -> None:
         from kanfarm.reports.figures import build_figures, save_figures
 
         store = open_store()
-        _grid_exists(store, grid)
+        grid_exists(store, grid)
         built = build_figures(store, grid)
         if built.note:
             err_console.print(built.note, highlight=False, soft_wrap=True)
@@ -45,7 +43,7 @@ def register(report_app: typer.Typer) -> None:
         from kanfarm.reports.html import write_html
 
         store = open_store()
-        _grid_exists(store, grid)
+        grid_exists(store, grid)
         try:
             write_html(store, grid, out)
         except OSError as exc:

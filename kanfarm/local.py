@@ -10,7 +10,6 @@ import multiprocessing as mp
 import os
 import signal
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
