@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from kanfarm.config import ConfigError
 from kanfarm.data import load_dataset
 from kanfarm.data.dataset import Dataset
 from kanfarm.store import Store
@@ -32,6 +33,19 @@ PACK_CHECKPOINT_S = 30.0
 
 def checkpoint_root() -> Path:
     return Path(os.environ.get("KANFARM_CHECKPOINT_DIR", "kanfarm-checkpoints"))
+
+
+def checkpoint_settings() -> tuple[int, int]:
+    """(every, keep) from ``KANFARM_CHECKPOINT_EVERY`` (default 1) and ``KANFARM_CHECKPOINT_KEEP`` (2).
+
+    Read before a run is claimed, so a bad value claims nothing."""
+    settings = []
+    for name, default in (("KANFARM_CHECKPOINT_EVERY", 1), ("KANFARM_CHECKPOINT_KEEP", 2)):
+        value = os.environ.get(name, str(default))
+        if not value.isdigit() or int(value) < 1:
+            raise ConfigError(name, f"{value!r} must be a positive integer")
+        settings.append(int(value))
+    return settings[0], settings[1]
 
 
 def worker_name(suffix: str = "") -> str:
@@ -83,8 +97,10 @@ class _ClaimedRun:
                  checkpoint_interval_s: float = 0.0):
         self.store, self.run, self.worker = store, run, worker
         self.shutdown, self.on_epoch = shutdown, on_epoch
+        every, keep = checkpoint_settings()
         self.checkpoints = CheckpointManager(
             checkpoint_root() / run.config_hash, run.config_hash, min_interval_s=checkpoint_interval_s,
+            every=every, keep=keep,
             on_save=lambda epoch, path, digest: store.record_checkpoint(run.id, epoch, str(path), digest))
         self.beat = _Heartbeat(store, run.id, worker, lease_s)
         self.beat.start()
@@ -128,6 +144,7 @@ def execute_run(store: Store, run_id: int, worker: str, *, device: str = "cpu",
     ``shutdown`` set (warm shutdown, Ctrl-C): the run checkpoints at the next epoch boundary and is
     released back to ``queued``. A lost lease or a cancel stops it without touching its state.
     """
+    checkpoint_settings()
     if not claimed and store.claim(run_id, worker, lease_s, max_attempts=max_attempts) is None:
         log.info("run %s not claimed by %s (taken, finished or cancelled)", run_id, worker)
         return Outcome(run_id, "not-claimed")
@@ -151,6 +168,7 @@ def execute_pack(store: Store, run_ids: list[int], worker: str, *, device: str =
     keeps its own lease, epoch rows, checkpoints and final status."""
     from kanfarm.packing import Member, train_pack
 
+    checkpoint_settings()
     claimed = store.claim_many(run_ids, worker, lease_s, max_attempts=max_attempts)
     outcomes = [Outcome(i, "not-claimed") for i in run_ids if i not in {r.id for r in claimed}]
     if len(claimed) <= 1:
@@ -183,6 +201,7 @@ def work_loop(store: Store, worker: str, *, grid: str | None = None, device: str
               pack_size: int | str = 1) -> list[Outcome]:
     """Claim and execute runs of ``grid`` until none is left (or shutdown). ``pack_size`` > 1 (or
     ``"auto"``): runs that can share a pack are trained together, up to that many at once."""
+    checkpoint_settings()
     outcomes = []
     while pack_size != 1 and (shutdown is None or not shutdown.is_set()):
         from kanfarm.packing import plan_packs

@@ -193,3 +193,20 @@ def test_ctrl_c_leaves_the_grid_resumable(env):
     straight = rows(env / "straight.db", "SELECT r.config_hash, e.epoch, e.test_acc, e.train_loss FROM "
                                          "epoch_metrics e JOIN runs r ON r.id = e.run_id ORDER BY r.config_hash, e.epoch")
     assert resumed == straight and len(resumed) == 2 * 13
+
+
+def test_checkpoint_cadence_from_the_environment(env, monkeypatch):
+    monkeypatch.setenv("KANFARM_CHECKPOINT_EVERY", "3")
+    monkeypatch.setenv("KANFARM_CHECKPOINT_KEEP", "1")
+    (env / "tiny.toml").write_text(TINY.replace("epochs = 2", "epochs = 4").replace('"adam", "sgd"', '"adam"')
+                                   .replace('models = ["mlp", "kan"]', 'models = ["mlp"]'))
+    assert invoke("db", "upgrade").exit_code == 0
+    assert invoke("run", "grid", "tiny.toml").exit_code == 0
+    saved = rows(env / "k.db", "SELECT epoch FROM checkpoints ORDER BY epoch")
+    assert [r["epoch"] for r in saved] == [0, 3, 4]  # the start, every 3rd epoch, the last
+    assert len(list((env / "ckpt").glob("*/epoch-*.pt"))) == 1
+    monkeypatch.setenv("KANFARM_CHECKPOINT_EVERY", "0")
+    (env / "tiny.toml").write_text(TINY.replace('learning_rates = [0.01]', 'learning_rates = [0.02]'))
+    result = invoke("run", "grid", "tiny.toml")
+    assert result.exit_code == 2 and "KANFARM_CHECKPOINT_EVERY" in result.output
+    assert {r["status"] for r in rows(env / "k.db", "SELECT status FROM runs WHERE lr = 0.02")} == {"pending"}
