@@ -19,6 +19,7 @@ where the half-open cell rule decides the gradient; the layer uses the reference
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -75,6 +76,40 @@ def uniform_basis(x: torch.Tensor, t0: torch.Tensor, inv_h: torch.Tensor, n_base
     return bases, slopes
 
 
+def fused_kernels_apply(x: torch.Tensor) -> bool:
+    """True when the Triton kernels (``triton_spline``) build the bases: float32 CUDA input, Triton
+    importable, and ``KANFARM_TRITON`` not set to 0."""
+    if not (x.is_cuda and x.dtype == torch.float32) or os.environ.get("KANFARM_TRITON", "1") == "0":
+        return False
+    try:
+        import kanfarm.models.triton_spline  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def bases_for_training(x: torch.Tensor, t0: torch.Tensor, inv_h: torch.Tensor, n_bases: int, order: int,
+                       input_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Bases ``(batch, n_bases, in)`` and what ``input_grad_from_bases`` needs later (None when no
+    input gradient is wanted): ``x`` itself on the fused CUDA path, the slopes otherwise."""
+    if fused_kernels_apply(x):
+        from kanfarm.models.triton_spline import fused_bases
+
+        return fused_bases(x, t0, inv_h, n_bases, order), (x if input_grad else None)
+    return uniform_basis(x, t0, inv_h, n_bases, order, with_slopes=input_grad)
+
+
+def input_grad_from_bases(grad_bases: torch.Tensor, saved: torch.Tensor, t0: torch.Tensor, inv_h: torch.Tensor,
+                          order: int) -> torch.Tensor:
+    """``dL/dx`` from ``dL/dB`` (``(batch, n_bases * in)``, overwritten) and ``bases_for_training``'s
+    saved tensor (``x`` on the fused path, else slopes ``(batch, n_bases, in)``)."""
+    if saved.dim() == 2:
+        from kanfarm.models.triton_spline import fused_input_grad
+
+        return fused_input_grad(grad_bases, saved, t0, inv_h, order)
+    return grad_bases.view(saved.shape).mul_(saved).sum(dim=1).mul_(-inv_h)
+
+
 def grid_origin_and_scale(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``t_0`` and ``1 / h`` per input of a uniform grid (shape ``(in, G + 2k + 1)``)."""
     n_cells = grid.shape[1] - 1
@@ -90,19 +125,23 @@ class UniformSplineLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, t0, inv_h, order: int):
         n_bases = weight.shape[1] // x.shape[1]
-        bases, slopes = uniform_basis(x, t0, inv_h, n_bases, order, with_slopes=ctx.needs_input_grad[0])
-        ctx.save_for_backward(weight, inv_h, bases, slopes)
+        bases, saved = bases_for_training(x, t0, inv_h, n_bases, order, ctx.needs_input_grad[0])
+        ctx.save_for_backward(weight, t0, inv_h, bases, saved)
+        ctx.order = order
         return bases.view(x.shape[0], -1) @ weight.t()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        weight, inv_h, bases, slopes = ctx.saved_tensors
+        weight, t0, inv_h, bases, saved = ctx.saved_tensors
         grad_x = grad_weight = None
         if ctx.needs_input_grad[1]:
             grad_weight = grad_out.t() @ bases.view(bases.shape[0], -1)
         if ctx.needs_input_grad[0]:
-            grad_x = _input_grad(grad_out, weight, slopes).mul_(-inv_h)
+            if saved.dim() == 2:  # fused CUDA path: saved is x
+                grad_x = input_grad_from_bases(grad_out @ weight, saved, t0, inv_h, ctx.order)
+            else:
+                grad_x = _input_grad(grad_out, weight, saved).mul_(-inv_h)
         return grad_x, grad_weight, None, None, None
 
 

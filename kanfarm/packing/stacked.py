@@ -14,7 +14,7 @@ from torch import nn
 
 from kanfarm.models.activations import make_activation
 from kanfarm.models.bspline import cox_de_boor_basis, is_uniform
-from kanfarm.models.uniform_spline import grid_origin_and_scale, uniform_basis
+from kanfarm.models.uniform_spline import bases_for_training, grid_origin_and_scale, input_grad_from_bases
 
 
 class StackedSpline(torch.autograd.Function):
@@ -26,8 +26,9 @@ class StackedSpline(torch.autograd.Function):
         members, out_f, k = weight.shape
         n_bases = k // x.shape[-1]
         flat = x.reshape(-1, x.shape[-1])
-        bases, slopes = uniform_basis(flat, t0, inv_h, n_bases, order, with_slopes=ctx.needs_input_grad[0])
-        ctx.save_for_backward(weight, inv_h, bases, slopes)
+        bases, saved = bases_for_training(flat, t0, inv_h, n_bases, order, ctx.needs_input_grad[0])
+        ctx.save_for_backward(weight, t0, inv_h, bases, saved)
+        ctx.order = order
         ctx.shared = x.dim() == 2
         if ctx.shared:
             out = bases.view(flat.shape[0], k) @ weight.reshape(members * out_f, k).t()
@@ -37,7 +38,7 @@ class StackedSpline(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        weight, inv_h, bases, slopes = ctx.saved_tensors
+        weight, t0, inv_h, bases, saved = ctx.saved_tensors
         members, out_f, k = weight.shape
         grad_x = grad_w = None
         if ctx.shared:
@@ -45,15 +46,14 @@ class StackedSpline(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_w = (g.t() @ bases.view(g.shape[0], k)).view(members, out_f, k)
             if ctx.needs_input_grad[0]:
-                grad_bases = (g @ weight.reshape(members * out_f, k)).view(bases.shape)
-                grad_x = grad_bases.mul_(slopes).sum(dim=1).mul_(-inv_h)
+                grad_x = input_grad_from_bases(g @ weight.reshape(members * out_f, k), saved, t0, inv_h, ctx.order)
         else:
             b = grad_out.shape[1]
             if ctx.needs_input_grad[1]:
                 grad_w = torch.bmm(grad_out.transpose(1, 2), bases.view(members, b, k))
             if ctx.needs_input_grad[0]:
-                grad_bases = torch.bmm(grad_out, weight).view(bases.shape)
-                grad_x = grad_bases.mul_(slopes).sum(dim=1).mul_(-inv_h).view(members, b, -1)
+                grad_bases = torch.bmm(grad_out, weight).view(members * b, k)
+                grad_x = input_grad_from_bases(grad_bases, saved, t0, inv_h, ctx.order).view(members, b, -1)
         return grad_x, grad_w, None, None, None
 
 
