@@ -12,7 +12,7 @@ one optimiser step per block:
   batched, one Cholesky per layer, low-rank label target (solve with C right-hand sides).
 
 Also prints how far eigh's gradient lies from the Cholesky one (eigh's backward divides by
-eigenvalue gaps). Usage: python benchmarks/hsic_step.py [--batch 2048] [--reps 5] [--threads 2]
+eigenvalue gaps). Usage: python benchmarks/hsic_step.py [--batch 2048] [--reps 5] [--threads 2] [--device cpu|cuda|all]
 """
 from __future__ import annotations
 
@@ -114,9 +114,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--plain-reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    devices = [torch.device(d) for d in (["cpu", "cuda"] if args.device == "all" else [args.device])
+               if d == "cpu" or torch.cuda.is_available()]
     print("| device | model | backprop ms | plain HSIC ms | eigh HSIC ms | fast HSIC ms | plain/bp | eigh/bp | fast/bp | eigh-vs-chol grad rel. diff |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for device in devices:

@@ -1,12 +1,20 @@
 """Forward + backward time and peak memory of one KAN layer: reference vs fast, against matmul floors.
 
-Rows per shape (batch, in -> out), G = 5, k = 3, float32:
+Rows per shape (batch, in -> out), G = 5, k = 3, float32 (TF32 off, PyTorch's default):
   reference   KANLinear(fast=False): autograd through the Cox-de Boor recursion
-  fast        KANLinear(fast=True): closed-form uniform bases, hand-written backward
+  fast        KANLinear(fast=True): closed-form uniform bases, hand-written backward (on CUDA the
+              bases and the input gradient come from the fused Triton kernels)
   matmuls     the bare products of the layer: F.linear(x, base_weight) + F.linear(bases, spline weight)
               on bases computed beforehand (weight gradients only): a floor for any KAN layer
   mlp         nn.Linear(in, out) + GELU of the same shape
 The KAN and MLP rows also compute the input gradient (as every layer after the first must).
+CUDA adds rows that pair each KAN row with its own floor:
+  fast-eager  the fast layer with the Triton kernels off (KANFARM_TRITON=0): eager closed form
+  fast-nodx   the fast layer without the input gradient (a first layer: x is data)
+  matmuls-dx  the bare products plus the gradient of the bases (bases.requires_grad): the floor
+              for a layer that must pass a gradient back, i.e. the pair of ``fast``
+and checks, per shape, that ``fast`` gives the reference's output and gradients (max error
+relative to each tensor's largest value).
 
 Time: median wall time of ``--repeats`` steps after two warm-up steps, the rows of a shape taking
 turns within every repeat (fair to all rows when other processes load the machine).
@@ -37,6 +45,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from kanfarm.models import KANLinear  # noqa: E402
 
 ROWS = ("reference", "fast", "matmuls", "mlp")
+CUDA_ROWS = ("reference", "fast", "fast-eager", "fast-nodx", "matmuls", "matmuls-dx", "mlp")
 CPU_SHAPES = [(256, 784, 256), (1024, 784, 256), (256, 256, 256), (1024, 256, 256)]
 CUDA_SHAPES = [(8192, 784, 256), (8192, 1024, 1024)]
 
@@ -45,10 +54,17 @@ def make_step(row: str, batch: int, n_in: int, n_out: int, device: str):
     """A closure running one forward + backward of ``row`` at this shape."""
     torch.manual_seed(0)
     x = (torch.rand(batch, n_in, device=device) * 2 - 1)
-    if row in ("reference", "fast"):
-        layer = KANLinear(n_in, n_out, fast=row == "fast").to(device)
-        x.requires_grad_(True)
+    if row in ("reference", "fast", "fast-eager", "fast-nodx"):
+        layer = KANLinear(n_in, n_out, fast=row != "reference").to(device)
+        x.requires_grad_(row != "fast-nodx")
         fn = layer
+        if row == "fast-eager":
+            def fn(inp):
+                os.environ["KANFARM_TRITON"] = "0"
+                try:
+                    return layer(inp)
+                finally:
+                    del os.environ["KANFARM_TRITON"]
     elif row == "mlp":
         layer = nn.Sequential(nn.Linear(n_in, n_out), nn.GELU()).to(device)
         x.requires_grad_(True)
@@ -59,6 +75,9 @@ def make_step(row: str, batch: int, n_in: int, n_out: int, device: str):
             bases = layer.spline_bases(x).reshape(batch, -1)
             spline = layer.scaled_spline_weight.reshape(n_out, -1).detach().clone().requires_grad_(True)
         base = layer.base_weight
+        if row == "matmuls-dx":
+            bases.requires_grad_(True)
+            x.requires_grad_(True)
 
         def fn(inp):
             return F.linear(inp, base) + F.linear(bases, spline)
@@ -70,6 +89,27 @@ def make_step(row: str, batch: int, n_in: int, n_out: int, device: str):
             torch.cuda.synchronize()
 
     return step
+
+
+def check_fast(batch: int, n_in: int, n_out: int, device: str) -> float:
+    """Largest error of the fast layer's output and gradients against the reference, each relative
+    to that tensor's largest magnitude (O(1) spline coefficients, so the spline branch matters)."""
+    torch.manual_seed(1)
+    ref = KANLinear(n_in, n_out, fast=False).to(device)
+    with torch.no_grad():
+        ref.spline_weight.normal_()
+        ref.spline_scaler.normal_()
+    fast = KANLinear(n_in, n_out, fast=True).to(device)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.rand(batch, n_in, device=device) * 2.4 - 1.2
+    upstream = torch.randn(batch, n_out, device=device)
+    results = []
+    for layer in (ref, fast):
+        xi = x.clone().requires_grad_(True)
+        out = layer(xi)
+        grads = torch.autograd.grad(out, [xi, layer.base_weight, layer.spline_weight, layer.spline_scaler], upstream)
+        results.append([out, *grads])
+    return max(((a - b).abs().max() / b.abs().max()).item() for b, a in zip(*results))
 
 
 def _status_bytes(field: str) -> int:
@@ -139,16 +179,22 @@ def main() -> None:
         print(measure_memory(row, *map(int, shape), args.device))
         return
     shapes = CUDA_SHAPES if args.device == "cuda" else CPU_SHAPES
+    rows_of = CUDA_ROWS if args.device == "cuda" else ROWS
     if args.quick and args.device == "cpu":
         shapes = [s for s in shapes if s[0] == 1024]
-    repeats = args.repeats or (3 if args.quick else 7)
+    repeats = args.repeats or (3 if args.quick else 20 if args.device == "cuda" else 7)
     print(f"device={args.device} threads={torch.get_num_threads()} repeats={repeats} G=5 k=3 float32"
           f" loadavg={os.getloadavg()[0]:.2f} OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     print(f"{'batch':>6} {'in->out':>10} {'row':>10} {'ms':>9} {'x ref':>7} {'MiB':>8} {'x ref':>7}")
     results = []
     for shape in shapes:
-        times = median_times({row: make_step(row, *shape, args.device) for row in ROWS}, repeats)
-        rows = {row: (times[row], memory_in_subprocess(row, shape, args.device, args.threads)) for row in ROWS}
+        if args.device == "cuda":
+            print(f"check {shape}: fast vs reference, max relative error {check_fast(*shape, 'cuda'):.2e}", flush=True)
+            mib = {row: measure_memory(row, *shape, "cuda") for row in rows_of}  # in-process: peak stats reset
+        else:
+            mib = {row: memory_in_subprocess(row, shape, args.device, args.threads) for row in rows_of}
+        times = median_times({row: make_step(row, *shape, args.device) for row in rows_of}, repeats)
+        rows = {row: (times[row], mib[row]) for row in rows_of}
         ref_ms, ref_mib = rows["reference"]
         for row, (ms, mib) in rows.items():
             print(f"{shape[0]:>6} {f'{shape[1]}->{shape[2]}':>10} {row:>10} {ms:>9.1f} {ms / ref_ms:>7.2f}"
