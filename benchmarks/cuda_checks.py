@@ -1,0 +1,109 @@
+"""Correctness of the CUDA paths that CI (CPU only) cannot reach: run on a GPU machine.
+
+1. Packed members equal their solo runs on CUDA (KAN on the fused kernels, MLP with dropout drawn
+   from per-member CUDA generators): largest metric difference over 3 epochs.
+2. A KAN run checkpointed at epoch 1 on CUDA and resumed gives the uninterrupted run's rows.
+3. The fused kernels against the eager closed form and Cox-de Boor in float64, on CUDA.
+
+Prints one line per check with its figure and PASS/FAIL; exits 1 on any FAIL.
+
+    python benchmarks/cuda_checks.py
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from kanfarm.config import RunConfig  # noqa: E402
+from kanfarm.data.dataset import Dataset  # noqa: E402
+from kanfarm.models.bspline import cox_de_boor_basis, uniform_knots  # noqa: E402
+from kanfarm.models.triton_spline import fused_bases, fused_input_grad  # noqa: E402
+from kanfarm.models.uniform_spline import grid_origin_and_scale, uniform_basis  # noqa: E402
+from kanfarm.packing import Member, train_pack  # noqa: E402
+from kanfarm.training import CheckpointManager, train  # noqa: E402
+
+DEVICE = os.environ.get("CHECK_DEVICE", "cuda")  # cpu: a dry run of checks 1 and 2
+FIELDS = ("train_loss", "train_acc", "test_loss", "test_acc")
+failed = False
+
+
+def report(name: str, value: float, limit: float) -> None:
+    global failed
+    ok = value <= limit
+    failed |= not ok
+    print(f"{'PASS' if ok else 'FAIL'} {name}: {value:.2e} (limit {limit:.0e})", flush=True)
+
+
+def data() -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(5000, 784, generator=g) * 2 - 1
+    y = (x[:, :10].argmax(dim=1) + torch.randint(0, 2, (5000,), generator=g)) % 10
+    return Dataset("mnist-shaped", x[:4000], y[:4000], x[4000:], y[4000:], 10)
+
+
+def max_diff(a, b) -> float:
+    assert [r.epoch for r in a] == [r.epoch for r in b], "different epochs"
+    return max(abs(getattr(x, f) - getattr(y, f)) for x, y in zip(a, b) for f in FIELDS)
+
+
+def pack_vs_solo(d: Dataset) -> None:
+    for model, extra in (("kan", {}), ("mlp", {"dropout": 0.2})):
+        base = RunConfig(dataset="mnist", model=model, depth="medium", batch_size=256, max_epochs=3, seed=1, **extra)
+        configs = [dataclasses.replace(base, optimizer=o, lr=lr, init=i) for o, lr, i in [
+            ("adam", 1e-3, "kaiming_normal"), ("sgd", 0.05, "orthogonal"), ("sgd_momentum", 0.005, "kaiming_uniform")]]
+        solo = []
+        for c in configs:
+            records: list = []
+            train(c, d, records.append, device=DEVICE)
+            solo.append(records)
+        packed: list[list] = [[] for _ in configs]
+        train_pack([Member(c, packed[i].append) for i, c in enumerate(configs)], d, device=DEVICE)
+        report(f"pack == solo on CUDA ({model}, 3 epochs, max metric difference)",
+               max(max_diff(p, s) for p, s in zip(packed, solo)), 1e-4)
+
+
+def resume(d: Dataset) -> None:
+    config = RunConfig(dataset="mnist", model="kan", depth="shallow", batch_size=256, max_epochs=3, seed=3)
+    whole: list = []
+    train(config, d, whole.append, device=DEVICE)
+    with tempfile.TemporaryDirectory() as folder:
+        first: list = []
+        ckpt = CheckpointManager(folder, "run")
+        train(config, d, first.append, device=DEVICE, checkpoints=ckpt, should_stop=lambda: len(first) >= 2)
+        rest: list = []
+        train(config, d, rest.append, device=DEVICE, checkpoints=CheckpointManager(folder, "run"))
+    report("resume on CUDA (KAN, rows after the checkpoint vs uninterrupted)",
+           max_diff(rest, whole[-len(rest):]), 1e-6)
+
+
+def kernels() -> None:
+    worst = 0.0
+    for order in (2, 3, 4, 5):
+        grid = uniform_knots(300, 5, order, (-1.0, 1.0)).cuda()
+        t0, inv_h = grid_origin_and_scale(grid)
+        x = torch.rand(1000, 300, device=DEVICE) * 3 - 1.5
+        x[:50] = grid[torch.arange(300, device=DEVICE), torch.randint(0, grid.shape[1], (50, 300), device=DEVICE)]
+        n_bases = 5 + order
+        eager, slopes = uniform_basis(x, t0, inv_h, n_bases, order, with_slopes=True)
+        fused = fused_bases(x, t0, inv_h, n_bases, order)
+        exact = cox_de_boor_basis(x.double(), grid.double(), order).transpose(1, 2)
+        g = torch.randn(1000, n_bases * 300, device=DEVICE)
+        expected = (g.view(1000, n_bases, 300) * slopes).sum(dim=1) * -inv_h
+        got = fused_input_grad(g, x, t0, inv_h, order)
+        worst = max(worst, (fused - eager).abs().max().item(), (fused.double() - exact).abs().max().item(),
+                    ((got - expected).abs().max() / expected.abs().max()).item())
+    report("fused kernels vs eager / Cox-de Boor on CUDA (orders 2-5)", worst, 1e-5)
+
+
+if __name__ == "__main__":
+    d = data()
+    if DEVICE == "cuda":
+        kernels()
+    pack_vs_solo(d)
+    resume(d)
+    sys.exit(1 if failed else 0)

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One prepared GPU session: CUDA correctness checks, then every benchmark's CUDA figures.
+#   benchmarks/gpu_session.sh micro   # checks, kan_layer, epoch, hsic_step, packing  (~3 min on an H200)
+#   benchmarks/gpu_session.sh grid    # paper_mnist: the whole 243-run grid through the CLI
+# Logs go to $OUT (default ./gpu-out). Wheels of packages the machine lacks (sqlalchemy, greenlet,
+# alembic, mako) may be put in .whl/; they are installed to /tmp/site first.
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+{
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm --format=csv
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+    nproc
+} 2>&1 | tee "$OUT/env.txt"
+
+step() {  # step NAME SECONDS command...
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s)"
+    local start=$SECONDS
+    timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+    local rc=$?
+    tail -n 40 "$OUT/$name.txt"
+    echo "=== $name rc=$rc in $((SECONDS - start))s"
+}
+
+case "${1:-micro}" in
+micro)
+    step cuda_checks 120 python3 benchmarks/cuda_checks.py
+    step kan_layer 120 python3 benchmarks/kan_layer.py --device cuda --json "$OUT/kan_layer.json"
+    step epoch 90 python3 benchmarks/epoch.py --device cuda
+    step hsic_step 90 python3 benchmarks/hsic_step.py --device cuda --reps 20 --plain-reps 5
+    step packing 200 python3 benchmarks/packing.py --device cuda
+    ;;
+grid)
+    step paper_mnist "${GRID_LIMIT:-420}" python3 benchmarks/paper_mnist.py --device cuda --pack-size auto \
+        --workers "${GRID_WORKERS:-3}" --timeout "${GRID_TIMEOUT:-360}" --workdir /tmp/paper-mnist
+    ;;
+esac
