@@ -1,14 +1,16 @@
 """Distributed execution against the real services: Redis (a dedicated DB number, flushed only
 there), PostgreSQL (a database of its own) and real ``celery worker`` subprocesses.
 
-No broker, database or Celery piece is faked: runs are enqueued through the CLI, executed by two
-worker processes, killed with SIGKILL or stopped with SIGTERM, and checked against a local run
-of the same configs on a separate SQLite database.
+No broker, database or Celery piece is faked: runs are enqueued through the CLI (one by one or
+as packs), executed by two worker processes, killed with SIGKILL or stopped with SIGTERM, and
+checked against a local run of the same configs on a separate SQLite database.
 
 Unreachable Redis or PostgreSQL: skipped, or failed when ``CI=true``.
 """
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import os
 import signal
@@ -68,6 +70,42 @@ def test_launcher_pins_one_process_per_gpu():
         parse_gpus("0,0")
     with pytest.raises(ValueError):
         parse_queues("tpu", "cpu")
+
+
+def test_pack_task_claims_no_further_chunk_after_warm_shutdown(sqlite_store, monkeypatch):
+    """A GPU worker splits a pack message into chunks that fit its memory. A warm shutdown during
+    one chunk must not claim the next ones (each claim costs an attempt, only to release the run
+    after its epoch 0): they are re-published, unclaimed, with the released runs."""
+    import kanfarm.packing
+    import kanfarm.runner
+    from kanfarm.grids import parse_spec
+    from kanfarm.runner import Outcome
+    from kanfarm.submission import submit
+    from workers import tasks
+
+    submit(sqlite_store, parse_spec(spec("split", lrs=(0.01, 0.005, 0.002, 0.001, 0.0005), epochs=2)))
+    ids = sqlite_store.run_ids("split")
+    chunks: list[list[int]] = []
+    published: list[tuple[list[list[int]], str]] = []
+
+    def execute_pack(store, run_ids, worker, **kwargs):
+        chunks.append(list(run_ids))
+        assert kwargs["shutdown"] is tasks.SHUTDOWN
+        tasks.SHUTDOWN.set()  # Celery's warm shutdown arrives while this chunk trains
+        return [Outcome(run_ids[0], "completed", 2)] + [Outcome(i, "released", 1) for i in run_ids[1:]]
+
+    monkeypatch.setattr(tasks, "store", lambda: sqlite_store)
+    monkeypatch.setattr(tasks, "device", lambda: "cuda")
+    monkeypatch.setattr(kanfarm.packing, "auto_pack_size", lambda *args, **kwargs: 2)
+    monkeypatch.setattr(kanfarm.runner, "execute_pack", execute_pack)
+    monkeypatch.setattr(tasks, "publish_packs", lambda packs, queue, app=None: published.append(
+        ([list(p) for p in packs], queue)) or sum(map(len, packs)))
+    try:
+        assert tasks.execute_pack_task.run(ids) == "done"
+    finally:
+        tasks.SHUTDOWN.clear()
+    assert chunks == [ids[:2]]  # the chunks after the shutdown were never claimed
+    assert published == [([ids[1:]], "cpu")]  # released and unclaimed runs keep a message
 
 
 # --- services -----------------------------------------------------------------------------------
@@ -207,22 +245,41 @@ def spec_file(tmp_path: Path, data: dict) -> str:
     return str(path)
 
 
-def local_reference(tmp_path: Path, data: dict, monkeypatch) -> dict[str, list[tuple]]:
-    """The same grid run by the local runner on its own SQLite file and checkpoint dir."""
+def local_reference(tmp_path: Path, data: dict, monkeypatch, pack_size: int | str = 1) -> dict[str, list[tuple]]:
+    """The same grid run by the local runner (packed when ``pack_size`` is not 1) on its own
+    SQLite file and checkpoint dir."""
     from kanfarm.grids import parse_spec
     from kanfarm.local import run_grid_locally
     from kanfarm.store import Store
     from kanfarm.submission import submit
 
-    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "local-checkpoints"))
-    local = Store(f"sqlite:///{tmp_path / 'local.db'}")
+    base = tmp_path / f"local-pack-{pack_size}"
+    base.mkdir()
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(base / "checkpoints"))
+    local = Store(f"sqlite:///{base / 'local.db'}")
     local.upgrade()
     try:
         submit(local, parse_spec(data))
-        run_grid_locally(local, data["name"])
+        with one_torch_thread():
+            final = run_grid_locally(local, data["name"], pack_size=pack_size)
+        assert final.counts["completed"] == final.total
         return metrics_by_hash(local, data["name"])
     finally:
         local.dispose(close=True)
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Train in this process with one torch thread, like the workers: on these tiny models many
+    threads only add overhead."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def metrics_by_hash(store, grid: str) -> dict[str, list[tuple]]:
@@ -239,6 +296,33 @@ def assert_same_metrics(got: dict, want: dict) -> None:
         assert [(e, acc) for e, acc, _ in got[h]] == [(e, acc) for e, acc, _ in want[h]], h
         for (_, _, a), (_, _, b) in zip(got[h], want[h]):
             assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
+
+
+def assert_close_metrics(got: dict, want: dict, tol: float = 1e-5) -> None:
+    """Equal epochs, accuracy and loss within ``tol``: a packed run against its solo run."""
+    assert got.keys() == want.keys()
+    for h in want:
+        assert [e for e, _, _ in got[h]] == [e for e, _, _ in want[h]], h
+        for (e, acc_a, loss_a), (_, acc_b, loss_b) in zip(got[h], want[h]):
+            assert abs(acc_a - acc_b) <= tol and abs(loss_a - loss_b) <= tol, (h, e, acc_a, acc_b, loss_a, loss_b)
+
+
+def parked_messages(redis_db, queue: str) -> list[tuple[str, list]]:
+    """(task name, args) of the messages waiting on ``queue`` (kombu's Redis layout), oldest first."""
+    out = []
+    for raw in reversed(redis_db.lrange(queue, 0, -1)):  # LPUSH to publish, BRPOP to consume
+        message = json.loads(raw)
+        assert message["properties"]["body_encoding"] == "base64"
+        out.append((message["headers"]["task"], json.loads(base64.b64decode(message["body"]))[0]))
+    return out
+
+
+def deliver(redis_db, source: str, target: str) -> int:
+    """Move every waiting message from queue ``source`` to ``target`` unchanged (a late delivery)."""
+    moved = 0
+    while redis_db.rpoplpush(source, target) is not None:
+        moved += 1
+    return moved
 
 
 def finished(store, grid: str, n: int) -> bool:
@@ -308,6 +392,125 @@ def test_message_delivered_twice_runs_once(env, store, fleet, redis_db):
     run = store.run(run_id)
     assert (run.status, run.attempts) == ("completed", 1)
     assert_contiguous_epochs(store, run_id, 3)
+
+
+def pack_tasks_done(fleet: Fleet) -> int:
+    """Pack tasks the fleet's workers have finished without an error, from their logs."""
+    return sum(line.count("kanfarm.execute_pack[") for log in fleet.logs.values()
+               for line in log.read_text(errors="replace").splitlines() if " succeeded in " in line)
+
+
+#: members of a pack may differ in init, optimiser and learning rate (not in seed or shapes)
+PACKABLE = {"inits": ["kaiming_normal", "orthogonal"], "optimizers": ["adam", "sgd_momentum"]}
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("pack_size, lrs, sizes, vs_solo", [(3, (0.02, 0.006), [3, 3, 2], True),
+                                                       ("auto", (0.03, 0.008), [8], False)])
+def test_packed_grid_on_workers_matches_local_runs(env, store, fleet, redis_db, tmp_path, monkeypatch,
+                                                   pack_size, lrs, sizes, vs_solo):
+    """``enqueue grid --pack-size``: the CLI publishes pack messages (parked on gpu, which no test
+    worker consumes, to read them, then delivered to cpu); each pack trains on one worker, every
+    run completes once with one row per epoch, equal to the local packed run of the same grid and
+    (once: it costs the most) within 1e-5 to the local solo runs. ``auto``: one message for the
+    whole grid (a CPU worker trains it as is)."""
+    name = f"pack-{pack_size}"
+    data = {**spec(name, lrs=lrs, epochs=5), **PACKABLE}  # 8 runs of one pack key
+    assert redis_db.llen("gpu") == 0
+    out = cli(env, "enqueue", "grid", spec_file(tmp_path, data), "--queue", "gpu", "--pack-size", str(pack_size),
+              "--json")
+    assert (out["added"], out["skipped"], out["published"]) == (8, 0, 8)
+    ids = store.run_ids(name)
+    messages = parked_messages(redis_db, "gpu")
+    assert [task for task, _ in messages] == ["kanfarm.execute_pack"] * len(sizes)
+    packs = [args[0] for _, args in messages]
+    assert [len(pack) for pack in packs] == sizes and sorted(sum(packs, [])) == ids
+    assert deliver(redis_db, "gpu", "cpu") == len(sizes)
+    packed = local_reference(tmp_path, data, monkeypatch, pack_size=pack_size)  # while the workers train
+    solo = local_reference(tmp_path, data, monkeypatch) if vs_solo else None
+    wait_for(lambda: finished(store, name, 8), WAIT_S, f"grid {name} to finish", fleet)
+    runs = {i: store.run(i) for i in ids}
+    assert [(r.status, r.attempts) for r in runs.values()] == [("completed", 1)] * 8
+    for pack in packs:
+        assert len({runs[i].worker for i in pack}) == 1  # trained together
+    for run_id in ids:
+        assert_contiguous_epochs(store, run_id, 5)
+    got = metrics_by_hash(store, name)
+    assert_same_metrics(got, packed)
+    if solo is not None:
+        assert_close_metrics(got, solo)
+    assert redis_db.llen("cpu") == 0
+
+
+@pytest.mark.services
+def test_pack_message_delivered_twice_trains_each_member_once(env, store, fleet, redis_db):
+    """Two copies of one pack message reach both idle workers at once: Store.claim_many gives the
+    whole pack to one of them, the other claims nothing; a late third copy is a no-op too."""
+    from kanfarm.grids import parse_spec
+    from kanfarm.submission import submit
+    from workers.celery_app import make_app
+    from workers.tasks import publish_packs
+
+    submit(store, parse_spec({**spec("dup-pack", lrs=(0.015, 0.007, 0.0035), epochs=3), **PACKABLE}))
+    ids = store.run_ids("dup-pack")
+    assert len(ids) == 12
+    store.mark_queued(ids)
+    app = make_app(REDIS_URL)
+    done_before = pack_tasks_done(fleet)
+    assert publish_packs([ids, ids], "cpu", celery_app=app) == 24
+    wait_for(lambda: finished(store, "dup-pack", 12), WAIT_S, "duplicated pack to finish", fleet)
+    publish_packs([ids], "cpu", celery_app=app)  # and a late third copy
+    wait_for(lambda: pack_tasks_done(fleet) == done_before + 3, 60, "every copy consumed", fleet)
+    wait_for(lambda: redis_db.llen("cpu") == 0 and redis_db.hlen("unacked") == 0, 60, "acks", fleet)
+    runs = [store.run(i) for i in ids]
+    assert [(r.status, r.attempts) for r in runs] == [("completed", 1)] * 12
+    assert len({r.worker for r in runs}) == 1  # one claim took the whole pack
+    for run_id in ids:
+        assert_contiguous_epochs(store, run_id, 3)
+        assert [c.epoch for c in store.checkpoints(run_id)][-1] == 3
+
+
+@pytest.mark.services
+def test_pack_with_finished_members_trains_only_the_rest(env, store, fleet, redis_db, tmp_path, monkeypatch):
+    """A pack message (from ``enqueue grid --pack-size``) arrives late: meanwhile a local worker
+    completed one member and trained another to epoch 2, where it was released (checkpointed).
+    The worker trains only the two untouched members and resumes the released one; the finished
+    member is left as it was. All equal the solo runs within 1e-5."""
+    from kanfarm.runner import execute_run
+
+    data = spec("partial-pack", lrs=(0.025, 0.012, 0.009, 0.004), epochs=4)
+    out = cli(env, "enqueue", "grid", spec_file(tmp_path, data), "--queue", "gpu", "--pack-size", "4", "--json")
+    assert (out["added"], out["published"]) == (4, 4)
+    ids = store.run_ids("partial-pack")
+    assert parked_messages(redis_db, "gpu") == [("kanfarm.execute_pack", [ids])]
+    done, released, *fresh = ids
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", env["KANFARM_CHECKPOINT_DIR"])  # where the workers look
+    stop = threading.Event()
+    with one_torch_thread():
+        assert execute_run(store, done, "test:local", lease_s=60).status == "completed"
+        outcome = execute_run(store, released, "test:local", lease_s=60, shutdown=stop,
+                              on_epoch=lambda _, record: record.epoch >= 2 and stop.set())
+    assert (outcome.status, outcome.epochs_run) == ("released", 2)
+    assert store.run(released).status == "queued"
+    done_before, done_rows = store.run(done), store.epoch_metrics(run_id=done)
+    released_rows = store.epoch_metrics(run_id=released)
+    assert [row["epoch"] for row in released_rows] == [0, 1, 2]
+
+    tasks_before = pack_tasks_done(fleet)
+    assert deliver(redis_db, "gpu", "cpu") == 1
+    want = local_reference(tmp_path, data, monkeypatch)  # solo runs, while the workers train
+    wait_for(lambda: finished(store, "partial-pack", 4), WAIT_S, "the rest of the pack to finish", fleet)
+    wait_for(lambda: pack_tasks_done(fleet) == tasks_before + 1, 60, "the pack task to end", fleet)
+
+    assert store.run(done) == done_before and store.epoch_metrics(run_id=done) == done_rows  # untouched
+    trained = [store.run(i) for i in [released, *fresh]]
+    assert [(r.status, r.attempts) for r in trained] == [("completed", 2), ("completed", 1), ("completed", 1)]
+    assert len({r.worker for r in trained}) == 1 and trained[0].worker != "test:local"
+    for run_id in ids:
+        assert_contiguous_epochs(store, run_id, 4)
+    assert store.epoch_metrics(run_id=released)[:3] == released_rows  # resumed, not restarted
+    assert_close_metrics(metrics_by_hash(store, "partial-pack"), want)
 
 
 @pytest.mark.services

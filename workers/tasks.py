@@ -146,6 +146,9 @@ def execute_pack_task(self, run_ids: list[int]) -> str:
         if device() != "cpu":
             size = min(size, auto_pack_size(config, *dataset_shape(config.dataset), device=device()))
         for start in range(0, len(run_ids), size):
+            if SHUTDOWN.is_set():  # stopping: claim no further chunk (a claim costs an attempt);
+                released += run_ids[start:]  # its runs stay unclaimed and are re-published below
+                break
             outcomes = execute_pack(store(), run_ids[start:start + size], worker_name(":celery"), device=device(),
                                     lease_s=lease_seconds(), shutdown=SHUTDOWN, max_attempts=max_attempts())
             released += [o.run_id for o in outcomes if o.status == "released"]
@@ -155,7 +158,7 @@ def execute_pack_task(self, run_ids: list[int]) -> str:
     if released:
         queue = (self.request.delivery_info or {}).get("routing_key") or DEFAULT_QUEUE
         publish_packs([released], queue if queue in QUEUES else DEFAULT_QUEUE, self.app)
-        log.info("pack: runs %s released and re-published to %s", released, queue)
+        log.info("pack: runs %s released or left unclaimed, re-published to %s", released, queue)
     return "done"
 
 
