@@ -19,7 +19,7 @@ from typing import Callable
 from kanfarm.config import ConfigError
 from kanfarm.data import load_dataset
 from kanfarm.data.dataset import Dataset
-from kanfarm.store import Store
+from kanfarm.store import LeaseLost, Store
 from kanfarm.store.rows import RunRow
 from kanfarm.training import CheckpointManager, EpochRecord, RunResult, train
 
@@ -106,7 +106,14 @@ class _ClaimedRun:
         self.beat.start()
 
     def sink(self, record: EpochRecord) -> None:
-        self.store.write_epoch(self.run.id, record)
+        """Write the row only while this worker holds the run: a worker whose lease lapsed (a long
+        pause) and whose run another worker took over writes nothing and stops at the next epoch."""
+        try:
+            self.store.write_epoch(self.run.id, record, worker=self.worker)
+        except LeaseLost:
+            log.warning("run %s: lease lost, epoch %s not written; stopping", self.run.id, record.epoch)
+            self.beat.lost.set()
+            return
         if self.on_epoch is not None:
             self.on_epoch(self.run.id, record)
 

@@ -33,9 +33,11 @@ def capture(order: torch.Generator) -> dict[str, Any]:
 
 
 def restore(state: dict[str, Any], order: torch.Generator) -> None:
+    """Inverse of ``capture``; the state's tensors may sit on any device (a checkpoint loaded with
+    ``map_location="cuda"`` puts them on the GPU): generator states are host tensors."""
     torch.set_rng_state(state["torch"].cpu())
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    np.random.set_state((n["name"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     order.set_state(state["order"].cpu())
