@@ -42,6 +42,7 @@ class StackedOptimizer:
         self._lr_cache(next(iter(params.values())).device)
 
     def _lr_cache(self, device: torch.device) -> None:
+        self._views_key = None  # state tensors change with the members: views are rebuilt
         self.slices = {}
         for kind in _ORDER:
             idx = [m for m, k in enumerate(self.kinds) if k == kind]
@@ -60,32 +61,51 @@ class StackedOptimizer:
         self.lrs = [self.lrs[m] for m in members]
         self._lr_cache(self.lr64.device)
 
+    def _views(self, params: dict[str, torch.Tensor]) -> dict[str, dict[str, tuple]]:
+        """Per parameter and optimiser kind: the member slice of the parameter and of its state,
+        and the learning rates as a broadcastable column. Built once per set of parameter tensors
+        (a pack's parameters are updated in place; ``keep`` replaces them), so a step does no
+        slicing beyond the gradients'."""
+        key = [(name, id(p)) for name, p in params.items()]
+        if self._views_key != key:
+            views: dict[str, dict[str, tuple]] = {}
+            for name, p in params.items():
+                p, st = p.detach(), self.state[name]
+                views[name] = {kind: (p[sl], {k: v[sl] for k, v in st.items()}, _col(self.neg_lr[sl], p[sl]))
+                               for kind, sl in self.slices.items()}
+            self._views_key, self._views_cache = key, views
+        return self._views_cache
+
     @torch.no_grad()
     def step(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], alive: torch.Tensor) -> None:
         self.steps += 1
         step = self.steps
         bc1, bc2 = 1 - BETAS[0] ** step, 1 - BETAS[1] ** step
         bc2_sqrt = bc2 ** 0.5
-        for name, p in params.items():
-            p, g, st = p.detach(), grads[name], self.state[name]
+        views = self._views(params)
+        per_kind: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for name, g in grads.items():
             for kind, sl in self.slices.items():
-                live = _col(alive[sl], p[sl])
-                neg_lr = _col(self.neg_lr[sl], p[sl])
+                p, st, neg_lr = views[name][kind]
+                g_sl = g[sl]
+                if (kind, p.dim()) not in per_kind:  # live mask and Adam's step size, once per step
+                    neg_step = _col((-(self.lr64[sl] / bc1)).float(), p) if kind == "adam" else None
+                    per_kind[(kind, p.dim())] = (_col(alive[sl], p), neg_step)
+                live, neg_step = per_kind[(kind, p.dim())]
                 if kind == "sgd":
-                    _commit(p[sl], torch.addcmul(p[sl], g[sl], neg_lr), live)
+                    _commit(p, torch.addcmul(p, g_sl, neg_lr), live)
                 elif kind == "sgd_momentum":
-                    buf = st["momentum_buffer"][sl]
-                    new_buf = g[sl].clone() if step == 1 else buf.mul(MOMENTUM).add_(g[sl])
+                    buf = st["momentum_buffer"]
+                    new_buf = g_sl.clone() if step == 1 else buf.mul(MOMENTUM).add_(g_sl)
                     _commit(buf, new_buf, live)
-                    direction = g[sl].add(buf, alpha=MOMENTUM)
-                    _commit(p[sl], torch.addcmul(p[sl], direction, neg_lr), live)
+                    direction = g_sl.add(buf, alpha=MOMENTUM)
+                    _commit(p, torch.addcmul(p, direction, neg_lr), live)
                 else:
-                    exp_avg, exp_avg_sq = st["exp_avg"][sl], st["exp_avg_sq"][sl]
-                    _commit(exp_avg, exp_avg.lerp(g[sl], 1 - BETAS[0]), live)
-                    _commit(exp_avg_sq, exp_avg_sq.mul(BETAS[1]).addcmul_(g[sl], g[sl], value=1 - BETAS[1]), live)
+                    exp_avg, exp_avg_sq = st["exp_avg"], st["exp_avg_sq"]
+                    _commit(exp_avg, exp_avg.lerp(g_sl, 1 - BETAS[0]), live)
+                    _commit(exp_avg_sq, exp_avg_sq.mul(BETAS[1]).addcmul_(g_sl, g_sl, value=1 - BETAS[1]), live)
                     denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(EPS)
-                    neg_step = _col((-(self.lr64[sl] / bc1)).float(), p[sl])
-                    _commit(p[sl], p[sl] + (neg_step * exp_avg) / denom, live)
+                    _commit(p, p + (neg_step * exp_avg) / denom, live)
 
     # -- members in torch.optim's format --------------------------------------------------------
 

@@ -127,16 +127,22 @@ class StackedNet:
         return torch.cat([act(x[a:b]) for a, b, act in self.segments])
 
     def _dropout(self, h: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """As aten's dropout per member: ``bernoulli_(1 - p)`` drawn from that member's generator
+        into its slice of one noise tensor, then scaled by ``1 / (1 - p)`` (float32, as ``div_``
+        rounds it) in one product for the whole pack; p = 0 leaves the member untouched."""
         if not any(p > 0 for p in self.dropouts):
             return h
-        noise = []
+        noise = torch.empty_like(h)
         for m, p in enumerate(self.dropouts):
-            if p > 0:  # as aten's dropout: bernoulli_(1 - p) on a fresh tensor, then / (1 - p)
-                n = torch.empty(h.shape[1:], dtype=h.dtype, device=h.device).bernoulli_(1 - p, generator=generators[m])
-                noise.append(n.div_(1 - p))
+            if p > 0:
+                noise[m].bernoulli_(1 - p, generator=generators[m])
             else:
-                noise.append(torch.ones(h.shape[1:], dtype=h.dtype, device=h.device))
-        return h * torch.stack(noise)
+                noise[m].fill_(1.0)
+        if getattr(self, "_scale_key", None) != (self.dropouts, h.device, h.dtype):
+            keep = torch.tensor([1 - p for p in self.dropouts], dtype=h.dtype, device=h.device)
+            self._scale = (torch.ones_like(keep) / keep).view(-1, *([1] * (h.dim() - 1)))
+            self._scale_key = (list(self.dropouts), h.device, h.dtype)
+        return h * noise.mul_(self._scale)
 
     def forward(self, x: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
         """Logits ``(M, B, classes)`` for the shared batch ``x``; dropout on when ``generators`` given."""
