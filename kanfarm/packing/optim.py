@@ -140,7 +140,8 @@ _ORDER = ["sgd", "sgd_momentum", "adam"]
 
 
 def _commit(dst: torch.Tensor, new: torch.Tensor, live: torch.Tensor) -> None:
-    dst.copy_(torch.where(live, new, dst))
+    """``dst = new`` for live members, unchanged for the others: one kernel, written in place."""
+    torch.where(live, new, dst, out=dst)
 
 
 def batches_per_epoch(n: int, batch_size: int) -> int:

@@ -72,8 +72,10 @@ class StackedNet:
     """Stacked parameters of ``templates`` (one built model per member, same architecture).
 
     ``activations``: per-member activation names; ``dropouts``: per-member dropout p (MLP).
-    Dropout masks come from per-member generators, drawn exactly as ``nn.Dropout`` draws them,
-    so each member continues the random stream its solo run would use.
+    Dropout masks come from per-member generators, drawn exactly as ``nn.Dropout`` draws them on
+    the CPU, so each member continues the random stream its solo run would use. On CUDA the solo
+    run's fused dropout kernel consumes its generator differently: a packed member's masks are
+    then its own stream, equal in distribution but not bit for bit (see benchmarks/RESULTS.md).
     """
 
     def __init__(self, kind: str, templates: list[nn.Module], activations: list[str], dropouts: list[float],
