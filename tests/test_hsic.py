@@ -216,3 +216,16 @@ def test_resume_is_exact(digits, tmp_path):
     a = torch.load(CheckpointManager(tmp_path / "a", "").paths()[0][1], weights_only=True)["state"]["model"]
     b = torch.load(ckpt.paths()[0][1], weights_only=True)["state"]["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("model", ["mlp", "kan"])
+def test_exploding_run_is_marked_diverged_not_failed(model, digits):
+    """Non-finite activations leave a kernel with no Cholesky factor: the run must end as
+    ``diverged`` at that epoch (as under backprop), not raise."""
+    from kanfarm.training import train
+
+    config = _config(model, lr=1e38, optimizer="sgd_momentum", max_epochs=3)
+    records = []
+    result = train(config, digits, records.append)
+    assert result.status == "diverged"
+    assert [(r.epoch, r.diverged) for r in records] == [(0, False), (1, True)]

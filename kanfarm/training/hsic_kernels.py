@@ -79,7 +79,11 @@ def _chol(kc: torch.Tensor, eps: float) -> torch.Tensor:
     """Cholesky factor of K~ + eps*m*I (batched)."""
     m = kc.shape[-1]
     eye = torch.eye(m, dtype=kc.dtype, device=kc.device)
-    return torch.linalg.cholesky(kc + (eps * m) * eye)
+    factor, info = torch.linalg.cholesky_ex(kc + (eps * m) * eye)
+    # A kernel with no factor comes from non-finite activations (a diverging layer): NaN makes the
+    # loss non-finite, so the run is marked diverged as under backprop, not failed by an exception;
+    # and no host sync waits for ``info`` on a GPU.
+    return torch.where((info == 0)[..., None, None], factor, torch.nan)
 
 
 def _resolvent(kc: torch.Tensor, eps: float) -> torch.Tensor:
