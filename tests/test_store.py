@@ -342,3 +342,13 @@ def test_processes_on_one_sqlite_file_claim_every_run_once(sqlite_store):
     for p in procs:
         p.join(timeout=10)
     assert_each_claimed_once(sqlite_store, claims)
+
+
+def test_claim_many_takes_each_claimable_run_once_in_the_given_order(store):
+    store.submit_grid("g", {}, cells(5))
+    ids = store.run_ids(grid="g")
+    store.finish(store.claim(ids[1], "other", 60).id, "other", "completed")
+    claimed = store.claim_many([ids[3], ids[0], ids[1], ids[3], ids[2]], "w1", 60)
+    assert [r.id for r in claimed] == [ids[3], ids[0], ids[2]]  # finished run left out, duplicate once
+    assert all(r.worker == "w1" and r.attempts == 1 for r in claimed)
+    assert [r.id for r in store.claim_many(list(reversed(ids)), "w2", 60)] == [ids[4]]

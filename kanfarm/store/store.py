@@ -253,9 +253,11 @@ class Store:
                    max_attempts: int | None = None) -> list[RunRow]:
         """Claim every claimable run of ``run_ids`` in one transaction (a pack); the others
         (finished, held by someone else, out of attempts) are left out. Returns those claimed."""
-        with self._write() as conn:
-            rows = [self._claim(conn, run_id, worker, lease_seconds, max_attempts) for run_id in run_ids]
-        return [row for row in rows if row is not None]
+        order = list(dict.fromkeys(run_ids))
+        with self._write() as conn:  # rows locked in id order: two overlapping packs cannot deadlock
+            rows = {run_id: self._claim(conn, run_id, worker, lease_seconds, max_attempts)
+                    for run_id in sorted(order)}
+        return [rows[run_id] for run_id in order if rows[run_id] is not None]
 
     def claimable_runs(self, grid: str | None = None) -> list[tuple[int, RunConfig]]:
         """(id, config) of the runs (of ``grid``) a worker could claim now, by id: input to packing."""
