@@ -15,13 +15,15 @@ downloaded from the canonical source when missing (skip with ``download=False`` 
 | imdb | aclImdb_v1.tar.gz | vocab_size (5000) | 2 | word presence: +1 present, -1 absent | 25,000 / 25,000 |
 | higgs | HIGGS.csv.gz | 28 | 2 | train-standardised, clipped at +-3 std, /3 | first n_train / next n_test rows (50,000 / 50,000) |
 
-Options: ``vocab_size`` (imdb), ``n_train`` and ``n_test`` (higgs), ``download`` (all). Each loader
-module's docstring gives the details.
+Options: ``vocab_size`` (imdb), ``n_train`` and ``n_test`` (higgs; together at most the file's
+11,000,000 rows), ``download`` (all). Each loader module's docstring gives the details. An option the
+loader does not accept raises :class:`OptionError` (a ``ValueError``; ``option`` names it). A run
+sets them with ``RunConfig.dataset_options``, a grid with its ``[dataset_options.<dataset>]`` tables.
 """
 from kanfarm.data.dataset import Dataset
-from kanfarm.data.errors import DatasetFormatError, DatasetUnavailable
+from kanfarm.data.errors import DatasetFormatError, DatasetUnavailable, OptionError
 from kanfarm.data.paths import data_dir
 from kanfarm.data.registry import DATASETS, dataset_shape, load_dataset
 
-__all__ = ["DATASETS", "Dataset", "DatasetFormatError", "DatasetUnavailable", "data_dir", "dataset_shape",
-           "load_dataset"]
+__all__ = ["DATASETS", "Dataset", "DatasetFormatError", "DatasetUnavailable", "OptionError", "data_dir",
+           "dataset_shape", "load_dataset"]

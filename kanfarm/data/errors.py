@@ -1,4 +1,5 @@
-"""Errors of the data package: a dataset whose files are missing, and a file that is not in its format."""
+"""Errors of the data package: a dataset whose files are missing, a file that is not in its format,
+and an option its loader does not accept."""
 from __future__ import annotations
 
 
@@ -8,3 +9,11 @@ class DatasetUnavailable(RuntimeError):
 
 class DatasetFormatError(ValueError):
     """A raw file exists but does not hold what its format promises (bad magic, sizes, labels)."""
+
+
+class OptionError(ValueError):
+    """A dataset option the loader does not accept; ``option`` names it."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option

@@ -2,8 +2,9 @@
 
 Only the first ``n_train + n_test`` rows are read (streamed; the rest of the 2.6 GB file is never
 decompressed). Split as in the paper: the first ``n_train`` rows (default 50,000) train, the next
-``n_test`` (default 50,000) test. Scaling: standardise each feature with the *training* mean and
-standard deviation, clip at +-3 standard deviations, divide by 3, so features lie in [-1, 1].
+``n_test`` (default 50,000) test; together at most the file's 11,000,000 rows. Scaling: standardise
+each feature with the *training* mean and standard deviation, clip at +-3 standard deviations,
+divide by 3, so features lie in [-1, 1].
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kanfarm.data.errors import DatasetFormatError
+from kanfarm.data.errors import DatasetFormatError, OptionError
 
 N_CLASSES = 2
 FORMAT_VERSION = 1
@@ -23,10 +24,20 @@ DEFAULTS: dict[str, Any] = {"n_train": 50_000, "n_test": 50_000}
 FILE = "HIGGS.csv.gz"
 N_FEATURES = 28
 CLIP = 3.0
+#: rows of the canonical HIGGS.csv.gz (its checksum is verified): n_train + n_test cannot exceed it.
+N_ROWS = 11_000_000
 
 
 def n_features(options: dict[str, Any]) -> int:
     return N_FEATURES
+
+
+def check_options(options: dict[str, Any]) -> None:
+    """Refuse a split the file cannot hold before any row is read (a typo fails at submission)."""
+    total = int(options["n_train"]) + int(options["n_test"])
+    if total > N_ROWS:
+        raise OptionError("n_train", f"dataset 'higgs': n_train + n_test = {total:,} exceeds the {N_ROWS:,} rows "
+                                     f"of {FILE}")
 
 
 def read_rows(path: Path, n_rows: int) -> np.ndarray:

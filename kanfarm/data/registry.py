@@ -12,9 +12,11 @@ from typing import Any
 
 from kanfarm.data import cache, cifar10, digits, download, higgs, imdb, mnist, paths
 from kanfarm.data.dataset import Dataset
+from kanfarm.data.errors import OptionError
 from kanfarm.data.sources import SOURCES
 
-#: dataset name -> loader module (N_CLASSES, FORMAT_VERSION, DEFAULTS, n_features(), build()).
+#: dataset name -> loader module (N_CLASSES, FORMAT_VERSION, DEFAULTS, n_features(), build(), and
+#: optionally check_options(resolved) for limits beyond "a positive integer").
 LOADERS: dict[str, ModuleType] = {
     "digits": digits,
     "mnist": mnist,
@@ -32,17 +34,27 @@ def _loader(name: str) -> ModuleType:
     return LOADERS[name]
 
 
+def option_defaults(name: str) -> dict[str, Any]:
+    """The options a dataset's loader accepts, with their defaults (empty: none)."""
+    return dict(_loader(name).DEFAULTS)
+
+
 def resolve_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The dataset's defaults overridden by ``options``; unknown or non-positive values are rejected."""
-    defaults = _loader(name).DEFAULTS
+    """The dataset's defaults overridden by ``options``; unknown or non-positive values (and
+    combinations the loader refuses, e.g. more HIGGS rows than the file has) raise OptionError."""
+    loader = _loader(name)
+    defaults = loader.DEFAULTS
     unknown = sorted(set(options) - set(defaults))
     if unknown:
         allowed = ", ".join(sorted(defaults)) or "none"
-        raise ValueError(f"dataset {name!r} has no option(s) {', '.join(unknown)}; allowed: {allowed}")
+        raise OptionError(unknown[0], f"dataset {name!r} has no option(s) {', '.join(unknown)}; allowed: {allowed}")
     resolved = {**defaults, **options}
-    for key, value in resolved.items():
+    for key, value in sorted(resolved.items()):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"dataset {name!r}: option {key} must be a positive integer, got {value!r}")
+            raise OptionError(key, f"dataset {name!r}: option {key} must be a positive integer, got {value!r}")
+    check = getattr(loader, "check_options", None)
+    if check is not None:
+        check(resolved)
     return resolved
 
 
