@@ -30,6 +30,30 @@ class ConfigError(ValueError):
         self.field = field
 
 
+def canonical_dataset_options(dataset: str, options: Any, fld: str = "dataset_options") -> dict[str, int]:
+    """``options`` checked against what the dataset's loader accepts (``kanfarm.data.registry``),
+    in canonical form: sorted, options equal to the loader's default left out, so
+    ``{"vocab_size": 5000}`` on imdb is the same run as ``{}``. Errors name ``<fld>.<option>``."""
+    if not isinstance(options, dict):
+        raise ConfigError(fld, f"{options!r} must be a table of option = value")
+    if not options:
+        return {}  # no registry import: configs without options stay light
+    from kanfarm.data.registry import OptionError, option_defaults, resolve_options  # local: imports torch
+
+    try:
+        defaults = option_defaults(dataset)
+    except ValueError as exc:
+        raise ConfigError("dataset", str(exc)) from None
+    for key in options:
+        if not isinstance(key, str):
+            raise ConfigError(fld, f"option name {key!r} must be a string")
+    try:
+        resolve_options(dataset, options)
+    except OptionError as exc:
+        raise ConfigError(f"{fld}.{exc.option}", str(exc)) from None
+    return {key: options[key] for key in sorted(options) if options[key] != defaults[key]}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """A single training run. ``hidden_widths`` are the *base* widths (for ``mlp_wide`` the
@@ -57,6 +81,9 @@ class RunConfig:
     hsic_sigma: float = 10.0
     hsic_x_term: bool = False
     hsic_format_epochs: int | None = None
+    #: options of the dataset's loader (imdb ``vocab_size``, higgs ``n_train``/``n_test``); only
+    #: non-default ones are kept, and the hash covers the field only when it is non-empty.
+    dataset_options: dict[str, int] = field(default_factory=dict, hash=False, compare=True)
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=True)
 
     def normalised(self) -> "RunConfig":
@@ -88,6 +115,7 @@ class RunConfig:
             raise ConfigError("dropout", f"{self.dropout!r} must lie in [0, 1)")
         if self.wide_multiplier is not None and not float(self.wide_multiplier) > 0:
             raise ConfigError("wide_multiplier", f"{self.wide_multiplier!r} must be positive")
+        dataset_options = canonical_dataset_options(self.dataset, self.dataset_options)
         if self.hidden_widths:
             widths = tuple(int(w) for w in self.hidden_widths)
             if any(w < 1 for w in widths):
@@ -118,6 +146,7 @@ class RunConfig:
             wide_multiplier=None if base.wide_multiplier is None else float(base.wide_multiplier),
             hsic_beta=float(base.hsic_beta),
             hsic_sigma=float(base.hsic_sigma),
+            dataset_options=dataset_options,
             extra=dict(sorted(self.extra.items())),
         )
 
@@ -138,6 +167,12 @@ class RunConfig:
         return cls(**values)
 
     def config_hash(self) -> str:
-        """sha256 over the normalised config as canonical JSON: the run's identity."""
-        canonical = json.dumps(self.normalised().to_dict(), sort_keys=True, separators=(",", ":"))
+        """sha256 over the normalised config as canonical JSON: the run's identity.
+
+        ``dataset_options`` enters only when it holds a non-default option, so runs that use the
+        dataset's defaults keep the hash they had before the field existed."""
+        data = self.normalised().to_dict()
+        if not data["dataset_options"]:
+            del data["dataset_options"]
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from kanfarm.config import ConfigError
-from kanfarm.data import load_dataset
+from kanfarm.config import ConfigError, RunConfig
+from kanfarm.data import data_dir, load_dataset
 from kanfarm.data.dataset import Dataset
 from kanfarm.store import LeaseLost, Store
 from kanfarm.store.rows import RunRow
@@ -52,10 +52,15 @@ def worker_name(suffix: str = "") -> str:
     return f"{socket.gethostname()}:{os.getpid()}{suffix}"
 
 
+def _dataset(config: RunConfig) -> Dataset:
+    """Loaded once per process per (dataset, options, data folder): a worker runs many cells of
+    the same dataset; runs with other dataset options (an imdb vocabulary size) get their own."""
+    return _load(config.dataset, tuple(sorted(config.dataset_options.items())), str(data_dir()))
+
+
 @functools.lru_cache(maxsize=4)
-def _dataset(name: str) -> Dataset:
-    """Loaded once per process: a worker runs many cells of the same dataset."""
-    return load_dataset(name)
+def _load(name: str, options: tuple[tuple[str, int], ...], folder: str) -> Dataset:
+    return load_dataset(name, data_dir=folder, **dict(options))
 
 
 class _Heartbeat(threading.Thread):
@@ -158,7 +163,7 @@ def execute_run(store: Store, run_id: int, worker: str, *, device: str = "cpu",
     attached = _ClaimedRun(store, store.run(run_id), worker, lease_s, shutdown, on_epoch)
     config = attached.run.config
     try:
-        result = train(config, _dataset(config.dataset), attached.sink, checkpoints=attached.checkpoints,
+        result = train(config, _dataset(config), attached.sink, checkpoints=attached.checkpoints,
                        device=device, should_stop=attached.should_stop)
     except Exception as exc:
         log.exception("run %s failed", run_id)
@@ -184,7 +189,7 @@ def execute_pack(store: Store, run_ids: list[int], worker: str, *, device: str =
     members = [_ClaimedRun(store, r, worker, lease_s, shutdown, on_epoch, PACK_CHECKPOINT_S) for r in claimed]
     try:
         results = train_pack([Member(m.run.config, m.sink, m.checkpoints, m.should_stop) for m in members],
-                             _dataset(claimed[0].config.dataset), device=device)
+                             _dataset(claimed[0].config), device=device)
     except Exception as exc:
         log.exception("pack %s failed", [r.id for r in claimed])
         error = _error_text(exc)
@@ -198,7 +203,8 @@ def _pack_size(pack_size: int | str, run, device: str) -> int:
     from kanfarm.data import dataset_shape
     from kanfarm.packing import auto_pack_size
 
-    return auto_pack_size(run[1], *dataset_shape(run[1].dataset), device=device)
+    config = run[1]
+    return auto_pack_size(config, *dataset_shape(config.dataset, **config.dataset_options), device=device)
 
 
 def work_loop(store: Store, worker: str, *, grid: str | None = None, device: str = "cpu",

@@ -144,7 +144,8 @@ def execute_pack_task(self, run_ids: list[int]) -> str:
         config = store().run(run_ids[0]).config
         size = len(run_ids)  # as enqueued; on a GPU at most what fits in its free memory
         if device() != "cpu":
-            size = min(size, auto_pack_size(config, *dataset_shape(config.dataset), device=device()))
+            size = min(size, auto_pack_size(config, *dataset_shape(config.dataset, **config.dataset_options),
+                                             device=device()))
         for start in range(0, len(run_ids), size):
             if SHUTDOWN.is_set():  # stopping: claim no further chunk (a claim costs an attempt);
                 released += run_ids[start:]  # its runs stay unclaimed and are re-published below

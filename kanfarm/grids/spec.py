@@ -27,6 +27,7 @@ from kanfarm.config import (
     TRAINERS,
     ConfigError,
     RunConfig,
+    canonical_dataset_options,
 )
 from kanfarm.reports.efficiency import KNOWN_INTRINSIC_DIM  # one table: d_int90 where known (FACTS.md)
 
@@ -64,7 +65,7 @@ _AXIS_DEFAULTS: dict[str, list[Any]] = {
 #: activations, "each model's default activation".
 _MAY_BE_EMPTY = ("depths", "widths", "activations")
 _SCALARS = ("batch_size", "epochs", "patience", "dropout", "wide_multiplier", "train_eval_size")
-_TABLES = ("intrinsic_dim", "hsic")
+_TABLES = ("intrinsic_dim", "hsic", "dataset_options")
 _HSIC_KEYS = ("beta", "sigma", "x_term", "format_epochs")
 ALLOWED_KEYS: tuple[str, ...] = ("name", "description", *_AXES, *_SCALARS, *_TABLES)
 
@@ -162,6 +163,26 @@ def _dataset_table(key: str, table: Any, allow_default: bool, check) -> dict[str
     return dict(sorted(out.items()))
 
 
+def _dataset_options(table: Any) -> dict[str, dict[str, int]]:
+    """``[dataset_options.<dataset>]`` tables: each checked against what that dataset's loader
+    accepts; kept as written (sorted), empty tables dropped."""
+    if not isinstance(table, dict):
+        raise ConfigError("dataset_options", f"{table!r} must hold one table per dataset, "
+                                             "e.g. [dataset_options.imdb] vocab_size = 2000")
+    known = _known_datasets()
+    out = {}
+    for name, options in table.items():
+        fld = f"dataset_options.{name}"
+        if name not in known:
+            raise ConfigError(fld, f"unknown dataset (known: {', '.join(known)})")
+        if not isinstance(options, dict):
+            raise ConfigError(fld, f"{options!r} must be a table of option = value")
+        canonical_dataset_options(name, options, fld)
+        if options:
+            out[name] = dict(sorted(options.items()))
+    return dict(sorted(out.items()))
+
+
 def _non_negative_int(fld: str, value: Any) -> int:
     if not _is_int(value) or value < 0:
         raise ConfigError(fld, f"{value!r} must be a non-negative integer")
@@ -196,6 +217,7 @@ class GridSpec:
     hsic_sigma: float = 10.0
     hsic_x_term: bool = False
     hsic_format_epochs: int | None = None
+    dataset_options: dict[str, dict[str, int]] = field(default_factory=dict, hash=False)
     description: str = ""
 
     def batch_size_for(self, dataset: str) -> int:
@@ -239,6 +261,7 @@ class GridSpec:
             hsic_sigma=self.hsic_sigma if hsic else _RUN_DEFAULTS.hsic_sigma,
             hsic_x_term=self.hsic_x_term if hsic else _RUN_DEFAULTS.hsic_x_term,
             hsic_format_epochs=self.hsic_format_epochs if hsic else _RUN_DEFAULTS.hsic_format_epochs,
+            dataset_options=self.dataset_options.get(dataset, {}),
         ).normalised()
 
     def expand(self) -> list[RunConfig]:
@@ -280,13 +303,18 @@ class GridSpec:
             "intrinsic_dim": dict(self.intrinsic_dims),
             "hsic": {"beta": self.hsic_beta, "sigma": self.hsic_sigma, "x_term": self.hsic_x_term,
                      "format_epochs": self.hsic_format_epochs},
+            "dataset_options": {name: dict(options) for name, options in self.dataset_options.items()},
         }
 
     def to_toml(self) -> str:
         """The normalised spec as TOML (unset options left out): a starting point for a new grid."""
         top, tables = [], []
         for key, value in self.to_dict().items():
-            if isinstance(value, dict):
+            if key == "dataset_options":  # a table of tables: [dataset_options.imdb]
+                tables += [f"\n[{key}.{_toml_key(name)}]\n" + "\n".join(
+                    f"{_toml_key(k)} = {_toml_value(v)}" for k, v in options.items()) + "\n"
+                    for name, options in value.items()]
+            elif isinstance(value, dict):
                 body = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None]
                 if body:
                     tables.append(f"\n[{key}]\n" + "\n".join(body) + "\n")
@@ -313,6 +341,7 @@ class GridSpec:
             "per_dataset": per_dataset,
             "batch_size": {d: self.batch_size_for(d) for d in self.datasets},
             "intrinsic_dim": {d: self.intrinsic_dim(d) for d in self.datasets},
+            "dataset_options": {d: self.dataset_options[d] for d in self.datasets if d in self.dataset_options},
             "sample": [cells[i].to_dict() for i in picks],
         }
 
@@ -390,6 +419,7 @@ def parse_spec(data: dict[str, Any], name: str | None = None) -> GridSpec:
         hsic_sigma=_pos_float("hsic.sigma", hsic.get("sigma", _RUN_DEFAULTS.hsic_sigma)),
         hsic_x_term=x_term,
         hsic_format_epochs=_pos_int("hsic.format_epochs", hsic.get("format_epochs"), allow_none=True),
+        dataset_options=_dataset_options(data.get("dataset_options", {})),
     )
     if spec.cell_count_bound() > MAX_CELLS:
         raise ConfigError("spec", f"{spec.cell_count_bound()} cells is more than {MAX_CELLS}; split the grid")

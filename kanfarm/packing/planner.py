@@ -1,10 +1,10 @@
 """Which runs can share a pack, and how many fit on a device.
 
-Runs pack together when everything that sets tensor shapes or the data stream is equal: dataset,
-model family and widths (KAN grid size and spline order; for MLP-Wide, what sets its widths),
-batch size, epochs, seed (the batch order), train-eval subset, and the trainer, which must be
-backprop (HSIC is not packed yet). Members may differ in init, optimiser, learning rate,
-activation, dropout and patience.
+Runs pack together when everything that sets tensor shapes or the data stream is equal: dataset
+and its options (imdb vocabulary size, higgs split), model family and widths (KAN grid size and
+spline order; for MLP-Wide, what sets its widths), batch size, epochs, seed (the batch order),
+train-eval subset, and the trainer, which must be backprop (HSIC is not packed yet). Members may
+differ in init, optimiser, learning rate, activation, dropout and patience.
 """
 from __future__ import annotations
 
