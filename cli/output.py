@@ -68,9 +68,18 @@ def emit_rows(rows: list[dict[str, Any]], *, title: str, as_json: bool = False, 
         console.print(f"{title}: no rows (no finished runs match).")
         return
     cols = list(columns or rows[0])
+    cells = [[_cell(row.get(c)) for c in cols] for row in rows]
     table = Table(title=title, show_lines=False)
     for c in cols:
-        table.add_column(c, overflow="fold")
-    for row in rows:
-        table.add_row(*(_cell(row.get(c)) for c in cols))
-    console.print(table)
+        table.add_column(c, no_wrap=True)
+    for line in cells:
+        table.add_row(*line)
+    # Columns keep their natural width (a squeezed table of 20 columns is unreadable): wider than
+    # the terminal, lines run on (use --csv / --json, or a pager such as `less -S`).
+    natural = sum(max(len(c), *(len(line[i]) for line in cells)) + 3 for i, c in enumerate(cols)) + 1
+    width = console.width
+    console.width = max(width, natural)
+    try:
+        console.print(table, crop=False)
+    finally:
+        console.width = width
