@@ -10,6 +10,8 @@ Rows per shape (batch, in -> out), G = 5, k = 3, float32 (TF32 off, PyTorch's de
 The KAN and MLP rows also compute the input gradient (as every layer after the first must).
 CUDA adds rows that pair each KAN row with its own floor:
   fast-eager  the fast layer with the Triton kernels off (KANFARM_TRITON=0): eager closed form
+  fast-tf32   the fast layer with TF32 matrix products (an opt-in a run could take; its error
+              against the float32 reference is printed with the check)
   fast-nodx   the fast layer without the input gradient (a first layer: x is data)
   matmuls-dx  the bare products plus the gradient of the bases (bases.requires_grad): the floor
               for a layer that must pass a gradient back, i.e. the pair of ``fast``
@@ -45,7 +47,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from kanfarm.models import KANLinear  # noqa: E402
 
 ROWS = ("reference", "fast", "matmuls", "mlp")
-CUDA_ROWS = ("reference", "fast", "fast-eager", "fast-nodx", "matmuls", "matmuls-dx", "mlp")
+CUDA_ROWS = ("reference", "fast", "fast-eager", "fast-tf32", "fast-nodx", "matmuls", "matmuls-dx", "mlp")
 CPU_SHAPES = [(256, 784, 256), (1024, 784, 256), (256, 256, 256), (1024, 256, 256)]
 CUDA_SHAPES = [(8192, 784, 256), (8192, 1024, 1024)]
 
@@ -54,7 +56,7 @@ def make_step(row: str, batch: int, n_in: int, n_out: int, device: str):
     """A closure running one forward + backward of ``row`` at this shape."""
     torch.manual_seed(0)
     x = (torch.rand(batch, n_in, device=device) * 2 - 1)
-    if row in ("reference", "fast", "fast-eager", "fast-nodx"):
+    if row in ("reference", "fast", "fast-eager", "fast-tf32", "fast-nodx"):
         layer = KANLinear(n_in, n_out, fast=row != "reference").to(device)
         x.requires_grad_(row != "fast-nodx")
         fn = layer
@@ -83,15 +85,19 @@ def make_step(row: str, batch: int, n_in: int, n_out: int, device: str):
             return F.linear(inp, base) + F.linear(bases, spline)
 
     def step():
-        out = fn(x)
-        out.backward(torch.ones_like(out))
-        if device == "cuda":
-            torch.cuda.synchronize()
+        torch.backends.cuda.matmul.allow_tf32 = row == "fast-tf32"
+        try:
+            out = fn(x)
+            out.backward(torch.ones_like(out))
+            if device == "cuda":
+                torch.cuda.synchronize()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = False
 
     return step
 
 
-def check_fast(batch: int, n_in: int, n_out: int, device: str) -> float:
+def check_fast(batch: int, n_in: int, n_out: int, device: str, tf32: bool = False) -> float:
     """Largest error of the fast layer's output and gradients against the reference, each relative
     to that tensor's largest magnitude (O(1) spline coefficients, so the spline branch matters)."""
     torch.manual_seed(1)
@@ -105,10 +111,12 @@ def check_fast(batch: int, n_in: int, n_out: int, device: str) -> float:
     upstream = torch.randn(batch, n_out, device=device)
     results = []
     for layer in (ref, fast):
+        torch.backends.cuda.matmul.allow_tf32 = tf32 and layer is fast
         xi = x.clone().requires_grad_(True)
         out = layer(xi)
         grads = torch.autograd.grad(out, [xi, layer.base_weight, layer.spline_weight, layer.spline_scaler], upstream)
         results.append([out, *grads])
+    torch.backends.cuda.matmul.allow_tf32 = False
     return max(((a - b).abs().max() / b.abs().max()).item() for b, a in zip(*results))
 
 
@@ -189,7 +197,8 @@ def main() -> None:
     results = []
     for shape in shapes:
         if args.device == "cuda":
-            print(f"check {shape}: fast vs reference, max relative error {check_fast(*shape, 'cuda'):.2e}", flush=True)
+            print(f"check {shape}: fast vs reference, max relative error {check_fast(*shape, 'cuda'):.2e};"
+                  f" fast-tf32 {check_fast(*shape, 'cuda', tf32=True):.2e}", flush=True)
             mib = {row: measure_memory(row, *shape, "cuda") for row in rows_of}  # in-process: peak stats reset
         else:
             mib = {row: memory_in_subprocess(row, shape, args.device, args.threads) for row in rows_of}
