@@ -648,7 +648,8 @@ def test_warm_shutdown_checkpoints_releases_and_republishes(env, store, fleet, r
 def test_killed_worker_run_resumes_on_other_worker(env, store, fleet, tmp_path, monkeypatch):
     """SIGKILL the worker training a run: once its lease expires, requeue --stale republishes it
     and the other worker resumes from the checkpoint; the result equals an uninterrupted run."""
-    data = spec("kill", lrs=(0.005,), epochs=8, batch_size=8)  # slow epochs: time to kill mid-run
+    epochs = 20  # slow epochs (batch 8) and many: the kill lands mid-run even on a loaded machine
+    data = spec("kill", lrs=(0.005,), epochs=epochs, batch_size=8)
     cli(env, "enqueue", "grid", spec_file(tmp_path, data), "--json")
     [run_id] = store.run_ids("kill")
     wait_for(lambda: len(store.epoch_metrics(run_id=run_id)) >= 2, WAIT_S, "a trained epoch", fleet, poll=0.02)
@@ -658,7 +659,7 @@ def test_killed_worker_run_resumes_on_other_worker(env, store, fleet, tmp_path, 
     fleet.procs[victim].wait(timeout=30)
     before = {row["epoch"]: row for row in store.epoch_metrics(run_id=run_id)}
     saved = max(c.epoch for c in store.checkpoints(run_id))
-    assert store.run(run_id).status == "running" and saved < 8
+    assert store.run(run_id).status == "running" and saved < epochs
 
     wait_for(lambda: store.stale_runs("kill") == [run_id], LEASE_S * 10, "the lease to expire")
     out = cli(env, "requeue", "--grid", "kill", "--stale", "--json")
@@ -667,7 +668,7 @@ def test_killed_worker_run_resumes_on_other_worker(env, store, fleet, tmp_path, 
 
     run = store.run(run_id)
     assert (run.status, run.attempts) == ("completed", 2) and run.worker != holder
-    assert_contiguous_epochs(store, run_id, 8)
+    assert_contiguous_epochs(store, run_id, epochs)
     after = {row["epoch"]: row for row in store.epoch_metrics(run_id=run_id)}
     for epoch in range(saved + 1):  # resumed, not restarted: rows up to the checkpoint untouched
         assert after[epoch]["seconds"] == before[epoch]["seconds"], epoch
