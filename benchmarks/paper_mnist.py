@@ -56,11 +56,11 @@ def write_fake_mnist(folder: Path, n_train: int, n_test: int) -> None:
         write_idx(folder / FILES[split][1], labels)
 
 
-def kanfarm(*args: str, env: dict[str, str], timeout: float = 0) -> tuple[int, float]:
+def kanfarm(*args: str, env: dict[str, str], cwd: Path, timeout: float = 0) -> tuple[int, float]:
     """Run the CLI as a subprocess; returns (exit code, seconds). ``timeout``: Ctrl-C after that long."""
     cmd = [sys.executable, "-c", "from cli.main import app; app()", *args]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=env["BENCH_CWD"])
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd)
     try:
         code = proc.wait(timeout=timeout or None)
     except subprocess.TimeoutExpired:
@@ -97,13 +97,13 @@ def main() -> None:
     db = work / "kanfarm.db"
     env = dict(os.environ, KANFARM_DATABASE_URL=f"sqlite:///{db}", KANFARM_DATA_DIR=str(data_dir),
                KANFARM_OFFLINE="1", KANFARM_CHECKPOINT_DIR=str(work / "checkpoints"),
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), BENCH_CWD=str(work))
-    code, _ = kanfarm("db", "upgrade", env=env)
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    code, _ = kanfarm("db", "upgrade", env=env, cwd=work)
     if code:
         sys.exit(f"kanfarm db upgrade exited {code}")
     run_args = ["run", "grid", spec, "--device", args.device, "--pack-size", args.pack_size, "--workers", args.workers]
     print("kanfarm " + " ".join(run_args), flush=True)
-    code, seconds = kanfarm(*run_args, env=env, timeout=args.timeout)
+    code, seconds = kanfarm(*run_args, env=env, cwd=work, timeout=args.timeout)
 
     con = sqlite3.connect(db)
     status = dict(con.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall())

@@ -52,10 +52,9 @@ def _basis_and_slope(t, ORDER: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
 
 
 @triton.jit
-def _bases_kernel(x_ptr, t0_ptr, inv_h_ptr, out_ptr, n_rows, n_in,
-                  N_BASES: tl.constexpr, ORDER: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
-                  C2: tl.constexpr, N_TERMS: tl.constexpr, HALF: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+def _tile(x_ptr, t0_ptr, inv_h_ptr, n_rows, n_in, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+    """This program's ``(BLOCK_R, BLOCK_I)`` tile: grid coordinates ``u = (x - t0) * inv_h``, the
+    tile's ``inv_h``, its mask, and the row (int64) and column offsets."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     col_ok = cols < n_in
@@ -64,7 +63,15 @@ def _bases_kernel(x_ptr, t0_ptr, inv_h_ptr, out_ptr, n_rows, n_in,
     x = tl.load(x_ptr + rows64 * n_in + cols[None, :], mask=mask, other=0.0)
     t0 = tl.load(t0_ptr + cols, mask=col_ok, other=0.0)
     inv_h = tl.load(inv_h_ptr + cols, mask=col_ok, other=0.0)
-    u = (x - t0[None, :]) * inv_h[None, :]
+    return (x - t0[None, :]) * inv_h[None, :], inv_h, mask, rows64, cols
+
+
+@triton.jit
+def _bases_kernel(x_ptr, t0_ptr, inv_h_ptr, out_ptr, n_rows, n_in,
+                  N_BASES: tl.constexpr, ORDER: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
+                  C2: tl.constexpr, N_TERMS: tl.constexpr, HALF: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+    u, inv_h, mask, rows64, cols = _tile(x_ptr, t0_ptr, inv_h_ptr, n_rows, n_in, BLOCK_R, BLOCK_I)
     out = out_ptr + rows64 * (N_BASES * n_in) + cols[None, :]
     for j in tl.static_range(N_BASES):
         value, _ = _basis_and_slope(u - (j + HALF), ORDER, C0, C1, C2, N_TERMS, HALF, False)
@@ -76,15 +83,7 @@ def _input_grad_kernel(grad_ptr, x_ptr, t0_ptr, inv_h_ptr, out_ptr, n_rows, n_in
                        N_BASES: tl.constexpr, ORDER: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
                        C2: tl.constexpr, N_TERMS: tl.constexpr, HALF: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    col_ok = cols < n_in
-    mask = (rows < n_rows)[:, None] & col_ok[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    x = tl.load(x_ptr + rows64 * n_in + cols[None, :], mask=mask, other=0.0)
-    t0 = tl.load(t0_ptr + cols, mask=col_ok, other=0.0)
-    inv_h = tl.load(inv_h_ptr + cols, mask=col_ok, other=0.0)
-    u = (x - t0[None, :]) * inv_h[None, :]
+    u, inv_h, mask, rows64, cols = _tile(x_ptr, t0_ptr, inv_h_ptr, n_rows, n_in, BLOCK_R, BLOCK_I)
     grad = grad_ptr + rows64 * (N_BASES * n_in) + cols[None, :]
     acc = tl.zeros((BLOCK_R, BLOCK_I), dtype=tl.float32)
     for j in tl.static_range(N_BASES):
