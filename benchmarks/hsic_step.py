@@ -12,7 +12,10 @@ one optimiser step per block:
   batched, one Cholesky per layer, low-rank label target (solve with C right-hand sides).
 
 Also prints how far eigh's gradient lies from the Cholesky one (eigh's backward divides by
-eigenvalue gaps). Usage: python benchmarks/hsic_step.py [--batch 2048] [--reps 5] [--threads 2] [--device cpu|cuda|all]
+eigenvalue gaps). A second table times the factorisation alone, the two float64 m x m Cholesky
+factors of one step, as one batched call and one matrix at a time (the trainer's choice on CUDA).
+``--profile`` adds the operators that take the fast MLP step's time (torch.profiler, top 15).
+Usage: python benchmarks/hsic_step.py [--batch 2048] [--reps 5] [--threads 2] [--device cpu|cuda|all] [--profile]
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from kanfarm.config import RunConfig
 from kanfarm.models import build_model
 from kanfarm.training.backprop import backprop_step
 from kanfarm.training.hsic import HSICBottleneck, HSICSettings, hsic_step
-from kanfarm.training.hsic_kernels import WORK_DTYPE, gaussian_kernel
+from kanfarm.training.hsic_kernels import WORK_DTYPE, _cholesky_ex, gaussian_kernel
 
 BETA, SIGMA, EPS = 100.0, 10.0, 1e-5
 
@@ -108,6 +111,44 @@ def grad_of(loss_fn, model, x, y):
     return torch.cat([p.grad.flatten() for p in model.blocks[0].parameters()])
 
 
+def factorisation_rows(devices, m, reps, threads):
+    """Batched against one-at-a-time Cholesky of two SPD float64 m x m matrices per device."""
+    print()
+    print("| device | 2 x Cholesky float64 m x m | batched ms | one at a time ms |")
+    print("|---|---|---|---|")
+    for device in devices:
+        g = torch.Generator(device=device).manual_seed(0)
+        z = torch.randn(2, m, 64, generator=g, device=device, dtype=WORK_DTYPE)
+        a = z @ z.transpose(-1, -2) / 64 + 1e-2 * torch.eye(m, device=device, dtype=WORK_DTYPE)
+        batched = timed(lambda: _cholesky_ex(a, looped=False), reps, device)
+        looped = timed(lambda: _cholesky_ex(a, looped=True), reps, device)
+        name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{threads} threads"
+        print(f"| {name} | m = {m} | {batched * 1e3:.2f} | {looped * 1e3:.2f} |", flush=True)
+
+
+def profile_fast_step(device, batch, steps=5):
+    """Where the fast MLP HSIC step spends its time, by operator (self time, device then CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.manual_seed(0)
+    config = RunConfig(dataset="mnist", model="mlp", trainer="hsic", hidden_widths=(64, 32),
+                       dropout=0.0, batch_size=batch).normalised()
+    model = build_model(config, 784, 10).to(device)
+    x = torch.rand(batch, 784, device=device) * 2 - 1
+    y = torch.randint(0, 10, (batch,), device=device)
+    opts = HSICBottleneck().optimizers(model, config)
+    settings = HSICSettings.from_config(config)
+    hsic_step(model, opts, x, y, settings)  # warm-up
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            hsic_step(model, opts, x, y, settings)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nProfile of {steps} fast MLP HSIC steps on {device} (batch {batch}), sorted by {key}:")
+    print(prof.key_averages().table(sort_by=key, row_limit=15))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=2048)
@@ -115,6 +156,7 @@ def main() -> None:
     ap.add_argument("--plain-reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
+    ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     devices = [torch.device(d) for d in (["cpu", "cuda"] if args.device == "all" else [args.device])
@@ -141,6 +183,10 @@ def main() -> None:
             name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{args.threads} threads"
             print(f"| {name} | {kind} | {bp * 1e3:.1f} | {plain * 1e3:.0f} | {eig * 1e3:.0f} | {fast * 1e3:.1f} "
                   f"| {plain / bp:.0f}x | {eig / bp:.0f}x | {fast / bp:.1f}x | {diff:.1e} |", flush=True)
+    factorisation_rows(devices, args.batch, args.reps, args.threads)
+    if args.profile:
+        for device in devices:
+            profile_fast_step(device, args.batch)
 
 
 if __name__ == "__main__":

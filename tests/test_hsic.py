@@ -9,8 +9,8 @@ import torch
 
 from kanfarm.config import RunConfig
 from kanfarm.training.hsic import HSICBottleneck, HSICSettings, gaussian_kernel, hsic_step, nhsic, phase
-from kanfarm.training.hsic_kernels import (centred_gaussian_kernel, full_target, label_target,
-                                           nhsic_against)
+from kanfarm.training.hsic_kernels import (_cholesky_ex, centred_gaussian_kernel, full_target,
+                                           label_target, nhsic_against)
 
 
 @pytest.fixture(autouse=True)
@@ -87,6 +87,22 @@ def test_stable_at_batch_2048_float32_features():
     value.backward()
     assert math.isfinite(value.item()) and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
     assert 0.0 < value.item() <= 9.0 + 1e-9  # trace(R_z R_y) <= rank(R_y) <= C - 1
+
+
+def test_looped_factorisation_equals_batched_and_flags_failures():
+    """CUDA factorises large matrices one at a time; the choice must not change the factor or which
+    matrices lack one (info), including a batch holding a non-finite kernel."""
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(3, 40, 40, generator=g, dtype=torch.float64)
+    a = a @ a.transpose(-1, -2) + 40 * torch.eye(40, dtype=torch.float64)
+    a[1, 0, 0] = float("nan")
+    batched, info_b = _cholesky_ex(a, looped=False)
+    looped, info_l = _cholesky_ex(a, looped=True)
+    assert info_l.shape == info_b.shape == (3,)
+    assert info_l.tolist()[0] == info_l.tolist()[2] == 0 and info_l.tolist()[1] != 0
+    assert (info_l == 0).tolist() == (info_b == 0).tolist()
+    ok = info_b == 0
+    torch.testing.assert_close(looped[ok], batched[ok], rtol=0, atol=1e-12)
 
 
 def test_gradients_match_finite_differences():

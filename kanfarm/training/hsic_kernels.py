@@ -75,11 +75,35 @@ def nhsic(kx: torch.Tensor, ky: torch.Tensor, eps: float = 1e-5) -> torch.Tensor
     return (rx * ry.transpose(-1, -2)).sum(dim=(-1, -2))
 
 
+#: On CUDA a batch of matrices at least this large is factorised one matrix at a time (see
+#: ``_cholesky_ex``); the value follows the cross-over reported for cuSOLVER's batched routine.
+LOOPED_CHOLESKY_MIN = 256
+
+
+def _cholesky_ex(a: torch.Tensor, looped: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.cholesky_ex`` over a batch, choosing how the batch is factorised.
+
+    For a batch of CUDA matrices torch calls cuSOLVER's ``potrfBatched``, a routine made for many
+    small matrices; a few 2048 x 2048 kernels (one per hidden layer) are what the single-matrix,
+    blocked ``potrf`` is for, so large CUDA matrices go one at a time (L is 1-3 layers). The result
+    is the same factorisation either way; ``benchmarks/hsic_step.py`` times both. ``looped``
+    overrides the choice."""
+    if looped is None:
+        looped = a.device.type == "cuda" and a.shape[-1] >= LOOPED_CHOLESKY_MIN
+    if not looped or a.dim() == 2:
+        return torch.linalg.cholesky_ex(a)
+    flat = a.reshape(-1, *a.shape[-2:])
+    parts = [torch.linalg.cholesky_ex(mat) for mat in flat.unbind(0)]
+    factor = torch.stack([f for f, _ in parts]).reshape(a.shape)
+    info = torch.stack([i for _, i in parts]).reshape(a.shape[:-2])
+    return factor, info
+
+
 def _chol(kc: torch.Tensor, eps: float) -> torch.Tensor:
     """Cholesky factor of K~ + eps*m*I (batched)."""
     m = kc.shape[-1]
     eye = torch.eye(m, dtype=kc.dtype, device=kc.device)
-    factor, info = torch.linalg.cholesky_ex(kc + (eps * m) * eye)
+    factor, info = _cholesky_ex(kc + (eps * m) * eye)
     # A kernel with no factor comes from non-finite activations (a diverging layer): NaN makes the
     # loss non-finite, so the run is marked diverged as under backprop, not failed by an exception;
     # and no host sync waits for ``info`` on a GPU.
