@@ -10,8 +10,8 @@ Rows per shape (batch, in -> out), G = 5, k = 3, float32 (TF32 off, PyTorch's de
 The KAN and MLP rows also compute the input gradient (as every layer after the first must).
 CUDA adds rows that pair each KAN row with its own floor:
   fast-eager  the fast layer with the Triton kernels off (KANFARM_TRITON=0): eager closed form
-  fast-tf32   the fast layer with TF32 matrix products (an opt-in a run could take; its error
-              against the float32 reference is printed with the check)
+  fast-tf32   the fast layer with TF32 matrix products (what a run with matmul_precision = "tf32"
+              gets; its error against the float32 reference is printed with the check)
   fast-nodx   the fast layer without the input gradient (a first layer: x is data)
   matmuls-dx  the bare products plus the gradient of the bases (bases.requires_grad): the floor
               for a layer that must pass a gradient back, i.e. the pair of ``fast``

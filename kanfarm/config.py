@@ -17,6 +17,9 @@ INITS = ("kaiming_normal", "kaiming_uniform", "orthogonal")
 OPTIMIZERS = ("sgd", "sgd_momentum", "adam")
 TRAINERS = ("backprop", "hsic")
 ACTIVATIONS = ("relu", "gelu", "silu", "elu", "cos")
+#: float32 matrix products: "float32" exact (PyTorch's default), "tf32" TensorFloat-32 on CUDA
+#: GPUs that have it (10-bit mantissa inputs, float32 accumulation): faster, less exact, opt-in.
+MATMUL_PRECISIONS = ("float32", "tf32")
 
 #: activation used when a config leaves it unset: the study's defaults.
 DEFAULT_ACTIVATION = {"kan": "gelu", "mlp": "relu", "mlp_wide": "relu"}
@@ -81,6 +84,8 @@ class RunConfig:
     hsic_sigma: float = 10.0
     hsic_x_term: bool = False
     hsic_format_epochs: int | None = None
+    #: ``MATMUL_PRECISIONS``; hashed only when not "float32", so existing runs keep their ids.
+    matmul_precision: str = "float32"
     #: options of the dataset's loader (imdb ``vocab_size``, higgs ``n_train``/``n_test``); only
     #: non-default ones are kept, and the hash covers the field only when it is non-empty.
     dataset_options: dict[str, int] = field(default_factory=dict, hash=False, compare=True)
@@ -98,6 +103,7 @@ class RunConfig:
         choice("init", self.init, INITS)
         choice("optimizer", self.optimizer, OPTIMIZERS)
         choice("trainer", self.trainer, TRAINERS)
+        choice("matmul_precision", self.matmul_precision, MATMUL_PRECISIONS)
         activation = self.activation or DEFAULT_ACTIVATION[self.model]
         choice("activation", activation, ACTIVATIONS)
         if not (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool)
@@ -169,10 +175,13 @@ class RunConfig:
     def config_hash(self) -> str:
         """sha256 over the normalised config as canonical JSON: the run's identity.
 
-        ``dataset_options`` enters only when it holds a non-default option, so runs that use the
-        dataset's defaults keep the hash they had before the field existed."""
+        ``dataset_options`` enters only when it holds a non-default option, and ``matmul_precision``
+        only when it is not "float32", so runs that use the defaults keep the hash they had before
+        these fields existed."""
         data = self.normalised().to_dict()
         if not data["dataset_options"]:
             del data["dataset_options"]
+        if data["matmul_precision"] == "float32":
+            del data["matmul_precision"]
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()

@@ -22,6 +22,7 @@ from kanfarm.config import (
     ACTIVATIONS,
     DEPTHS,
     INITS,
+    MATMUL_PRECISIONS,
     MODELS,
     OPTIMIZERS,
     TRAINERS,
@@ -64,7 +65,8 @@ _AXIS_DEFAULTS: dict[str, list[Any]] = {
 #: empty means "none of these" (depths/widths: the other one gives the architectures) or, for
 #: activations, "each model's default activation".
 _MAY_BE_EMPTY = ("depths", "widths", "activations")
-_SCALARS = ("batch_size", "epochs", "patience", "dropout", "wide_multiplier", "train_eval_size")
+_SCALARS = ("batch_size", "epochs", "patience", "dropout", "wide_multiplier", "train_eval_size",
+            "matmul_precision")
 _TABLES = ("intrinsic_dim", "hsic", "dataset_options")
 _HSIC_KEYS = ("beta", "sigma", "x_term", "format_epochs")
 ALLOWED_KEYS: tuple[str, ...] = ("name", "description", *_AXES, *_SCALARS, *_TABLES)
@@ -218,6 +220,7 @@ class GridSpec:
     hsic_x_term: bool = False
     hsic_format_epochs: int | None = None
     dataset_options: dict[str, dict[str, int]] = field(default_factory=dict, hash=False)
+    matmul_precision: str = "float32"
     description: str = ""
 
     def batch_size_for(self, dataset: str) -> int:
@@ -262,6 +265,7 @@ class GridSpec:
             hsic_x_term=self.hsic_x_term if hsic else _RUN_DEFAULTS.hsic_x_term,
             hsic_format_epochs=self.hsic_format_epochs if hsic else _RUN_DEFAULTS.hsic_format_epochs,
             dataset_options=self.dataset_options.get(dataset, {}),
+            matmul_precision=self.matmul_precision,
         ).normalised()
 
     def expand(self) -> list[RunConfig]:
@@ -300,6 +304,7 @@ class GridSpec:
             "dropout": self.dropout,
             "wide_multiplier": self.wide_multiplier,
             "train_eval_size": self.train_eval_size,
+            "matmul_precision": self.matmul_precision,
             "intrinsic_dim": dict(self.intrinsic_dims),
             "hsic": {"beta": self.hsic_beta, "sigma": self.hsic_sigma, "x_term": self.hsic_x_term,
                      "format_epochs": self.hsic_format_epochs},
@@ -394,6 +399,10 @@ def parse_spec(data: dict[str, Any], name: str | None = None) -> GridSpec:
     if not _is_number(dropout) or not 0.0 <= dropout < 1.0:
         raise ConfigError("dropout", f"{dropout!r} must be a number in [0, 1)")
 
+    precision = data.get("matmul_precision", _RUN_DEFAULTS.matmul_precision)
+    if precision not in MATMUL_PRECISIONS:
+        raise ConfigError("matmul_precision", f"{precision!r} is not one of {', '.join(MATMUL_PRECISIONS)}")
+
     hsic = data.get("hsic", {})
     if not isinstance(hsic, dict):
         raise ConfigError("hsic", f"{hsic!r} must be a table with keys {', '.join(_HSIC_KEYS)}")
@@ -420,6 +429,7 @@ def parse_spec(data: dict[str, Any], name: str | None = None) -> GridSpec:
         hsic_x_term=x_term,
         hsic_format_epochs=_pos_int("hsic.format_epochs", hsic.get("format_epochs"), allow_none=True),
         dataset_options=_dataset_options(data.get("dataset_options", {})),
+        matmul_precision=precision,
     )
     if spec.cell_count_bound() > MAX_CELLS:
         raise ConfigError("spec", f"{spec.cell_count_bound()} cells is more than {MAX_CELLS}; split the grid")

@@ -24,6 +24,7 @@ from kanfarm.packing.planner import pack_key
 from kanfarm.packing.stacked import StackedNet
 from kanfarm.training import rng
 from kanfarm.training.checkpoint import CheckpointManager
+from kanfarm.training.precision import matmul_precision
 from kanfarm.training.loop import _train_eval_subset, shuffled_batches
 from kanfarm.training.records import EpochRecord, RunResult, ShouldStop, Sink
 
@@ -61,16 +62,22 @@ class _Slot:
 def train_pack(members: list[Member], data: Dataset, *, device: str | torch.device = "cpu") -> list[RunResult]:
     """Train every member to its end; results in ``members`` order.
 
-    Members must share :func:`pack_key` (dataset, widths, batch size, epochs, trainer, seed...).
+    Members must share :func:`pack_key` (dataset, widths, batch size, epochs, trainer, seed,
+    matmul precision...).
     """
     if not members:
         return []
     configs = [m.config.normalised() for m in members]
     keys = {pack_key(c) for c in configs}
     if len(keys) != 1 or None in keys:
-        raise ValueError("members of a pack must share dataset, model shape, batch size, epochs and seed "
-                         "and use the backprop trainer")
-    device = torch.device(device)
+        raise ValueError("members of a pack must share dataset, model shape, batch size, epochs, seed and "
+                         "matmul precision and use the backprop trainer")
+    with matmul_precision(configs[0].matmul_precision):
+        return _train_pack(members, configs, data, torch.device(device))
+
+
+def _train_pack(members: list[Member], configs: list[RunConfig], data: Dataset,
+                device: torch.device) -> list[RunResult]:
     slots = [_make_slot(i, m, c, data, device) for i, (m, c) in enumerate(zip(members, configs))]
     results: list[RunResult | None] = [None] * len(members)
     by_epoch: dict[int, list[_Slot]] = {}

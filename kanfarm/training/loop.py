@@ -18,6 +18,7 @@ from kanfarm.data.dataset import Dataset
 from kanfarm.models import build_model, count_params
 from kanfarm.training import rng
 from kanfarm.training.checkpoint import CheckpointManager
+from kanfarm.training.precision import matmul_precision
 from kanfarm.training.records import EpochRecord, RunResult, ShouldStop, Sink
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -75,9 +76,15 @@ def fit(config: RunConfig, data: Dataset, sink: Sink, method: Method, *,
     """Train ``config`` on ``data``, emitting an ``EpochRecord`` per epoch (0 = before training).
 
     Resumes from the newest verified checkpoint when ``checkpoints`` has one; epochs after it are
-    trained again and emit identical records.
+    trained again and emit identical records. Products run at ``config.matmul_precision``.
     """
     config = config.normalised()
+    with matmul_precision(config.matmul_precision):
+        return _fit(config, data, sink, method, checkpoints, device, should_stop)
+
+
+def _fit(config: RunConfig, data: Dataset, sink: Sink, method: Method, checkpoints: CheckpointManager | None,
+         device: str | torch.device, should_stop: ShouldStop | None) -> RunResult:
     device = torch.device(device)
     rng.seed_everything(config.seed)
     model = build_model(config, data.n_features, data.n_classes).to(device)
