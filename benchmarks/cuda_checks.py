@@ -2,10 +2,13 @@
 
 1. Packed members equal their solo runs on CUDA (KAN on the fused kernels, MLP without dropout):
    largest metric difference over 3 epochs. With dropout the figure is printed for information:
-   on CUDA a member draws its masks with ``bernoulli_`` from its own generator, a different stream
-   from the solo run's fused dropout kernel (equal in distribution, not bit for bit).
-2. A KAN run checkpointed at epoch 1 on CUDA and resumed gives the uninterrupted run's rows.
+   on CUDA a member's masks come from the pack's counter-based Philox streams (``triton_pack``),
+   not from the solo run's fused dropout kernel (equal in distribution, not bit for bit).
+2. A KAN run checkpointed at epoch 1 on CUDA and resumed gives the uninterrupted run's rows; so
+   does a pack of MLPs with dropout (fused masks and optimiser step).
 3. The fused kernels against the eager closed form and Cox-de Boor in float64, on CUDA.
+4. The fused (Triton) pack optimiser step against the eager step, on CUDA: SGD, momentum and Adam
+   members over 5 steps, dead members frozen. (Check 1 already trains packs with it.)
 
 Prints one line per check with its figure and PASS/FAIL; exits 1 on any FAIL.
 
@@ -27,6 +30,7 @@ from kanfarm.models.bspline import cox_de_boor_basis, uniform_knots  # noqa: E40
 from kanfarm.models.triton_spline import fused_bases, fused_input_grad  # noqa: E402
 from kanfarm.models.uniform_spline import grid_origin_and_scale, uniform_basis  # noqa: E402
 from kanfarm.packing import Member, train_pack  # noqa: E402
+from kanfarm.packing.optim import StackedOptimizer  # noqa: E402
 from kanfarm.training import CheckpointManager, train  # noqa: E402
 
 DEVICE = os.environ.get("CHECK_DEVICE", "cuda")  # cpu: a dry run of checks 1 and 2
@@ -66,7 +70,7 @@ def pack_vs_solo(d: Dataset) -> None:
         packed: list[list] = [[] for _ in configs]
         train_pack([Member(c, packed[i].append) for i, c in enumerate(configs)], d, device=DEVICE)
         diff = max(max_diff(p, s) for p, s in zip(packed, solo))
-        if extra.get("dropout"):  # documented: on CUDA a member's masks come from its own generator
+        if extra.get("dropout"):  # documented: on CUDA a member's masks come from its own stream
             print(f"INFO pack vs solo on CUDA (mlp, dropout {extra['dropout']}): {diff:.2e} (masks differ by design)")
             continue
         report(f"pack == solo on CUDA ({model}, dropout {extra.get('dropout', 0)}, 3 epochs, max metric difference)",
@@ -85,6 +89,20 @@ def resume(d: Dataset) -> None:
         train(config, d, rest.append, device=DEVICE, checkpoints=CheckpointManager(folder, "run"))
     report("resume on CUDA (KAN, rows after the checkpoint vs uninterrupted)",
            max_diff(rest, whole[-len(rest):]), 1e-6)
+    base = RunConfig(dataset="mnist", model="mlp", depth="medium", batch_size=256, max_epochs=3, seed=3, dropout=0.2)
+    configs = [dataclasses.replace(base, optimizer=o, lr=lr) for o, lr in [("sgd", 0.05), ("adam", 1e-3)]]
+    whole_pack: list[list] = [[] for _ in configs]
+    train_pack([Member(c, whole_pack[i].append) for i, c in enumerate(configs)], d, device=DEVICE)
+    with tempfile.TemporaryDirectory() as folder:
+        ckpts = [CheckpointManager(os.path.join(folder, str(i)), c.config_hash()) for i, c in enumerate(configs)]
+        asked: list = []
+        head: list[list] = [[] for _ in configs]
+        train_pack([Member(c, head[i].append, ckpts[i], lambda: asked.append(1) or len(asked) > 2)
+                    for i, c in enumerate(configs)], d, device=DEVICE)
+        tail: list[list] = [[] for _ in configs]
+        train_pack([Member(c, tail[i].append, ckpts[i]) for i, c in enumerate(configs)], d, device=DEVICE)
+    report("resume on CUDA (pack of MLPs with dropout, rows vs uninterrupted)",
+           max(max_diff(h + t, w) for h, t, w in zip(head, tail, whole_pack)), 1e-6)
 
 
 def kernels() -> None:
@@ -106,10 +124,30 @@ def kernels() -> None:
     report("fused kernels vs eager / Cox-de Boor on CUDA (orders 2-5)", worst, 1e-5)
 
 
+def fused_optimiser() -> None:
+    kinds = ["sgd"] * 3 + ["sgd_momentum"] * 3 + ["adam"] * 3
+    lrs = [0.05, 0.005, 0.0005] * 3
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    start = {"w": torch.randn(9, 256, 784, generator=g, device=DEVICE),
+             "b": torch.randn(9, 256, generator=g, device=DEVICE)}
+    grads = [{k: torch.randn(v.shape, generator=g, device=DEVICE) for k, v in start.items()} for _ in range(5)]
+    finals = []
+    for fused in (False, True):
+        params = {k: v.clone() for k, v in start.items()}
+        opt = StackedOptimizer(params, kinds, lrs, fused=fused)
+        for step, grad in enumerate(grads, 1):
+            alive = torch.tensor([not (m in (1, 4, 8) and step >= 3) for m in range(9)], device=DEVICE)
+            opt.step(params, grad, alive)
+        finals.append(params)
+    worst = max(((finals[1][k] - finals[0][k]).abs().max() / finals[0][k].abs().max()).item() for k in start)
+    report("fused pack optimiser step vs eager on CUDA (5 steps, relative)", worst, 1e-6)
+
+
 if __name__ == "__main__":
     d = data()
     if DEVICE == "cuda":
         kernels()
+        fused_optimiser()
     pack_vs_solo(d)
     resume(d)
     sys.exit(1 if failed else 0)

@@ -8,7 +8,11 @@ configuration trains 3 epochs through the real code paths (``kanfarm.training.tr
 epochs 2 and 3 (wall time, so a shared machine's hiccups count less), scaled from the rows used to
 60,000, gives runs/hour for 100-epoch runs.
 
-    python benchmarks/packing.py [--quick] [--device cpu|cuda|all] [--threads 2]
+    python benchmarks/packing.py [--quick] [--device cpu|cuda|all] [--threads 2] [--models kan,mlp]
+
+On CUDA the pack step uses the Triton kernels (``kanfarm.packing.triton_pack``: optimiser update
+and dropout masks, one launch each); ``KANFARM_TRITON=0`` runs the eager step instead, for a
+before/after (it also turns off the KAN's fused spline kernels).
 
 ``--quick`` trains on a few batches per epoch (4 at batch 4096, 24 at batch 128) and evaluates
 on 2,000 test rows, so the CPU run takes about two minutes.
@@ -66,12 +70,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--models", default="kan,mlp", help="comma-separated: kan, mlp")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [dev for dev in devices if dev == "cpu" or torch.cuda.is_available()]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+          f"KANFARM_TRITON={os.environ.get('KANFARM_TRITON', '1')}, "
           f"cuda: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}, "
           f"load average {os.getloadavg()[0]:.1f}")
     print("| device | model | batch | rows/epoch used | runs in pack | s/epoch (pack) | runs/hour (100 ep) | x one-at-a-time |")
@@ -81,7 +87,7 @@ def main() -> None:
             n_train = (4 if batch == 4096 else 24) * batch if args.quick else N_TRAIN
             d = data(n_train, 2000 if args.quick else N_TEST)
             scale = N_TRAIN / n_train
-            for model in ("kan", "mlp"):
+            for model in args.models.split(","):
                 base = None
                 for size in (1, 9, 27):
                     s = epoch_seconds(configs(model, batch, size), d, device)

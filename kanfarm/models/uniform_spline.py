@@ -77,8 +77,8 @@ def uniform_basis(x: torch.Tensor, t0: torch.Tensor, inv_h: torch.Tensor, n_base
 
 
 def fused_kernels_apply(x: torch.Tensor) -> bool:
-    """True when the Triton kernels (``triton_spline``) build the bases: float32 CUDA input, Triton
-    importable, and ``KANFARM_TRITON`` not set to 0."""
+    """True when kanfarm's Triton kernels take ``x`` (the spline bases here, a pack's optimiser
+    step in ``packing.optim``): float32 CUDA tensor, Triton importable, ``KANFARM_TRITON`` not 0."""
     if not (x.is_cuda and x.dtype == torch.float32) or os.environ.get("KANFARM_TRITON", "1") == "0":
         return False
     try:

@@ -5,6 +5,9 @@ scalars rounded as torch rounds them), so a packed member follows its solo run t
 where the products agree. Members are sorted by optimiser, so each kind updates a contiguous
 slice (views, no copies). A member whose loss went non-finite (``alive`` False) keeps its
 parameters and state: updates are masked with ``torch.where``, so NaN never spreads.
+
+On CUDA (float32, Triton importable, ``KANFARM_TRITON`` not 0) the same step runs as one fused
+kernel per stacked parameter (``triton_pack``): a pack of small models is bound by launches.
 """
 from __future__ import annotations
 
@@ -31,15 +34,19 @@ class StackedOptimizer:
     ``steps`` counts the updates done (shared: members of a pack start at the same epoch).
     """
 
-    def __init__(self, params: dict[str, torch.Tensor], kinds: list[str], lrs: list[float], steps: int = 0):
+    def __init__(self, params: dict[str, torch.Tensor], kinds: list[str], lrs: list[float], steps: int = 0,
+                 fused: bool | None = None):
+        """``fused``: use the Triton step (None: when the parameters are float32 CUDA tensors)."""
         if kinds != sorted(kinds, key=_ORDER.index):
             raise ValueError("members must be sorted by optimiser kind")
         self.kinds, self.lrs, self.steps = list(kinds), [float(lr) for lr in lrs], steps
+        first = next(iter(params.values()))
+        self.fused = _fused_applies(first) if fused is None else fused
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         for name, p in params.items():
             self.state[name] = {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format),
                                 "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-        self._lr_cache(next(iter(params.values())).device)
+        self._lr_cache(first.device)
 
     def _lr_cache(self, device: torch.device) -> None:
         self._views_key = None  # state tensors change with the members: views are rebuilt
@@ -49,6 +56,7 @@ class StackedOptimizer:
             if idx:
                 self.slices[kind] = slice(idx[0], idx[-1] + 1)
         self.lr64 = torch.tensor(self.lrs, dtype=torch.float64, device=device)
+        self.kind_codes = torch.tensor([_ORDER.index(k) for k in self.kinds], dtype=torch.int32, device=device)
         # torch passes alpha=-lr as a Python float, which the kernel rounds to float32
         self.neg_lr = (-self.lr64).float()
 
@@ -82,6 +90,15 @@ class StackedOptimizer:
         step = self.steps
         bc1, bc2 = 1 - BETAS[0] ** step, 1 - BETAS[1] ** step
         bc2_sqrt = bc2 ** 0.5
+        if self.fused:
+            from kanfarm.packing.triton_pack import fused_step
+
+            neg_step = (-(self.lr64 / bc1)).float()
+            for name, g in grads.items():
+                fused_step(params[name].detach(), g, self.state[name], self.kind_codes, self.neg_lr, neg_step,
+                           alive, first_step=step == 1, bc2_sqrt=bc2_sqrt, momentum=MOMENTUM, betas=BETAS,
+                           eps=EPS)
+            return
         views = self._views(params)
         per_kind: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
         for name, g in grads.items():
@@ -137,6 +154,12 @@ class StackedOptimizer:
 
 
 _ORDER = ["sgd", "sgd_momentum", "adam"]
+
+
+def _fused_applies(p: torch.Tensor) -> bool:
+    from kanfarm.models.uniform_spline import fused_kernels_apply
+
+    return fused_kernels_apply(p)
 
 
 def _commit(dst: torch.Tensor, new: torch.Tensor, live: torch.Tensor) -> None:

@@ -17,6 +17,17 @@ from kanfarm.models.bspline import cox_de_boor_basis, is_uniform
 from kanfarm.models.uniform_spline import bases_for_training, grid_origin_and_scale, input_grad_from_bases
 
 
+def _fused_applies(p: torch.Tensor) -> bool:
+    from kanfarm.models.uniform_spline import fused_kernels_apply
+
+    return fused_kernels_apply(p)
+
+
+def stream_key(config_hash: str) -> int:
+    """A member's dropout stream key on the fused path: 60 bits of its config hash."""
+    return int(config_hash[:15], 16)
+
+
 class StackedSpline(torch.autograd.Function):
     """Per-member ``bases(x) @ weight[m].T`` on one uniform grid; ``weight`` is ``(M, out, n_bases*in)``
     in ``(basis, in)`` order. ``x`` is ``(B, in)`` (shared: bases computed once) or ``(M, B, in)``."""
@@ -72,14 +83,16 @@ class StackedNet:
     """Stacked parameters of ``templates`` (one built model per member, same architecture).
 
     ``activations``: per-member activation names; ``dropouts``: per-member dropout p (MLP).
-    Dropout masks come from per-member generators, drawn exactly as ``nn.Dropout`` draws them on
-    the CPU, so each member continues the random stream its solo run would use. On CUDA the solo
-    run's fused dropout kernel consumes its generator differently: a packed member's masks are
-    then its own stream, equal in distribution but not bit for bit (see benchmarks/RESULTS.md).
+    On the CPU, dropout masks come from per-member generators, drawn exactly as ``nn.Dropout``
+    draws them, so each member continues the random stream its solo run would use. On CUDA (the
+    ``triton_pack`` kernels apply) all members' masks are drawn in one launch from counter-based
+    streams keyed by ``dropout_keys`` (one int per member, from its config hash) and the step
+    count; a solo run's fused dropout kernel draws other masks anyway, so on CUDA a packed member's
+    masks equal its solo run's in distribution, not bit for bit (see benchmarks/RESULTS.md).
     """
 
     def __init__(self, kind: str, templates: list[nn.Module], activations: list[str], dropouts: list[float],
-                 device: torch.device):
+                 device: torch.device, dropout_keys: list[int] | None = None):
         self.kind = "kan" if kind == "kan" else "mlp"
         self.device = device
         first = templates[0]
@@ -96,6 +109,9 @@ class StackedNet:
         self.uniform = {n: is_uniform(b) for n, b in self.buffers.items() if n.endswith(".grid")}
         self.activations = list(activations)
         self.dropouts = [float(p) for p in dropouts]
+        self.dropout_keys = None if dropout_keys is None else list(dropout_keys)
+        first_param = next(iter(self.params.values()))
+        self.fused_dropout = self.dropout_keys is not None and _fused_applies(first_param)
         self._segments()
 
     def _segments(self) -> None:
@@ -119,6 +135,8 @@ class StackedNet:
             self.params[name] = self.params[name].detach().index_select(0, idx).requires_grad_(True)
         self.activations = [self.activations[m] for m in members]
         self.dropouts = [self.dropouts[m] for m in members]
+        if self.dropout_keys is not None:
+            self.dropout_keys = [self.dropout_keys[m] for m in members]
         self._segments()
 
     # -- forward ----------------------------------------------------------------------------------
@@ -128,12 +146,22 @@ class StackedNet:
             return self.segments[0][2](x)
         return torch.cat([act(x[a:b]) for a, b, act in self.segments])
 
-    def _dropout(self, h: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    def _dropout(self, h: torch.Tensor, generators: list[torch.Generator], step: int, layer: int) -> torch.Tensor:
         """As aten's dropout per member: ``bernoulli_(1 - p)`` drawn from that member's generator
         into its slice of one noise tensor, then scaled by ``1 / (1 - p)`` (float32, as ``div_``
-        rounds it) in one product for the whole pack; p = 0 leaves the member untouched."""
+        rounds it) in one product for the whole pack; p = 0 leaves the member untouched. On the
+        fused path the noise comes from ``triton_pack.dropout_noise`` at (``step``, ``layer``)."""
         if not any(p > 0 for p in self.dropouts):
             return h
+        if self.fused_dropout:
+            from kanfarm.packing.triton_pack import dropout_noise
+
+            if getattr(self, "_noise_key", None) != (self.dropouts, self.dropout_keys, h.device):
+                keep = torch.tensor([1 - p for p in self.dropouts], dtype=torch.float32, device=h.device)
+                self._noise_args = (torch.tensor(self.dropout_keys, dtype=torch.int64, device=h.device),
+                                    keep, torch.ones_like(keep) / keep)
+                self._noise_key = (list(self.dropouts), list(self.dropout_keys), h.device)
+            return h * dropout_noise(h, *self._noise_args, step, layer)
         noise = torch.empty_like(h)
         for m, p in enumerate(self.dropouts):
             if p > 0:
@@ -146,8 +174,9 @@ class StackedNet:
             self._scale_key = (list(self.dropouts), h.device, h.dtype)
         return h * noise.mul_(self._scale)
 
-    def forward(self, x: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
-        """Logits ``(M, B, classes)`` for the shared batch ``x``; dropout on when ``generators`` given."""
+    def forward(self, x: torch.Tensor, generators: list[torch.Generator] | None = None, step: int = 0) -> torch.Tensor:
+        """Logits ``(M, B, classes)`` for the shared batch ``x``; dropout on when ``generators`` given
+        (``step``, the updates done so far, places the fused path's masks in their streams)."""
         if self.kind == "kan":
             for i in range(self.n_layers):
                 x = self._kan_layer(i, x)
@@ -156,7 +185,7 @@ class StackedNet:
         for i in range(self.n_layers - 1):
             x = self._act(_linear(x, p[f"blocks.{i}.0.weight"], p[f"blocks.{i}.0.bias"]))
             if generators is not None:
-                x = self._dropout(x, generators)
+                x = self._dropout(x, generators, step, i)
         last = self.n_layers - 1
         return _linear(x, p[f"blocks.{last}.weight"], p[f"blocks.{last}.bias"])
 

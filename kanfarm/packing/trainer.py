@@ -21,7 +21,7 @@ from kanfarm.data.dataset import Dataset
 from kanfarm.models import build_model, count_params
 from kanfarm.packing.optim import _ORDER, StackedOptimizer, batches_per_epoch
 from kanfarm.packing.planner import pack_key
-from kanfarm.packing.stacked import StackedNet
+from kanfarm.packing.stacked import StackedNet, stream_key
 from kanfarm.training import rng
 from kanfarm.training.checkpoint import CheckpointManager
 from kanfarm.training.precision import matmul_precision
@@ -155,7 +155,8 @@ def _train_group(group: list[_Slot], data: Dataset, device: torch.device, start:
         order.set_state(group[0].saved["rng"]["order"].cpu())
     x_eval, y_eval = _train_eval_subset(data, config.train_eval_size, config.seed)
     net = StackedNet(config.model, [s.model for s in group], [s.config.activation for s in group],
-                     [s.config.dropout for s in group], device)
+                     [s.config.dropout for s in group], device,
+                     dropout_keys=[stream_key(s.config.config_hash()) for s in group])
     steps = start * batches_per_epoch(data.x_train.shape[0], config.batch_size)
     opt = StackedOptimizer(net.params, [s.config.optimizer for s in group], [s.config.lr for s in group], steps)
     for m, slot in enumerate(group):
@@ -227,7 +228,7 @@ def _train_group(group: list[_Slot], data: Dataset, device: torch.device, start:
         loss_sum = torch.zeros(net.size, device=device)
         generators = [s.generator for s in active]
         for x, y in shuffled_batches(data.x_train, data.y_train, config.batch_size, order):
-            logits = net.forward(x, generators)
+            logits = net.forward(x, generators, step=opt.steps)
             members, n, classes = logits.shape
             losses = F.cross_entropy(logits.reshape(-1, classes), y.repeat(members), reduction="none").view(members, n).mean(dim=1)
             params = list(net.params.values())
