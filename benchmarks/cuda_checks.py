@@ -9,6 +9,8 @@
 3. The fused kernels against the eager closed form and Cox-de Boor in float64, on CUDA.
 4. The fused (Triton) pack optimiser step against the eager step, on CUDA: SGD, momentum and Adam
    members over 5 steps, dead members frozen. (Check 1 already trains packs with it.)
+5. No host sync inside a training step (backprop, HSIC, pack of MLPs with dropout), under
+   ``torch.cuda.set_sync_debug_mode("warn")``: the count of synchronising calls must be 0.
 
 Prints one line per check with its figure and PASS/FAIL; exits 1 on any FAIL.
 
@@ -143,11 +145,64 @@ def fused_optimiser() -> None:
     report("fused pack optimiser step vs eager on CUDA (5 steps, relative)", worst, 1e-6)
 
 
+def no_host_sync() -> None:
+    import warnings
+
+    from kanfarm.models import build_model
+    from kanfarm.packing.optim import StackedOptimizer as Opt
+    from kanfarm.packing.stacked import StackedNet, stream_key
+    from kanfarm.training.backprop import backprop_step
+    from kanfarm.training.hsic import HSICBottleneck, HSICSettings, hsic_step
+    from kanfarm.training.optim import make_optimizer
+
+    x = torch.rand(2048, 784, device=DEVICE) * 2 - 1
+    y = torch.randint(0, 10, (2048,), device=DEVICE)
+    steps = []
+    for model in ("mlp", "kan"):
+        config = RunConfig(dataset="mnist", model=model, hidden_widths=(64, 32), batch_size=2048)
+        net = build_model(config, 784, 10).to(DEVICE)
+        opt = make_optimizer("adam", net.parameters(), 1e-3)
+        steps.append((f"backprop {model}", lambda n=net, o=opt: backprop_step(n, o, x, y)))
+        hcfg = dataclasses.replace(config, trainer="hsic")
+        hnet = build_model(hcfg, 784, 10).to(DEVICE)
+        opts = HSICBottleneck().optimizers(hnet, hcfg)
+        steps.append((f"hsic {model}", lambda n=hnet, o=opts, c=hcfg: hsic_step(n, o, x, y, HSICSettings.from_config(c))))
+    configs = [RunConfig(dataset="mnist", model="mlp", depth="shallow", optimizer=k, lr=0.01) for k in ("sgd", "adam")]
+    models = [build_model(c, 784, 10) for c in configs]
+    pack = StackedNet("mlp", models, ["relu", "relu"], [0.2, 0.2], torch.device(DEVICE),
+                      dropout_keys=[stream_key(c.config_hash()) for c in configs])
+    popt = Opt(pack.params, ["sgd", "adam"], [0.01, 0.01])
+    alive = torch.ones(2, dtype=torch.bool, device=DEVICE)
+
+    def pack_step():
+        logits = pack.forward(x, [None, None], step=popt.steps)
+        losses = torch.nn.functional.cross_entropy(logits.reshape(-1, 10), y.repeat(2), reduction="none").view(2, -1).mean(1)
+        grads = torch.autograd.grad(losses.sum(), list(pack.params.values()))
+        popt.step(pack.params, dict(zip(pack.params, grads)), alive)
+
+    steps.append(("pack of MLPs with dropout", pack_step))
+    for name, fn in steps:
+        fn()  # warm-up: compile kernels, allocate
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+        for w in syncs[:3]:
+            print(f"  {name}: {str(w.message).splitlines()[0]}")
+        report(f"host syncs in one {name} step on CUDA", float(len(syncs)), 0)
+
+
 if __name__ == "__main__":
     d = data()
     if DEVICE == "cuda":
         kernels()
         fused_optimiser()
+        no_host_sync()
     pack_vs_solo(d)
     resume(d)
     sys.exit(1 if failed else 0)

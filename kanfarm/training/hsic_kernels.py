@@ -138,7 +138,9 @@ def label_target(y: torch.Tensor, n_classes: int, sigma: float, eps: float = 1e-
     scale = math.sqrt(-math.expm1(-1.0 / (sigma * sigma * n_classes)))
     f = scale * (onehot - onehot.mean(dim=0, keepdim=True))
     g = f.T @ f + (eps * m) * torch.eye(n_classes, dtype=WORK_DTYPE, device=y.device)
-    mat = torch.cholesky_inverse(torch.linalg.cholesky(g))
+    # g >= eps*m*I is positive definite for any labels: cholesky_ex skips the error check, which
+    # on a GPU would wait for the device (a host sync in every training step)
+    mat = torch.cholesky_inverse(torch.linalg.cholesky_ex(g).L)
     return Target(f=f, fm=f @ mat, mat=mat)
 
 
