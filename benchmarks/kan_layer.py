@@ -15,6 +15,7 @@ CUDA adds rows that pair each KAN row with its own floor:
   fast-nodx   the fast layer without the input gradient (a first layer: x is data)
   matmuls-dx  the bare products plus the gradient of the bases (bases.requires_grad): the floor
               for a layer that must pass a gradient back, i.e. the pair of ``fast``
+  matmuls-dx-tf32  the same with TF32 products: the pair of ``fast-tf32``
 and checks, per shape, that ``fast`` gives the reference's output and gradients (max error
 relative to each tensor's largest value).
 
@@ -45,9 +46,11 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from kanfarm.models import KANLinear  # noqa: E402
+from kanfarm.training.precision import matmul_precision  # noqa: E402
 
 ROWS = ("reference", "fast", "matmuls", "mlp")
-CUDA_ROWS = ("reference", "fast", "fast-eager", "fast-tf32", "fast-nodx", "matmuls", "matmuls-dx", "mlp")
+CUDA_ROWS = ("reference", "fast", "fast-eager", "fast-tf32", "fast-nodx", "matmuls", "matmuls-dx",
+             "matmuls-dx-tf32", "mlp")
 CPU_SHAPES = [(256, 784, 256), (1024, 784, 256), (256, 256, 256), (1024, 256, 256)]
 CUDA_SHAPES = [(8192, 784, 256), (8192, 1024, 1024)]
 
@@ -77,7 +80,7 @@ def make_step(row: str, batch: int, n_in: int, n_out: int, device: str):
             bases = layer.spline_bases(x).reshape(batch, -1)
             spline = layer.scaled_spline_weight.reshape(n_out, -1).detach().clone().requires_grad_(True)
         base = layer.base_weight
-        if row == "matmuls-dx":
+        if row.startswith("matmuls-dx"):
             bases.requires_grad_(True)
             x.requires_grad_(True)
 
@@ -85,14 +88,11 @@ def make_step(row: str, batch: int, n_in: int, n_out: int, device: str):
             return F.linear(inp, base) + F.linear(bases, spline)
 
     def step():
-        torch.backends.cuda.matmul.allow_tf32 = row == "fast-tf32"
-        try:
+        with matmul_precision("tf32" if row.endswith("-tf32") else "float32"):  # as a run sets it
             out = fn(x)
             out.backward(torch.ones_like(out))
             if device == "cuda":
                 torch.cuda.synchronize()
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = False
 
     return step
 
@@ -111,12 +111,12 @@ def check_fast(batch: int, n_in: int, n_out: int, device: str, tf32: bool = Fals
     upstream = torch.randn(batch, n_out, device=device)
     results = []
     for layer in (ref, fast):
-        torch.backends.cuda.matmul.allow_tf32 = tf32 and layer is fast
-        xi = x.clone().requires_grad_(True)
-        out = layer(xi)
-        grads = torch.autograd.grad(out, [xi, layer.base_weight, layer.spline_weight, layer.spline_scaler], upstream)
+        with matmul_precision("tf32" if tf32 and layer is fast else "float32"):
+            xi = x.clone().requires_grad_(True)
+            out = layer(xi)
+            grads = torch.autograd.grad(out, [xi, layer.base_weight, layer.spline_weight, layer.spline_scaler],
+                                        upstream)
         results.append([out, *grads])
-    torch.backends.cuda.matmul.allow_tf32 = False
     return max(((a - b).abs().max() / b.abs().max()).item() for b, a in zip(*results))
 
 
