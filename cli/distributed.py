@@ -60,8 +60,8 @@ def _max_attempts(value: Optional[int]) -> int:
 
 
 def _publish_packs(store, grid: str, queued: list[int], size: int | str, queue: str) -> int:
-    """Group the queued runs into packs (``auto``: the largest; workers split them to fit) and
-    publish one message per pack."""
+    """Group the queued runs into packs (``auto``: the largest; each worker splits them to suit its
+    device) and publish one message per pack."""
     from kombu.exceptions import OperationalError
 
     from kanfarm.packing import plan_packs
@@ -72,7 +72,7 @@ def _publish_packs(store, grid: str, queued: list[int], size: int | str, queue: 
     packs = plan_packs([(i, c) for i, c in store.claimable_runs(grid) if i in wanted],
                        MAX_PACK if size == "auto" else size)
     try:
-        return publish_packs(packs, queue)
+        return publish_packs(packs, queue, fit=size == "auto")
     except OperationalError as exc:
         fail(f"broker unreachable ({type(exc).__name__}); the runs stay queued in the database: "
              "run `kanfarm requeue` once Redis is back", code=1)

@@ -98,7 +98,7 @@ def test_pack_task_claims_no_further_chunk_after_warm_shutdown(sqlite_store, mon
     monkeypatch.setattr(tasks, "device", lambda: "cuda")
     monkeypatch.setattr(kanfarm.packing, "auto_pack_size", lambda *args, **kwargs: 2)
     monkeypatch.setattr(kanfarm.runner, "execute_pack", execute_pack)
-    monkeypatch.setattr(tasks, "publish_packs", lambda packs, queue, app=None: published.append(
+    monkeypatch.setattr(tasks, "publish_packs", lambda packs, queue, app=None, fit=False: published.append(
         ([list(p) for p in packs], queue)) or sum(map(len, packs)))
     try:
         assert tasks.execute_pack_task.run(ids) == "done"
@@ -106,6 +106,48 @@ def test_pack_task_claims_no_further_chunk_after_warm_shutdown(sqlite_store, mon
         tasks.SHUTDOWN.clear()
     assert chunks == [ids[:2]]  # the chunks after the shutdown were never claimed
     assert published == [([ids[1:]], "cpu")]  # released and unclaimed runs keep a message
+
+
+@pytest.mark.parametrize("fit,expected", [(True, [2, 2, 1]), (False, [5])])
+def test_cpu_worker_splits_only_packs_published_to_fit(sqlite_store, monkeypatch, fit, expected):
+    """``--pack-size auto`` publishes the largest packs for workers to split: a CPU worker splits
+    those to its size too, but trains an explicitly sized pack as it came."""
+    import kanfarm.packing
+    import kanfarm.runner
+    from kanfarm.grids import parse_spec
+    from kanfarm.runner import Outcome
+    from kanfarm.submission import submit
+    from workers import tasks
+
+    submit(sqlite_store, parse_spec(spec("fit", lrs=(0.01, 0.005, 0.002, 0.001, 0.0005), epochs=2)))
+    ids = sqlite_store.run_ids("fit")
+    chunks: list[list[int]] = []
+    monkeypatch.setattr(tasks, "store", lambda: sqlite_store)
+    monkeypatch.setattr(tasks, "device", lambda: "cpu")
+    monkeypatch.setattr(kanfarm.packing, "auto_pack_size", lambda *args, **kwargs: 2)
+    monkeypatch.setattr(kanfarm.runner, "execute_pack", lambda store, run_ids, worker, **kw: chunks.append(
+        list(run_ids)) or [Outcome(i, "completed", 2) for i in run_ids])
+    assert tasks.execute_pack_task.run(ids, fit) == "done"
+    assert [len(c) for c in chunks] == expected and sum(chunks, []) == ids
+
+
+def test_auto_packs_are_published_for_workers_to_fit(monkeypatch):
+    from workers import tasks
+
+    sent: list[tuple[str, list]] = []
+
+    class FakeApp:
+        def producer_or_acquire(self):
+            import contextlib
+            return contextlib.nullcontext(None)
+
+        def send_task(self, name, args, **kwargs):
+            sent.append((name, args))
+
+    assert tasks.publish_packs([[1, 2, 3], [4]], "cpu", FakeApp(), fit=True) == 4
+    assert tasks.publish_packs([[5, 6]], "cpu", FakeApp()) == 2
+    assert sent == [(tasks.PACK_TASK_NAME, [[1, 2, 3], True]), (tasks.TASK_NAME, [4]),
+                    (tasks.PACK_TASK_NAME, [[5, 6]])]
 
 
 # --- services -----------------------------------------------------------------------------------
@@ -413,7 +455,7 @@ def test_packed_grid_on_workers_matches_local_runs(env, store, fleet, redis_db, 
     worker consumes, to read them, then delivered to cpu); each pack trains on one worker, every
     run completes once with one row per epoch, equal to the local packed run of the same grid and
     (once: it costs the most) within 1e-5 to the local solo runs. ``auto``: one message for the
-    whole grid (a CPU worker trains it as is)."""
+    whole grid, marked for workers to split to their size (a CPU worker's 8: one chunk here)."""
     name = f"pack-{pack_size}"
     data = {**spec(name, lrs=lrs, epochs=5), **PACKABLE}  # 8 runs of one pack key
     assert redis_db.llen("gpu") == 0
@@ -425,6 +467,7 @@ def test_packed_grid_on_workers_matches_local_runs(env, store, fleet, redis_db, 
     assert [task for task, _ in messages] == ["kanfarm.execute_pack"] * len(sizes)
     packs = [args[0] for _, args in messages]
     assert [len(pack) for pack in packs] == sizes and sorted(sum(packs, [])) == ids
+    assert [args[1:] for _, args in messages] == [[True] if pack_size == "auto" else []] * len(sizes)
     assert deliver(redis_db, "gpu", "cpu") == len(sizes)
     packed = local_reference(tmp_path, data, monkeypatch, pack_size=pack_size)  # while the workers train
     solo = local_reference(tmp_path, data, monkeypatch) if vs_solo else None

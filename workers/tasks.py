@@ -108,8 +108,11 @@ def publish(run_ids: Iterable[int], queue: str = DEFAULT_QUEUE, celery_app=None)
 PACK_TASK_NAME = "kanfarm.execute_pack"
 
 
-def publish_packs(packs: Iterable[list[int]], queue: str = DEFAULT_QUEUE, celery_app=None) -> int:
-    """One message per pack (a pack of one is a plain run message). Returns the runs published."""
+def publish_packs(packs: Iterable[list[int]], queue: str = DEFAULT_QUEUE, celery_app=None, fit: bool = False) -> int:
+    """One message per pack (a pack of one is a plain run message). Returns the runs published.
+
+    ``fit`` (``--pack-size auto``): the worker splits the pack to what suits its device, on a CPU
+    too; without it a CPU worker trains the pack as published (a GPU one never exceeds its memory)."""
     if queue not in QUEUES:
         raise ValueError(f"queue {queue!r} is not one of {', '.join(QUEUES)}")
     celery_app = celery_app or app
@@ -117,7 +120,7 @@ def publish_packs(packs: Iterable[list[int]], queue: str = DEFAULT_QUEUE, celery
     with celery_app.producer_or_acquire() as producer:
         for pack in packs:
             ids = [int(i) for i in pack]
-            name, args = (TASK_NAME, [ids[0]]) if len(ids) == 1 else (PACK_TASK_NAME, [ids])
+            name, args = (TASK_NAME, [ids[0]]) if len(ids) == 1 else (PACK_TASK_NAME, [ids, True] if fit else [ids])
             celery_app.send_task(name, args=args, queue=queue, routing_key=queue, producer=producer,
                                  ignore_result=True)
             count += len(ids)
@@ -125,9 +128,10 @@ def publish_packs(packs: Iterable[list[int]], queue: str = DEFAULT_QUEUE, celery
 
 
 @app.task(name=PACK_TASK_NAME, bind=True, ignore_result=True, acks_late=True, max_retries=5)
-def execute_pack_task(self, run_ids: list[int]) -> str:
+def execute_pack_task(self, run_ids: list[int], fit: bool = False) -> str:
     """Claim the claimable runs of ``run_ids`` and train them as packs sized for this worker's
-    device (``auto``: split to fit free GPU memory); taken or finished runs are skipped."""
+    device: on a GPU at most what fits its free memory, on a CPU ``auto_pack_size``'s size when
+    ``fit`` (published by ``--pack-size auto``); taken or finished runs are skipped."""
     from sqlalchemy.exc import OperationalError
 
     from kanfarm.data import dataset_shape
@@ -143,7 +147,7 @@ def execute_pack_task(self, run_ids: list[int]) -> str:
     try:
         config = store().run(run_ids[0]).config
         size = len(run_ids)  # as enqueued; on a GPU at most what fits in its free memory
-        if device() != "cpu":
+        if fit is True or device() != "cpu":
             size = min(size, auto_pack_size(config, *dataset_shape(config.dataset, **config.dataset_options),
                                              device=device()))
         for start in range(0, len(run_ids), size):
@@ -158,7 +162,7 @@ def execute_pack_task(self, run_ids: list[int]) -> str:
         raise self.retry(countdown=min(30 * 2 ** self.request.retries, 600), exc=exc)
     if released:
         queue = (self.request.delivery_info or {}).get("routing_key") or DEFAULT_QUEUE
-        publish_packs([released], queue if queue in QUEUES else DEFAULT_QUEUE, self.app)
+        publish_packs([released], queue if queue in QUEUES else DEFAULT_QUEUE, self.app, fit=fit is True)
         log.info("pack: runs %s released or left unclaimed, re-published to %s", released, queue)
     return "done"
 
