@@ -24,8 +24,8 @@ from kanfarm.packing.planner import pack_key
 from kanfarm.packing.stacked import StackedNet, stream_key
 from kanfarm.training import rng
 from kanfarm.training.checkpoint import CheckpointManager
-from kanfarm.training.precision import matmul_precision
 from kanfarm.training.loop import _train_eval_subset, shuffled_batches
+from kanfarm.training.precision import matmul_precision
 from kanfarm.training.records import EpochRecord, RunResult, ShouldStop, Sink
 
 
