@@ -66,9 +66,10 @@ def test_fused_step_equals_the_eager_step_and_freezes_dead_members():
     assert all(torch.isfinite(p).all() for p in fused[-1][0].values())
 
 
-def test_packed_training_with_the_fused_step_matches_the_eager_pack(monkeypatch):
+@pytest.mark.parametrize("model", ["mlp", "kan"])
+def test_packed_training_with_the_fused_step_matches_the_eager_pack(monkeypatch, model):
     data = load_dataset("digits")
-    base = RunConfig(dataset="digits", model="mlp", hidden_widths=(8,), max_epochs=2, batch_size=256)
+    base = RunConfig(dataset="digits", model=model, hidden_widths=(8,), max_epochs=2, batch_size=256)
     configs = [RunConfig(**{**base.to_dict(), "optimizer": o, "lr": lr, "hidden_widths": (8,)})
                for o, lr in [("sgd", 0.1), ("sgd_momentum", 0.05), ("adam", 0.01)]]
 
