@@ -31,7 +31,7 @@ BLOCK = 1024
 SGD, MOMENTUM, ADAM = 0, 1, 2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["first_step"])  # the same compiled kernel at step 1 and after
 def _member_step(p_ptr, g_ptr, buf_ptr, m_ptr, v_ptr, kind_ptr, neg_lr_ptr, neg_step_ptr, alive_ptr,
                  n, first_step, bc2_sqrt, momentum, beta1_weight, beta2, one_minus_beta2, eps,
                  BLOCK_N: tl.constexpr):
@@ -83,7 +83,7 @@ def fused_step(p: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor],
                        BLOCK_N=BLOCK)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step", "layer"])
 def _member_noise(noise_ptr, key_ptr, keep_ptr, scale_ptr, n, step, layer, BLOCK_N: tl.constexpr):
     member = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
