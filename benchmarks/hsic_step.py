@@ -144,7 +144,7 @@ def profile_fast_step(device, batch, steps=5):
             hsic_step(model, opts, x, y, settings)
         if device.type == "cuda":
             torch.cuda.synchronize()
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"\nProfile of {steps} fast MLP HSIC steps on {device} (batch {batch}), sorted by {key}:")
     print(prof.key_averages().table(sort_by=key, row_limit=15))
 
