@@ -151,6 +151,7 @@ def no_host_sync() -> None:
     from kanfarm.models import build_model
     from kanfarm.packing.optim import StackedOptimizer as Opt
     from kanfarm.packing.stacked import StackedNet, stream_key
+    from kanfarm.packing.trainer import pack_step
     from kanfarm.training.backprop import backprop_step
     from kanfarm.training.hsic import HSICBottleneck, HSICSettings, hsic_step
     from kanfarm.training.optim import make_optimizer
@@ -174,13 +175,8 @@ def no_host_sync() -> None:
     popt = Opt(pack.params, ["sgd", "adam"], [0.01, 0.01])
     alive = torch.ones(2, dtype=torch.bool, device=DEVICE)
 
-    def pack_step():
-        logits = pack.forward(x, [None, None], step=popt.steps)
-        losses = torch.nn.functional.cross_entropy(logits.reshape(-1, 10), y.repeat(2), reduction="none").view(2, -1).mean(1)
-        grads = torch.autograd.grad(losses.sum(), list(pack.params.values()))
-        popt.step(pack.params, dict(zip(pack.params, grads)), alive)
-
-    steps.append(("pack of MLPs with dropout", pack_step))
+    loss_sum = torch.zeros(2, device=DEVICE)
+    steps.append(("pack of MLPs with dropout", lambda: pack_step(pack, popt, x, y, [None, None], alive, loss_sum)))
     for name, fn in steps:
         fn()  # warm-up: compile kernels, allocate
         torch.cuda.synchronize()

@@ -38,8 +38,8 @@ micro)
     step kan_layer 120 python3 benchmarks/kan_layer.py --device cuda --json "$OUT/kan_layer.json"
     step epoch 90 python3 benchmarks/epoch.py --device cuda
     step hsic_step 90 python3 benchmarks/hsic_step.py --device cuda --reps 20 --plain-reps 5 --profile
-    step packing 200 python3 benchmarks/packing.py --device cuda
-    step packing_eager 100 env KANFARM_TRITON=0 python3 benchmarks/packing.py --device cuda --models mlp
+    step packing 200 python3 benchmarks/packing.py --device cuda --profile
+    step packing_eager 100 env KANFARM_TRITON=0 python3 benchmarks/packing.py --device cuda --models mlp --profile
     ;;
 grid)
     step paper_mnist "${GRID_LIMIT:-420}" python3 benchmarks/paper_mnist.py --device cuda --pack-size auto \

@@ -8,11 +8,13 @@ configuration trains 3 epochs through the real code paths (``kanfarm.training.tr
 epochs 2 and 3 (wall time, so a shared machine's hiccups count less), scaled from the rows used to
 60,000, gives runs/hour for 100-epoch runs.
 
-    python benchmarks/packing.py [--quick] [--device cpu|cuda|all] [--threads 2] [--models kan,mlp]
+    python benchmarks/packing.py [--quick] [--device cpu|cuda|all] [--threads 2] [--models kan,mlp] [--profile]
 
 On CUDA the pack step uses the Triton kernels (``kanfarm.packing.triton_pack``: optimiser update
 and dropout masks, one launch each); ``KANFARM_TRITON=0`` runs the eager step instead, for a
-before/after (it also turns off the KAN's fused spline kernels).
+before/after (it also turns off the KAN's fused spline kernels). ``--profile`` (CUDA) adds, for
+the shallow MLP at batch 128, the CUDA kernels launched per training step and the wall time per
+step, solo against a pack of 27, and the pack step's heaviest operators.
 
 ``--quick`` trains on a few batches per epoch (4 at batch 4096, 24 at batch 128) and evaluates
 on 2,000 test rows, so the CPU run takes about two minutes.
@@ -65,12 +67,63 @@ def epoch_seconds(cfgs: list[RunConfig], d: Dataset, device: str) -> float:
     return min(seconds[:2])
 
 
+def profile_steps(device: str, batch: int = 128, steps: int = 20) -> None:
+    """Kernels and wall time per step: one MLP (Adam) alone, then the 27-member pack step."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from kanfarm.models import build_model
+    from kanfarm.packing.optim import _ORDER, StackedOptimizer
+    from kanfarm.packing.stacked import StackedNet, stream_key
+    from kanfarm.packing.trainer import pack_step
+    from kanfarm.training.backprop import backprop_step
+    from kanfarm.training.optim import make_optimizer
+
+    cfgs = sorted((c.normalised() for c in configs("mlp", batch, 27)), key=lambda c: _ORDER.index(c.optimizer))
+    x = torch.rand(batch, 784, device=device) * 2 - 1
+    y = torch.randint(0, 10, (batch,), device=device)
+    solo = build_model(cfgs[-1], 784, 10).to(device)
+    solo_opt = make_optimizer(cfgs[-1].optimizer, solo.parameters(), cfgs[-1].lr)
+    net = StackedNet("mlp", [build_model(c, 784, 10) for c in cfgs], [c.activation for c in cfgs],
+                     [c.dropout for c in cfgs], torch.device(device),
+                     dropout_keys=[stream_key(c.config_hash()) for c in cfgs])
+    opt = StackedOptimizer(net.params, [c.optimizer for c in cfgs], [c.lr for c in cfgs])
+    gens = [torch.Generator(device=device).manual_seed(i) for i in range(len(cfgs))]
+    alive = torch.ones(len(cfgs), dtype=torch.bool, device=device)
+    loss_sum = torch.zeros(len(cfgs), device=device)
+    rows = {"solo MLP (adam)": lambda: backprop_step(solo, solo_opt, x, y),
+            f"pack of {len(cfgs)} MLPs": lambda: pack_step(net, opt, x, y, gens, alive, loss_sum)}
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    print(f"\n| step (batch {batch}, {device}) | CUDA kernels per step | ms per step |\n|---|---|---|")
+    for name, fn in rows.items():
+        for _ in range(3):
+            fn()
+        sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync()
+        ms = (time.perf_counter() - start) / steps * 1e3
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                fn()
+            sync()
+        kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        print(f"| {name} | {kernels / steps if cuda else 'n/a'} | {ms:.2f} |", flush=True)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=12))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--models", default="kan,mlp", help="comma-separated: kan, mlp")
+    parser.add_argument("--profile", action="store_true", help="CUDA: kernels and time per step, solo vs pack")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,6 +136,8 @@ def main() -> None:
     print("| device | model | batch | rows/epoch used | runs in pack | s/epoch (pack) | runs/hour (100 ep) | x one-at-a-time |")
     print("|---|---|---|---|---|---|---|---|")
     for device in devices:
+        if args.profile:
+            profile_steps(device)
         for batch in (4096, 128):
             n_train = (4 if batch == 4096 else 24) * batch if args.quick else N_TRAIN
             d = data(n_train, 2000 if args.quick else N_TEST)

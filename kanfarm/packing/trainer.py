@@ -91,6 +91,20 @@ def _train_pack(members: list[Member], configs: list[RunConfig], data: Dataset,
     return results  # type: ignore[return-value]
 
 
+def pack_step(net: StackedNet, opt: StackedOptimizer, x: torch.Tensor, y: torch.Tensor,
+              generators: list[torch.Generator] | None, alive: torch.Tensor, loss_sum: torch.Tensor) -> None:
+    """One update of every member on the batch ``(x, y)``: a function of (stacked model, optimiser
+    state, batch). ``alive`` (bool per member) turns False where a loss is non-finite (that member
+    is frozen from then on); ``loss_sum`` accumulates each member's summed loss. No host sync."""
+    logits = net.forward(x, generators, step=opt.steps)
+    members, n, classes = logits.shape
+    losses = F.cross_entropy(logits.reshape(-1, classes), y.repeat(members), reduction="none").view(members, n).mean(dim=1)
+    grads = torch.autograd.grad(losses.sum(), list(net.params.values()))  # members never mix: separate params
+    alive &= torch.isfinite(losses.detach())
+    opt.step(net.params, dict(zip(net.params, grads)), alive)
+    loss_sum += losses.detach() * n
+
+
 def _make_slot(index: int, member: Member, config: RunConfig, data: Dataset, device: torch.device) -> _Slot:
     """Build the member exactly as ``fit`` does (same seeding, same init draws) and resume it."""
     rng.seed_everything(config.seed)
@@ -228,14 +242,7 @@ def _train_group(group: list[_Slot], data: Dataset, device: torch.device, start:
         loss_sum = torch.zeros(net.size, device=device)
         generators = [s.generator for s in active]
         for x, y in shuffled_batches(data.x_train, data.y_train, config.batch_size, order):
-            logits = net.forward(x, generators, step=opt.steps)
-            members, n, classes = logits.shape
-            losses = F.cross_entropy(logits.reshape(-1, classes), y.repeat(members), reduction="none").view(members, n).mean(dim=1)
-            params = list(net.params.values())
-            grads = torch.autograd.grad(losses.sum(), params)  # members' losses never mix: separate params
-            alive &= torch.isfinite(losses.detach())
-            opt.step(net.params, dict(zip(net.params, grads)), alive)
-            loss_sum += losses.detach() * n
+            pack_step(net, opt, x, y, generators, alive, loss_sum)
         diverged = record(epoch, started, loss_sum, alive)
         for slot in diverged:
             yield slot, RunResult("diverged", epoch, slot.n_params)
