@@ -9,6 +9,7 @@ epochs 2 and 3 (wall time, so a shared machine's hiccups count less), scaled fro
 60,000, gives runs/hour for 100-epoch runs.
 
     python benchmarks/packing.py [--quick] [--device cpu|cuda|all] [--threads 2] [--models kan,mlp] [--profile]
+                                 [--trainer backprop|hsic] [--batches 4096,128]
 
 On CUDA the pack step uses the Triton kernels (``kanfarm.packing.triton_pack``: optimiser update
 and dropout masks, one launch each); ``KANFARM_TRITON=0`` runs the eager step instead, for a
@@ -47,8 +48,9 @@ def data(n_train: int, n_test: int) -> Dataset:
     return Dataset("mnist-shaped", x[:n_train], y[:n_train], x[n_train:], y[n_train:], 10)
 
 
-def configs(model: str, batch: int, n: int) -> list[RunConfig]:
-    base = RunConfig(dataset="mnist", model=model, depth="shallow", batch_size=batch, max_epochs=3)
+def configs(model: str, batch: int, n: int, trainer: str = "backprop") -> list[RunConfig]:
+    base = RunConfig(dataset="mnist", model=model, depth="shallow", batch_size=batch, max_epochs=3, trainer=trainer,
+                     dropout=0.0 if trainer == "hsic" else 0.2)  # as paper-hsic-mnist / paper-mnist
     return [dataclasses.replace(base, optimizer=o, lr=lr, init=i) for o, lr, i in SCHEMES[:n]]
 
 
@@ -146,6 +148,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--models", default="kan,mlp", help="comma-separated: kan, mlp")
     parser.add_argument("--profile", action="store_true", help="CUDA: kernels and time per step, solo vs pack")
+    parser.add_argument("--trainer", default="backprop", choices=["backprop", "hsic"])
+    parser.add_argument("--batches", default="4096,128", help="comma-separated batch sizes")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,19 +159,20 @@ def main() -> None:
           f"KANFARM_TRITON={os.environ.get('KANFARM_TRITON', '1')}, "
           f"cuda: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}, "
           f"load average {os.getloadavg()[0]:.1f}")
+    print(f"trainer: {args.trainer}")
     print("| device | model | batch | rows/epoch used | runs in pack | s/epoch (pack) | runs/hour (100 ep) | x one-at-a-time |")
     print("|---|---|---|---|---|---|---|---|")
     for device in devices:
         if args.profile:
             profile_steps(device)
-        for batch in (4096, 128):
+        for batch in map(int, args.batches.split(",")):
             n_train = (4 if batch == 4096 else 24) * batch if args.quick else N_TRAIN
             d = data(n_train, 2000 if args.quick else N_TEST)
             scale = N_TRAIN / n_train
             for model in args.models.split(","):
                 base = None
                 for size in (1, 9, 27):
-                    s = epoch_seconds(configs(model, batch, size), d, device)
+                    s = epoch_seconds(configs(model, batch, size, args.trainer), d, device)
                     per_hour = size * 3600 / (s * scale * EPOCHS)
                     base = base or per_hour
                     print(f"| {device} | {model} | {batch} | {n_train} | {size} | {s:.3f} | {per_hour:.1f} | "

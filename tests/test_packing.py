@@ -130,7 +130,7 @@ def test_planner_groups_runs_that_share_shapes_and_data_order():
         (1, base), (2, dataclasses.replace(base, optimizer="sgd", lr=0.1, init="orthogonal", activation="silu")),
         (3, dataclasses.replace(base, seed=1)),                  # other batch order
         (4, dataclasses.replace(base, grid_size=8)),             # other shapes
-        (5, dataclasses.replace(base, trainer="hsic")),          # not packed
+        (5, dataclasses.replace(base, trainer="hsic")),          # another trainer
         (6, dataclasses.replace(base, model="mlp")), (7, dataclasses.replace(base, model="mlp", dropout=0.0)),
         (8, dataclasses.replace(base, model="mlp", grid_size=8)),  # unused by an MLP: same pack
         (9, dataclasses.replace(base, lr=0.5)), (10, dataclasses.replace(base, batch_size=32)),
@@ -138,7 +138,10 @@ def test_planner_groups_runs_that_share_shapes_and_data_order():
     assert plan_packs(runs, 8) == [[1, 2, 9], [3], [4], [5], [6, 7, 8], [10]]
     assert plan_packs(runs, 2) == [[1, 2], [3], [4], [5], [6, 7], [8], [9], [10]]
     assert plan_packs(runs, 1) == [[i] for i, _ in runs]
-    assert pack_key(runs[4][1]) is None
+    hsic = runs[4][1]  # HSIC runs pack with HSIC runs of the same settings only
+    assert pack_key(dataclasses.replace(hsic, lr=0.5, optimizer="sgd")) == pack_key(hsic)
+    assert pack_key(dataclasses.replace(hsic, hsic_beta=50.0)) != pack_key(hsic)
+    assert pack_key(dataclasses.replace(hsic, hsic_format_epochs=1)) != pack_key(hsic)
     wide = dataclasses.replace(base, model="mlp_wide")
     assert pack_key(wide) != pack_key(dataclasses.replace(wide, grid_size=8))  # other matched widths
 
@@ -157,10 +160,14 @@ epochs = 2
 """
 
 
-def test_run_grid_with_packs_writes_the_same_rows(tmp_path, monkeypatch):
+HSIC_GRID = GRID.replace('learning_rates = [0.01]', 'learning_rates = [0.001]\ntrainers = ["hsic"]\ndropout = 0.0')
+
+
+@pytest.mark.parametrize("grid", [GRID, HSIC_GRID], ids=["backprop", "hsic"])
+def test_run_grid_with_packs_writes_the_same_rows(tmp_path, monkeypatch, grid):
     from cli.main import app
 
-    (tmp_path / "g.toml").write_text(GRID)
+    (tmp_path / "g.toml").write_text(grid)
     monkeypatch.chdir(tmp_path)
     rows = {}
     for size in ("1", "4"):

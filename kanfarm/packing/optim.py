@@ -31,15 +31,25 @@ def _col(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class StackedOptimizer:
     """``kinds[m]`` in ('sgd', 'sgd_momentum', 'adam'), sorted; ``lrs[m]`` per member.
 
-    ``steps`` counts the updates done (shared: members of a pack start at the same epoch).
+    ``steps`` counts the pack's updates (shared: members of a pack start at the same epoch).
+    ``groups`` names the single run's optimisers and their parameters (default ``{"all": every
+    parameter}``, the backprop trainer's; HSIC has ``hidden0``, ..., ``output``); each group counts
+    its own updates in ``group_steps`` (Adam's bias correction, momentum's first step), since an
+    HSIC run's blocks train in different epochs. A step updates the parameters given gradients.
     """
 
     def __init__(self, params: dict[str, torch.Tensor], kinds: list[str], lrs: list[float], steps: int = 0,
-                 fused: bool | None = None):
+                 fused: bool | None = None, groups: dict[str, list[str]] | None = None,
+                 group_steps: dict[str, int] | None = None):
         """``fused``: use the Triton step (None: when the parameters are float32 CUDA tensors)."""
         if kinds != sorted(kinds, key=_ORDER.index):
             raise ValueError("members must be sorted by optimiser kind")
         self.kinds, self.lrs, self.steps = list(kinds), [float(lr) for lr in lrs], steps
+        self.groups = {g: list(names) for g, names in (groups or {"all": list(params)}).items()}
+        self.group_of = {name: g for g, names in self.groups.items() for name in names}
+        if sorted(self.group_of) != sorted(params):
+            raise ValueError("groups must hold every parameter exactly once")
+        self.group_steps = {g: steps for g in self.groups} if group_steps is None else dict(group_steps)
         first = next(iter(params.values()))
         self.fused = _fused_applies(first) if fused is None else fused
         self.state: dict[str, dict[str, torch.Tensor]] = {}
@@ -86,29 +96,36 @@ class StackedOptimizer:
 
     @torch.no_grad()
     def step(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], alive: torch.Tensor) -> None:
+        """Update the parameters named in ``grads`` (whole groups) for the members ``alive``."""
         self.steps += 1
-        step = self.steps
-        bc1, bc2 = 1 - BETAS[0] ** step, 1 - BETAS[1] ** step
-        bc2_sqrt = bc2 ** 0.5
+        for group in {self.group_of[name] for name in grads}:
+            self.group_steps[group] += 1
         if self.fused:
             from kanfarm.packing.triton_pack import fused_step
 
-            neg_step = (-(self.lr64 / bc1)).float()
+            neg_steps: dict[int, torch.Tensor] = {}
             for name, g in grads.items():
-                fused_step(params[name].detach(), g, self.state[name], self.kind_codes, self.neg_lr, neg_step,
-                           alive, first_step=step == 1, bc2_sqrt=bc2_sqrt, momentum=MOMENTUM, betas=BETAS,
+                step = self.group_steps[self.group_of[name]]
+                bc1, bc2 = 1 - BETAS[0] ** step, 1 - BETAS[1] ** step
+                if step not in neg_steps:
+                    neg_steps[step] = (-(self.lr64 / bc1)).float()
+                fused_step(params[name].detach(), g, self.state[name], self.kind_codes, self.neg_lr, neg_steps[step],
+                           alive, first_step=step == 1, bc2_sqrt=bc2 ** 0.5, momentum=MOMENTUM, betas=BETAS,
                            eps=EPS)
             return
         views = self._views(params)
-        per_kind: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        per_kind: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
         for name, g in grads.items():
+            step = self.group_steps[self.group_of[name]]
+            bc1, bc2 = 1 - BETAS[0] ** step, 1 - BETAS[1] ** step
+            bc2_sqrt = bc2 ** 0.5
             for kind, sl in self.slices.items():
                 p, st, neg_lr = views[name][kind]
                 g_sl = g[sl]
-                if (kind, p.dim()) not in per_kind:  # live mask and Adam's step size, once per step
+                if (kind, p.dim(), step) not in per_kind:  # live mask and Adam's step size, once per step
                     neg_step = _col((-(self.lr64[sl] / bc1)).float(), p) if kind == "adam" else None
-                    per_kind[(kind, p.dim())] = (_col(alive[sl], p), neg_step)
-                live, neg_step = per_kind[(kind, p.dim())]
+                    per_kind[(kind, p.dim(), step)] = (_col(alive[sl], p), neg_step)
+                live, neg_step = per_kind[(kind, p.dim(), step)]
                 if kind == "sgd":
                     _commit(p, torch.addcmul(p, g_sl, neg_lr), live)
                 elif kind == "sgd_momentum":
@@ -126,31 +143,42 @@ class StackedOptimizer:
 
     # -- members in torch.optim's format --------------------------------------------------------
 
-    def member_state_dict(self, m: int, model: nn.Module) -> dict:
-        """Member ``m``'s state as ``torch.optim``'s ``state_dict()`` for the single model ``model``."""
-        opt = make_optimizer(self.kinds[m], model.parameters(), self.lrs[m])
-        if self.steps > 0:
-            for (name, param) in model.named_parameters():
-                st = self.state[name]
-                if self.kinds[m] == "sgd_momentum":
-                    opt.state[param] = {"momentum_buffer": st["momentum_buffer"][m].clone()}
-                elif self.kinds[m] == "adam":
-                    opt.state[param] = {"step": torch.tensor(float(self.steps), dtype=torch.float32),
-                                        "exp_avg": st["exp_avg"][m].clone(),
-                                        "exp_avg_sq": st["exp_avg_sq"][m].clone()}
-        return opt.state_dict()
+    def _group_params(self, model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        named = dict(model.named_parameters())
+        return {g: [(name, named[name]) for name in names] for g, names in self.groups.items()}
 
-    def load_member(self, m: int, model: nn.Module, saved: dict) -> None:
-        """Load a ``torch.optim`` state dict (of the single model ``model``) into member ``m``."""
-        opt = make_optimizer(self.kinds[m], model.parameters(), self.lrs[m])
-        opt.load_state_dict(saved)
-        for name, param in model.named_parameters():
-            st = opt.state.get(param, {})
-            for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
-                if st.get(key) is not None:
-                    self.state[name][key][m].copy_(st[key])
-            if "step" in st and int(st["step"]) != self.steps:
-                raise ValueError(f"member {m}: optimiser step {int(st['step'])} != pack step {self.steps}")
+    def member_state_dict(self, m: int, model: nn.Module) -> dict[str, dict]:
+        """Member ``m``'s optimisers as the single run's trainer saves them: group name ->
+        ``torch.optim`` ``state_dict()`` over that group's parameters of the single model ``model``."""
+        out = {}
+        for group, named in self._group_params(model).items():
+            opt = make_optimizer(self.kinds[m], [p for _, p in named], self.lrs[m])
+            steps = self.group_steps[group]
+            if steps > 0:
+                for name, param in named:
+                    st = self.state[name]
+                    if self.kinds[m] == "sgd_momentum":
+                        opt.state[param] = {"momentum_buffer": st["momentum_buffer"][m].clone()}
+                    elif self.kinds[m] == "adam":
+                        opt.state[param] = {"step": torch.tensor(float(steps), dtype=torch.float32),
+                                            "exp_avg": st["exp_avg"][m].clone(),
+                                            "exp_avg_sq": st["exp_avg_sq"][m].clone()}
+            out[group] = opt.state_dict()
+        return out
+
+    def load_member(self, m: int, model: nn.Module, saved: dict[str, dict]) -> None:
+        """Load a single run's optimisers (``member_state_dict``'s layout) into member ``m``."""
+        for group, named in self._group_params(model).items():
+            opt = make_optimizer(self.kinds[m], [p for _, p in named], self.lrs[m])
+            opt.load_state_dict(saved[group])
+            for name, param in named:
+                st = opt.state.get(param, {})
+                for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+                    if st.get(key) is not None:
+                        self.state[name][key][m].copy_(st[key])
+                if "step" in st and int(st["step"]) != self.group_steps[group]:
+                    raise ValueError(f"member {m}: {group} optimiser step {int(st['step'])} != "
+                                     f"pack step {self.group_steps[group]}")
 
 
 _ORDER = ["sgd", "sgd_momentum", "adam"]

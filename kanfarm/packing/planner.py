@@ -3,8 +3,9 @@
 Runs pack together when everything that sets tensor shapes or the data stream is equal: dataset
 and its options (imdb vocabulary size, higgs split), model family and widths (KAN grid size and
 spline order; for MLP-Wide, what sets its widths), batch size, epochs, seed (the batch order),
-train-eval subset, and the trainer, which must be backprop (HSIC is not packed yet). Members may
-differ in init, optimiser, learning rate, activation, dropout and patience.
+train-eval subset, matmul precision, and the trainer with its settings (HSIC's beta, sigma, X term
+and format epochs). Members may differ in init, optimiser, learning rate, activation, dropout and
+patience.
 """
 from __future__ import annotations
 
@@ -21,11 +22,9 @@ MAX_PACK = 64
 Id = TypeVar("Id", bound=Hashable)
 
 
-def pack_key(config: RunConfig) -> str | None:
-    """Equal keys can share a pack; None: this run trains alone."""
+def pack_key(config: RunConfig) -> str:
+    """Equal keys can share a pack (every run has one: both trainers pack)."""
     config = config.normalised()
-    if config.trainer != "backprop":
-        return None
     shared = {k: v for k, v in config.to_dict().items() if k not in MEMBER_FIELDS}
     return json.dumps(shared, sort_keys=True)
 
@@ -51,16 +50,25 @@ def plan_packs(runs: Sequence[tuple[Id, RunConfig]], pack_size: int) -> list[lis
     return packs
 
 
+#: float64 (m, m) matrices alive per hidden layer in an HSIC step (kernel, its centring and
+#: regularised copy, Cholesky factor, and their gradients): a deliberate over-estimate.
+HSIC_MATRICES = 8
+
+
 def member_bytes(config: RunConfig, n_features: int, n_classes: int) -> int:
     """Rough device memory of one member while training: parameters with gradient and three
-    optimiser buffers, plus activations (a KAN keeps bases and slopes of every hidden input)."""
+    optimiser buffers, plus activations (a KAN keeps bases and slopes of every hidden input), plus,
+    for HSIC, the float64 batch x batch kernel matrices of every hidden layer."""
     from kanfarm.models import model_widths, param_count
 
     config = config.normalised()
     widths = model_widths(config, n_features, n_classes)
     per_value = config.grid_size + config.spline_order if config.model == "kan" else 1
     activations = config.batch_size * sum(widths[1:]) * (2 * per_value + 4)
-    return 4 * (6 * param_count(config, n_features, n_classes) + activations)
+    kernels = 0
+    if config.trainer == "hsic":
+        kernels = 2 * HSIC_MATRICES * (len(widths) - 2) * config.batch_size ** 2  # float64: 2 x 4 bytes
+    return 4 * (6 * param_count(config, n_features, n_classes) + activations + kernels)
 
 
 def auto_pack_size(config: RunConfig, n_features: int, n_classes: int, device: str = "cpu") -> int:

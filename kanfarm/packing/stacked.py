@@ -177,17 +177,34 @@ class StackedNet:
     def forward(self, x: torch.Tensor, generators: list[torch.Generator] | None = None, step: int = 0) -> torch.Tensor:
         """Logits ``(M, B, classes)`` for the shared batch ``x``; dropout on when ``generators`` given
         (``step``, the updates done so far, places the fused path's masks in their streams)."""
+        for i in range(self.n_layers):
+            x = self._block(i, x, generators, step)
+        return x
+
+    def forward_blocks(self, x: torch.Tensor, generators: list[torch.Generator] | None = None, step: int = 0,
+                       hidden_grad: bool = True, output_grad: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The HSIC trainer's forward: every hidden block's output ``(M, B, width)`` and the logits,
+        each block fed its input detached (no gradient crosses blocks); autograd records the hidden
+        blocks only with ``hidden_grad``, the output block only with ``output_grad``."""
+        zs = []
+        with torch.set_grad_enabled(hidden_grad):
+            for i in range(self.n_layers - 1):
+                x = self._block(i, x.detach(), generators, step)
+                zs.append(x)
+        with torch.set_grad_enabled(output_grad):
+            logits = self._block(self.n_layers - 1, x.detach(), generators, step)
+        return zs, logits
+
+    def _block(self, i: int, x: torch.Tensor, generators: list[torch.Generator] | None, step: int) -> torch.Tensor:
+        """Block ``i`` as the single model's ``blocks[i]`` (an MLP's hidden block: product,
+        activation, dropout when ``generators`` given; its last block: the product alone)."""
         if self.kind == "kan":
-            for i in range(self.n_layers):
-                x = self._kan_layer(i, x)
-            return x
+            return self._kan_layer(i, x)
         p = self.params
-        for i in range(self.n_layers - 1):
-            x = self._act(_linear(x, p[f"blocks.{i}.0.weight"], p[f"blocks.{i}.0.bias"]))
-            if generators is not None:
-                x = self._dropout(x, generators, step, i)
-        last = self.n_layers - 1
-        return _linear(x, p[f"blocks.{last}.weight"], p[f"blocks.{last}.bias"])
+        if i == self.n_layers - 1:
+            return _linear(x, p[f"blocks.{i}.weight"], p[f"blocks.{i}.bias"])
+        x = self._act(_linear(x, p[f"blocks.{i}.0.weight"], p[f"blocks.{i}.0.bias"]))
+        return x if generators is None else self._dropout(x, generators, step, i)
 
     def _kan_layer(self, i: int, x: torch.Tensor) -> torch.Tensor:
         p = self.params

@@ -4,7 +4,9 @@ own records, status, checkpoints and random streams.
 Per member it does what ``kanfarm.training.loop.fit`` does for one run (seeding, epoch-0
 evaluation, divergence, patience, checkpoint/resume), so a member's rows equal its solo run's and
 its checkpoints load in the single-run path and back. Members resumed at different epochs are
-trained as separate sub-packs (they need different batch orders).
+trained as separate sub-packs (they need different batch orders). Both trainers pack: backprop
+(``pack_step``) and the HSIC Bottleneck (``hsic_pack_step``: every member's layer kernels are
+factorised as one batch, and its optimisers keep the single run's names, ``hidden0``, ..., ``output``).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from kanfarm.packing.planner import pack_key
 from kanfarm.packing.stacked import StackedNet, stream_key
 from kanfarm.training import rng
 from kanfarm.training.checkpoint import CheckpointManager
+from kanfarm.training.hsic import EXTRA_ROWS, HSICSettings, hsic_terms, layer_nhsic, phase
 from kanfarm.training.loop import _train_eval_subset, shuffled_batches
 from kanfarm.training.precision import matmul_precision
 from kanfarm.training.records import EpochRecord, RunResult, ShouldStop, Sink
@@ -70,8 +73,8 @@ def train_pack(members: list[Member], data: Dataset, *, device: str | torch.devi
     configs = [m.config.normalised() for m in members]
     keys = {pack_key(c) for c in configs}
     if len(keys) != 1 or None in keys:
-        raise ValueError("members of a pack must share dataset, model shape, batch size, epochs, seed and "
-                         "matmul precision and use the backprop trainer")
+        raise ValueError("members of a pack must share dataset, model shape, batch size, epochs, seed, "
+                         "trainer and its settings, and matmul precision")
     with matmul_precision(configs[0].matmul_precision):
         return _train_pack(members, configs, data, torch.device(device))
 
@@ -103,6 +106,61 @@ def pack_step(net: StackedNet, opt: StackedOptimizer, x: torch.Tensor, y: torch.
     alive &= torch.isfinite(losses.detach())
     opt.step(net.params, dict(zip(net.params, grads)), alive)
     loss_sum += losses.detach() * n
+
+
+def hsic_pack_step(net: StackedNet, opt: StackedOptimizer, x: torch.Tensor, y: torch.Tensor,
+                   generators: list[torch.Generator] | None, alive: torch.Tensor, loss_sum: torch.Tensor,
+                   settings: HSICSettings, train_hidden: bool, train_output: bool) -> None:
+    """One HSIC Bottleneck update of every member, as ``training.hsic.hsic_step`` does for one run:
+    hidden blocks on their layer losses (inputs detached), the output block on cross-entropy, only
+    the groups this phase trains. Same ``alive`` and ``loss_sum`` contract as ``pack_step``."""
+    zs, logits = net.forward_blocks(x, generators if train_hidden else None, step=opt.steps,
+                                    hidden_grad=train_hidden, output_grad=train_output)
+    members, n, classes = logits.shape
+    total = torch.zeros(members, dtype=torch.float64, device=x.device)
+    if train_output:
+        total = total + F.cross_entropy(logits.reshape(-1, classes), y.repeat(members), reduction="none").view(members, n).mean(dim=1)
+    if train_hidden and zs:
+        total = total + hsic_terms(zs, x, y, classes, settings).sum(dim=0)
+    names = [name for group, names in opt.groups.items()
+             if (train_output if group == "output" else train_hidden) for name in names]
+    grads = torch.autograd.grad(total.sum(), [net.params[name] for name in names])
+    alive &= torch.isfinite(total.detach())
+    opt.step(net.params, dict(zip(names, grads)), alive)
+    loss_sum += total.detach() * n
+
+
+def _optimizer_groups(config: RunConfig, model: torch.nn.Module) -> dict[str, list[str]]:
+    """The single run's optimisers by name and their parameters (``Method.optimizers``' layout)."""
+    names = [name for name, _ in model.named_parameters()]
+    if config.trainer != "hsic":
+        return {"all": names}
+    last = len(model.blocks) - 1
+    groups = {f"hidden{i}": [n for n in names if n.startswith(f"blocks.{i}.")] for i in range(last)}
+    groups["output"] = [n for n in names if n.startswith(f"blocks.{last}.")]
+    return groups
+
+
+def _group_steps(config: RunConfig, groups: dict[str, list[str]], epochs: int, per_epoch: int) -> dict[str, int]:
+    """Updates each optimiser has taken after ``epochs`` epochs (HSIC trains its blocks in phases)."""
+    if config.trainer != "hsic":
+        return {group: epochs * per_epoch for group in groups}
+    hidden = sum(phase(e, config)[0] for e in range(1, epochs + 1)) * per_epoch
+    output = sum(phase(e, config)[1] for e in range(1, epochs + 1)) * per_epoch
+    return {group: output if group == "output" else hidden for group in groups}
+
+
+@torch.no_grad()
+def _extras(net: StackedNet, data: Dataset, config: RunConfig) -> list[dict[str, Any]]:
+    """Each member's ``epoch_metrics.extra``, as its trainer's ``Method.extra`` computes it."""
+    if config.trainer != "hsic":
+        return [{} for _ in range(net.size)]
+    x, y = data.x_train[:EXTRA_ROWS], data.y_train[:EXTRA_ROWS]
+    zs, _ = net.forward_blocks(x, hidden_grad=False, output_grad=False)
+    if not zs:
+        return [{"nhsic_x": [], "nhsic_y": []} for _ in range(net.size)]
+    nx, ny = layer_nhsic(zs, x, y, data.n_classes, float(config.hsic_sigma))
+    return [{"nhsic_x": a, "nhsic_y": b} for a, b in zip(nx.t().tolist(), ny.t().tolist())]
 
 
 def _make_slot(index: int, member: Member, config: RunConfig, data: Dataset, device: torch.device) -> _Slot:
@@ -140,7 +198,7 @@ def _state(slot: _Slot, m: int, net: StackedNet, opt: StackedOptimizer, order: t
         state_rng["cuda"] = [slot.generator.get_state()]
     slot.model.load_state_dict(net.member_state_dict(m))
     return {"model": slot.model.state_dict(),
-            "optimizers": {"all": opt.member_state_dict(m, slot.model)},
+            "optimizers": opt.member_state_dict(m, slot.model),
             "rng": state_rng,
             "progress": {"best_acc": slot.best_acc, "best_epoch": slot.best_epoch}}
 
@@ -171,11 +229,13 @@ def _train_group(group: list[_Slot], data: Dataset, device: torch.device, start:
     net = StackedNet(config.model, [s.model for s in group], [s.config.activation for s in group],
                      [s.config.dropout for s in group], device,
                      dropout_keys=[stream_key(s.config.config_hash()) for s in group])
-    steps = start * batches_per_epoch(data.x_train.shape[0], config.batch_size)
-    opt = StackedOptimizer(net.params, [s.config.optimizer for s in group], [s.config.lr for s in group], steps)
+    per_epoch = batches_per_epoch(data.x_train.shape[0], config.batch_size)
+    groups = _optimizer_groups(config, group[0].model)
+    opt = StackedOptimizer(net.params, [s.config.optimizer for s in group], [s.config.lr for s in group],
+                           start * per_epoch, groups=groups, group_steps=_group_steps(config, groups, start, per_epoch))
     for m, slot in enumerate(group):
         if slot.saved is not None:
-            opt.load_member(m, slot.model, slot.saved["optimizers"]["all"])
+            opt.load_member(m, slot.model, slot.saved["optimizers"])
     active = list(group)
 
     def drop(ended: list[_Slot]) -> None:
@@ -195,9 +255,10 @@ def _train_group(group: list[_Slot], data: Dataset, device: torch.device, start:
         if loss_sum is not None:
             rows += [loss_sum, alive.float()]
         values = torch.stack(rows).t().tolist()  # one host sync for the whole pack
+        extras = _extras(net, data, config)
         seconds = time.perf_counter() - started
         diverged = []
-        for slot, v in zip(active, values):
+        for slot, v, extra in zip(active, values, extras):
             finite = all(math.isfinite(x) for x in (v[0], v[2]))
             if loss_sum is not None:
                 finite = finite and math.isfinite(v[4]) and v[5] == 1.0
@@ -205,7 +266,7 @@ def _train_group(group: list[_Slot], data: Dataset, device: torch.device, start:
                 slot.member.sink(EpochRecord(epoch, None, None, None, None, seconds, {}, diverged=True))
                 diverged.append(slot)
                 continue
-            rec = EpochRecord(epoch, v[0], v[1], v[2], v[3], seconds, {})
+            rec = EpochRecord(epoch, v[0], v[1], v[2], v[3], seconds, extra)
             rec.validate()
             slot.member.sink(rec)
             if v[3] > slot.best_acc:
@@ -239,10 +300,16 @@ def _train_group(group: list[_Slot], data: Dataset, device: torch.device, start:
         started = time.perf_counter()
         epoch += 1
         alive = torch.ones(net.size, dtype=torch.bool, device=device)
-        loss_sum = torch.zeros(net.size, device=device)
+        loss_sum = torch.zeros(net.size, dtype=torch.float64, device=device)
         generators = [s.generator for s in active]
-        for x, y in shuffled_batches(data.x_train, data.y_train, config.batch_size, order):
-            pack_step(net, opt, x, y, generators, alive, loss_sum)
+        batches = shuffled_batches(data.x_train, data.y_train, config.batch_size, order)
+        if config.trainer == "hsic":
+            settings, (train_hidden, train_output) = HSICSettings.from_config(config), phase(epoch, config)
+            for x, y in batches:
+                hsic_pack_step(net, opt, x, y, generators, alive, loss_sum, settings, train_hidden, train_output)
+        else:
+            for x, y in batches:
+                pack_step(net, opt, x, y, generators, alive, loss_sum)
         diverged = record(epoch, started, loss_sum, alive)
         for slot in diverged:
             yield slot, RunResult("diverged", epoch, slot.n_params)

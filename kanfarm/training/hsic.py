@@ -32,7 +32,7 @@ from kanfarm.training.hsic_kernels import (centred_gaussian_kernel, full_target,
 from kanfarm.training.optim import make_optimizer
 
 __all__ = ["HSICBottleneck", "HSICSettings", "gaussian_kernel", "nhsic", "hsic_step", "phase",
-           "hidden_nhsic"]
+           "hidden_nhsic", "hsic_terms", "layer_nhsic"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # as in training.loop; not imported so kernels load without models
 
@@ -69,6 +69,38 @@ def _flat(z: torch.Tensor) -> torch.Tensor:
     return z.reshape(z.shape[0], -1)
 
 
+def _layer_kernels(zs: list[torch.Tensor], eps: float, sigma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
+    """Centred kernels of hidden outputs ``zs`` (each ``(*lead, m, features)``: ``lead`` is empty for
+    one run, ``(members,)`` for a pack) as one batch of ``(m, m)`` matrices, their Cholesky factors,
+    and the ``(L, *lead)`` shape of the per-matrix results."""
+    kz = torch.stack([centred_gaussian_kernel(z, sigma) for z in zs])
+    shape = kz.shape[:-2]
+    kz = kz.reshape(-1, *kz.shape[-2:])
+    return kz, hsic_factors(kz, eps), shape
+
+
+def hsic_terms(zs: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, n_classes: int,
+               settings: HSICSettings) -> torch.Tensor:
+    """Each hidden layer's loss ``x_term * nHSIC(Z_i, X) - beta * nHSIC(Z_i, Y)``, shape ``(L, *lead)``."""
+    kz, chol, shape = _layer_kernels(zs, settings.eps, settings.sigma)
+    labels = label_target(y, n_classes, settings.sigma, settings.eps)
+    terms = -settings.beta * nhsic_against(kz, labels, settings.eps, chol=chol)
+    if settings.x_term:
+        inputs = full_target(x, settings.sigma, settings.eps)
+        terms = terms + nhsic_against(kz, inputs, settings.eps, chol=chol)
+    return terms.view(shape)
+
+
+@torch.no_grad()
+def layer_nhsic(zs: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, n_classes: int, sigma: float,
+                eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nHSIC(Z_i, X), nHSIC(Z_i, Y)) for hidden outputs ``zs``, each of shape ``(L, *lead)``."""
+    kz, chol, shape = _layer_kernels(zs, eps, sigma)
+    ny = nhsic_against(kz, label_target(y, n_classes, sigma, eps), eps, chol=chol)
+    nx = nhsic_against(kz, full_target(x, sigma, eps), eps, chol=chol)
+    return nx.view(shape), ny.view(shape)
+
+
 def hsic_step(model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer],
               x: torch.Tensor, y: torch.Tensor, settings: HSICSettings,
               train_hidden: bool = True, train_output: bool = True) -> torch.Tensor:
@@ -96,14 +128,7 @@ def hsic_step(model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimize
     if train_output:
         total = total + F.cross_entropy(logits, y)
     if train_hidden and hidden:
-        kz = torch.stack([centred_gaussian_kernel(_flat(z), settings.sigma) for z in zs])
-        chol = hsic_factors(kz, settings.eps)
-        labels = label_target(y, logits.shape[-1], settings.sigma, settings.eps)
-        hsic = -settings.beta * nhsic_against(kz, labels, settings.eps, chol=chol)
-        if settings.x_term:
-            inputs = full_target(x, settings.sigma, settings.eps)
-            hsic = hsic + nhsic_against(kz, inputs, settings.eps, chol=chol)
-        total = total + hsic.sum()
+        total = total + hsic_terms([_flat(z) for z in zs], x, y, logits.shape[-1], settings).sum()
     if train_output or (train_hidden and hidden):
         total.backward()
     for name, opt in optimizers.items():
@@ -123,10 +148,7 @@ def hidden_nhsic(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, n_cla
         zs.append(h)
     if not zs:
         return [], []
-    kz = torch.stack([centred_gaussian_kernel(_flat(z), sigma) for z in zs])
-    chol = hsic_factors(kz, eps)
-    ny = nhsic_against(kz, label_target(y, n_classes, sigma, eps), eps, chol=chol)
-    nx = nhsic_against(kz, full_target(x, sigma, eps), eps, chol=chol)
+    nx, ny = layer_nhsic([_flat(z) for z in zs], x, y, n_classes, sigma, eps)
     return nx.tolist(), ny.tolist()
 
 
