@@ -131,14 +131,14 @@ def hsic_pack_step(net: StackedNet, opt: StackedOptimizer, x: torch.Tensor, y: t
 
 
 def _optimizer_groups(config: RunConfig, model: torch.nn.Module) -> dict[str, list[str]]:
-    """The single run's optimisers by name and their parameters (``Method.optimizers``' layout)."""
-    names = [name for name, _ in model.named_parameters()]
-    if config.trainer != "hsic":
-        return {"all": names}
-    last = len(model.blocks) - 1
-    groups = {f"hidden{i}": [n for n in names if n.startswith(f"blocks.{i}.")] for i in range(last)}
-    groups["output"] = [n for n in names if n.startswith(f"blocks.{last}.")]
-    return groups
+    """The single run's optimisers by name, each with its parameters' names: asked of the run's
+    trainer (``Method.optimizers``), so member checkpoints keep the single run's layout."""
+    from kanfarm.training import method_for
+
+    names = {id(p): name for name, p in model.named_parameters()}
+    optimizers = method_for(config.trainer).optimizers(model, config)
+    return {key: [names[id(p)] for group in opt.param_groups for p in group["params"]]
+            for key, opt in optimizers.items()}
 
 
 def _group_steps(config: RunConfig, groups: dict[str, list[str]], epochs: int, per_epoch: int) -> dict[str, int]:
