@@ -6,6 +6,8 @@ Rows per shape (batch, in -> out), G = 5, k = 3, float32 (TF32 off, PyTorch's de
               bases and the input gradient come from the fused Triton kernels)
   matmuls     the bare products of the layer: F.linear(x, base_weight) + F.linear(bases, spline weight)
               on bases computed beforehand (weight gradients only): a floor for any KAN layer
+  matmuls-dx  the bare products plus the gradient of the bases (bases.requires_grad): the floor
+              for a layer that must pass a gradient back, i.e. the pair of ``fast``
   mlp         nn.Linear(in, out) + GELU of the same shape
 The KAN and MLP rows also compute the input gradient (as every layer after the first must).
 CUDA adds rows that pair each KAN row with its own floor:
@@ -13,8 +15,6 @@ CUDA adds rows that pair each KAN row with its own floor:
   fast-tf32   the fast layer with TF32 matrix products (what a run with matmul_precision = "tf32"
               gets; its error against the float32 reference is printed with the check)
   fast-nodx   the fast layer without the input gradient (a first layer: x is data)
-  matmuls-dx  the bare products plus the gradient of the bases (bases.requires_grad): the floor
-              for a layer that must pass a gradient back, i.e. the pair of ``fast``
   matmuls-dx-tf32  the same with TF32 products: the pair of ``fast-tf32``
 and checks, per shape, that ``fast`` gives the reference's output and gradients (max error
 relative to each tensor's largest value).
@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from kanfarm.models import KANLinear  # noqa: E402
 from kanfarm.training.precision import matmul_precision  # noqa: E402
 
-ROWS = ("reference", "fast", "matmuls", "mlp")
+ROWS = ("reference", "fast", "matmuls", "matmuls-dx", "mlp")
 CUDA_ROWS = ("reference", "fast", "fast-eager", "fast-tf32", "fast-nodx", "matmuls", "matmuls-dx",
              "matmuls-dx-tf32", "mlp")
 CPU_SHAPES = [(256, 784, 256), (1024, 784, 256), (256, 256, 256), (1024, 256, 256)]
