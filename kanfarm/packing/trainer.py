@@ -122,8 +122,8 @@ def hsic_pack_step(net: StackedNet, opt: StackedOptimizer, x: torch.Tensor, y: t
         total = total + F.cross_entropy(logits.reshape(-1, classes), y.repeat(members), reduction="none").view(members, n).mean(dim=1)
     if train_hidden and zs:
         total = total + hsic_terms(zs, x, y, classes, settings).sum(dim=0)
-    names = [name for group, names in opt.groups.items()
-             if (train_output if group == "output" else train_hidden) for name in names]
+    names = [name for group, group_names in opt.groups.items()
+             if (train_output if group == "output" else train_hidden) for name in group_names]
     grads = torch.autograd.grad(total.sum(), [net.params[name] for name in names])
     alive &= torch.isfinite(total.detach())
     opt.step(net.params, dict(zip(names, grads)), alive)
