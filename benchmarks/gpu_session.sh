@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU session: CUDA correctness checks, then every benchmark's CUDA figures.
-#   benchmarks/gpu_session.sh micro   # checks, kan_layer, epoch, hsic_step, packing (eager too): ~4 min
-#                                     # on an H200; the steps' limits add up to 570 s, under a 600 s call
+#   benchmarks/gpu_session.sh micro   # checks, kan_layer, epoch, hsic_step, packing (eager too): about
+#                                     # 2 min on an H200 before the profiles and the eager packing run
+#                                     # were added; the steps' limits add up to 570 s, under a 600 s call
 #   benchmarks/gpu_session.sh grid    # paper_mnist: the whole 243-run grid through the CLI
 # Logs go to $OUT (default ./gpu-out). Wheels of packages the machine lacks (sqlalchemy, greenlet,
 # alembic, mako) may be put in .whl/; they are installed to /tmp/site first.
