@@ -197,14 +197,17 @@ def execute_pack(store: Store, run_ids: list[int], worker: str, *, device: str =
     return outcomes + [m.settle(result) for m, result in zip(members, results)]
 
 
-def _pack_size(pack_size: int | str, run, device: str) -> int:
-    if pack_size != "auto":
-        return int(pack_size)
+def fitting_pack_size(config: RunConfig, device: str) -> int:
+    """Members of ``config``'s shape one pack may hold on ``device`` (``auto``): what fits half
+    the free memory of a GPU, 8 on a CPU (``kanfarm.packing.auto_pack_size``)."""
     from kanfarm.data import dataset_shape
     from kanfarm.packing import auto_pack_size
 
-    config = run[1]
     return auto_pack_size(config, *dataset_shape(config.dataset, **config.dataset_options), device=device)
+
+
+def _pack_size(pack_size: int | str, config: RunConfig, device: str) -> int:
+    return fitting_pack_size(config, device) if pack_size == "auto" else int(pack_size)
 
 
 def work_loop(store: Store, worker: str, *, grid: str | None = None, device: str = "cpu",
@@ -222,7 +225,7 @@ def work_loop(store: Store, worker: str, *, grid: str | None = None, device: str
         waiting = store.claimable_runs(grid)
         if not waiting:
             return outcomes
-        pack = plan_packs(waiting, _pack_size(pack_size, waiting[0], device))[0]
+        pack = plan_packs(waiting, _pack_size(pack_size, waiting[0][1], device))[0]
         outcomes += execute_pack(store, pack, worker, device=device, lease_s=lease_s, shutdown=shutdown,
                                  max_attempts=max_attempts, on_epoch=on_epoch)
     while shutdown is None or not shutdown.is_set():

@@ -180,9 +180,9 @@ def test_auto_pack_size_is_given_the_width_the_options_set(monkeypatch):
     monkeypatch.setattr(kanfarm.packing, "auto_pack_size",
                         lambda config, n_features, n_classes, device="cpu": n_features)
     config = RunConfig(dataset="imdb", dataset_options={"vocab_size": 300}).normalised()
-    assert runner._pack_size("auto", (1, config), "cpu") == 300
-    assert runner._pack_size("auto", (1, RunConfig(dataset="imdb")), "cpu") == 5000
-    assert runner._pack_size(3, (1, config), "cpu") == 3
+    assert runner._pack_size("auto", config, "cpu") == 300
+    assert runner._pack_size("auto", RunConfig(dataset="imdb"), "cpu") == 5000
+    assert runner._pack_size(3, config, "cpu") == 3
 
 
 @pytest.fixture

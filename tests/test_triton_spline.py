@@ -14,7 +14,6 @@ import torch  # noqa: E402
 
 if os.environ.get("CI", "").lower() != "true":
     pytest.importorskip("triton")
-from kanfarm.models import KANLinear  # noqa: E402
 from kanfarm.models import uniform_spline  # noqa: E402
 from kanfarm.models.bspline import cox_de_boor_basis, uniform_knots  # noqa: E402
 from kanfarm.models.triton_spline import fused_bases, fused_input_grad  # noqa: E402

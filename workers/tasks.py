@@ -130,13 +130,11 @@ def publish_packs(packs: Iterable[list[int]], queue: str = DEFAULT_QUEUE, celery
 @app.task(name=PACK_TASK_NAME, bind=True, ignore_result=True, acks_late=True, max_retries=5)
 def execute_pack_task(self, run_ids: list[int], fit: bool = False) -> str:
     """Claim the claimable runs of ``run_ids`` and train them as packs sized for this worker's
-    device: on a GPU at most what fits its free memory, on a CPU ``auto_pack_size``'s size when
+    device: on a GPU at most what fits its free memory, on a CPU its ``auto`` size (8) when
     ``fit`` (published by ``--pack-size auto``); taken or finished runs are skipped."""
     from sqlalchemy.exc import OperationalError
 
-    from kanfarm.data import dataset_shape
-    from kanfarm.packing import auto_pack_size
-    from kanfarm.runner import execute_pack, worker_name
+    from kanfarm.runner import execute_pack, fitting_pack_size, worker_name
 
     if not isinstance(run_ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in run_ids):
         log.error("ignoring pack message %r: not a list of run ids", run_ids)
@@ -148,8 +146,7 @@ def execute_pack_task(self, run_ids: list[int], fit: bool = False) -> str:
         config = store().run(run_ids[0]).config
         size = len(run_ids)  # as enqueued; on a GPU at most what fits in its free memory
         if fit is True or device() != "cpu":
-            size = min(size, auto_pack_size(config, *dataset_shape(config.dataset, **config.dataset_options),
-                                             device=device()))
+            size = min(size, fitting_pack_size(config, device()))
         for start in range(0, len(run_ids), size):
             if SHUTDOWN.is_set():  # stopping: claim no further chunk (a claim costs an attempt);
                 released += run_ids[start:]  # its runs stay unclaimed and are re-published below

@@ -399,9 +399,8 @@ def parse_spec(data: dict[str, Any], name: str | None = None) -> GridSpec:
     if not _is_number(dropout) or not 0.0 <= dropout < 1.0:
         raise ConfigError("dropout", f"{dropout!r} must be a number in [0, 1)")
 
-    precision = data.get("matmul_precision", _RUN_DEFAULTS.matmul_precision)
-    if precision not in MATMUL_PRECISIONS:
-        raise ConfigError("matmul_precision", f"{precision!r} is not one of {', '.join(MATMUL_PRECISIONS)}")
+    precision = _element("matmul_precision", "str", MATMUL_PRECISIONS,
+                         data.get("matmul_precision", _RUN_DEFAULTS.matmul_precision))
 
     hsic = data.get("hsic", {})
     if not isinstance(hsic, dict):

@@ -31,16 +31,15 @@ def pack_key(config: RunConfig) -> str:
 
 def plan_packs(runs: Sequence[tuple[Id, RunConfig]], pack_size: int) -> list[list[Id]]:
     """Group ``(id, config)`` pairs into packs of at most ``pack_size`` members, in first-seen
-    order; unpackable runs and ``pack_size`` 1 give packs of one."""
+    order; ``pack_size`` 1 gives packs of one."""
     if pack_size < 1:
         raise ValueError("pack_size must be at least 1")
+    if pack_size == 1:
+        return [[run_id] for run_id, _ in runs]
     groups: dict[str, list[Id]] = {}
     packs: list[list[Id]] = []
     for run_id, config in runs:
-        key = pack_key(config) if pack_size > 1 else None
-        if key is None:
-            packs.append([run_id])
-            continue
+        key = pack_key(config)
         group = groups.setdefault(key, [])
         if not group:
             packs.append(group)

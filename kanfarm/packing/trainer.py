@@ -72,7 +72,7 @@ def train_pack(members: list[Member], data: Dataset, *, device: str | torch.devi
         return []
     configs = [m.config.normalised() for m in members]
     keys = {pack_key(c) for c in configs}
-    if len(keys) != 1 or None in keys:
+    if len(keys) != 1:
         raise ValueError("members of a pack must share dataset, model shape, batch size, epochs, seed, "
                          "trainer and its settings, and matmul precision")
     with matmul_precision(configs[0].matmul_precision):

@@ -27,8 +27,6 @@ import triton
 import triton.language as tl
 
 BLOCK = 1024
-#: kind codes, in ``optim._ORDER``
-SGD, MOMENTUM, ADAM = 0, 1, 2
 
 
 @triton.jit(do_not_specialize=["first_step"])  # the same compiled kernel at step 1 and after
@@ -69,7 +67,8 @@ def fused_step(p: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor],
                bc2_sqrt: float, momentum: float, betas: tuple[float, float], eps: float) -> None:
     """Update the stacked parameter ``p`` ``(M, ...)`` and its ``state`` in place from ``g``.
 
-    ``kinds`` (int32, M) holds ``SGD``/``MOMENTUM``/``ADAM``; ``neg_lr`` and ``neg_step`` (float32,
+    ``kinds`` (int32, M) holds each member's index in ``optim._ORDER`` (0 sgd, 1 sgd_momentum,
+    2 adam); ``neg_lr`` and ``neg_step`` (float32,
     M) are ``-lr`` and Adam's ``-lr / (1 - beta1^t)``; ``alive`` (bool, M) False freezes a member."""
     members = p.shape[0]
     n = p.numel() // members
