@@ -86,12 +86,32 @@ def test_bar_figures_hold_one_bar_per_model_depth_and_scheme_whiskers(store):
     assert max(p.get_height() for p in _panels(F.accuracy_bars(rows))["mnist"].patches) == pytest.approx(best)
 
 
-def test_sensitivity_has_one_box_per_model_and_depth(store):
+def test_sensitivity_has_one_box_per_setting(store):
     panels = _panels(F.sensitivity_boxes(store.summary("full")))
     assert len(panels["digits"].patches) == 8  # patch_artist boxes
-    assert len(panels["mnist"].patches) == 2
     labels = [t.get_text() for t in panels["digits"].get_xticklabels()]
     assert labels[0] == "kan\n(backprop)\nshallow" and "mlp\n(hsic)\nshallow" in labels
+    # mnist: two widths x two spline orders are four settings, not two pooled boxes
+    assert len(panels["mnist"].patches) == 4
+    assert [t.get_text() for t in panels["mnist"].get_xticklabels()] == [
+        f"kan\n(backprop)\n[{w}]\nk={k}" for w in (16, 32) for k in (2, 3)]
+
+
+def test_sensitivity_table_pools_schemes_only(store):
+    """Runs that differ in a setting (spline order here) are separate rows; schemes are pooled."""
+    from kanfarm.reports import sensitivity_table
+
+    summary = {r["run_id"]: r for r in store.summary("full")}
+    rows = sensitivity_table(store, "full")
+    mnist = [r for r in rows if r["dataset"] == "mnist"]
+    assert [(r["hidden_widths"], r["spline_order"], r["runs"]) for r in mnist] == [
+        ("16", 2, 1), ("16", 3, 1), ("32", 2, 1), ("32", 3, 1)]
+    kan_shallow = next(r for r in rows if (r["dataset"], r["model"], r["depth"], r["trainer"])
+                       == ("digits", "kan", "shallow", "backprop"))
+    accs = sorted(s["best_test_acc"] for s in summary.values() if s["status"] in ("completed", "diverged")
+                  and (s["dataset"], s["model"], s["depth"], s["trainer"]) == ("digits", "kan", "shallow", "backprop"))
+    assert kan_shallow["runs"] == 2 and (kan_shallow["min"], kan_shallow["max"]) == (accs[0], accs[-1])
+    assert kan_shallow["divergence_rate"] == 0.5  # the first run diverged
 
 
 def test_efficiency_scatter_one_collection_per_model_on_log_axis(store):

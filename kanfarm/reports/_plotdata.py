@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
-from kanfarm.reports.tables import FINISHED, MODEL_ORDER
+from kanfarm.reports.tables import FINISHED, MODEL_ORDER, SETTING_COLUMNS
 
 Row = dict[str, Any]
 _DEPTH_ORDER = {"shallow": 0, "medium": 1, "deep": 2}
@@ -30,6 +30,23 @@ def arch_key(label: str) -> tuple:
         return (0, _DEPTH_ORDER[label], ())
     widths = tuple(int(w) for w in label.strip("[]").split(",") if w.strip().isdigit())
     return (1, len(widths), widths)
+
+
+#: short names of the settings that can tell two boxes of one model and depth apart.
+_SETTING_NAMES = {"activation": "", "spline_order": "k=", "grid_size": "G=", "batch_size": "batch ",
+                  "max_epochs": "epochs "}
+
+
+def varying_settings(rows: Iterable[Row]) -> tuple[str, ...]:
+    """The settings beyond model, widths and trainer that take more than one value among the
+    ``rows`` of one model, widths and trainer (a KAN's GELU next to an MLP's ReLU is no variation)."""
+    same = group(rows, lambda r: (r.get("model"), r.get("hidden_widths"), r.get("trainer"))).values()
+    return tuple(c for c in SETTING_COLUMNS if c in _SETTING_NAMES and any(several(g, c) for g in same))
+
+
+def settings_label(row: Row, columns: tuple[str, ...]) -> str:
+    """``row``'s values of ``columns`` as a label suffix ("" when none vary)."""
+    return "".join(f"\n{_SETTING_NAMES[c]}{row.get(c)}" for c in columns)
 
 
 def model_key(model: str) -> tuple:

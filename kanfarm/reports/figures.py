@@ -21,7 +21,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from kanfarm.reports import _plotdata as plotdata
-from kanfarm.reports.tables import efficiency_table
+from kanfarm.reports.tables import efficiency_table, setting_of
 
 Row = dict[str, Any]
 MODEL_COLOURS = {"kan": "C0", "mlp_wide": "C1", "mlp": "C2"}
@@ -133,25 +133,33 @@ def trainer_bars(rows: Iterable[Row]) -> Figure:
 
 
 def sensitivity_boxes(rows: Iterable[Row]) -> Figure:
-    """Best test accuracy over training schemes, one box per model x depth, one panel per dataset:
-    a tall box means the model's result depends on the scheme."""
+    """Best test accuracy over training schemes, one box per setting (model x depth, and activation,
+    spline order, ... where those vary: ``tables.SETTING_COLUMNS``), one panel per dataset: a tall
+    box means the model's result depends on the scheme."""
     rows = plotdata.with_value(rows, "best_test_acc")
     if not rows:
         raise NoData("no finished run has a test accuracy")
     trainers = plotdata.several(rows, "trainer")
     datasets = sorted({r["dataset"] for r in rows})
-    cells = plotdata.group(rows, lambda r: (r["dataset"], plotdata.arch_label(r), plotdata.series_label(r, trainers)))
+    cells = plotdata.group(rows, setting_of)  # dataset first
     most = max(sum(1 for c in cells if c[0] == d) for d in datasets)
     fig, axes = _figure(len(datasets), 1, width=max(6.4, 1.5 + 0.75 * most))
     for (ax,), dataset in zip(axes, datasets):
-        keys = sorted((c for c in cells if c[0] == dataset), key=lambda c: (plotdata.arch_key(c[1]), _series_key(c[2])))
-        parts = ax.boxplot([[r["best_test_acc"] for r in cells[k]] for k in keys], patch_artist=True)
-        for box, k in zip(parts["boxes"], keys):
-            box.set_facecolor(_colour(k[2]))
-            box.set_hatch(_hatch(k[2]))
+        boxes = [runs for key, runs in cells.items() if key[0] == dataset]
+        extras = plotdata.varying_settings(r for runs in boxes for r in runs)
+        boxes.sort(key=lambda runs: (plotdata.arch_key(plotdata.arch_label(runs[0])),
+                                     _series_key(plotdata.series_label(runs[0], trainers)),
+                                     tuple(map(str, setting_of(runs[0])))))
+        parts = ax.boxplot([[r["best_test_acc"] for r in runs] for runs in boxes], patch_artist=True)
+        labels = []
+        for box, runs in zip(parts["boxes"], boxes):
+            series = plotdata.series_label(runs[0], trainers)
+            box.set_facecolor(_colour(series))
+            box.set_hatch(_hatch(series))
             box.set_alpha(0.7)
-        ax.set_xticks(range(1, len(keys) + 1), [f"{k[2]}\n{k[1]}".replace(" (", "\n(") for k in keys],
-                      fontsize="small")
+            labels.append(f"{series}\n{plotdata.arch_label(runs[0])}{plotdata.settings_label(runs[0], extras)}"
+                          .replace(" (", "\n("))
+        ax.set_xticks(range(1, len(boxes) + 1), labels, fontsize="small")
         ax.set_title(dataset)
         ax.set_ylabel("best test accuracy")
     fig.suptitle("Sensitivity to the training scheme (init x optimiser x learning rate)")

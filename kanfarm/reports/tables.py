@@ -14,6 +14,13 @@ from kanfarm.reports.efficiency import efficiency
 FINISHED = ("completed", "diverged")
 CONFIG_COLUMNS = ("run_id", "dataset", "model", "depth", "hidden_widths", "trainer", "init", "optimizer", "lr",
                   "activation", "spline_order", "grid_size", "seed", "n_params", "status")
+#: a training scheme (FACTS.md: 27 per model) and the seed: the sensitivity report's spread is over
+#: these, everything else held fixed.
+SCHEME_COLUMNS = ("init", "optimizer", "lr", "seed")
+#: the view's columns that fix the setting a scheme is tried in: runs that differ in any of them are
+#: never pooled (an ELU KAN or a degree-5 KAN is another model, not another scheme).
+SETTING_COLUMNS = ("dataset", "model", "depth", "hidden_widths", "trainer", "activation", "spline_order",
+                   "grid_size", "batch_size", "max_epochs")
 #: rows sort so that each KAN stands next to its parameter-matched MLP-Wide, then the plain MLP.
 MODEL_ORDER = {"kan": 0, "mlp_wide": 1, "mlp": 2}
 
@@ -85,19 +92,28 @@ def _quartiles(values: list[float]) -> tuple[float, float]:
     return q[0], q[2]
 
 
-def sensitivity_table(store: SummarySource, grid: str | None = None) -> list[dict[str, Any]]:
-    """Spread of best test accuracy over training schemes per dataset x model x depth x trainer.
+def setting_of(row: dict[str, Any]) -> tuple:
+    """The values of ``SETTING_COLUMNS``: runs with equal settings differ only in scheme and seed."""
+    return tuple(row.get(c) for c in SETTING_COLUMNS)
 
-    Diverged runs count towards ``divergence_rate``; their best accuracy before diverging (if any)
-    counts towards the spread like any other run's.
+
+def sensitivity_table(store: SummarySource, grid: str | None = None) -> list[dict[str, Any]]:
+    """Spread of best test accuracy over training schemes (init x optimiser x learning rate, and
+    seeds), one row per setting: dataset x model x widths x trainer x activation x spline order x
+    grid size x batch size x epochs.
+
+    Settings the view does not hold (dropout, HSIC parameters, dataset options) are not told apart:
+    pass ``grid`` to compare runs of one grid. Diverged runs count towards ``divergence_rate``; their
+    best accuracy before diverging (if any) counts towards the spread like any other run's.
     """
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in _finished(store.summary(grid)):
-        groups[(r["dataset"], r["depth"] or r["hidden_widths"], r["trainer"], r["model"])].append(r)
+        groups[setting_of(r)].append(r)
     rows = []
-    for (dataset, depth, trainer, model), runs in groups.items():
+    for key, runs in groups.items():
+        setting = dict(zip(SETTING_COLUMNS, key))
         accs = sorted(r["best_test_acc"] for r in runs if r["best_test_acc"] is not None)
-        row: dict[str, Any] = {"dataset": dataset, "depth": depth, "trainer": trainer, "model": model,
+        row: dict[str, Any] = {**setting, "depth": setting["depth"] or setting["hidden_widths"],
                                "runs": len(runs), "count": len(accs),
                                "divergence_rate": sum(r["status"] == "diverged" for r in runs) / len(runs)}
         if accs:
@@ -108,7 +124,8 @@ def sensitivity_table(store: SummarySource, grid: str | None = None) -> list[dic
         else:
             row.update(mean=None, median=None, std=None, iqr=None, min=None, max=None)
         rows.append(row)
-    rows.sort(key=lambda r: (r["dataset"], str(r["depth"]), r["trainer"], MODEL_ORDER.get(r["model"], 9)))
+    rows.sort(key=lambda r: (r["dataset"], str(r["depth"]), r["trainer"], MODEL_ORDER.get(r["model"], 9),
+                             tuple(str(r[c]) for c in SETTING_COLUMNS)))
     return rows
 
 
