@@ -143,7 +143,7 @@ def requeue(grid: Optional[str] = typer.Option(None, "--grid", help="Only runs o
         for row in store.query("SELECT id, attempts FROM runs WHERE status = 'failed' ORDER BY id"):
             if row["id"] in ids:
                 (retried if row["attempts"] < bound else exhausted).append(row["id"])
-        store.mark_queued(retried)
+        store.mark_queued(retried, fresh_attempts=False)  # the bound counts every earlier attempt
     run_ids = sorted(set(queued) | set(stale_ids) | set(retried))
     info = {"grid": grid, "queue": queue, "queued": len(queued), "stale": len(stale_ids),
             "failed_retried": len(retried), "failed_exhausted": len(exhausted),

@@ -11,10 +11,12 @@ import logging
 import os
 import socket
 import threading
+import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from kanfarm.config import ConfigError, RunConfig
 from kanfarm.data import data_dir, load_dataset
@@ -103,12 +105,26 @@ class _ClaimedRun:
         self.store, self.run, self.worker = store, run, worker
         self.shutdown, self.on_epoch = shutdown, on_epoch
         every, keep = checkpoint_settings()
+        self.beat = _Heartbeat(store, run.id, worker, lease_s)
         self.checkpoints = CheckpointManager(
             checkpoint_root() / run.config_hash, run.config_hash, min_interval_s=checkpoint_interval_s,
-            every=every, keep=keep,
-            on_save=lambda epoch, path, digest: store.record_checkpoint(run.id, epoch, str(path), digest))
-        self.beat = _Heartbeat(store, run.id, worker, lease_s)
+            every=every, keep=keep, on_save=self._record_checkpoint, allowed=self._still_held)
         self.beat.start()
+
+    def _still_held(self) -> bool:
+        """Asked before each checkpoint write: renew the lease, which fails once another worker
+        has taken the run (its checkpoint folder is then theirs)."""
+        if not self.beat.lost.is_set() and not self.store.heartbeat(self.run.id, self.worker, self.beat.lease_s):
+            log.warning("run %s: lease lost, no checkpoint written; stopping", self.run.id)
+            self.beat.lost.set()
+        return not self.beat.lost.is_set()
+
+    def _record_checkpoint(self, epoch: int, path: Path, digest: str) -> None:
+        try:
+            self.store.record_checkpoint(self.run.id, epoch, str(path), digest, worker=self.worker)
+        except LeaseLost:
+            log.warning("run %s: lease lost, checkpoint of epoch %s not recorded; stopping", self.run.id, epoch)
+            self.beat.lost.set()
 
     def sink(self, record: EpochRecord) -> None:
         """Write the row only while this worker holds the run: a worker whose lease lapsed (a long
@@ -141,6 +157,24 @@ class _ClaimedRun:
         self.store.finish(self.run.id, self.worker, "failed", error=error)
         return Outcome(self.run.id, "failed")
 
+    def abandon(self) -> None:
+        """After a database error: the run is not at fault, so hand it back to ``queued`` if the
+        database lets us (else its lease runs out); its rows and checkpoints stay for the resume."""
+        self.beat.stop()
+        try:
+            self.store.release(self.run.id, self.worker)
+        except Exception as exc:
+            log.warning("run %s: could not be released (%s); its lease will expire", self.run.id,
+                        type(exc).__name__)
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """A lost connection, a locked SQLite file, a server restart: errors of the database, not of
+    the run, which must not mark it failed (callers retry instead)."""
+    from sqlalchemy.exc import OperationalError
+
+    return isinstance(exc, OperationalError)
+
 
 def _error_text(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"[-4000:]
@@ -166,6 +200,9 @@ def execute_run(store: Store, run_id: int, worker: str, *, device: str = "cpu",
         result = train(config, _dataset(config), attached.sink, checkpoints=attached.checkpoints,
                        device=device, should_stop=attached.should_stop)
     except Exception as exc:
+        if database_unavailable(exc):
+            attached.abandon()
+            raise
         log.exception("run %s failed", run_id)
         return attached.fail(_error_text(exc))
     return attached.settle(result)
@@ -187,14 +224,24 @@ def execute_pack(store: Store, run_ids: list[int], worker: str, *, device: str =
         return outcomes + [execute_run(store, r.id, worker, device=device, lease_s=lease_s, claimed=True,
                                        shutdown=shutdown, on_epoch=on_epoch) for r in claimed]
     members = [_ClaimedRun(store, r, worker, lease_s, shutdown, on_epoch, PACK_CHECKPOINT_S) for r in claimed]
+    ended: dict[int, Outcome] = {}  # members are settled as they end, while the others train on
+
+    def on_end(member: _ClaimedRun) -> Callable[[RunResult], None]:
+        return lambda result: ended.__setitem__(member.run.id, member.settle(result))
+
     try:
-        results = train_pack([Member(m.run.config, m.sink, m.checkpoints, m.should_stop) for m in members],
-                             _dataset(claimed[0].config), device=device)
+        train_pack([Member(m.run.config, m.sink, m.checkpoints, m.should_stop, on_end(m)) for m in members],
+                   _dataset(claimed[0].config), device=device)
     except Exception as exc:
-        log.exception("pack %s failed", [r.id for r in claimed])
+        open_members = [m for m in members if m.run.id not in ended]
+        if database_unavailable(exc):
+            for m in open_members:
+                m.abandon()
+            raise
+        log.exception("pack %s failed", [m.run.id for m in open_members])
         error = _error_text(exc)
-        return outcomes + [m.fail(error) for m in members]
-    return outcomes + [m.settle(result) for m, result in zip(members, results)]
+        ended.update((m.run.id, m.fail(error)) for m in open_members)
+    return outcomes + [ended[m.run.id] for m in members]
 
 
 def fitting_pack_size(config: RunConfig, device: str) -> int:
@@ -210,6 +257,29 @@ def _pack_size(pack_size: int | str, config: RunConfig, device: str) -> int:
     return fitting_pack_size(config, device) if pack_size == "auto" else int(pack_size)
 
 
+class _DatabaseRetries:
+    """A work loop rides out brief database errors: the run was handed back (``abandon``) and is
+    claimed again after a pause; ``limit`` errors in a row end the loop with the last one."""
+
+    def __init__(self, limit: int = 5, pause_s: float = 1.0):
+        self.limit, self.pause_s, self.in_a_row = limit, pause_s, 0
+
+    @contextmanager
+    def database_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except Exception as exc:
+            if not database_unavailable(exc):
+                raise
+            self.in_a_row += 1
+            if self.in_a_row >= self.limit:
+                raise
+            log.warning("database unavailable (%s); retrying in %.0f s", type(exc).__name__, self.pause_s)
+            time.sleep(self.pause_s * self.in_a_row)
+        else:
+            self.in_a_row = 0
+
+
 def work_loop(store: Store, worker: str, *, grid: str | None = None, device: str = "cpu",
               lease_s: float = DEFAULT_LEASE_S, shutdown: threading.Event | None = None,
               max_attempts: int | None = None,
@@ -219,6 +289,7 @@ def work_loop(store: Store, worker: str, *, grid: str | None = None, device: str
     ``"auto"``): runs that can share a pack are trained together, up to that many at once."""
     checkpoint_settings()
     outcomes = []
+    retried = _DatabaseRetries()
     while pack_size != 1 and (shutdown is None or not shutdown.is_set()):
         from kanfarm.packing import plan_packs
 
@@ -226,12 +297,14 @@ def work_loop(store: Store, worker: str, *, grid: str | None = None, device: str
         if not waiting:
             return outcomes
         pack = plan_packs(waiting, _pack_size(pack_size, waiting[0][1], device))[0]
-        outcomes += execute_pack(store, pack, worker, device=device, lease_s=lease_s, shutdown=shutdown,
-                                 max_attempts=max_attempts, on_epoch=on_epoch)
+        with retried.database_errors():
+            outcomes += execute_pack(store, pack, worker, device=device, lease_s=lease_s, shutdown=shutdown,
+                                     max_attempts=max_attempts, on_epoch=on_epoch)
     while shutdown is None or not shutdown.is_set():
         run = store.claim_next(worker, lease_s, grid=grid, max_attempts=max_attempts)
         if run is None:
             break
-        outcomes.append(execute_run(store, run.id, worker, device=device, lease_s=lease_s, claimed=True,
-                                    shutdown=shutdown, on_epoch=on_epoch))
+        with retried.database_errors():
+            outcomes.append(execute_run(store, run.id, worker, device=device, lease_s=lease_s, claimed=True,
+                                        shutdown=shutdown, on_epoch=on_epoch))
     return outcomes

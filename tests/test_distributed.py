@@ -108,6 +108,32 @@ def test_pack_task_claims_no_further_chunk_after_warm_shutdown(sqlite_store, mon
     assert published == [([ids[1:]], "cpu")]  # released and unclaimed runs keep a message
 
 
+def test_a_run_this_worker_could_not_hand_back_is_retried_after_its_lease(sqlite_store, monkeypatch):
+    """A database error left the run ``running`` under this process's name (the release failed
+    too): the task's retry must not ack the message while that lease is live, or the run would sit
+    in ``running`` with no message; a run held by another worker is that worker's business."""
+    from celery.exceptions import Retry
+
+    from kanfarm.grids import parse_spec
+    from kanfarm.runner import worker_name
+    from kanfarm.submission import submit
+    from workers import tasks
+
+    submit(sqlite_store, parse_spec(spec("held", lrs=(0.01, 0.005), epochs=2)))
+    mine, theirs = sqlite_store.run_ids("held")
+    monkeypatch.setattr(tasks, "store", lambda: sqlite_store)
+    monkeypatch.setenv(tasks.LEASE_ENV, "600")
+    sqlite_store.claim(mine, worker_name(":celery"), 600)
+    sqlite_store.claim(theirs, "other-host:1:celery", 600)
+    with pytest.raises(Retry):
+        tasks.execute_run_task.run(mine)
+    with pytest.raises(Retry):
+        tasks.execute_pack_task.run([theirs, mine])
+    assert tasks.execute_run_task.run(theirs) == "not-claimed"
+    assert tasks.execute_pack_task.run([theirs]) == "done"
+    assert [sqlite_store.run(i).status for i in (mine, theirs)] == ["running", "running"]
+
+
 @pytest.mark.parametrize("fit,expected", [(True, [2, 2, 1]), (False, [5])])
 def test_cpu_worker_splits_only_packs_published_to_fit(sqlite_store, monkeypatch, fit, expected):
     """``--pack-size auto`` publishes the largest packs for workers to split: a CPU worker splits
@@ -648,6 +674,7 @@ def test_requeue_failed_respects_attempts(env, store, fleet):
     out = cli(env, "requeue", "--grid", "failed", "--failed", "--json")
     assert (out["failed_retried"], out["failed_exhausted"], out["published"]) == (1, 1, 1)
     wait_for(lambda: store.run(retry).status == "completed", WAIT_S, "the retried run", fleet)
+    assert store.run(retry).attempts == 2  # the failed attempt still counts towards the bound
     run = store.run(spent)
     assert (run.status, run.attempts, run.error) == ("failed", 3, "out of memory")
 

@@ -29,3 +29,78 @@ def test_worker_whose_run_was_taken_over_writes_no_more_rows(sqlite_store, tmp_p
     assert [row["epoch"] for row in store.epoch_metrics(run_id)] == [0, 1]
     run = store.run(run_id)
     assert (run.status, run.worker, run.attempts) == ("running", "w2", 2)  # w1 left w2's claim alone
+    # nor did it write a checkpoint after losing the run: the folder is w2's now
+    assert [c.epoch for c in store.checkpoints(run_id)] == [0]
+    assert sorted(p.name for p in (tmp_path / "ckpt" / run.config_hash).glob("*.pt")) == ["epoch-000000.pt"]
+
+
+def _grid(store, configs):
+    store.submit_grid("g", {}, [(c, 1000, None) for c in configs])
+    return store.run_ids()
+
+
+def test_a_pack_that_crashes_keeps_the_results_of_members_that_had_ended(sqlite_store, tmp_path, monkeypatch):
+    """A member that diverged at epoch 1 stays diverged when another member's crash at epoch 2
+    fails the pack; only the members still training are marked failed."""
+    from kanfarm.runner import execute_pack
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    store = sqlite_store
+    base = dict(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=4, optimizer="sgd")
+    blows_up, crashes, healthy = _grid(store, [RunConfig(lr=lr, **base) for lr in (1e30, 0.01, 0.02)])
+
+    def crash_at_epoch_2(rid, record):
+        if rid == crashes and record.epoch == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+    outcomes = {o.run_id: o.status for o in execute_pack(store, [blows_up, crashes, healthy], "w1",
+                                                           on_epoch=crash_at_epoch_2)}
+    assert outcomes == {blows_up: "diverged", crashes: "failed", healthy: "failed"}
+    assert store.run(blows_up).status == "diverged" and store.run(blows_up).error is None
+    assert "out of memory" in store.run(healthy).error
+
+
+def _failing_once(store, monkeypatch, epoch: int):
+    """store.write_epoch raises a database error the first time it is asked for ``epoch``."""
+    from sqlalchemy.exc import OperationalError
+
+    write, failed = store.write_epoch, []
+
+    def flaky(run_id, record, worker=None):
+        if record.epoch == epoch and not failed:
+            failed.append(run_id)
+            raise OperationalError("INSERT ...", {}, Exception("server closed the connection unexpectedly"))
+        return write(run_id, record, worker=worker)
+
+    monkeypatch.setattr(store, "write_epoch", flaky)
+    return failed
+
+
+def test_a_database_error_hands_the_run_back_instead_of_failing_it(sqlite_store, tmp_path, monkeypatch):
+    import pytest
+    from sqlalchemy.exc import OperationalError
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    store = sqlite_store
+    (run_id,) = _grid(store, [RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=3)])
+    _failing_once(store, monkeypatch, epoch=2)
+    with pytest.raises(OperationalError):  # the Celery task retries on this
+        execute_run(store, run_id, "w1")
+    run = store.run(run_id)
+    assert (run.status, run.error, run.lease_expires_at) == ("queued", None, None)
+    assert execute_run(store, run_id, "w2").status == "completed"  # resumes from epoch 1's checkpoint
+    assert [r["epoch"] for r in store.epoch_metrics(run_id)] == [0, 1, 2, 3]
+
+
+def test_the_local_work_loop_rides_out_a_database_error(sqlite_store, tmp_path, monkeypatch):
+    from kanfarm.runner import work_loop
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    store = sqlite_store
+    base = dict(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=2)
+    ids = _grid(store, [RunConfig(lr=lr, **base) for lr in (0.01, 0.02)])
+    failed = _failing_once(store, monkeypatch, epoch=1)
+    outcomes = work_loop(store, "w1", grid="g", pack_size=2)
+    assert failed and sorted(o.status for o in outcomes) == ["completed", "completed"]
+    assert all(store.run(i).status == "completed" for i in ids)
+    assert all([r["epoch"] for r in store.epoch_metrics(i)] == [0, 1, 2] for i in ids)

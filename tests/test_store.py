@@ -157,6 +157,48 @@ def test_release_requeues_and_max_attempts_fails_the_run(store):
     assert store.claim(run_id, "w4", 60, max_attempts=2).attempts == 1
 
 
+def test_requeue_can_keep_the_attempt_count(store):
+    store.submit_grid("g", {}, cells(2))
+    kept, fresh = store.run_ids()
+    for run_id in (kept, fresh):
+        store.claim(run_id, "w1", 60)
+        store.finish(run_id, "w1", "failed", error="boom")
+    assert store.mark_queued([kept], fresh_attempts=False) == 1 and store.mark_queued([fresh]) == 1
+    assert (store.run(kept).attempts, store.run(fresh).attempts) == (1, 0)
+    assert store.claim(kept, "w2", 60, max_attempts=2).attempts == 2
+    store.finish(kept, "w2", "failed")
+    store.mark_queued([kept], fresh_attempts=False)
+    assert store.claim(kept, "w3", 60, max_attempts=2) is None and store.run(kept).status == "failed"
+
+
+def test_a_claim_waits_for_the_holders_write_in_flight(store):
+    """The holder check of a write locks the run until the write commits: a claim by another
+    worker (the lease has lapsed) waits, so no row lands for a worker that no longer holds it."""
+    store.submit_grid("g", {}, cells(1))
+    run_id = store.run_ids()[0]
+    store.claim(run_id, "w1", -1)  # w1's lease has lapsed: the run is claimable
+    checked, claims = threading.Event(), []
+
+    def claim_during_the_write():
+        checked.wait(10)
+        claims.append(store.claim(run_id, "w2", 60))
+
+    thief = threading.Thread(target=claim_during_the_write)
+    thief.start()
+    with store._write() as conn:  # what write_epoch(worker="w1") does, held open in the middle
+        store._require_holder(conn, run_id, "w1")
+        checked.set()
+        thief.join(1.0)
+        assert thief.is_alive(), "the claim went through between w1's check and its write"
+    thief.join(30)
+    assert claims[0].worker == "w2"
+    with pytest.raises(LeaseLost):
+        store.write_epoch(run_id, record(0, 0.1, 0.1), worker="w1")
+    with pytest.raises(LeaseLost):
+        store.record_checkpoint(run_id, 0, "/ck/0.pt", "a" * 64, worker="w1")
+    assert store.checkpoints(run_id) == [] and store.epoch_metrics(run_id) == []
+
+
 def test_claim_next_takes_lowest_id_of_the_grid(store):
     store.submit_grid("a", {}, cells(2))
     store.submit_grid("b", {}, cells(2, dataset="digits", intrinsic_dim=None))
@@ -223,6 +265,13 @@ def test_query_is_parameterised_and_read_only(store):
         store.query("DELETE FROM runs")
     assert len(store.run_ids()) == 3
     store.write_epoch(store.run_ids()[0], record(0, 0.1, 0.1))  # the connection is writable again
+    # a second statement could turn the transaction back to read-write (PostgreSQL runs them all)
+    for sql in ("SET TRANSACTION READ WRITE; DELETE FROM grid_runs; COMMIT; SELECT 1 AS x",
+                "SELECT 1 AS x; DELETE FROM runs", "SELECT ';' AS x; DELETE FROM runs -- ;"):
+        with pytest.raises(ValueError, match="one SQL statement"):
+            store.query(sql)
+    assert len(store.run_ids("g")) == 3
+    assert store.query("SELECT ';' AS x, 1 AS \"a;b\" /* ; */ ; -- ;") == [{"x": ";", "a;b": 1}]
 
 
 # -- run_summary --------------------------------------------------------------------------------

@@ -127,6 +127,16 @@ def publish_packs(packs: Iterable[list[int]], queue: str = DEFAULT_QUEUE, celery
     return count
 
 
+def _held_here(run_ids: list[int]) -> bool:
+    """Whether one of ``run_ids`` is still ``running`` under this process's name: a database error
+    kept an earlier try of this task from handing it back. Its lease runs out, and a retry after
+    one lease claims it again (a claim now would be refused while the lease is live)."""
+    from kanfarm.runner import worker_name
+
+    me = worker_name(":celery")
+    return any(row.status == "running" and row.worker == me for row in map(store().run, run_ids))
+
+
 @app.task(name=PACK_TASK_NAME, bind=True, ignore_result=True, acks_late=True, max_retries=5)
 def execute_pack_task(self, run_ids: list[int], fit: bool = False) -> str:
     """Claim the claimable runs of ``run_ids`` and train them as packs sized for this worker's
@@ -142,6 +152,7 @@ def execute_pack_task(self, run_ids: list[int], fit: bool = False) -> str:
     if SHUTDOWN.is_set():
         self.retry(countdown=0, max_retries=None)
     released: list[int] = []
+    skipped: list[int] = []
     try:
         config = store().run(run_ids[0]).config
         size = len(run_ids)  # as enqueued; on a GPU at most what fits in its free memory
@@ -154,6 +165,9 @@ def execute_pack_task(self, run_ids: list[int], fit: bool = False) -> str:
             outcomes = execute_pack(store(), run_ids[start:start + size], worker_name(":celery"), device=device(),
                                     lease_s=lease_seconds(), shutdown=SHUTDOWN, max_attempts=max_attempts())
             released += [o.run_id for o in outcomes if o.status == "released"]
+            skipped += [o.run_id for o in outcomes if o.status == "not-claimed"]
+        if skipped and _held_here(skipped):
+            raise self.retry(countdown=lease_seconds())
     except OperationalError as exc:  # database unreachable: claimed runs come back when their leases end
         log.warning("pack %s: database unavailable (%s); retrying", run_ids, type(exc).__name__)
         raise self.retry(countdown=min(30 * 2 ** self.request.retries, 600), exc=exc)
@@ -179,7 +193,9 @@ def execute_run_task(self, run_id: int) -> str:
     try:
         outcome = execute_run(store(), run_id, worker_name(":celery"), device=device(),
                               lease_s=lease_seconds(), shutdown=SHUTDOWN, max_attempts=max_attempts())
-    except OperationalError as exc:  # database unreachable: the run is untouched, try later
+        if outcome.status == "not-claimed" and _held_here([run_id]):
+            raise self.retry(countdown=lease_seconds())
+    except OperationalError as exc:  # database unreachable: the run was handed back if it could be
         log.warning("run %s: database unavailable (%s); retrying", run_id, type(exc).__name__)
         raise self.retry(countdown=min(30 * 2 ** self.request.retries, 600), exc=exc)
     if outcome.status == "released":

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,12 +34,14 @@ from kanfarm.training.records import EpochRecord, RunResult, ShouldStop, Sink
 
 @dataclass
 class Member:
-    """One run of a pack: its config, where its records go, its checkpoints, when it must stop."""
+    """One run of a pack: its config, where its records go, its checkpoints, when it must stop,
+    and ``on_end``, told the member's result as soon as it ends (the pack trains on)."""
 
     config: RunConfig
     sink: Sink
     checkpoints: CheckpointManager | None = None
     should_stop: ShouldStop | None = None
+    on_end: Callable[[RunResult], None] | None = None
 
 
 @dataclass
@@ -91,6 +93,8 @@ def _train_pack(members: list[Member], configs: list[RunConfig], data: Dataset,
         group = sorted(by_epoch[start], key=lambda s: (_ORDER.index(s.config.optimizer), s.config.activation, s.index))
         for slot, result in _train_group(group, data, device, start):
             results[slot.index] = result
+            if slot.member.on_end is not None:
+                slot.member.on_end(result)
     return results  # type: ignore[return-value]
 
 

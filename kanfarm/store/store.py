@@ -15,6 +15,7 @@ and use leases much longer than the skew.
 from __future__ import annotations
 
 import json
+import re
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Iterable, Iterator, Sequence
@@ -184,18 +185,20 @@ class Store:
         with self._read() as conn:
             return list(conn.scalars(query))
 
-    def mark_queued(self, run_ids: Iterable[int]) -> int:
-        """pending, failed and cancelled runs -> queued (failed/cancelled get a fresh attempt
-        budget); other states are left alone. Returns how many runs changed."""
+    def mark_queued(self, run_ids: Iterable[int], fresh_attempts: bool = True) -> int:
+        """pending, failed and cancelled runs -> queued; other states are left alone. Failed and
+        cancelled runs get a fresh attempt budget unless ``fresh_attempts`` is False (a retry
+        bounded by attempts must count the earlier ones). Returns how many runs changed."""
         changed = 0
         ids = list(run_ids)
+        attempts = (sa.case((runs.c.status == "pending", runs.c.attempts), else_=0) if fresh_attempts
+                    else runs.c.attempts)
         with self._write() as conn:
             for chunk in _chunks(ids):
                 changed += conn.execute(
                     sa.update(runs)
                     .where(runs.c.id.in_(chunk), runs.c.status.in_(("pending", "failed", "cancelled")))
-                    .values(status="queued", lease_expires_at=None, finished_at=None,
-                            attempts=sa.case((runs.c.status == "pending", runs.c.attempts), else_=0))
+                    .values(status="queued", lease_expires_at=None, finished_at=None, attempts=attempts)
                 ).rowcount
         return changed
 
@@ -351,8 +354,11 @@ class Store:
 
     @staticmethod
     def _require_holder(conn: Connection, run_id: int, worker: str) -> None:
+        """Raise LeaseLost unless ``worker`` holds the run. The row stays locked until the caller's
+        write commits (FOR UPDATE on PostgreSQL; SQLite's write transactions are serial), so a claim
+        by another worker cannot slip in between this check and the write."""
         row = conn.execute(sa.select(runs.c.status, runs.c.worker)
-                           .where(runs.c.id == run_id)).one_or_none()
+                           .where(runs.c.id == run_id).with_for_update()).one_or_none()
         if row is None:
             raise RunNotFound(f"no run with id {run_id}")
         if row.status != "running" or row.worker != worker:
@@ -367,14 +373,18 @@ class Store:
         with self._read() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
 
-    def record_checkpoint(self, run_id: int, epoch: int, path: str, sha256: str) -> None:
-        """Note a checkpoint file; a second one for the same (run, epoch) replaces the first."""
+    def record_checkpoint(self, run_id: int, epoch: int, path: str, sha256: str,
+                          worker: str | None = None) -> None:
+        """Note a checkpoint file; a second one for the same (run, epoch) replaces the first.
+        With ``worker``, raise :class:`LeaseLost` unless that worker holds the run."""
         stmt = self._insert(checkpoints).values(run_id=run_id, epoch=epoch, path=str(path),
                                                 sha256=sha256, created_at=_at(utcnow()))
         stmt = stmt.on_conflict_do_update(
             index_elements=["run_id", "epoch"],
             set_={name: stmt.excluded[name] for name in ("path", "sha256", "created_at")})
         with self._write() as conn:
+            if worker is not None:
+                self._require_holder(conn, run_id, worker)
             conn.execute(stmt)
 
     def checkpoints(self, run_id: int) -> list[CheckpointRow]:
@@ -393,7 +403,10 @@ class Store:
             return [dict(row._mapping) for row in conn.execute(query)]
 
     def query(self, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        """Run a read-only parameterised SQL query (``:name`` placeholders); writes are refused."""
+        """Run one read-only parameterised SQL statement (``:name`` placeholders); writes, and a
+        second statement after a ``;`` (which could switch the transaction back to writing), are
+        refused."""
+        _refuse_several_statements(sql)
         postgres = self.engine.dialect.name == "postgresql"
         with self._read() as conn:
             conn.exec_driver_sql("SET TRANSACTION READ ONLY" if postgres else "PRAGMA query_only = ON")
@@ -402,6 +415,16 @@ class Store:
             finally:
                 if not postgres:
                     conn.exec_driver_sql("PRAGMA query_only = OFF")
+
+
+#: what may hold a ``;`` that does not end a statement: quoted strings and identifiers,
+#: PostgreSQL dollar quotes, comments.
+_QUOTED = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\$(\w*)\$.*?\$\1\$|--[^\n]*|/\*.*?\*/", re.DOTALL)
+
+
+def _refuse_several_statements(sql: str) -> None:
+    if ";" in _QUOTED.sub(" ", sql).strip().rstrip(";"):
+        raise ValueError("query takes one SQL statement; remove the ';' between statements")
 
 
 def _grid_run_ids(grid: str) -> sa.Select:

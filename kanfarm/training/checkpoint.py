@@ -41,12 +41,15 @@ class CheckpointManager:
 
     ``every``: save after every N-th epoch (the final epoch is always saved); ``min_interval_s``:
     additionally skip saves closer together than this (0 = no time limit); ``on_save`` is told
-    (epoch, path, sha256) after each save, e.g. to record it in the store.
+    (epoch, path, sha256) after each save, e.g. to record it in the store; ``allowed``, when given,
+    is asked before each save, and a save it refuses writes nothing (a worker that lost its run
+    must not write into the directory of the worker that took it over).
     """
 
     def __init__(self, directory: str | os.PathLike, config_hash: str, keep: int = 2, every: int = 1,
                  min_interval_s: float = 0.0,
-                 on_save: Callable[[int, Path, str], None] | None = None):
+                 on_save: Callable[[int, Path, str], None] | None = None,
+                 allowed: Callable[[], bool] | None = None):
         if keep < 1 or every < 1:
             raise ValueError("keep and every must be at least 1")
         self.directory = Path(directory)
@@ -55,6 +58,7 @@ class CheckpointManager:
         self.every = every
         self.min_interval_s = min_interval_s
         self.on_save = on_save
+        self.allowed = allowed
         self._last_save = 0.0
 
     def paths(self) -> list[tuple[int, Path]]:
@@ -71,7 +75,11 @@ class CheckpointManager:
             return False
         return time.monotonic() - self._last_save >= self.min_interval_s
 
-    def save(self, epoch: int, state: dict[str, Any]) -> Path:
+    def save(self, epoch: int, state: dict[str, Any]) -> Path | None:
+        """Write the checkpoint of ``epoch``; None (nothing written) when ``allowed`` refuses."""
+        if self.allowed is not None and not self.allowed():
+            log.warning("checkpoint of epoch %s not written: no longer allowed", epoch)
+            return None
         self.directory.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         torch.save({"epoch": epoch, "config_hash": self.config_hash, "state": state}, buffer)
