@@ -85,10 +85,10 @@ def resume(d: Dataset) -> None:
     train(config, d, whole.append, device=DEVICE)
     with tempfile.TemporaryDirectory() as folder:
         first: list = []
-        ckpt = CheckpointManager(folder, "run")
+        ckpt = CheckpointManager(folder, config.config_hash())
         train(config, d, first.append, device=DEVICE, checkpoints=ckpt, should_stop=lambda: len(first) >= 2)
         rest: list = []
-        train(config, d, rest.append, device=DEVICE, checkpoints=CheckpointManager(folder, "run"))
+        train(config, d, rest.append, device=DEVICE, checkpoints=CheckpointManager(folder, config.config_hash()))
     report("resume on CUDA (KAN, rows after the checkpoint vs uninterrupted)",
            max_diff(rest, whole[-len(rest):]), 1e-6)
     base = RunConfig(dataset="mnist", model="mlp", depth="medium", batch_size=256, max_epochs=3, seed=3, dropout=0.2)

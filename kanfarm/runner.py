@@ -108,8 +108,16 @@ class _ClaimedRun:
         self.beat = _Heartbeat(store, run.id, worker, lease_s)
         self.checkpoints = CheckpointManager(
             checkpoint_root() / run.config_hash, run.config_hash, min_interval_s=checkpoint_interval_s,
-            every=every, keep=keep, on_save=self._record_checkpoint, allowed=self._still_held)
+            every=every, keep=keep, on_save=self._record_checkpoint, allowed=self._still_held,
+            usable=self._rows_written_up_to)
         self.beat.start()
+
+    def _rows_written_up_to(self, epoch: int) -> bool:
+        """A checkpoint resumes only if the store holds the run's epoch rows 0..epoch: checkpoint
+        folders are named by config, so a new database (or another study sharing the folder) finds
+        checkpoints whose rows it never got, and resuming would skip writing them."""
+        written = {row["epoch"] for row in self.store.epoch_metrics(self.run.id)}
+        return written >= set(range(epoch + 1))
 
     def _still_held(self) -> bool:
         """Asked before each checkpoint write: renew the lease, which fails once another worker

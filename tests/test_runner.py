@@ -104,3 +104,24 @@ def test_the_local_work_loop_rides_out_a_database_error(sqlite_store, tmp_path, 
     assert failed and sorted(o.status for o in outcomes) == ["completed", "completed"]
     assert all(store.run(i).status == "completed" for i in ids)
     assert all([r["epoch"] for r in store.epoch_metrics(i)] == [0, 1, 2] for i in ids)
+
+
+def test_a_new_database_beside_an_old_checkpoint_folder_trains_the_run_again(sqlite_store, tmp_path, monkeypatch):
+    """Checkpoint folders are named by config: a second database (or study) with the same cell
+    finds the first one's checkpoints, and must not resume past rows it never got."""
+    from kanfarm.store import Store
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    config = RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=2)
+    (first,) = _grid(sqlite_store, [config])
+    assert execute_run(sqlite_store, first, "w1").status == "completed"
+    second = Store(f"sqlite:///{tmp_path / 'second.db'}")
+    second.upgrade()
+    try:
+        (run_id,) = _grid(second, [config])
+        assert execute_run(second, run_id, "w1").status == "completed"
+        assert [r["epoch"] for r in second.epoch_metrics(run_id)] == [0, 1, 2]
+        strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "run_id")} for r in rows]
+        assert strip(second.epoch_metrics(run_id)) == strip(sqlite_store.epoch_metrics(first))
+    finally:
+        second.dispose(close=True)

@@ -118,6 +118,26 @@ def test_foreign_or_missing_checkpoints_start_fresh(digits, tmp_path, caplog):
     assert "another config" in caplog.text
 
 
+def test_checkpoints_of_another_config_are_refused(digits, tmp_path):
+    config = RunConfig(dataset="digits", model="mlp", depth="shallow", lr=0.01, batch_size=128, max_epochs=1)
+    other = RunConfig(dataset="digits", model="mlp", depth="shallow", lr=0.02, batch_size=128, max_epochs=1)
+    with pytest.raises(ValueError, match="cannot resume"):
+        run(config, digits, checkpoints=CheckpointManager(tmp_path, other.config_hash()))
+
+
+def test_a_save_removes_checkpoints_of_a_history_not_resumed(tmp_path):
+    """Newer files that were not resumed from (corrupt, or refused by ``usable``) would otherwise
+    count towards ``keep`` and push out the checkpoint just written."""
+    ckpt = CheckpointManager(tmp_path, "h", keep=2, usable=lambda epoch: epoch < 5)
+    for epoch in (5, 6):
+        ckpt.save(epoch, {"w": torch.full((2,), float(epoch))})
+    assert ckpt.load_latest() is None  # both refused: a fresh start
+    ckpt.save(0, {"w": torch.zeros(2)})
+    ckpt.save(1, {"w": torch.ones(2)})
+    assert [e for e, _ in ckpt.paths()] == [1, 0]
+    assert ckpt.load_latest()[0] == 1
+
+
 def test_checkpoints_keep_last_n_and_verify_digest(tmp_path):
     ckpt = CheckpointManager(tmp_path, "h", keep=2)
     for epoch in range(4):

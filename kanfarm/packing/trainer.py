@@ -178,7 +178,10 @@ def _make_slot(index: int, member: Member, config: RunConfig, data: Dataset, dev
     else:  # the solo run's dropout draws from the CUDA generator seeded by manual_seed(seed)
         generator.manual_seed(config.seed)
     slot = _Slot(index, member, config, model.to(device), count_params(model), state, generator)
-    resumed = member.checkpoints.load_latest(map_location=device) if member.checkpoints is not None else None
+    resumed = None
+    if member.checkpoints is not None:
+        member.checkpoints.check_owner(config.config_hash())
+        resumed = member.checkpoints.load_latest(map_location=device)
     if resumed is not None:
         slot.epoch, saved = resumed
         model.load_state_dict(saved["model"])

@@ -43,13 +43,16 @@ class CheckpointManager:
     additionally skip saves closer together than this (0 = no time limit); ``on_save`` is told
     (epoch, path, sha256) after each save, e.g. to record it in the store; ``allowed``, when given,
     is asked before each save, and a save it refuses writes nothing (a worker that lost its run
-    must not write into the directory of the worker that took it over).
+    must not write into the directory of the worker that took it over); ``usable``, when given, is
+    asked for each checkpoint's epoch on load, and one it refuses is skipped (the store may hold
+    no rows up to that epoch: a new database beside an old checkpoint folder).
     """
 
     def __init__(self, directory: str | os.PathLike, config_hash: str, keep: int = 2, every: int = 1,
                  min_interval_s: float = 0.0,
                  on_save: Callable[[int, Path, str], None] | None = None,
-                 allowed: Callable[[], bool] | None = None):
+                 allowed: Callable[[], bool] | None = None,
+                 usable: Callable[[int], bool] | None = None):
         if keep < 1 or every < 1:
             raise ValueError("keep and every must be at least 1")
         self.directory = Path(directory)
@@ -59,7 +62,14 @@ class CheckpointManager:
         self.min_interval_s = min_interval_s
         self.on_save = on_save
         self.allowed = allowed
+        self.usable = usable
         self._last_save = 0.0
+
+    def check_owner(self, config_hash: str) -> None:
+        """Refuse to train a config with another config's checkpoints: a resume would carry on
+        that run's weights and optimiser under this run's name."""
+        if config_hash != self.config_hash:
+            raise ValueError(f"checkpoints for config {self.config_hash[:12]} cannot resume config {config_hash[:12]}")
 
     def paths(self) -> list[tuple[int, Path]]:
         """Existing checkpoints, newest first."""
@@ -89,13 +99,17 @@ class CheckpointManager:
         _atomic_write(path, payload)
         _atomic_write(path.with_name(path.name + ".sha256"), digest.encode())
         self._last_save = time.monotonic()
-        self._prune()
+        self._prune(epoch)
         if self.on_save is not None:
             self.on_save(epoch, path, digest)
         return path
 
-    def _prune(self) -> None:
-        for _, path in self.paths()[self.keep:]:
+    def _prune(self, saved: int) -> None:
+        """Keep the newest ``keep`` checkpoints up to the one just ``saved``; any later one is from a
+        training history this run did not resume (unusable, or refused by ``usable``)."""
+        found = self.paths()
+        later = [path for epoch, path in found if epoch > saved]
+        for path in later + [path for epoch, path in found if epoch <= saved][self.keep:]:
             for p in (path, path.with_name(path.name + ".sha256")):
                 p.unlink(missing_ok=True)
 
@@ -106,6 +120,9 @@ class CheckpointManager:
         one is tried.
         """
         for epoch, path in self.paths():
+            if self.usable is not None and not self.usable(epoch):
+                log.warning("checkpoint %s skipped: the store does not hold the epochs up to it", path)
+                continue
             try:
                 payload = path.read_bytes()
                 expected = path.with_name(path.name + ".sha256").read_text().strip()

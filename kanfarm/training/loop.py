@@ -101,7 +101,10 @@ def _fit(config: RunConfig, data: Dataset, sink: Sink, method: Method, checkpoin
                 "rng": rng.capture(order),
                 "progress": {"best_acc": best_acc, "best_epoch": best_epoch}}
 
-    resumed = checkpoints.load_latest(map_location=device) if checkpoints is not None else None
+    resumed = None
+    if checkpoints is not None:
+        checkpoints.check_owner(config.config_hash())
+        resumed = checkpoints.load_latest(map_location=device)
     if resumed is not None:
         epoch, saved = resumed
         model.load_state_dict(saved["model"])
