@@ -86,6 +86,9 @@ class RunConfig:
     hsic_format_epochs: int | None = None
     #: ``MATMUL_PRECISIONS``; hashed only when not "float32", so existing runs keep their ids.
     matmul_precision: str = "float32"
+    #: batch normalisation after each hidden layer (the study used it on CIFAR-10, FACTS.md);
+    #: hashed only when true.
+    batch_norm: bool = False
     #: options of the dataset's loader (imdb ``vocab_size``, higgs ``n_train``/``n_test``); only
     #: non-default ones are kept, and the hash covers the field only when it is non-empty.
     dataset_options: dict[str, int] = field(default_factory=dict, hash=False, compare=True)
@@ -117,6 +120,8 @@ class RunConfig:
             raise ConfigError("seed", f"{self.seed!r} must be a non-negative integer")
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
             raise ConfigError("patience", f"{self.patience!r} must be a positive integer or unset")
+        if not isinstance(self.batch_norm, bool):
+            raise ConfigError("batch_norm", f"{self.batch_norm!r} must be true or false")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ConfigError("dropout", f"{self.dropout!r} must lie in [0, 1)")
         if self.wide_multiplier is not None and not float(self.wide_multiplier) > 0:
@@ -175,13 +180,15 @@ class RunConfig:
     def config_hash(self) -> str:
         """sha256 over the normalised config as canonical JSON: the run's identity.
 
-        ``dataset_options`` enters only when it holds a non-default option, and ``matmul_precision``
-        only when it is not "float32", so runs that use the defaults keep the hash they had before
-        these fields existed."""
+        ``dataset_options`` enters only when it holds a non-default option, ``matmul_precision``
+        only when it is not "float32" and ``batch_norm`` only when true, so runs that use the
+        defaults keep the hash they had before these fields existed."""
         data = self.normalised().to_dict()
         if not data["dataset_options"]:
             del data["dataset_options"]
         if data["matmul_precision"] == "float32":
             del data["matmul_precision"]
+        if not data["batch_norm"]:
+            del data["batch_norm"]
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()

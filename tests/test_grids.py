@@ -68,6 +68,24 @@ def test_paper_grid_matches_study(dataset):
         assert sum(c.model == model for c in cells) == 81  # 3 depths x 27 schemes
 
 
+def test_batch_norm_on_cifar10_only_as_in_the_study():
+    """FACTS.md: batch norm was used on CIFAR-10."""
+    assert {c.batch_norm for c in load_spec("paper-cifar10").expand()} == {True}
+    for name in ("paper-mnist", "paper-fashion-mnist", "paper-imdb", "paper-higgs", "paper-hsic-mnist"):
+        assert {c.batch_norm for c in load_spec(name).expand()} == {False}
+    assert {(c.dataset, c.batch_norm) for c in load_spec("paper-activations").expand()} == {
+        (d, d == "cifar10") for d in PAPER_BATCH}
+
+
+@pytest.mark.parametrize("value,field", [("yes", "batch_norm"), (1, "batch_norm"),
+                                         ({"cifar10": "on"}, "batch_norm.cifar10"),
+                                         ({"cifar": True}, "batch_norm.cifar")])
+def test_bad_batch_norm_names_the_field(value, field):
+    with pytest.raises(ConfigError) as err:
+        parse_spec({**BASE, "batch_norm": value})
+    assert err.value.field == field
+
+
 def test_paper_intrinsic_dims():
     assert load_spec("paper-mnist").intrinsic_dim("mnist") == 750
     assert load_spec("paper-cifar10").intrinsic_dim("cifar10") == 9000

@@ -1,6 +1,8 @@
 """KANLinear layout and formula, networks, MLP-Wide matching, parameter counts and inits."""
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import pytest
@@ -13,6 +15,7 @@ from kanfarm.models import (KANLinear, build_model, count_params, cox_de_boor_ba
                             param_count)
 from kanfarm.models.activations import Cos
 from kanfarm.models.presets import DEPTH_WIDTHS
+from kanfarm.models.widths import kan_params, mlp_params
 
 FEATURES = {"digits": 64, "mnist": 784, "fashion-mnist": 784, "imdb": 100, "cifar10": 3072, "higgs": 28}
 
@@ -138,6 +141,32 @@ def test_blocks_produce_unactivated_logits(model):
     logits = net(x)
     torch.testing.assert_close(logits, h)
     assert (logits < 0).any() and (logits > 0).any()
+
+
+@pytest.mark.parametrize("model", ["kan", "mlp", "mlp_wide"])
+def test_batch_norm_follows_each_hidden_layer_and_is_counted(model):
+    """FACTS.md: batch norm on CIFAR-10. After every hidden layer (before the MLP's activation),
+    never after the output; its scale and shift count as parameters, and MLP-Wide matches the
+    KAN with batch norm."""
+    config = RunConfig(dataset="cifar10", model=model, depth="medium", batch_norm=True)
+    net = build_model(config, 3072, 10)
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm1d)]
+    widths = model_widths(config, 3072, 10)
+    assert [n.num_features for n in norms] == widths[1:-1]
+    assert not isinstance(net.blocks[-1], nn.Sequential)
+    plain = kan_params(widths, 5, 3) if model == "kan" else mlp_params(widths)
+    assert count_params(net) == param_count(config, 3072, 10) == plain + 2 * sum(widths[1:-1])
+    if model == "mlp":
+        assert isinstance(net.blocks[0][1], nn.BatchNorm1d)  # Linear, BatchNorm1d, activation, Dropout
+    if model == "mlp_wide":
+        kan = param_count(dataclasses.replace(config, model="kan"), 3072, 10)
+        assert abs(count_params(net) - kan) / kan <= 0.001
+    torch.manual_seed(0)
+    h = net.blocks[0](torch.rand(64, 3072) * 2 - 1)  # training mode: normalised over the batch
+    if model == "kan":
+        torch.testing.assert_close(h.mean(dim=0), torch.zeros(h.shape[1]), atol=1e-5, rtol=0)
+    assert RunConfig(dataset="cifar10", model=model).config_hash() == RunConfig(
+        dataset="cifar10", model=model, batch_norm=False).config_hash() != config.config_hash()
 
 
 def test_dropout_only_in_mlp_hidden_blocks():

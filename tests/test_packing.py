@@ -146,6 +146,16 @@ def test_planner_groups_runs_that_share_shapes_and_data_order():
     assert pack_key(wide) != pack_key(dataclasses.replace(wide, grid_size=8))  # other matched widths
 
 
+def test_batch_norm_runs_train_alone(digits):
+    """A stacked model keeps no per-member running statistics: batch-norm runs get packs of one,
+    and train_pack refuses them rather than train them wrong."""
+    base = RunConfig(dataset="digits", model="mlp", depth="shallow", max_epochs=1, batch_norm=True)
+    runs = [(i, dataclasses.replace(base, lr=lr)) for i, lr in enumerate((0.1, 0.01, 0.001))]
+    assert plan_packs(runs, 8) == [[0], [1], [2]]
+    with pytest.raises(ValueError, match="batch norm"):
+        train_pack([Member(c, lambda r: None) for _, c in runs], digits)
+
+
 GRID = """
 name = "packed"
 datasets = ["digits"]

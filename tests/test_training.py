@@ -66,6 +66,28 @@ def test_resume_is_bit_identical(digits, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("model,trainer", [("mlp", "backprop"), ("kan", "backprop"), ("mlp", "hsic")])
+def test_batch_norm_runs_learn_and_resume_exactly(digits, tmp_path, model, trainer):
+    """The running statistics are state: a resumed run restores them with the weights, and
+    evaluation uses them (eval mode), so rows after the resume equal the uninterrupted run's."""
+    config = RunConfig(dataset="digits", model=model, depth="medium", optimizer="adam", lr=0.005,
+                       batch_size=128, max_epochs=3, seed=2, batch_norm=True, trainer=trainer,
+                       dropout=0.0 if trainer == "hsic" else 0.2)  # as in paper-hsic-mnist
+    result, full = run(config, digits)
+    # three epochs: HSIC learns slower than backprop (chance is 0.1)
+    assert result.status == "completed" and max(r.test_acc for r in full) >= (0.5 if trainer == "hsic" else 0.8)
+    ckpt = CheckpointManager(tmp_path, config.config_hash())
+    calls = iter([False, True])
+    first = run(config, digits, checkpoints=ckpt, should_stop=lambda: next(calls, False))
+    assert first[0].epochs_run == 1
+    saved = torch.load(ckpt.paths()[0][1], weights_only=True)["state"]["model"]
+    assert any(k.endswith("running_mean") for k in saved)
+    torch.manual_seed(999)
+    _, rest = run(config, digits, checkpoints=ckpt)
+    strip = lambda rows: [dataclasses.replace(r, seconds=0.0) for r in rows]
+    assert strip(first[1] + rest) == strip(full)
+
+
 def test_kan_resume_is_bit_identical(digits, tmp_path):
     config = RunConfig(dataset="digits", model="kan", depth="shallow", optimizer="adam", lr=0.01,
                        batch_size=128, max_epochs=3, seed=1)

@@ -66,7 +66,7 @@ _AXIS_DEFAULTS: dict[str, list[Any]] = {
 #: activations, "each model's default activation".
 _MAY_BE_EMPTY = ("depths", "widths", "activations")
 _SCALARS = ("batch_size", "epochs", "patience", "dropout", "wide_multiplier", "train_eval_size",
-            "matmul_precision")
+            "matmul_precision", "batch_norm")
 _TABLES = ("intrinsic_dim", "hsic", "dataset_options")
 _HSIC_KEYS = ("beta", "sigma", "x_term", "format_epochs")
 ALLOWED_KEYS: tuple[str, ...] = ("name", "description", *_AXES, *_SCALARS, *_TABLES)
@@ -152,6 +152,12 @@ def _axis(key: str, data: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(out)
 
 
+def _boolean(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"{value!r} must be true or false")
+    return value
+
+
 def _dataset_table(key: str, table: Any, allow_default: bool, check) -> dict[str, Any]:
     """A ``{dataset = value}`` table, keys checked against the known datasets."""
     if not isinstance(table, dict):
@@ -221,6 +227,7 @@ class GridSpec:
     hsic_format_epochs: int | None = None
     dataset_options: dict[str, dict[str, int]] = field(default_factory=dict, hash=False)
     matmul_precision: str = "float32"
+    batch_norm: bool | dict[str, bool] = field(default=False, hash=False)
     description: str = ""
 
     def batch_size_for(self, dataset: str) -> int:
@@ -231,6 +238,11 @@ class GridSpec:
         if "default" in self.batch_size:
             return self.batch_size["default"]
         raise ConfigError(f"batch_size.{dataset}", "no batch size for this dataset and no default")
+
+    def batch_norm_for(self, dataset: str) -> bool:
+        if isinstance(self.batch_norm, bool):
+            return self.batch_norm
+        return self.batch_norm.get(dataset, self.batch_norm.get("default", False))
 
     def intrinsic_dim(self, dataset: str) -> int | None:
         """The spec's override, else the known value, else None (efficiency then undefined)."""
@@ -266,6 +278,7 @@ class GridSpec:
             hsic_format_epochs=self.hsic_format_epochs if hsic else _RUN_DEFAULTS.hsic_format_epochs,
             dataset_options=self.dataset_options.get(dataset, {}),
             matmul_precision=self.matmul_precision,
+            batch_norm=self.batch_norm_for(dataset),
         ).normalised()
 
     def expand(self) -> list[RunConfig]:
@@ -305,6 +318,7 @@ class GridSpec:
             "wide_multiplier": self.wide_multiplier,
             "train_eval_size": self.train_eval_size,
             "matmul_precision": self.matmul_precision,
+            "batch_norm": self.batch_norm if isinstance(self.batch_norm, bool) else dict(self.batch_norm),
             "intrinsic_dim": dict(self.intrinsic_dims),
             "hsic": {"beta": self.hsic_beta, "sigma": self.hsic_sigma, "x_term": self.hsic_x_term,
                      "format_epochs": self.hsic_format_epochs},
@@ -402,6 +416,12 @@ def parse_spec(data: dict[str, Any], name: str | None = None) -> GridSpec:
     precision = _element("matmul_precision", "str", MATMUL_PRECISIONS,
                          data.get("matmul_precision", _RUN_DEFAULTS.matmul_precision))
 
+    batch_norm = data.get("batch_norm", _RUN_DEFAULTS.batch_norm)
+    if isinstance(batch_norm, dict):
+        batch_norm = _dataset_table("batch_norm", batch_norm, True, _boolean)
+    else:
+        batch_norm = _boolean("batch_norm", batch_norm)
+
     hsic = data.get("hsic", {})
     if not isinstance(hsic, dict):
         raise ConfigError("hsic", f"{hsic!r} must be a table with keys {', '.join(_HSIC_KEYS)}")
@@ -429,6 +449,7 @@ def parse_spec(data: dict[str, Any], name: str | None = None) -> GridSpec:
         hsic_format_epochs=_pos_int("hsic.format_epochs", hsic.get("format_epochs"), allow_none=True),
         dataset_options=_dataset_options(data.get("dataset_options", {})),
         matmul_precision=precision,
+        batch_norm=batch_norm,
     )
     if spec.cell_count_bound() > MAX_CELLS:
         raise ConfigError("spec", f"{spec.cell_count_bound()} cells is more than {MAX_CELLS}; split the grid")

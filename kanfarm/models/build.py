@@ -20,7 +20,8 @@ def model_widths(config: RunConfig, n_features: int, n_classes: int) -> list[int
         return widths
     if config.wide_multiplier is not None:
         return scale_hidden(widths, config.wide_multiplier)
-    return match_mlp_widths(widths, kan_params(widths, config.grid_size, config.spline_order))
+    kan = kan_params(widths, config.grid_size, config.spline_order, config.batch_norm)
+    return match_mlp_widths(widths, kan, config.batch_norm)
 
 
 def param_count(config: RunConfig, n_features: int, n_classes: int) -> int:
@@ -28,8 +29,8 @@ def param_count(config: RunConfig, n_features: int, n_classes: int) -> int:
     config = config.normalised()
     widths = model_widths(config, n_features, n_classes)
     if config.model == "kan":
-        return kan_params(widths, config.grid_size, config.spline_order)
-    return mlp_params(widths)
+        return kan_params(widths, config.grid_size, config.spline_order, config.batch_norm)
+    return mlp_params(widths, config.batch_norm)
 
 
 def build_model(config: RunConfig, n_features: int, n_classes: int) -> nn.Module:
@@ -37,9 +38,10 @@ def build_model(config: RunConfig, n_features: int, n_classes: int) -> nn.Module
     config = config.normalised()
     widths = model_widths(config, n_features, n_classes)
     if config.model == "kan":
-        model: nn.Module = KAN(widths, config.grid_size, config.spline_order, config.activation)
+        model: nn.Module = KAN(widths, config.grid_size, config.spline_order, config.activation,
+                               batch_norm=config.batch_norm)
     else:
-        model = MLP(widths, config.activation, config.dropout)
+        model = MLP(widths, config.activation, config.dropout, batch_norm=config.batch_norm)
     return apply_init(model, config.init)
 
 

@@ -124,17 +124,21 @@ class KANLinear(nn.Module):
 
 
 class KAN(nn.Module):
-    """KAN layers on ``widths = [in, h1, ..., out]``; the last block outputs logits (no activation)."""
+    """KAN layers on ``widths = [in, h1, ..., out]``; the last block outputs logits (no activation).
+    With ``batch_norm`` each hidden block is ``Sequential(KANLinear, BatchNorm1d)``."""
 
     def __init__(self, widths: Sequence[int], grid_size: int = 5, spline_order: int = 3,
-                 activation: str | nn.Module | type[nn.Module] = "gelu", fast: bool = True):
+                 activation: str | nn.Module | type[nn.Module] = "gelu", fast: bool = True,
+                 batch_norm: bool = False):
         super().__init__()
         if len(widths) < 2:
             raise ValueError(f"widths {list(widths)} need at least an input and an output width")
         self.widths = [int(w) for w in widths]
+        pairs = list(zip(self.widths[:-1], self.widths[1:]))
+        layers = [KANLinear(a, b, grid_size, spline_order, base_activation=activation, fast=fast) for a, b in pairs]
         self.blocks = nn.ModuleList(
-            KANLinear(a, b, grid_size, spline_order, base_activation=activation, fast=fast)
-            for a, b in zip(self.widths[:-1], self.widths[1:]))
+            nn.Sequential(layer, nn.BatchNorm1d(b)) if batch_norm and i < len(pairs) - 1 else layer
+            for i, (layer, (_, b)) in enumerate(zip(layers, pairs)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:

@@ -4,14 +4,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def kan_params(widths: Sequence[int], grid_size: int, spline_order: int) -> int:
+def norm_params(widths: Sequence[int], batch_norm: bool) -> int:
+    """A batch norm's scale and shift per hidden unit (none after the output layer)."""
+    return 2 * sum(widths[1:-1]) if batch_norm else 0
+
+
+def kan_params(widths: Sequence[int], grid_size: int, spline_order: int, batch_norm: bool = False) -> int:
     """G + k spline coefficients, one base weight and one scaler per edge."""
     per_edge = grid_size + spline_order + 2
-    return sum(a * b * per_edge for a, b in zip(widths[:-1], widths[1:]))
+    return sum(a * b * per_edge for a, b in zip(widths[:-1], widths[1:])) + norm_params(widths, batch_norm)
 
 
-def mlp_params(widths: Sequence[int]) -> int:
-    return sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+def mlp_params(widths: Sequence[int], batch_norm: bool = False) -> int:
+    return sum(a * b + b for a, b in zip(widths[:-1], widths[1:])) + norm_params(widths, batch_norm)
 
 
 def scale_hidden(widths: Sequence[int], factor: float) -> list[int]:
@@ -19,7 +24,7 @@ def scale_hidden(widths: Sequence[int], factor: float) -> list[int]:
     return [widths[0], *(max(1, round(w * factor)) for w in widths[1:-1]), widths[-1]]
 
 
-def match_mlp_widths(widths: Sequence[int], target: int) -> list[int]:
+def match_mlp_widths(widths: Sequence[int], target: int, batch_norm: bool = False) -> list[int]:
     """Hidden widths scaled by one factor so that the MLP's count is as close to ``target`` as the
     rounding of widths allows.
 
@@ -29,13 +34,13 @@ def match_mlp_widths(widths: Sequence[int], target: int) -> list[int]:
     if len(widths) < 3:
         return list(widths)
     lo, hi = 0.0, 1.0
-    while mlp_params(scale_hidden(widths, hi)) < target:
+    while mlp_params(scale_hidden(widths, hi), batch_norm) < target:
         hi *= 2
     for _ in range(60):
         mid = (lo + hi) / 2
-        if mlp_params(scale_hidden(widths, mid)) >= target:
+        if mlp_params(scale_hidden(widths, mid), batch_norm) >= target:
             hi = mid
         else:
             lo = mid
     candidates = [scale_hidden(widths, lo), scale_hidden(widths, hi)]
-    return min(candidates, key=lambda ws: abs(mlp_params(ws) - target))
+    return min(candidates, key=lambda ws: abs(mlp_params(ws, batch_norm) - target))

@@ -5,7 +5,7 @@ and its options (imdb vocabulary size, higgs split), model family and widths (KA
 spline order; for MLP-Wide, what sets its widths), batch size, epochs, seed (the batch order),
 train-eval subset, matmul precision, and the trainer with its settings (HSIC's beta, sigma, X term
 and format epochs). Members may differ in init, optimiser, learning rate, activation, dropout and
-patience.
+patience. Runs with batch norm train alone: the stacked model has no per-member running statistics.
 """
 from __future__ import annotations
 
@@ -22,9 +22,16 @@ MAX_PACK = 64
 Id = TypeVar("Id", bound=Hashable)
 
 
+def packable(config: RunConfig) -> bool:
+    return not config.batch_norm
+
+
 def pack_key(config: RunConfig) -> str:
-    """Equal keys can share a pack (every run has one: both trainers pack)."""
+    """Equal keys can share a pack (every run has one: both trainers pack); a run that is not
+    ``packable`` has a key of its own, so its packs hold only it."""
     config = config.normalised()
+    if not packable(config):
+        return json.dumps({"alone": config.config_hash()})
     shared = {k: v for k, v in config.to_dict().items() if k not in MEMBER_FIELDS}
     return json.dumps(shared, sort_keys=True)
 

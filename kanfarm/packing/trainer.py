@@ -22,7 +22,7 @@ from kanfarm.config import RunConfig
 from kanfarm.data.dataset import Dataset
 from kanfarm.models import build_model, count_params
 from kanfarm.packing.optim import _ORDER, StackedOptimizer, batches_per_epoch
-from kanfarm.packing.planner import pack_key
+from kanfarm.packing.planner import pack_key, packable
 from kanfarm.packing.stacked import StackedNet, stream_key
 from kanfarm.training import rng
 from kanfarm.training.checkpoint import CheckpointManager
@@ -73,6 +73,8 @@ def train_pack(members: list[Member], data: Dataset, *, device: str | torch.devi
     if not members:
         return []
     configs = [m.config.normalised() for m in members]
+    if not all(map(packable, configs)):
+        raise ValueError("runs with batch norm cannot be packed: train them alone (training.train)")
     keys = {pack_key(c) for c in configs}
     if len(keys) != 1:
         raise ValueError("members of a pack must share dataset, model shape, batch size, epochs, seed, "
