@@ -114,7 +114,9 @@ def test_degree_and_hsic_presets():
     assert {c.trainer for c in hsic.expand()} == {"hsic"}
     # same grid apart from the trainer and dropout (none for HSIC: it drowns the class signal)
     assert {c.dropout for c in hsic.expand() if c.model != "kan"} == {0.0}
-    strip = lambda c: repr({**c.to_dict(), "trainer": None, "dropout": None})  # noqa: E731
+    # FACTS.md: the output layer is trained after HSIC training (the "format" stage)
+    assert {(c.hsic_format_epochs, c.hsic_x_term, c.hsic_beta) for c in hsic.expand()} == {(10, False, 100.0)}
+    strip = lambda c: repr({**c.to_dict(), "trainer": None, "dropout": None, "hsic_format_epochs": None})  # noqa: E731
     # compared as one string each: a failing diff of 243 dicts would take pytest minutes to render
     assert "\n".join(map(strip, hsic.expand())) == "\n".join(map(strip, backprop.expand()))
 
