@@ -4,6 +4,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
+import re
 import struct
 import tarfile
 from pathlib import Path
@@ -380,3 +382,107 @@ def test_corrupt_cache_is_rebuilt(tmp_path):
     with pytest.warns(UserWarning, match="unreadable dataset cache"):
         again = load_dataset("mnist", data_dir=tmp_path, download=False)
     assert torch.equal(first.x_test, again.x_test)
+
+
+# ---- damaged raw files and replaced raw files
+
+
+def _flip(path: Path, n=40) -> None:
+    """Invert ``n`` bytes a third into a file, as a bad disk or transfer would."""
+    raw = bytearray(path.read_bytes())
+    for i in range(len(raw) // 3, len(raw) // 3 + n):
+        raw[i] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def _higgs_lines(n_rows=8):
+    return [",".join(["1.0"] + [f"{0.1 * j + i:.3f}" for j in range(28)]) + "\n" for i in range(n_rows)]
+
+
+@pytest.mark.parametrize("damage", ["deflate", "utf8", "nan", "inf"])
+def test_higgs_damaged_file_is_a_format_error_naming_it(tmp_path, damage):
+    path = tmp_path / "higgs" / "HIGGS.csv.gz"
+    path.parent.mkdir()
+    lines = _higgs_lines()
+    if damage == "deflate":
+        path.write_bytes(gzip.compress("".join(lines * 50).encode()))
+        _flip(path)  # an invalid deflate code within the first rows
+    elif damage == "utf8":
+        path.write_bytes(gzip.compress(b"\xff\xfe\x00\x80" * 400))
+    else:
+        fields = lines[4].split(",")
+        fields[2] = damage  # row 5, feature 2
+        lines[4] = ",".join(fields)
+        path.write_bytes(gzip.compress("".join(lines).encode()))
+    with pytest.raises(DatasetFormatError, match=re.escape(str(path))) as err:
+        load_dataset("higgs", data_dir=tmp_path, n_train=4, n_test=4, download=False)
+    if damage in ("nan", "inf"):
+        assert "row 5" in str(err.value)
+
+
+def test_idx_with_damaged_deflate_stream_is_a_format_error(tmp_path):
+    folder = tmp_path / "mnist"
+    write_mnist(folder)
+    write_idx(folder / "train-images-idx3-ubyte.gz", (np.arange(20 * 784) % 7).reshape(20, 28, 28))  # compressible
+    _flip(folder / "train-images-idx3-ubyte.gz")
+    with pytest.raises(DatasetFormatError, match="train-images-idx3-ubyte.gz"):
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+
+
+def test_tar_gz_with_damaged_bytes_is_rejected(tmp_path):
+    # CIFAR pixels are random, so deflate stores them: flipped bytes change pixels, only the CRC tells
+    write_cifar(tmp_path / "cifar10", per_batch=3)
+    _flip(tmp_path / "cifar10" / "cifar-10-binary.tar.gz", n=8)
+    with pytest.raises(DatasetFormatError, match="cifar-10-binary.tar.gz"):
+        load_dataset("cifar10", data_dir=tmp_path, download=False)
+    # IMDB text is compressed: damage breaks the deflate stream itself
+    write_imdb(tmp_path / "imdb", {**IMDB_REVIEWS, **{("train", "pos", f"{k}_7.txt"): f"review {k} " * 200
+                                                      for k in range(2, 40)}})
+    _flip(tmp_path / "imdb" / "aclImdb_v1.tar.gz")
+    with pytest.raises(DatasetFormatError, match="aclImdb_v1.tar.gz"):
+        load_dataset("imdb", data_dir=tmp_path, vocab_size=3, download=False)
+
+
+def test_imdb_damaged_tar_header_is_rejected(tmp_path):
+    """tarfile ends the member list silently at a bad header: the last test review would be lost."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for (split, label, name), text in IMDB_REVIEWS.items():
+            add_member(tar, f"aclImdb/{split}/{label}/{name}", text.encode())
+    raw = bytearray(buf.getvalue())
+    at = raw.find(b"aclImdb/test/neg/1_4.txt")
+    raw[at + 148:at + 156] = b"XXXXXXXX"  # the header checksum field
+    (tmp_path / "imdb").mkdir()
+    (tmp_path / "imdb" / "aclImdb_v1.tar.gz").write_bytes(gzip.compress(bytes(raw)))  # a valid gzip stream
+    with pytest.raises(DatasetFormatError, match="aclImdb_v1.tar.gz.*damaged tar header"):
+        load_dataset("imdb", data_dir=tmp_path, vocab_size=3, download=False)
+
+
+def test_imdb_split_without_one_label_is_rejected(tmp_path):
+    reviews = {key: text for key, text in IMDB_REVIEWS.items() if key[:2] != ("train", "pos")}
+    write_imdb(tmp_path / "imdb", reviews)
+    with pytest.raises(DatasetFormatError, match="aclImdb/train/pos"):
+        load_dataset("imdb", data_dir=tmp_path, vocab_size=3, download=False)
+
+
+def test_cifar10_batches_of_unequal_size_are_rejected(tmp_path):
+    folder = tmp_path / "cifar10"
+    folder.mkdir()
+    with tarfile.open(folder / "cifar-10-binary.tar.gz", "w:gz") as tar:
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            add_member(tar, f"cifar-10-batches-bin/{name}.bin", bytes(3073 * (2 if name == "data_batch_4" else 3)))
+    with pytest.raises(DatasetFormatError, match="data_batch_4.bin.*2 records"):
+        load_dataset("cifar10", data_dir=tmp_path, download=False)
+
+
+def test_replaced_raw_files_rebuild_the_cache(tmp_path):
+    folder = tmp_path / "mnist"
+    write_mnist(folder, seed=0)
+    old = load_dataset("mnist", data_dir=tmp_path, download=False)
+    new = write_mnist(folder, seed=1)
+    for f in folder.glob("*.gz"):  # a coarse file-system clock could give the new files the old mtime
+        st = f.stat()
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    again = load_dataset("mnist", data_dir=tmp_path, download=False)
+    assert again.y_train.tolist() == new["train"][1].tolist() != old.y_train.tolist()
+    assert len(list(folder.glob("cache-*.pt"))) == 1  # the stale cache was replaced, not kept beside

@@ -65,7 +65,9 @@ def test_default_options_keep_the_hashes_runs_had_before():
     for config, expected in PINNED.items():
         assert config.config_hash() == expected
     for name, expected in PINNED_PRESETS.items():
-        assert digest(load_spec(name).expand()) == expected
+        # paper-activations' cifar10 cells gained batch norm on purpose (FACTS.md), which is
+        # another run; without it they are the runs pinned here
+        assert digest(dataclasses.replace(c, batch_norm=False) for c in load_spec(name).expand()) == expected
     imdb = RunConfig(dataset="imdb", model="mlp_wide", depth="medium")
     explicit = dataclasses.replace(imdb, dataset_options={"vocab_size": 5000})
     assert explicit.config_hash() == PINNED[imdb]

@@ -3,18 +3,19 @@ supported: nothing here ever unpickles downloaded data).
 
 Each record is 1 label byte followed by 3,072 pixel bytes: the 32x32 red plane, then green, then
 blue, each row-major. Features keep exactly that channel-major order (3072 = 3x32x32).
-Split: ``data_batch_1..5.bin`` (50,000) train, ``test_batch.bin`` (10,000) test.
+Split: ``data_batch_1..5.bin`` (50,000) train, ``test_batch.bin`` (10,000) test; all six batches must
+hold the same number of records (a short one means a damaged archive).
 Scaling: pixels 0..255 map to ``p / 255 * 2 - 1`` in [-1, 1].
 """
 from __future__ import annotations
 
-import tarfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from kanfarm.data.archive import read_files
 from kanfarm.data.errors import DatasetFormatError
 from kanfarm.data.scaling import to_grid
 
@@ -35,15 +36,9 @@ def n_features(options: dict[str, Any]) -> int:
 def build(folder: Path, options: dict[str, Any]) -> dict[str, torch.Tensor]:
     path = folder / ARCHIVE
     wanted = {name for names in MEMBERS.values() for name in names}
-    blobs: dict[str, bytes] = {}
-    try:
-        with tarfile.open(path, "r:gz") as tar:
-            for member in tar:  # stream: the archive is read once, nothing is extracted to disk
-                if member.isfile() and member.name in wanted:
-                    blobs[member.name] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise DatasetFormatError(f"{path}: not a readable tar.gz archive ({exc})") from exc
+    blobs = read_files(path, wanted.__contains__)
     out: dict[str, torch.Tensor] = {}
+    sizes: dict[str, int] = {}
     for split, names in MEMBERS.items():
         records = []
         for name in names:
@@ -53,10 +48,14 @@ def build(folder: Path, options: dict[str, Any]) -> dict[str, torch.Tensor]:
             if len(blob) % RECORD:
                 raise DatasetFormatError(f"{path}: {name} has {len(blob)} bytes, not a multiple of {RECORD}")
             records.append(np.frombuffer(blob, dtype=np.uint8).reshape(-1, RECORD))
+            sizes[name] = len(records[-1])
         data = np.concatenate(records)
         labels = data[:, 0].astype(np.int64)
         if labels.size and labels.max() >= N_CLASSES:
             raise DatasetFormatError(f"{path}: label {labels.max()} outside 0..9")
         out[f"x_{split}"] = torch.from_numpy(to_grid(data[:, 1:], 255))
         out[f"y_{split}"] = torch.from_numpy(labels)
+    if len(set(sizes.values())) > 1:  # all 10,000 in the real archive; the test archives are smaller
+        raise DatasetFormatError(f"{path}: batches differ in size ("
+                                 + ", ".join(f"{n.rsplit('/', 1)[1]}: {k} records" for n, k in sizes.items()) + ")")
     return out

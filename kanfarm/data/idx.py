@@ -7,6 +7,7 @@ mislabelled file fails with its name in the message instead of yielding garbage.
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     try:
         with gzip.open(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # zlib.error: a damaged deflate stream
         raise DatasetFormatError(f"{path}: not a readable gzip file ({exc})") from exc
     if len(raw) < 4:
         raise DatasetFormatError(f"{path}: too short for an IDX header")

@@ -2,7 +2,8 @@
 training words.
 
 Reviews: ``aclImdb/{train,test}/{neg,pos}/*.txt`` (label neg = 0, pos = 1; the unlabelled
-``train/unsup`` reviews are skipped), 25,000 train / 25,000 test, ordered by split, label, file name.
+``train/unsup`` reviews are skipped), 25,000 train / 25,000 test, ordered by split, label, file name;
+each split must hold reviews of both labels.
 Tokens: lowercase, ``<br />`` removed, runs of letters/digits (inner apostrophes kept: "don't");
 everything else is a separator. Vocabulary: the ``vocab_size`` tokens with the highest total count
 in the *training* reviews, ties broken alphabetically; column j is the j-th most frequent word.
@@ -12,7 +13,6 @@ When the training text has fewer distinct words than ``vocab_size``, the extra c
 from __future__ import annotations
 
 import re
-import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
@@ -20,6 +20,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from kanfarm.data.archive import read_files
 from kanfarm.data.errors import DatasetFormatError
 
 N_CLASSES = 2
@@ -29,6 +30,7 @@ ARCHIVE = "aclImdb_v1.tar.gz"
 LABELS = {"neg": 0, "pos": 1}
 _BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")
+_REVIEW = re.compile(r"aclImdb/(train|test)/(neg|pos)/([^/]*\.txt)")  # a labelled review's member name
 
 
 def n_features(options: dict[str, Any]) -> int:
@@ -61,19 +63,13 @@ def presence_features(texts: list[str], vocabulary: list[str], size: int) -> np.
 def read_reviews(path: Path) -> dict[str, list[tuple[str, int, str]]]:
     """split -> sorted (file name, label, text) of the labelled reviews in the archive."""
     reviews: dict[str, list[tuple[str, int, str]]] = {"train": [], "test": []}
-    try:
-        with tarfile.open(path, "r:gz") as tar:
-            for member in tar:  # stream; nothing is extracted to disk
-                parts = member.name.split("/")
-                if (member.isfile() and len(parts) == 4 and parts[0] == "aclImdb" and parts[1] in reviews
-                        and parts[2] in LABELS and parts[3].endswith(".txt")):
-                    text = tar.extractfile(member).read().decode("utf-8", errors="replace")
-                    reviews[parts[1]].append((parts[3], LABELS[parts[2]], text))
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise DatasetFormatError(f"{path}: not a readable tar.gz archive ({exc})") from exc
+    for member, blob in read_files(path, _REVIEW.fullmatch).items():
+        split, label, name = _REVIEW.fullmatch(member).groups()
+        reviews[split].append((name, LABELS[label], blob.decode("utf-8", errors="replace")))
     for split, items in reviews.items():
-        if not items:
-            raise DatasetFormatError(f"{path}: no reviews under aclImdb/{split}/pos or aclImdb/{split}/neg")
+        for label, value in LABELS.items():  # 12,500 each in the real archive; the test archives are smaller
+            if not any(item[1] == value for item in items):
+                raise DatasetFormatError(f"{path}: no reviews under aclImdb/{split}/{label}")
         items.sort(key=lambda item: (item[1], item[0]))
     return reviews
 

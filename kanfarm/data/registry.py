@@ -1,8 +1,8 @@
 """The dataset registry: names, option checking, shapes, and the load path raw files -> cache -> Dataset.
 
-Loading order: a cache file for (dataset, format version, options) is used when present, without
-touching the raw files; otherwise missing raw files are downloaded (unless disabled), the loader
-module preprocesses them once, and the result is cached beside them.
+Loading order: a cache file for (dataset, format version, options) is used when present and no raw
+file beside it changed (size or mtime) since it was built; otherwise missing raw files are downloaded
+(unless disabled), the loader module preprocesses them once, and the result is cached beside them.
 """
 from __future__ import annotations
 
@@ -76,10 +76,12 @@ def load_dataset(name: str, data_dir: str | Path | None = None, **options: Any) 
     resolved = resolve_options(name, options)
     folder = Path(data_dir if data_dir is not None else paths.data_dir()).expanduser() / name
     path = cache.cache_path(folder, name, loader.FORMAT_VERSION, resolved)
-    tensors = cache.read(path)
+    filenames = [f.filename for f in SOURCES[name]]
+    tensors = cache.read(path, cache.source_stamps(folder, filenames))
     if tensors is None:
         download.ensure_files(name, folder, SOURCES[name], allow_download)
+        stamps = cache.source_stamps(folder, filenames)  # before the build: a file replaced meanwhile is stale
         tensors = loader.build(folder, resolved)
-        cache.write(path, tensors)
+        cache.write(path, tensors, stamps)
     return Dataset(name, tensors["x_train"], tensors["y_train"], tensors["x_test"], tensors["y_test"],
                    loader.N_CLASSES)

@@ -1,0 +1,35 @@
+"""Reading the regular files of a ``.tar.gz`` archive in one pass, with the whole archive checked.
+
+Iterating a tar stops silently at a damaged header, and gzip checks its CRC and length only at the
+end of the stream, which a loader that stops after its last member never reaches: either way a
+damaged archive could load as wrong or missing data. So the stream is always read to its end, and
+what follows the tar's end-of-archive block must be zero padding.
+"""
+from __future__ import annotations
+
+import tarfile
+import zlib
+from pathlib import Path
+from typing import Callable
+
+from kanfarm.data.errors import DatasetFormatError
+
+CHUNK = 1 << 20
+
+
+def read_files(path: Path, wanted: Callable[[str], object]) -> dict[str, bytes]:
+    """Member name -> content of the regular files whose name ``wanted`` is truthy for; a damaged
+    or truncated archive raises DatasetFormatError naming ``path``."""
+    blobs: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for member in tar:  # stream: nothing is extracted to disk
+                if member.isfile() and wanted(member.name):
+                    blobs[member.name] = tar.extractfile(member).read()
+            while chunk := tar.fileobj.read(CHUNK):  # to EOF: gzip verifies CRC and length here
+                if chunk.count(0) != len(chunk):
+                    raise DatasetFormatError(f"{path}: damaged tar header near byte {tar.offset}"
+                                             " (data follows where the member list ended)")
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        raise DatasetFormatError(f"{path}: not a readable tar.gz archive ({exc})") from exc
+    return blobs
