@@ -50,6 +50,46 @@ def test_migrated_schema_matches_the_metadata(url_fixture, request):
         store.dispose(close=True)
 
 
+def _check_names(engine) -> set[str]:
+    inspector = sa.inspect(engine)
+    return {c["name"] for table in ("runs", "epoch_metrics") for c in inspector.get_check_constraints(table)}
+
+
+@backends
+def test_check_constraints_have_the_schemas_names(url_fixture, request):
+    """compare_metadata does not compare CHECK constraints: a later migration that drops one by
+    name needs the name the schema gives it."""
+    store = Store(request.getfixturevalue(url_fixture))
+    try:
+        store.upgrade()
+        expected = {c.name for table in (metadata.tables["runs"], metadata.tables["epoch_metrics"])
+                    for c in table.constraints if isinstance(c, sa.CheckConstraint)}
+        assert expected == {"ck_runs_status", "ck_epoch_metrics_epoch_nonneg", "ck_epoch_metrics_train_acc_range",
+                            "ck_epoch_metrics_test_acc_range"}
+        assert _check_names(store.engine) == expected
+    finally:
+        store.dispose(close=True)
+
+
+@pytest.mark.services
+def test_postgres_databases_made_before_get_their_check_constraints_renamed(fresh_postgres_url):
+    """What 0001 did before its names were fixed: the convention's prefix twice."""
+    store = Store(fresh_postgres_url)
+    try:
+        migrate.upgrade(store.engine, "0001")
+        with store.engine.begin() as conn:
+            for table, name in [("runs", "ck_runs_status"), ("epoch_metrics", "ck_epoch_metrics_epoch_nonneg"),
+                                ("epoch_metrics", "ck_epoch_metrics_train_acc_range"),
+                                ("epoch_metrics", "ck_epoch_metrics_test_acc_range")]:
+                conn.execute(sa.text(f'ALTER TABLE {table} RENAME CONSTRAINT "{name}" TO "ck_{table}_{name}"'))
+        assert "ck_runs_ck_runs_status" in _check_names(store.engine)
+        store.upgrade()
+        assert _check_names(store.engine) == {"ck_runs_status", "ck_epoch_metrics_epoch_nonneg",
+                                              "ck_epoch_metrics_train_acc_range", "ck_epoch_metrics_test_acc_range"}
+    finally:
+        store.dispose(close=True)
+
+
 @backends
 def test_downgrade_to_base_removes_everything_and_upgrade_restores_it(url_fixture, request):
     store = Store(request.getfixturevalue(url_fixture))

@@ -1,7 +1,9 @@
 """Initial schema: grids, runs, grid_runs, epoch_metrics, checkpoints and the run_summary view.
 
 Self-contained on purpose (no imports from kanfarm.store): a migration is history, and must keep
-creating what it created when the current schema module has moved on.
+creating what it created when the current schema module has moved on. Constraint names are
+final (``op.f``): the environment's naming convention must not prefix them a second time (before
+this was noticed it did, for the CHECK constraints; 0002 renames those).
 
 Revision ID: 0001
 Revises:
@@ -70,7 +72,7 @@ LEFT JOIN spans s ON s.run_id = r.id
 
 def _acc_check(column: str) -> sa.CheckConstraint:
     return sa.CheckConstraint(f"{column} IS NULL OR ({column} >= 0 AND {column} <= 1)",
-                              name=f"ck_epoch_metrics_{column}_range")
+                              name=op.f(f"ck_epoch_metrics_{column}_range"))
 
 
 def upgrade() -> None:
@@ -118,7 +120,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["grid_id"], ["grids.id"], name="fk_runs_grid_id_grids"),
         sa.UniqueConstraint("config_hash", name="uq_runs_config_hash"),
         sa.CheckConstraint("status IN (%s)" % ", ".join(f"'{s}'" for s in STATUSES),
-                           name="ck_runs_status"),
+                           name=op.f("ck_runs_status")),
     )
     op.create_index("ix_runs_status_id", "runs", ["status", "id"])
     op.create_index("ix_runs_grid_id", "runs", ["grid_id"])
@@ -147,7 +149,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("run_id", "epoch", name="pk_epoch_metrics"),
         sa.ForeignKeyConstraint(["run_id"], ["runs.id"], ondelete="CASCADE",
                                 name="fk_epoch_metrics_run_id_runs"),
-        sa.CheckConstraint("epoch >= 0", name="ck_epoch_metrics_epoch_nonneg"),
+        sa.CheckConstraint("epoch >= 0", name=op.f("ck_epoch_metrics_epoch_nonneg")),
         _acc_check("train_acc"),
         _acc_check("test_acc"),
     )
