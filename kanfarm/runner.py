@@ -129,7 +129,8 @@ class _ClaimedRun:
 
     def _record_checkpoint(self, epoch: int, path: Path, digest: str) -> None:
         try:
-            self.store.record_checkpoint(self.run.id, epoch, str(path), digest, worker=self.worker)
+            self.store.record_checkpoint(self.run.id, epoch, str(path), digest, worker=self.worker,
+                                         kept=[e for e, _ in self.checkpoints.paths()])
         except LeaseLost:
             log.warning("run %s: lease lost, checkpoint of epoch %s not recorded; stopping", self.run.id, epoch)
             self.beat.lost.set()

@@ -121,6 +121,8 @@ def test_a_new_database_beside_an_old_checkpoint_folder_trains_the_run_again(sql
         (run_id,) = _grid(second, [config])
         assert execute_run(second, run_id, "w1").status == "completed"
         assert [r["epoch"] for r in second.epoch_metrics(run_id)] == [0, 1, 2]
+        # the rows of checkpoints name the files kept (KANFARM_CHECKPOINT_KEEP, default 2)
+        assert [c.epoch for c in second.checkpoints(run_id)] == [1, 2]
         strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "run_id")} for r in rows]
         assert strip(second.epoch_metrics(run_id)) == strip(sqlite_store.epoch_metrics(first))
     finally:

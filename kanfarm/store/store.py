@@ -374,9 +374,10 @@ class Store:
             return [dict(row._mapping) for row in conn.execute(query)]
 
     def record_checkpoint(self, run_id: int, epoch: int, path: str, sha256: str,
-                          worker: str | None = None) -> None:
+                          worker: str | None = None, kept: Iterable[int] | None = None) -> None:
         """Note a checkpoint file; a second one for the same (run, epoch) replaces the first.
-        With ``worker``, raise :class:`LeaseLost` unless that worker holds the run."""
+        With ``worker``, raise :class:`LeaseLost` unless that worker holds the run; with ``kept``,
+        the epochs whose files are still on disk, forget the rows of the others."""
         stmt = self._insert(checkpoints).values(run_id=run_id, epoch=epoch, path=str(path),
                                                 sha256=sha256, created_at=_at(utcnow()))
         stmt = stmt.on_conflict_do_update(
@@ -386,6 +387,9 @@ class Store:
             if worker is not None:
                 self._require_holder(conn, run_id, worker)
             conn.execute(stmt)
+            if kept is not None:
+                conn.execute(sa.delete(checkpoints).where(checkpoints.c.run_id == run_id,
+                                                          checkpoints.c.epoch.not_in([epoch, *kept])))
 
     def checkpoints(self, run_id: int) -> list[CheckpointRow]:
         query = sa.select(checkpoints).where(checkpoints.c.run_id == run_id).order_by(checkpoints.c.epoch)
