@@ -5,6 +5,7 @@ Bad input exits with code 2 and a message naming the field (see ``cli.output.fai
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any, Callable
 
 import typer
@@ -21,6 +22,8 @@ def handles_errors(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from sqlalchemy.exc import OperationalError
+
         from kanfarm.config import ConfigError
         from kanfarm.data import DatasetUnavailable
         from kanfarm.store import SchemaOutOfDate
@@ -33,14 +36,57 @@ def handles_errors(func: Callable) -> Callable:
             fail(str(exc), code=2)
         except DatasetUnavailable as exc:
             fail(str(exc), code=1)
+        except OperationalError as exc:  # the driver's own words name no password
+            first = str(exc.orig or exc).strip().splitlines()[0]
+            fail(f"database unavailable ({_url_text()}): {first}", code=1)
 
     return wrapper
 
 
-def open_store(check: bool = True):
-    from kanfarm.store import Store
+def _url_text() -> str:
+    from kanfarm.store.engine import URL_ENV, database_url, masked
 
-    store = Store()
+    try:
+        return f"{URL_ENV}={masked(database_url())}"
+    except Exception:
+        return URL_ENV
+
+
+def database_url():
+    """``$KANFARM_DATABASE_URL`` (or the default), refused with exit 2 unless it is a SQLite or
+    PostgreSQL URL."""
+    from sqlalchemy.exc import ArgumentError
+
+    from kanfarm.store import engine
+
+    try:
+        url = engine.database_url()
+    except ArgumentError:  # not echoed: an unparsable URL may still hold a password
+        fail(f"{engine.URL_ENV}: not a database URL (sqlite:///path/to.db or postgresql+psycopg://user@host/db)")
+    if url.get_backend_name() not in ("sqlite", "postgresql"):
+        fail(f"{engine.URL_ENV}: unsupported database {engine.masked(url)}: use sqlite or postgresql")
+    return url
+
+
+def missing_sqlite_file(url) -> str | None:
+    """The path of a SQLite database file that does not exist yet, else None."""
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
+            and not Path(url.database).is_file():
+        return url.database
+    return None
+
+
+def open_store(check: bool = True):
+    """The Store of ``$KANFARM_DATABASE_URL``. With ``check`` (every command but the ones that
+    create the schema) it must exist and be migrated: a SQLite file that is not there is refused
+    before it would be created empty."""
+    from kanfarm.store import Store
+    from kanfarm.store.engine import URL_ENV
+
+    url = database_url()
+    if check and (path := missing_sqlite_file(url)):
+        fail(f"no database at {path} ({URL_ENV}): run `kanfarm db upgrade` to create it")
+    store = Store(url)
     if check:
         store.check_schema()
     return store

@@ -5,7 +5,7 @@ input has been validated.
 """
 from __future__ import annotations
 
-import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -13,7 +13,8 @@ from typing import Any, Optional
 
 import typer
 
-from cli.common import CsvOpt, GridOpt, JsonOpt, grid_exists, handles_errors, open_store, parse_pack_size
+from cli.common import (CsvOpt, GridOpt, JsonOpt, database_url, grid_exists, handles_errors, missing_sqlite_file,
+                        open_store, parse_pack_size)
 from cli.distributed import register as register_distributed
 from cli.output import console, emit_rows, err_console, fail, to_csv, to_json
 from cli.plots import register as register_plots
@@ -45,7 +46,11 @@ def db_upgrade() -> None:
 @db_app.command("current")
 @handles_errors
 def db_current() -> None:
-    """Print the schema revision of the database."""
+    """Print the schema revision of the database (without creating a SQLite file that is not there)."""
+    url = database_url()
+    if missing_sqlite_file(url):
+        console.print(f"database {url} at revision none (no file yet)")
+        return
     store = open_store(check=False)
     console.print(f"database {store.url} at revision {store.schema_revision() or 'none (empty)'}")
 
@@ -55,7 +60,7 @@ def db_current() -> None:
 @grid_app.command("show")
 @handles_errors
 def grid_show(spec: str = typer.Argument(..., help="A TOML spec file or a preset name."),
-              sample: int = typer.Option(5, help="How many cells to show."), as_json: bool = JsonOpt) -> None:
+              sample: int = typer.Option(5, min=0, help="How many cells to show."), as_json: bool = JsonOpt) -> None:
     """Print a spec's cell count, axes and a sample of cells."""
     from kanfarm.grids import load_spec
     from kanfarm.submission import sized_cells
@@ -71,7 +76,7 @@ def grid_show(spec: str = typer.Argument(..., help="A TOML spec file or a preset
     for key, value in info.items():
         if key not in ("cells", "sample", "name"):
             console.print(f"  {key}: {value}")
-    emit_rows(info["sample"], title=f"first {len(info['sample'])} cells")
+    emit_rows(info["sample"], title=f"first {len(info['sample'])} cells", empty="--sample 0")
 
 
 @grid_app.command("list")
@@ -80,7 +85,7 @@ def grid_list(as_json: bool = JsonOpt) -> None:
     """Grids in the database, with their run counts per status."""
     store = open_store()
     rows = [{"name": g.name, "created_at": g.created_at, **store.status_counts(g.name)} for g in store.grids()]
-    emit_rows(rows, title="grids", as_json=as_json)
+    emit_rows(rows, title="grids", as_json=as_json, empty="none submitted yet")
 
 
 def _submit(store, spec: str):
@@ -147,8 +152,22 @@ def run_grid(spec: str = typer.Argument(..., help="A TOML spec file or a preset 
     size = parse_pack_size(pack_size)
     store = open_store()
     grid, _ = _submit(store, spec)
+    _prepare_data(grid)
     final = _run_locally(store, grid.name, workers, device, size)
     err_console.print(f"done: {final.counts}")
+    if final.counts.get("failed"):
+        fail(f"{final.counts['failed']} runs failed; their errors are in the runs table "
+             "(SELECT id, error FROM runs WHERE status = 'failed')", code=1)
+
+
+def _prepare_data(grid) -> None:
+    """Load (and download, once) every dataset of the grid before a worker claims a run: a dataset
+    that cannot be had is one message here, not a failed run per cell."""
+    from kanfarm.data import load_dataset
+
+    wanted = {(c.dataset, tuple(sorted(c.dataset_options.items()))) for c in grid.expand()}
+    for name, options in sorted(wanted):
+        err_console.print(f"dataset {name}: ready ({load_dataset(name, **dict(options)).x_train.shape[0]} training rows)")
 
 
 @app.command()
@@ -215,11 +234,15 @@ def report_efficiency(grid: Optional[str] = GridOpt, as_json: bool = JsonOpt, as
                       intrinsic_dim: list[str] = typer.Option(
                           [], "--intrinsic-dim", help="DATASET=N, overrides the stored intrinsic dimension.")) -> None:
     """A / (t + 1) / ln(1 + N - ID) per finished run, best first (FACTS.md)."""
+    from kanfarm.data import DATASETS
+
     overrides = {}
     for item in intrinsic_dim:
         name, _, value = item.partition("=")
-        if not name or not value.isdigit():
+        if not re.fullmatch(r"[0-9]+", value):
             fail(f"--intrinsic-dim: {item!r} is not DATASET=N with N a non-negative integer")
+        if name not in DATASETS:
+            fail(f"--intrinsic-dim: unknown dataset {name!r} (known: {', '.join(DATASETS)})")
         overrides[name] = int(value)
     _report("efficiency", grid, as_json, as_csv, intrinsic_dim=overrides)
 
@@ -254,11 +277,14 @@ def export(grid: Optional[str] = GridOpt,
     text = to_csv(rows) if fmt == "csv" else to_json(rows) + "\n"
     if out is None:
         sys.stdout.write(text)
-    else:
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out)
-        err_console.print(f"wrote {len(rows)} rows to {out}")
+        return
+    from kanfarm.atomic import atomic_write
+
+    try:
+        atomic_write(out, text.encode("utf-8"))
+    except OSError as exc:
+        fail(f"--out: cannot write {out}: {exc.strerror or exc}")
+    err_console.print(f"wrote {len(rows)} rows to {out}")
 
 
 register_distributed(app)

@@ -55,7 +55,7 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def emit_rows(rows: list[dict[str, Any]], *, title: str, as_json: bool = False, as_csv: bool = False,
-              columns: Iterable[str] | None = None) -> None:
+              columns: Iterable[str] | None = None, empty: str = "no finished runs match") -> None:
     if as_json and as_csv:
         fail("--json and --csv exclude each other")
     if as_json:
@@ -65,7 +65,7 @@ def emit_rows(rows: list[dict[str, Any]], *, title: str, as_json: bool = False, 
         sys.stdout.write(to_csv(rows))
         return
     if not rows:
-        console.print(f"{title}: no rows (no finished runs match).")
+        console.print(f"{title}: no rows ({empty}).")
         return
     cols = list(columns or rows[0])
     cells = [[_cell(row.get(c)) for c in cols] for row in rows]

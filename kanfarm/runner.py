@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from kanfarm.config import ConfigError, RunConfig
-from kanfarm.data import data_dir, load_dataset
+from kanfarm.data import DatasetFormatError, DatasetUnavailable, data_dir, load_dataset
 from kanfarm.data.dataset import Dataset
 from kanfarm.store import LeaseLost, Store
 from kanfarm.store.rows import RunRow
@@ -212,7 +212,10 @@ def execute_run(store: Store, run_id: int, worker: str, *, device: str = "cpu",
         if database_unavailable(exc):
             attached.abandon()
             raise
-        log.exception("run %s failed", run_id)
+        if isinstance(exc, (DatasetUnavailable, DatasetFormatError)):  # the message says it all
+            log.error("run %s failed: %s", run_id, exc)
+        else:
+            log.exception("run %s failed", run_id)
         return attached.fail(_error_text(exc))
     return attached.settle(result)
 

@@ -57,6 +57,60 @@ def test_commands_refuse_an_unmigrated_database(env):
     assert "kanfarm db upgrade" in result.output
 
 
+def test_commands_refuse_a_database_that_is_not_there_without_creating_it(env, monkeypatch):
+    for args in (["status"], ["grid", "list"], ["report", "summary"], ["run", "grid", "tiny.toml"]):
+        result = invoke(*args)
+        assert result.exit_code == 2 and "no database at" in result.output and "kanfarm db upgrade" in result.output
+    assert "revision none" in invoke("db", "current").output
+    assert not (env / "k.db").exists()
+    monkeypatch.delenv("KANFARM_DATABASE_URL")  # the default: ./kanfarm.db
+    assert invoke("grid", "list").exit_code == 2 and not (env / "kanfarm.db").exists()
+
+
+@pytest.mark.parametrize("url,code,message", [
+    ("notaurl", 2, "not a database URL"),
+    ("mysql://user:secret@127.0.0.1/db", 2, "unsupported database"),
+    ("sqlite:////nonexistent-folder/k.db", 1, "unable to open database file"),  # db upgrade creates
+])
+def test_a_bad_database_url_is_one_line_naming_the_variable(env, monkeypatch, url, code, message):
+    monkeypatch.setenv("KANFARM_DATABASE_URL", url)
+    result = invoke("db", "upgrade")
+    assert result.exit_code == code, result.output
+    assert message in result.output and "KANFARM_DATABASE_URL" in result.output
+    assert "Traceback" not in result.output and "secret" not in result.output
+
+
+def test_export_to_a_path_it_cannot_write_exits_2_and_leaves_nothing(env):
+    assert invoke("db", "upgrade").exit_code == 0
+    (env / "folder").mkdir()
+    for out in ("folder", str(env / "missing" / "x.csv")):
+        result = invoke("export", "--format", "csv", "--out", out)
+        assert result.exit_code == 2 and "--out: cannot write" in result.output
+    assert invoke("report", "html", "--out", "folder").exit_code == 2
+    assert not [p.name for p in env.iterdir() if p.name.endswith(".tmp")]
+    assert list((env / "folder").iterdir()) == []
+
+
+def test_a_grid_whose_dataset_cannot_be_had_stops_before_any_run(env, monkeypatch):
+    """One message from the first dataset that is missing, exit 1, and no run failed for it."""
+    monkeypatch.setenv("KANFARM_OFFLINE", "1")
+    monkeypatch.setenv("KANFARM_DATA_DIR", str(env / "data"))
+    assert invoke("db", "upgrade").exit_code == 0
+    (env / "mnist.toml").write_text(TINY.replace('"tiny"', '"m"').replace('["digits"]', '["mnist"]'))
+    result = invoke("run", "grid", "mnist.toml")
+    assert result.exit_code == 1 and "'mnist' is unavailable" in result.output
+    assert "Traceback" not in result.output
+    assert {r["status"] for r in rows(env / "k.db", "SELECT status FROM runs")} == {"pending"}
+
+
+def test_intrinsic_dim_option_is_checked(env):
+    assert invoke("db", "upgrade").exit_code == 0
+    for item, message in (("digits=\u00b2", "non-negative integer"), ("digits=-1", "non-negative integer"),
+                          ("svhn=3", "unknown dataset")):
+        result = invoke("report", "efficiency", "--intrinsic-dim", item.encode().decode("unicode_escape"))
+        assert result.exit_code == 2 and message in result.output, result.output
+
+
 def test_invalid_spec_exits_2_names_the_field_and_writes_nothing(env):
     assert invoke("db", "upgrade").exit_code == 0
     (env / "bad.toml").write_text(TINY.replace('"adam", "sgd"', '"adam", "adamw"'))

@@ -29,3 +29,27 @@ def test_overfit_onset():
     assert overfit_onset([(0, 0.1), (1, 0.8), (2, 0.9), (3, 0.85), (4, 0.9)]) == 2
     assert overfit_onset([(0, 0.1), (1, 0.8), (2, 0.9)]) is None
     assert overfit_onset([(0, 0.1), (1, 0.9), (2, 0.899)], tolerance=0.01) is None
+
+
+def test_a_grid_uses_its_own_intrinsic_dimension_for_runs_stored_before(sqlite_store):
+    """A run shared by two grids keeps the first grid's intrinsic dimension in ``runs``; a report
+    of the second grid uses the second grid's ``[intrinsic_dim]`` table, and --intrinsic-dim wins."""
+    from kanfarm.config import RunConfig
+    from kanfarm.reports import efficiency_table, summary_table
+    from kanfarm.training.records import EpochRecord
+
+    store = sqlite_store
+    cell = RunConfig(dataset="digits", model="mlp", depth="shallow")
+    store.submit_grid("first", {"name": "first", "intrinsic_dim": {"digits": 100}}, [(cell, 1000, 100)])
+    store.submit_grid("second", {"name": "second", "intrinsic_dim": {"digits": 40}}, [(cell, 1000, 40)])
+    (run_id,) = store.run_ids("second")
+    store.claim(run_id, "w", 60)
+    store.write_epoch(run_id, EpochRecord(0, 1.0, 0.5, 1.0, 0.5, 0.1))
+    store.write_epoch(run_id, EpochRecord(1, 1.0, 0.9, 1.0, 0.8, 0.1))
+    store.finish(run_id, "w", "completed")
+    expected = {grid: 0.8 / 2 / math.log(1 + 1000 - dim) for grid, dim in (("first", 100), ("second", 40))}
+    for grid in ("first", "second"):
+        assert efficiency_table(store, grid)[0]["efficiency"] == pytest.approx(expected[grid])
+        assert summary_table(store, grid)[0]["efficiency"] == pytest.approx(expected[grid])
+    assert efficiency_table(store, "second", intrinsic_dim={"digits": 0})[0]["efficiency"] == pytest.approx(
+        0.8 / 2 / math.log(1001))

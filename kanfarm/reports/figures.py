@@ -8,7 +8,6 @@ needed, and a caller's own backend (say, a notebook's) is left alone.
 from __future__ import annotations
 
 import io
-import os
 import statistics
 import textwrap
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
+from kanfarm.atomic import atomic_write
 from kanfarm.reports import _plotdata as plotdata
 from kanfarm.reports.tables import efficiency_table, setting_of
 
@@ -308,13 +308,6 @@ def figure_bytes(fig: Figure, fmt: str, dpi: int = 100) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format=fmt, dpi=dpi, metadata={"Date": None} if fmt == "svg" else None)
     return buffer.getvalue()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write next to the target, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def save_figures(figures: dict[str, Figure], out_dir: str | Path) -> list[Path]:

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import kanfarm
-from kanfarm.reports.figures import atomic_write, build_figures, figure_bytes
+from kanfarm.atomic import atomic_write
+from kanfarm.reports.figures import build_figures, figure_bytes
 from kanfarm.reports.tables import efficiency_table, gap_table, sensitivity_table, summary_table
 
 TABLES = {"summary": summary_table, "gap": gap_table, "efficiency": efficiency_table,

@@ -39,18 +39,36 @@ def _pick(row: dict[str, Any], columns: Iterable[str]) -> dict[str, Any]:
     return {c: row.get(c) for c in columns}
 
 
+def intrinsic_dims(store: SummarySource, grid: str | None,
+                   overrides: dict[str, int] | None = None) -> dict[str, int]:
+    """Intrinsic dimensions that replace the stored ones: the grid's own ``[intrinsic_dim]`` table
+    (a run stored by an earlier grid keeps that grid's value in ``runs``), then ``overrides``."""
+    row = store.grid(grid) if grid is not None and hasattr(store, "grid") else None
+    table = (row.spec.get("intrinsic_dim") or {}) if row is not None else {}
+    return {**{name: int(dim) for name, dim in table.items()}, **(overrides or {})}
+
+
 def summary_table(store: SummarySource, grid: str | None = None) -> list[dict[str, Any]]:
     cols = CONFIG_COLUMNS + ("best_test_acc", "best_epoch", "train_acc_at_best", "gap_at_best", "epochs_run",
                              "efficiency")
-    return [_pick(r, cols) for r in store.summary(grid)]
+    dims = intrinsic_dims(store, grid)
+    rows = []
+    for r in store.summary(grid):
+        row = _pick(r, cols)
+        if r["dataset"] in dims and r["best_test_acc"] is not None:
+            row["efficiency"] = efficiency(r["best_test_acc"], r["best_epoch"], r["n_params"], dims[r["dataset"]])
+        rows.append(row)
+    return rows
 
 
 def efficiency_table(store: SummarySource, grid: str | None = None,
                      intrinsic_dim: dict[str, int] | None = None) -> list[dict[str, Any]]:
-    """Finished runs by decreasing efficiency; ``intrinsic_dim`` overrides the stored values."""
+    """Finished runs by decreasing efficiency, with ``intrinsic_dims(store, grid, intrinsic_dim)``
+    replacing the stored values."""
+    dims = intrinsic_dims(store, grid, intrinsic_dim)
     rows = []
     for r in _finished(store.summary(grid)):
-        dim = (intrinsic_dim or {}).get(r["dataset"], r["intrinsic_dim"])
+        dim = dims.get(r["dataset"], r["intrinsic_dim"])
         row = _pick(r, CONFIG_COLUMNS + ("best_test_acc", "best_epoch"))
         row["intrinsic_dim"] = dim
         row["efficiency"] = efficiency(r["best_test_acc"], r["best_epoch"], r["n_params"], dim)

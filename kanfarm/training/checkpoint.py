@@ -17,23 +17,11 @@ from typing import Any, Callable
 
 import torch
 
+from kanfarm.atomic import atomic_write
+
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^epoch-(\d{6})\.pt$")
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class CheckpointManager:
@@ -96,8 +84,8 @@ class CheckpointManager:
         payload = buffer.getvalue()
         digest = hashlib.sha256(payload).hexdigest()
         path = self.directory / f"epoch-{epoch:06d}.pt"
-        _atomic_write(path, payload)
-        _atomic_write(path.with_name(path.name + ".sha256"), digest.encode())
+        atomic_write(path, payload, durable=True)
+        atomic_write(path.with_name(path.name + ".sha256"), digest.encode(), durable=True)
         self._last_save = time.monotonic()
         self._prune(epoch)
         if self.on_save is not None:
