@@ -169,10 +169,11 @@ def worker(gpus: Optional[str] = typer.Option(None, "--gpus", help="GPU ids, e.g
            concurrency: int = typer.Option(1, "--concurrency", min=1, help="Worker processes per GPU (or CPU workers)."),
            loglevel: str = typer.Option("INFO", "--loglevel", help="Celery log level.")) -> None:
     """Start Celery workers on this machine and wait; SIGTERM/Ctrl-C checkpoints and releases runs."""
-    from workers.launcher import launch, parse_gpus, parse_queues, plan
+    from workers.launcher import check_gpus, launch, parse_gpus, parse_queues, plan
 
     try:
         gpu_ids = parse_gpus(gpus)
+        check_gpus(gpu_ids)
         specs = plan(gpu_ids, parse_queues(queues, "gpu" if gpu_ids else "cpu"), concurrency)
     except ValueError as exc:
         fail(str(exc))

@@ -24,6 +24,11 @@ MATMUL_PRECISIONS = ("float32", "tf32")
 #: activation used when a config leaves it unset: the study's defaults.
 DEFAULT_ACTIVATION = {"kan": "gelu", "mlp": "relu", "mlp_wide": "relu"}
 
+#: largest integer a run may hold in a field the store keeps: PostgreSQL's ``integer`` is 32-bit.
+MAX_STORED_INT = 2**31 - 1
+#: largest parameter count the store can hold (``n_params`` is a 64-bit ``bigint``).
+MAX_PARAMS = 2**63 - 1
+
 
 class ConfigError(ValueError):
     """A bad value in a run or grid configuration; ``field`` names the offending field."""
@@ -112,30 +117,43 @@ class RunConfig:
         if not (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool)
                 and 0 < float(self.lr) < float("inf")):
             raise ConfigError("lr", f"{self.lr!r} must be a positive number")
+
+        def bounded(name: str, value: Any, low: int, optional: bool = False) -> None:
+            """An integer in [low, MAX_STORED_INT]: larger ones would not fit the store's columns."""
+            if optional and value is None:
+                return
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= MAX_STORED_INT:
+                kind = "a positive" if low == 1 else "a non-negative"
+                raise ConfigError(name, f"{value!r} must be {kind} integer up to {MAX_STORED_INT}"
+                                  + (" or unset" if optional else ""))
+
         for name in ("batch_size", "max_epochs", "grid_size", "spline_order"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(name, f"{value!r} must be a positive integer")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ConfigError("seed", f"{self.seed!r} must be a non-negative integer")
-        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
-            raise ConfigError("patience", f"{self.patience!r} must be a positive integer or unset")
+            bounded(name, getattr(self, name), 1)
+        bounded("seed", self.seed, 0)
+        bounded("patience", self.patience, 1, optional=True)
+        bounded("train_eval_size", self.train_eval_size, 1, optional=True)
+        bounded("hsic_format_epochs", self.hsic_format_epochs, 0, optional=True)
         if not isinstance(self.batch_norm, bool):
             raise ConfigError("batch_norm", f"{self.batch_norm!r} must be true or false")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ConfigError("dropout", f"{self.dropout!r} must lie in [0, 1)")
-        if self.wide_multiplier is not None and not float(self.wide_multiplier) > 0:
-            raise ConfigError("wide_multiplier", f"{self.wide_multiplier!r} must be positive")
+        if self.wide_multiplier is not None and not 0 < float(self.wide_multiplier) < float("inf"):
+            raise ConfigError("wide_multiplier", f"{self.wide_multiplier!r} must be a positive number")
         dataset_options = canonical_dataset_options(self.dataset, self.dataset_options)
         if self.hidden_widths:
             widths = tuple(int(w) for w in self.hidden_widths)
-            if any(w < 1 for w in widths):
-                raise ConfigError("hidden_widths", f"{list(widths)} must be positive integers")
+            if any(not 1 <= w <= MAX_STORED_INT for w in widths):
+                raise ConfigError("hidden_widths", f"{list(widths)} must be positive integers up to {MAX_STORED_INT}")
             depth = self.depth if self.depth in DEPTHS else None
         else:
             choice("depth", self.depth, DEPTHS)
             widths = hidden_widths_for(self.dataset, self.depth)
             depth = self.depth
+        if self.model == "mlp_wide" and self.wide_multiplier is not None:
+            # scaled widths are built, and counted at submission: refuse absurd ones here, cheaply
+            if max(widths) * float(self.wide_multiplier) > MAX_STORED_INT:
+                raise ConfigError("wide_multiplier", f"{self.wide_multiplier!r} scales hidden width {max(widths)} "
+                                  f"beyond {MAX_STORED_INT}")
         # Settings a cell does not use stay at their defaults, so one network has one hash.
         base = self
         if self.model == "mlp":

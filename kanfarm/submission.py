@@ -4,10 +4,27 @@ Nothing is written when any cell is invalid, so a bad spec leaves the database u
 """
 from __future__ import annotations
 
+from kanfarm.config import MAX_PARAMS, MAX_STORED_INT, ConfigError, RunConfig
 from kanfarm.data import dataset_shape
 from kanfarm.grids import GridSpec
 from kanfarm.models import param_count
 from kanfarm.store import Store
+
+
+def checked_param_count(config: RunConfig, n_features: int, n_classes: int) -> int:
+    """``param_count``, refused (ConfigError naming the spec field that caused it) when the store's
+    64-bit ``n_params`` could not hold it; counted from widths, nothing is built."""
+    n_params = param_count(config, n_features, n_classes)
+    if n_params <= MAX_PARAMS:
+        return n_params
+    if config.model == "mlp_wide" and config.wide_multiplier is not None:
+        fld = "wide_multiplier"
+    elif n_features > MAX_STORED_INT and config.dataset_options:
+        fld = f"dataset_options.{config.dataset}"
+    else:
+        fld = "widths"
+    raise ConfigError(fld, f"{config.model} on {config.dataset} with hidden widths {list(config.hidden_widths)} "
+                           f"has {n_params} parameters, more than the store holds ({MAX_PARAMS})")
 
 
 def sized_cells(spec: GridSpec):
@@ -15,7 +32,8 @@ def sized_cells(spec: GridSpec):
     cells = []
     for config in spec.expand():
         n_features, n_classes = dataset_shape(config.dataset, **config.dataset_options)
-        cells.append((config, param_count(config, n_features, n_classes), spec.intrinsic_dim(config.dataset)))
+        cells.append((config, checked_param_count(config, n_features, n_classes),
+                      spec.intrinsic_dim(config.dataset)))
     return cells
 
 

@@ -251,14 +251,22 @@ def test_ctrl_c_leaves_the_grid_resumable(env):
 
 def test_checkpoint_cadence_from_the_environment(env, monkeypatch):
     monkeypatch.setenv("KANFARM_CHECKPOINT_EVERY", "3")
-    monkeypatch.setenv("KANFARM_CHECKPOINT_KEEP", "1")
+    monkeypatch.setenv("KANFARM_CHECKPOINT_KEEP", "3")
     (env / "tiny.toml").write_text(TINY.replace("epochs = 2", "epochs = 4").replace('"adam", "sgd"', '"adam"')
                                    .replace('models = ["mlp", "kan"]', 'models = ["mlp"]'))
     assert invoke("db", "upgrade").exit_code == 0
     assert invoke("run", "grid", "tiny.toml").exit_code == 0
     saved = rows(env / "k.db", "SELECT epoch FROM checkpoints ORDER BY epoch")
     assert [r["epoch"] for r in saved] == [0, 3, 4]  # the start, every 3rd epoch, the last
-    assert len(list((env / "ckpt").glob("*/epoch-*.pt"))) == 1
+    assert sorted(p.name for p in (env / "ckpt").glob("*/epoch-*.pt")) == [
+        "epoch-000000.pt", "epoch-000003.pt", "epoch-000004.pt"]
+    monkeypatch.setenv("KANFARM_CHECKPOINT_KEEP", "1")  # rows follow the files kept
+    (env / "tiny.toml").write_text(TINY.replace('learning_rates = [0.01]', 'learning_rates = [0.03]')
+                                   .replace("epochs = 2", "epochs = 4").replace('models = ["mlp", "kan"]', 'models = ["mlp"]')
+                                   .replace('"adam", "sgd"', '"adam"'))
+    assert invoke("run", "grid", "tiny.toml").exit_code == 0
+    assert [r["epoch"] for r in rows(env / "k.db", "SELECT epoch FROM checkpoints c JOIN runs r ON r.id = c.run_id "
+                                                   "WHERE r.lr = 0.03")] == [4]
     monkeypatch.setenv("KANFARM_CHECKPOINT_EVERY", "0")
     (env / "tiny.toml").write_text(TINY.replace('learning_rates = [0.01]', 'learning_rates = [0.02]'))
     result = invoke("run", "grid", "tiny.toml")

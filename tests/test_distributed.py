@@ -743,3 +743,27 @@ def test_killed_worker_run_resumes_on_other_worker(env, store, fleet, tmp_path, 
     for epoch in range(saved + 1):  # resumed, not restarted: rows up to the checkpoint untouched
         assert after[epoch]["seconds"] == before[epoch]["seconds"], epoch
     assert_same_metrics(metrics_by_hash(store, "kill"), local_reference(tmp_path, data, monkeypatch))
+
+
+def test_worker_refuses_gpus_this_machine_lacks(tmp_path, monkeypatch):
+    """A cuda worker without its GPU would fail every run it took: refused before anything starts."""
+    import torch
+    from typer.testing import CliRunner
+
+    import workers.launcher as launcher
+    from cli.main import app
+    from workers.launcher import check_gpus
+
+    started = []
+    monkeypatch.setattr(launcher, "launch", lambda *a, **k: started.append(a) or 0)
+    monkeypatch.setenv("KANFARM_DATABASE_URL", f"sqlite:///{tmp_path / 'k.db'}")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    result = CliRunner().invoke(app, ["worker", "--gpus", "0"])
+    assert result.exit_code == 2 and "--gpus" in result.output and "0 CUDA devices" in result.output
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_gpus(["0", "1"])  # both exist: passes
+    result = CliRunner().invoke(app, ["worker", "--gpus", "2"])
+    assert result.exit_code == 2 and "no CUDA device 2" in result.output and "2 CUDA devices" in result.output
+    assert started == []
+    with pytest.raises(ValueError, match="--gpus"):
+        check_gpus(["0"], count=0)

@@ -307,3 +307,87 @@ def test_documented_example_parses():
     s = parse_spec(tomllib.loads(example))
     assert s.name == "my-study" and s.intrinsic_dim("digits") == 40
     assert len(s.expand()) == 2 * 3 * 5 * 27 * 2  # datasets x models x architectures x schemes x seeds
+
+
+# --- integers the store cannot hold -------------------------------------------------------------
+
+BIG = 2**63
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"seeds": [BIG]}, "seeds[0]"),
+    ({"seeds": [0, 2**31]}, "seeds[1]"),
+    ({"batch_size": BIG}, "batch_size"),
+    ({"batch_size": {"default": BIG}}, "batch_size.default"),
+    ({"epochs": BIG}, "epochs"),
+    ({"grid_sizes": [2**31]}, "grid_sizes[0]"),
+    ({"spline_orders": [BIG]}, "spline_orders[0]"),
+    ({"patience": BIG}, "patience"),
+    ({"train_eval_size": BIG}, "train_eval_size"),
+    ({"hsic": {"format_epochs": BIG}}, "hsic.format_epochs"),
+    ({"widths": [[32, BIG]]}, "widths[0][1]"),
+    ({"intrinsic_dim": {"digits": BIG}}, "intrinsic_dim.digits"),
+    ({"wide_multiplier": 1e200}, "wide_multiplier"),
+])
+def test_integers_too_large_for_the_store_name_their_field(changes, field):
+    with pytest.raises(ConfigError) as err:
+        spec(**changes)
+    assert err.value.field == field and "2147483647" in str(err.value)
+
+
+def test_largest_storable_integers_pass():
+    s = spec(seeds=[2**31 - 1], batch_size=2**31 - 1, epochs=2**31 - 1, models=["kan"])
+    assert s.expand()[0].seed == 2**31 - 1
+
+
+@pytest.mark.parametrize("field, value", [("seed", BIG), ("max_epochs", 2**31), ("hidden_widths", (2**31,)),
+                                          ("train_eval_size", BIG), ("hsic_format_epochs", BIG)])
+def test_run_config_bounds_stored_integers(field, value):
+    with pytest.raises(ConfigError) as err:
+        RunConfig(**{field: value}).normalised()
+    assert err.value.field == field
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"models": ["kan"], "depths": [], "widths": [[2**31 - 1] * 4]}, "widths"),
+    ({"models": ["mlp_wide"], "depths": [], "widths": [[2**31 - 1] * 4]}, "widths"),  # matching: no hang
+    ({"models": ["mlp_wide"], "depths": [], "widths": [[2**20] * 4], "wide_multiplier": 2000.0}, "wide_multiplier"),
+])
+def test_parameter_count_too_large_for_the_store_names_its_field(changes, field):
+    from kanfarm.submission import sized_cells
+
+    with pytest.raises(ConfigError) as err:
+        sized_cells(spec(**changes))
+    assert err.value.field == field
+
+
+def test_cli_submit_refuses_huge_integers_and_writes_nothing(tmp_path, monkeypatch):
+    import sqlite3
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    db = tmp_path / "k.db"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KANFARM_DATABASE_URL", f"sqlite:///{db}")
+    runner = CliRunner()
+    assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
+    cases = {"seeds = [9223372036854775808]": "seeds[0]", "batch_size = 9223372036854775808": "batch_size",
+             "epochs = 9223372036854775808": "epochs",
+             'models = ["mlp_wide"]\nwide_multiplier = 1e200': "wide_multiplier"}
+    for i, (line, field) in enumerate(cases.items()):
+        path = tmp_path / f"big{i}.toml"
+        path.write_text('name = "big"\ndatasets = ["digits"]\ndepths = ["shallow"]\ninits = ["kaiming_normal"]\n'
+                        'optimizers = ["adam"]\nlearning_rates = [0.01]\n'
+                        + ("" if "models" in line else 'models = ["kan"]\n') + line + "\n")
+        for command in ("show", "submit"):
+            result = runner.invoke(app, ["grid", command, str(path)])
+            assert result.exit_code == 2, result.output
+            assert f"invalid {field}:" in result.output and "Traceback" not in result.output
+    con = sqlite3.connect(db)
+    try:
+        assert con.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 0
+        assert con.execute("SELECT COUNT(*) FROM grids").fetchone()[0] == 0
+    finally:
+        con.close()

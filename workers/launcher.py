@@ -42,6 +42,25 @@ def parse_gpus(text: str | None) -> list[str]:
     return gpus
 
 
+def check_gpus(gpus: list[str], count: int | None = None) -> None:
+    """Refuse GPU ids this machine lacks (``count``: its CUDA devices, asked of torch when None): a
+    cuda worker without its GPU would fail, and use an attempt of, every run it takes.
+
+    ``torch.cuda.device_count()`` asks NVML and creates no CUDA context, so children stay safe.
+    UUIDs cannot be checked by index; they need at least one device."""
+    if not gpus:
+        return
+    if count is None:
+        import torch  # local: CPU workers and tests of plan() never need it
+
+        count = torch.cuda.device_count()
+    missing = [g for g in gpus if (int(g) >= count if g.isdigit() else count == 0)]
+    if missing:
+        hint = f"ids 0-{count - 1}" if count > 1 else "id 0" if count else "omit --gpus for CPU workers"
+        raise ValueError(f"--gpus {','.join(gpus)}: no CUDA device {','.join(missing)} on this machine "
+                         f"(it has {count} CUDA device{'' if count == 1 else 's'}; {hint})")
+
+
 def parse_queues(text: str | None, default: str) -> tuple[str, ...]:
     queues = tuple(q.strip() for q in (text or default).split(",") if q.strip())
     unknown = [q for q in queues if q not in QUEUES]

@@ -23,6 +23,7 @@ from kanfarm.config import (
     DEPTHS,
     INITS,
     MATMUL_PRECISIONS,
+    MAX_STORED_INT,
     MODELS,
     OPTIMIZERS,
     TRAINERS,
@@ -89,10 +90,12 @@ def _is_number(value: Any) -> bool:
 
 
 def _pos_int(fld: str, value: Any, allow_none: bool = False) -> int | None:
+    """Capped at MAX_STORED_INT: the store's integer columns are 32-bit on PostgreSQL."""
     if value is None and allow_none:
         return None
-    if not _is_int(value) or value < 1:
-        raise ConfigError(fld, f"{value!r} must be a positive integer" + (" or unset" if allow_none else ""))
+    if not _is_int(value) or not 1 <= value <= MAX_STORED_INT:
+        raise ConfigError(fld, f"{value!r} must be a positive integer up to {MAX_STORED_INT}"
+                          + (" or unset" if allow_none else ""))
     return value
 
 
@@ -115,9 +118,7 @@ def _element(fld: str, kind: str, allowed: tuple[str, ...] | None, value: Any) -
     if kind == "posint":
         return _pos_int(fld, value)
     if kind == "seed":
-        if not _is_int(value) or value < 0:
-            raise ConfigError(fld, f"{value!r} must be a non-negative integer")
-        return value
+        return _non_negative_int(fld, value)
     if kind == "lr":
         if not _is_number(value) or not 0 < value < 1e3:
             raise ConfigError(fld, f"{value!r} must be a positive number below 1000")
@@ -192,8 +193,8 @@ def _dataset_options(table: Any) -> dict[str, dict[str, int]]:
 
 
 def _non_negative_int(fld: str, value: Any) -> int:
-    if not _is_int(value) or value < 0:
-        raise ConfigError(fld, f"{value!r} must be a non-negative integer")
+    if not _is_int(value) or not 0 <= value <= MAX_STORED_INT:
+        raise ConfigError(fld, f"{value!r} must be a non-negative integer up to {MAX_STORED_INT}")
     return value
 
 
