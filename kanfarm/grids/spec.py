@@ -5,6 +5,7 @@ field's name instead of hours later in a worker. See docs/grid-spec.md for the f
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -286,8 +287,12 @@ class GridSpec:
         """Every cell, normalised, outermost axis first, duplicates (by config_hash) dropped.
 
         Plain MLPs have no splines: they get RunConfig's default spline order and grid size
-        once instead of one identical cell per spline_orders x grid_sizes value.
-        """
+        once instead of one identical cell per spline_orders x grid_sizes value. Computed once per
+        spec (validation, submission and the CLI all ask; a large grid takes seconds)."""
+        return list(self._cells)
+
+    @functools.cached_property
+    def _cells(self) -> tuple[RunConfig, ...]:
         cells: list[RunConfig] = []
         seen: set[str] = set()
         for dataset, model, arch, trainer, activation in itertools.product(
@@ -304,7 +309,7 @@ class GridSpec:
                 if key not in seen:
                     seen.add(key)
                     cells.append(cell)
-        return cells
+        return tuple(cells)
 
     def to_dict(self) -> dict[str, Any]:
         """The normalised spec (JSON-serialisable, every default filled in); parse_spec reads it back."""
