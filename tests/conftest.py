@@ -88,3 +88,15 @@ def postgres_store(fresh_postgres_url):
     store = _migrated_store(fresh_postgres_url)
     yield store
     store.dispose(close=True)
+
+
+def stored_grids_and_runs(db_path) -> tuple[int, int]:
+    """How many grids and runs a SQLite file holds (a refused command must leave both at 0)."""
+    import sqlite3
+
+    con = sqlite3.connect(db_path)
+    try:
+        return (con.execute("SELECT COUNT(*) FROM grids").fetchone()[0],
+                con.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
+    finally:
+        con.close()

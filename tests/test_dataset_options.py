@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 import kanfarm.packing
 from cli.main import app
 from kanfarm import runner
+from conftest import stored_grids_and_runs
 from kanfarm.config import ConfigError, RunConfig
 from kanfarm.grids import load_spec, parse_spec
 from kanfarm.models import build_model, param_count
@@ -285,9 +286,4 @@ def test_bad_option_in_a_spec_exits_2_names_it_and_writes_nothing(tmp_path, monk
             result = cli.invoke(app, command)
             assert result.exit_code == 2, result.output
             assert field in result.output
-    con = sqlite3.connect(db)
-    try:
-        assert con.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 0
-        assert con.execute("SELECT COUNT(*) FROM grids").fetchone()[0] == 0
-    finally:
-        con.close()
+    assert stored_grids_and_runs(db) == (0, 0)

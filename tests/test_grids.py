@@ -6,6 +6,7 @@ import tomllib
 
 import pytest
 
+from conftest import stored_grids_and_runs
 from kanfarm.config import ConfigError, RunConfig
 from kanfarm.grids import KNOWN_INTRINSIC_DIM, PRESETS, GridSpec, load_spec, parse_spec
 
@@ -362,8 +363,6 @@ def test_parameter_count_too_large_for_the_store_names_its_field(changes, field)
 
 
 def test_cli_submit_refuses_huge_integers_and_writes_nothing(tmp_path, monkeypatch):
-    import sqlite3
-
     from typer.testing import CliRunner
 
     from cli.main import app
@@ -385,9 +384,4 @@ def test_cli_submit_refuses_huge_integers_and_writes_nothing(tmp_path, monkeypat
             result = runner.invoke(app, ["grid", command, str(path)])
             assert result.exit_code == 2, result.output
             assert f"invalid {field}:" in result.output and "Traceback" not in result.output
-    con = sqlite3.connect(db)
-    try:
-        assert con.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 0
-        assert con.execute("SELECT COUNT(*) FROM grids").fetchone()[0] == 0
-    finally:
-        con.close()
+    assert stored_grids_and_runs(db) == (0, 0)
