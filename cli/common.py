@@ -25,7 +25,7 @@ def handles_errors(func: Callable) -> Callable:
         from sqlalchemy.exc import OperationalError
 
         from kanfarm.config import ConfigError
-        from kanfarm.data import DatasetUnavailable
+        from kanfarm.data import DatasetFormatError, DatasetUnavailable
         from kanfarm.store import SchemaOutOfDate
 
         try:
@@ -34,7 +34,7 @@ def handles_errors(func: Callable) -> Callable:
             fail(f"invalid {exc}")
         except SchemaOutOfDate as exc:
             fail(str(exc), code=2)
-        except DatasetUnavailable as exc:
+        except (DatasetUnavailable, DatasetFormatError) as exc:
             fail(str(exc), code=1)
         except OperationalError as exc:  # the driver's own words name no password
             first = str(exc.orig or exc).strip().splitlines()[0]

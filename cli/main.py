@@ -95,6 +95,13 @@ def _submit(store, spec: str):
     grid = load_spec(spec)
     result = submit(store, grid)
     err_console.print(f"grid [bold]{grid.name}[/]: {result.added} runs added, {result.existing} already stored")
+    linked = store.query("SELECT r.config_hash FROM runs r JOIN grid_runs gr ON gr.run_id = r.id "
+                         "JOIN grids g ON g.id = gr.grid_id WHERE g.name = :name", {"name": grid.name})
+    others = len({r["config_hash"] for r in linked} - {c.config_hash() for c in grid.expand()})
+    if others:  # a spec (or preset) changed under the same name: its old cells stay in the grid
+        err_console.print(f"warning: grid {grid.name} also holds {others} runs that are not cells of this "
+                          f"spec (an earlier version of it); its reports include them. Submit under "
+                          f"another name to keep them apart.", highlight=False, soft_wrap=True)
     return grid, result
 
 

@@ -171,7 +171,7 @@ class _ClaimedRun:
         database lets us (else its lease runs out); its rows and checkpoints stay for the resume."""
         self.beat.stop()
         try:
-            self.store.release(self.run.id, self.worker)
+            self.store.release(self.run.id, self.worker, refund=True)
         except Exception as exc:
             log.warning("run %s: could not be released (%s); its lease will expire", self.run.id,
                         type(exc).__name__)
@@ -246,13 +246,21 @@ def execute_pack(store: Store, run_ids: list[int], worker: str, *, device: str =
                    _dataset(claimed[0].config), device=device)
     except Exception as exc:
         open_members = [m for m in members if m.run.id not in ended]
+        for m in open_members:  # no lease of the pack is renewed from here on, whatever happens below
+            m.beat.stop()
         if database_unavailable(exc):
             for m in open_members:
                 m.abandon()
             raise
         log.exception("pack %s failed", [m.run.id for m in open_members])
         error = _error_text(exc)
-        ended.update((m.run.id, m.fail(error)) for m in open_members)
+        for i, m in enumerate(open_members):
+            try:
+                ended[m.run.id] = m.fail(error)
+            except Exception as settle_error:  # the database went away while failing them
+                for rest in open_members[i:]:
+                    rest.abandon()
+                raise settle_error from exc
     return outcomes + [ended[m.run.id] for m in members]
 
 
@@ -305,18 +313,18 @@ def work_loop(store: Store, worker: str, *, grid: str | None = None, device: str
     while pack_size != 1 and (shutdown is None or not shutdown.is_set()):
         from kanfarm.packing import plan_packs
 
-        waiting = store.claimable_runs(grid)
-        if not waiting:
-            return outcomes
-        pack = plan_packs(waiting, _pack_size(pack_size, waiting[0][1], device))[0]
         with retried.database_errors():
+            waiting = store.claimable_runs(grid)
+            if not waiting:
+                return outcomes
+            pack = plan_packs(waiting, _pack_size(pack_size, waiting[0][1], device))[0]
             outcomes += execute_pack(store, pack, worker, device=device, lease_s=lease_s, shutdown=shutdown,
                                      max_attempts=max_attempts, on_epoch=on_epoch)
     while shutdown is None or not shutdown.is_set():
-        run = store.claim_next(worker, lease_s, grid=grid, max_attempts=max_attempts)
-        if run is None:
-            break
         with retried.database_errors():
+            run = store.claim_next(worker, lease_s, grid=grid, max_attempts=max_attempts)
+            if run is None:
+                return outcomes
             outcomes.append(execute_run(store, run.id, worker, device=device, lease_s=lease_s, claimed=True,
                                         shutdown=shutdown, on_epoch=on_epoch))
     return outcomes

@@ -99,8 +99,31 @@ def test_a_grid_whose_dataset_cannot_be_had_stops_before_any_run(env, monkeypatc
     (env / "mnist.toml").write_text(TINY.replace('"tiny"', '"m"').replace('["digits"]', '["mnist"]'))
     result = invoke("run", "grid", "mnist.toml")
     assert result.exit_code == 1 and "'mnist' is unavailable" in result.output
-    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)  # exit 1 by design, not an unhandled error
     assert {r["status"] for r in rows(env / "k.db", "SELECT status FROM runs")} == {"pending"}
+
+
+def test_a_damaged_dataset_file_is_one_line_naming_it(env, monkeypatch):
+    monkeypatch.setenv("KANFARM_OFFLINE", "1")
+    monkeypatch.setenv("KANFARM_DATA_DIR", str(env / "data"))
+    assert invoke("db", "upgrade").exit_code == 0
+    folder = env / "data" / "mnist"
+    folder.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        (folder / name).write_bytes(b"not a gzip file")
+    (env / "mnist.toml").write_text(TINY.replace('"tiny"', '"m"').replace('["digits"]', '["mnist"]'))
+    result = invoke("run", "grid", "mnist.toml")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)  # not an unhandled error
+    assert "not a readable gzip file" in result.output and "train-images-idx3-ubyte.gz" in result.output
+
+
+def test_a_changed_spec_under_the_same_name_warns_of_the_cells_it_keeps(env):
+    assert invoke("db", "upgrade").exit_code == 0
+    assert "warning" not in invoke("grid", "submit", "tiny.toml").output
+    (env / "tiny.toml").write_text(TINY.replace("epochs = 2", "epochs = 2\nbatch_norm = true"))
+    result = invoke("grid", "submit", "tiny.toml")
+    assert result.exit_code == 0 and "also holds 4 runs that are not cells of this spec" in result.output
 
 
 def test_intrinsic_dim_option_is_checked(env):

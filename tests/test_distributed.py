@@ -108,6 +108,14 @@ def test_pack_task_claims_no_further_chunk_after_warm_shutdown(sqlite_store, mon
     assert published == [([ids[1:]], "cpu")]  # released and unclaimed runs keep a message
 
 
+def test_a_message_for_a_run_that_does_not_exist_is_done(sqlite_store, monkeypatch):
+    from workers import tasks
+
+    monkeypatch.setattr(tasks, "store", lambda: sqlite_store)
+    assert tasks.execute_run_task.run(987654) == "not-claimed"
+    assert tasks._held_here([987654]) is False
+
+
 def test_a_run_this_worker_could_not_hand_back_is_retried_after_its_lease(sqlite_store, monkeypatch):
     """A database error left the run ``running`` under this process's name (the release failed
     too): the task's retry must not ack the message while that lease is live, or the run would sit
@@ -757,6 +765,7 @@ def test_worker_refuses_gpus_this_machine_lacks(tmp_path, monkeypatch):
     started = []
     monkeypatch.setattr(launcher, "launch", lambda *a, **k: started.append(a) or 0)
     monkeypatch.setenv("KANFARM_DATABASE_URL", f"sqlite:///{tmp_path / 'k.db'}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     result = CliRunner().invoke(app, ["worker", "--gpus", "0"])
     assert result.exit_code == 2 and "--gpus" in result.output and "0 CUDA devices" in result.output
@@ -767,3 +776,8 @@ def test_worker_refuses_gpus_this_machine_lacks(tmp_path, monkeypatch):
     assert started == []
     with pytest.raises(ValueError, match="--gpus"):
         check_gpus(["0"], count=0)
+    # a shell narrowed to physical GPUs 2 and 3 (a batch scheduler): those ids are the valid ones
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    check_gpus(["2", "3"])
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES=2,3"):
+        check_gpus(["0"])

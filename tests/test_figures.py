@@ -17,6 +17,7 @@ from matplotlib.collections import PathCollection
 from kanfarm.config import RunConfig
 from kanfarm.reports import figures as F
 from kanfarm.reports.html import render_html, write_html
+from kanfarm.reports.tables import with_settings
 from kanfarm.store import Store
 from kanfarm.training.records import EpochRecord
 
@@ -266,3 +267,24 @@ def test_cli_plot_and_html_on_an_empty_grid(cli, tmp_path):
     result = cli("html", "--grid", "nope", "--out", str(tmp_path / "x.html"))
     assert result.exit_code == 2 and "no grid named 'nope'" in result.output
     assert not (tmp_path / "x.html").exists()
+
+
+def test_sensitivity_tells_settings_the_view_does_not_hold_apart(sqlite_url):
+    """Batch norm (or HSIC's format stage, dropout, ...) lives only in the stored config: runs that
+    differ in it are separate settings, in the table and in the figure."""
+    from kanfarm.reports import sensitivity_table
+
+    store = Store(sqlite_url)
+    store.upgrade()
+    try:
+        cells = [RunConfig(dataset="digits", model="mlp", depth="shallow", lr=lr, batch_norm=bn)
+                 for bn in (False, True) for lr in (0.1, 0.01)]
+        store.submit_grid("bn", {"name": "bn"}, [(c, 1000, None) for c in cells])
+        for i, run_id in enumerate(store.run_ids("bn")):
+            _finish(store, run_id, [0.2, 0.5 + 0.1 * i])
+        rows = sensitivity_table(store, "bn")
+        assert [(r["batch_norm"], r["runs"]) for r in rows] == [(False, 2), (True, 2)]
+        labels = [t.get_text() for t in F.sensitivity_boxes(with_settings(store, "bn")).axes[0].get_xticklabels()]
+        assert labels == ["mlp\nshallow\nbatch norm False", "mlp\nshallow\nbatch norm True"]
+    finally:
+        store.dispose(close=True)

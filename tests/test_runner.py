@@ -88,6 +88,7 @@ def test_a_database_error_hands_the_run_back_instead_of_failing_it(sqlite_store,
         execute_run(store, run_id, "w1")
     run = store.run(run_id)
     assert (run.status, run.error, run.lease_expires_at) == ("queued", None, None)
+    assert run.attempts == 0  # the database's fault: the attempt is given back
     assert execute_run(store, run_id, "w2").status == "completed"  # resumes from epoch 1's checkpoint
     assert [r["epoch"] for r in store.epoch_metrics(run_id)] == [0, 1, 2, 3]
 
@@ -127,3 +128,59 @@ def test_a_new_database_beside_an_old_checkpoint_folder_trains_the_run_again(sql
         assert strip(second.epoch_metrics(run_id)) == strip(sqlite_store.epoch_metrics(first))
     finally:
         second.dispose(close=True)
+
+
+def test_a_pack_that_crashes_while_the_database_fails_leaves_no_run_held(sqlite_store, tmp_path, monkeypatch):
+    """Failing the members of a crashed pack hits a database error: the members not yet failed are
+    handed back and no heartbeat keeps renewing a lease nobody trains under."""
+    import threading
+
+    import pytest
+    from sqlalchemy.exc import OperationalError
+
+    from kanfarm.runner import execute_pack
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    store = sqlite_store
+    base = dict(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=3)
+    ids = _grid(store, [RunConfig(lr=lr, **base) for lr in (0.01, 0.02, 0.03)])
+    finish, calls = store.finish, []
+
+    def finish_fails_once(run_id, worker, status, error=None):
+        calls.append(run_id)
+        if len(calls) == 1:
+            raise OperationalError("UPDATE runs ...", {}, Exception("server closed the connection"))
+        return finish(run_id, worker, status, error=error)
+
+    def crash(rid, record):
+        if record.epoch == 1:
+            raise RuntimeError("boom")
+
+    monkeypatch.setattr(store, "finish", finish_fails_once)
+    with pytest.raises(OperationalError):
+        execute_pack(store, ids, "w1", lease_s=0.3, on_epoch=crash)
+    assert not [t for t in threading.enumerate() if t.name.startswith("heartbeat-") and t.is_alive()]
+    assert [store.run(i).status for i in ids] == ["queued"] * 3
+
+
+def test_the_local_work_loop_rides_out_an_outage_of_its_claims(sqlite_store, tmp_path, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    import kanfarm.runner
+    from kanfarm.runner import work_loop
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    monkeypatch.setattr(kanfarm.runner.time, "sleep", lambda s: None)
+    store = sqlite_store
+    (run_id,) = _grid(store, [RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=1)])
+    claim_next, failures = store.claim_next, []
+
+    def down_for_three_claims(*args, **kwargs):
+        if len(failures) < 3:
+            failures.append(1)
+            raise OperationalError("SELECT ...", {}, Exception("connection refused"))
+        return claim_next(*args, **kwargs)
+
+    monkeypatch.setattr(store, "claim_next", down_for_three_claims)
+    assert [o.status for o in work_loop(store, "w1", grid="g")] == ["completed"]
+    assert len(failures) == 3 and store.run(run_id).status == "completed"

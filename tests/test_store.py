@@ -267,9 +267,14 @@ def test_query_is_parameterised_and_read_only(store):
     store.write_epoch(store.run_ids()[0], record(0, 0.1, 0.1))  # the connection is writable again
     # a second statement could turn the transaction back to read-write (PostgreSQL runs them all)
     for sql in ("SET TRANSACTION READ WRITE; DELETE FROM grid_runs; COMMIT; SELECT 1 AS x",
-                "SELECT 1 AS x; DELETE FROM runs", "SELECT ';' AS x; DELETE FROM runs -- ;"):
-        with pytest.raises(ValueError, match="one SQL statement"):
+                "SELECT 1 AS x; DELETE FROM runs", "SELECT ';' AS x; DELETE FROM runs -- ;",
+                # quoting that fooled a parser of SQL: an E-string's \' and a $1$ that is no dollar quote
+                "SELECT E'\\'' ; COMMIT; DELETE FROM grid_runs; -- '",
+                "SELECT 1 AS x, '$1$'; DELETE FROM grid_runs; SELECT '$1$'"):
+        with pytest.raises((ValueError, sa.exc.DBAPIError)):  # SQLite cannot even parse SET TRANSACTION
             store.query(sql)
+    with pytest.raises(ValueError, match="one SQL statement"):
+        store.query("SELECT 1 AS x; DELETE FROM runs")
     assert len(store.run_ids("g")) == 3
     assert store.query("SELECT ';' AS x, 1 AS \"a;b\" /* ; */ ; -- ;") == [{"x": ";", "a;b": 1}]
 

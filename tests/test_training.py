@@ -168,3 +168,12 @@ def test_checkpoints_keep_last_n_and_verify_digest(tmp_path):
     (tmp_path / "epoch-000003.pt.sha256").write_text("0" * 64)
     epoch, state = ckpt.load_latest()
     assert epoch == 2 and torch.equal(state["w"], torch.full((2,), 2.0))
+
+
+def test_batch_norm_run_skips_a_last_batch_of_one_row(digits):
+    """BatchNorm1d cannot train on one row: such a final batch is left out, not a crash."""
+    n = digits.x_train.shape[0]
+    config = RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=n - 1, max_epochs=1,
+                       batch_norm=True)
+    result, records = run(config, digits)
+    assert result.status == "completed" and [r.epoch for r in records] == [0, 1]

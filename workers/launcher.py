@@ -50,6 +50,14 @@ def check_gpus(gpus: list[str], count: int | None = None) -> None:
     UUIDs cannot be checked by index; they need at least one device."""
     if not gpus:
         return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if count is None and visible:  # the launcher's own view is narrowed: ids are checked against it,
+        known = [v.strip() for v in visible.split(",") if v.strip()]  # each child gets one of them
+        missing = [g for g in gpus if g not in known]
+        if missing:
+            raise ValueError(f"--gpus {','.join(gpus)}: {','.join(missing)} not in this shell's "
+                             f"CUDA_VISIBLE_DEVICES={visible}")
+        return
     if count is None:
         import torch  # local: CPU workers and tests of plan() never need it
 

@@ -132,9 +132,17 @@ def _held_here(run_ids: list[int]) -> bool:
     kept an earlier try of this task from handing it back. Its lease runs out, and a retry after
     one lease claims it again (a claim now would be refused while the lease is live)."""
     from kanfarm.runner import worker_name
+    from kanfarm.store import RunNotFound
 
     me = worker_name(":celery")
-    return any(row.status == "running" and row.worker == me for row in map(store().run, run_ids))
+    for run_id in run_ids:
+        try:
+            row = store().run(run_id)
+        except RunNotFound:  # not ours, nor anyone's: the message is done
+            continue
+        if row.status == "running" and row.worker == me:
+            return True
+    return False
 
 
 @app.task(name=PACK_TASK_NAME, bind=True, ignore_result=True, acks_late=True, max_retries=5)

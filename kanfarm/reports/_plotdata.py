@@ -34,7 +34,8 @@ def arch_key(label: str) -> tuple:
 
 #: short names of the settings that can tell two boxes of one model and depth apart.
 _SETTING_NAMES = {"activation": "", "spline_order": "k=", "grid_size": "G=", "batch_size": "batch ",
-                  "max_epochs": "epochs "}
+                  "max_epochs": "epochs ", "batch_norm": "batch norm ", "dropout": "dropout ",
+                  "hsic_format_epochs": "format epochs ", "matmul_precision": ""}
 
 
 def varying_settings(rows: Iterable[Row]) -> tuple[str, ...]:

@@ -21,7 +21,7 @@ from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from kanfarm.atomic import atomic_write
 from kanfarm.reports import _plotdata as plotdata
-from kanfarm.reports.tables import efficiency_table, setting_of
+from kanfarm.reports.tables import efficiency_table, setting_of, with_settings
 
 Row = dict[str, Any]
 MODEL_COLOURS = {"kan": "C0", "mlp_wide": "C1", "mlp": "C2"}
@@ -288,7 +288,7 @@ def build_figures(store, grid: str | None = None) -> FigureSet:
               for m in store.epoch_metrics(run_id=run)]
     makers: dict[str, Callable[[], Figure]] = {
         "accuracy": lambda: accuracy_bars(rows),
-        "sensitivity": lambda: sensitivity_boxes(rows),
+        "sensitivity": lambda: sensitivity_boxes(with_settings(store, grid)),
         "efficiency": lambda: efficiency_scatter(efficiency_table(store, grid)),
         "gap": lambda: gap_bars(rows),
         "learning_curves": lambda: learning_curves(rows, epochs),

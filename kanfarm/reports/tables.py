@@ -5,6 +5,7 @@ cannot say portably (median, IQR, overfitting onset) are computed here.
 """
 from __future__ import annotations
 
+import json
 import statistics
 from collections import defaultdict
 from typing import Any, Iterable, Protocol
@@ -17,16 +18,21 @@ CONFIG_COLUMNS = ("run_id", "dataset", "model", "depth", "hidden_widths", "train
 #: a training scheme (FACTS.md: 27 per model) and the seed: the sensitivity report's spread is over
 #: these, everything else held fixed.
 SCHEME_COLUMNS = ("init", "optimizer", "lr", "seed")
-#: the view's columns that fix the setting a scheme is tried in: runs that differ in any of them are
-#: never pooled (an ELU KAN or a degree-5 KAN is another model, not another scheme).
+#: config fields the view does not hold that also fix a setting (``with_settings`` adds them).
+CONFIG_SETTINGS = ("batch_norm", "dropout", "wide_multiplier", "patience", "train_eval_size", "hsic_beta",
+                   "hsic_sigma", "hsic_x_term", "hsic_format_epochs", "matmul_precision", "dataset_options")
+#: what fixes the setting a scheme is tried in: runs that differ in any of these are never pooled
+#: (an ELU KAN, a degree-5 KAN or a KAN with batch norm is another model, not another scheme).
 SETTING_COLUMNS = ("dataset", "model", "depth", "hidden_widths", "trainer", "activation", "spline_order",
-                   "grid_size", "batch_size", "max_epochs")
+                   "grid_size", "batch_size", "max_epochs", *CONFIG_SETTINGS)
 #: rows sort so that each KAN stands next to its parameter-matched MLP-Wide, then the plain MLP.
 MODEL_ORDER = {"kan": 0, "mlp_wide": 1, "mlp": 2}
 
 
 class SummarySource(Protocol):
     def summary(self, grid: str | None = None) -> list[dict[str, Any]]: ...
+
+    def run_configs(self, grid: str | None = None) -> dict[int, dict[str, Any]]: ...
 
     def epoch_metrics(self, run_id: int | None = None, grid: str | None = None) -> list[dict[str, Any]]: ...
 
@@ -112,24 +118,34 @@ def _quartiles(values: list[float]) -> tuple[float, float]:
 
 def setting_of(row: dict[str, Any]) -> tuple:
     """The values of ``SETTING_COLUMNS``: runs with equal settings differ only in scheme and seed."""
-    return tuple(row.get(c) for c in SETTING_COLUMNS)
+    return tuple(json.dumps(row.get(c), sort_keys=True) if isinstance(row.get(c), dict) else row.get(c)
+                 for c in SETTING_COLUMNS)
+
+
+def with_settings(store: SummarySource, grid: str | None = None) -> list[dict[str, Any]]:
+    """The view's rows (of ``grid``), each with the ``CONFIG_SETTINGS`` of its stored config
+    (a field a config stored before it existed has RunConfig's default)."""
+    from kanfarm.config import RunConfig
+
+    defaults = RunConfig().to_dict()
+    configs = store.run_configs(grid)
+    return [{**row, **{c: configs.get(row["run_id"], {}).get(c, defaults[c]) for c in CONFIG_SETTINGS}}
+            for row in store.summary(grid)]
 
 
 def sensitivity_table(store: SummarySource, grid: str | None = None) -> list[dict[str, Any]]:
     """Spread of best test accuracy over training schemes (init x optimiser x learning rate, and
-    seeds), one row per setting: dataset x model x widths x trainer x activation x spline order x
-    grid size x batch size x epochs.
-
-    Settings the view does not hold (dropout, HSIC parameters, dataset options) are not told apart:
-    pass ``grid`` to compare runs of one grid. Diverged runs count towards ``divergence_rate``; their
-    best accuracy before diverging (if any) counts towards the spread like any other run's.
+    seeds), one row per setting: every other config field (``SETTING_COLUMNS``: dataset, model,
+    widths, trainer, activation, spline order, grid size, batch size, epochs, batch norm, dropout,
+    HSIC settings, ...). Diverged runs count towards ``divergence_rate``; their best accuracy before
+    diverging (if any) counts towards the spread like any other run's.
     """
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for r in _finished(store.summary(grid)):
+    for r in _finished(with_settings(store, grid)):
         groups[setting_of(r)].append(r)
     rows = []
-    for key, runs in groups.items():
-        setting = dict(zip(SETTING_COLUMNS, key))
+    for runs in groups.values():
+        setting = {c: runs[0].get(c) for c in SETTING_COLUMNS}
         accs = sorted(r["best_test_acc"] for r in runs if r["best_test_acc"] is not None)
         row: dict[str, Any] = {**setting, "depth": setting["depth"] or setting["hidden_widths"],
                                "runs": len(runs), "count": len(accs),

@@ -15,7 +15,6 @@ and use leases much longer than the skew.
 from __future__ import annotations
 
 import json
-import re
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Iterable, Iterator, Sequence
@@ -287,11 +286,15 @@ class Store:
         return self._leave_running(run_id, worker, status=status, finished_at=_at(utcnow()),
                                    lease_expires_at=None, error=error)
 
-    def release(self, run_id: int, worker: str, error: str | None = None) -> bool:
-        """running (by ``worker``) -> queued, for another worker to resume. False if not its run."""
+    def release(self, run_id: int, worker: str, error: str | None = None, refund: bool = False) -> bool:
+        """running (by ``worker``) -> queued, for another worker to resume. False if not its run.
+        ``refund``: give back the attempt the claim took (the run was not at fault: a database
+        error), so such hand-backs never exhaust ``max_attempts``."""
         values: dict[str, Any] = {"status": "queued", "lease_expires_at": None}
         if error is not None:
             values["error"] = error
+        if refund:
+            values["attempts"] = sa.case((runs.c.attempts > 0, runs.c.attempts - 1), else_=0)
         return self._leave_running(run_id, worker, **values)
 
     def _leave_running(self, run_id: int, worker: str, **values: Any) -> bool:
@@ -406,29 +409,52 @@ class Store:
         with self._read() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
 
+    def run_configs(self, grid: str | None = None) -> dict[int, dict[str, Any]]:
+        """Run id -> stored config (a dict) of the runs (of ``grid``), in one query."""
+        query = _in_grid(sa.select(runs.c.id, runs.c.config), grid)
+        with self._read() as conn:
+            return {run_id: config for run_id, config in conn.execute(query)}
+
     def query(self, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        """Run one read-only parameterised SQL statement (``:name`` placeholders); writes, and a
-        second statement after a ``;`` (which could switch the transaction back to writing), are
-        refused."""
-        _refuse_several_statements(sql)
+        """Run one read-only parameterised SQL statement (``:name`` placeholders). Writes are
+        refused, and so is a second statement, which could switch the transaction back to writing:
+        the drivers enforce it (SQLite's executes one statement; PostgreSQL's runs this one as a
+        prepared statement, which holds one command), so no parsing of SQL here can be fooled."""
         postgres = self.engine.dialect.name == "postgresql"
         with self._read() as conn:
             conn.exec_driver_sql("SET TRANSACTION READ ONLY" if postgres else "PRAGMA query_only = ON")
             try:
+                if postgres:
+                    return _prepared_rows(conn, sql, params or {})
                 return [dict(row._mapping) for row in conn.execute(sa.text(sql), params or {})]
+            except sa.exc.ProgrammingError as exc:
+                if "one statement at a time" in str(exc.orig):
+                    raise ValueError(_ONE_STATEMENT) from None
+                raise
             finally:
                 if not postgres:
                     conn.exec_driver_sql("PRAGMA query_only = OFF")
 
 
-#: what may hold a ``;`` that does not end a statement: quoted strings and identifiers,
-#: PostgreSQL dollar quotes, comments.
-_QUOTED = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\$(\w*)\$.*?\$\1\$|--[^\n]*|/\*.*?\*/", re.DOTALL)
+_ONE_STATEMENT = "query takes one SQL statement; remove the ';' between statements"
 
 
-def _refuse_several_statements(sql: str) -> None:
-    if ";" in _QUOTED.sub(" ", sql).strip().rstrip(";"):
-        raise ValueError("query takes one SQL statement; remove the ';' between statements")
+def _prepared_rows(conn: Connection, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """``sql`` run as a PostgreSQL prepared statement (psycopg's ``prepare=True``): the server
+    refuses more than one command in it."""
+    compiled = sa.text(sql).compile(dialect=conn.dialect)
+    dbapi = conn.dialect.dbapi
+    cursor = conn.connection.driver_connection.cursor()
+    try:
+        cursor.execute(compiled.string, compiled.construct_params(params), prepare=True)
+        names = [column.name for column in cursor.description or ()]
+        return [dict(zip(names, row)) for row in cursor.fetchall()]
+    except dbapi.Error as exc:
+        if "multiple commands" in str(exc):
+            raise ValueError(_ONE_STATEMENT) from None
+        raise sa.exc.DBAPIError.instance(sql, params, exc, dbapi.Error, dialect=conn.dialect) from exc
+    finally:
+        cursor.close()
 
 
 def _grid_run_ids(grid: str) -> sa.Select:

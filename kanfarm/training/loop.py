@@ -38,12 +38,14 @@ class Method(Protocol):
 
 
 def shuffled_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                     order: torch.Generator) -> Iterator[Batch]:
-    """One epoch of minibatches in an order drawn from ``order`` (a CPU generator, checkpointed)."""
+                     order: torch.Generator, min_rows: int = 1) -> Iterator[Batch]:
+    """One epoch of minibatches in an order drawn from ``order`` (a CPU generator, checkpointed).
+    A last batch of fewer than ``min_rows`` rows is left out (batch norm needs two rows to train)."""
     perm = torch.randperm(x.shape[0], generator=order).to(x.device)
     for start in range(0, x.shape[0], batch_size):
         idx = perm[start:start + batch_size]
-        yield x[idx], y[idx]
+        if idx.shape[0] >= min_rows:
+            yield x[idx], y[idx]
 
 
 @torch.no_grad()
@@ -149,7 +151,8 @@ def _fit(config: RunConfig, data: Dataset, sink: Sink, method: Method, checkpoin
             return RunResult("stopped", epoch, n_params)
         started = time.perf_counter()
         epoch += 1
-        batches = shuffled_batches(data.x_train, data.y_train, config.batch_size, order)
+        batches = shuffled_batches(data.x_train, data.y_train, config.batch_size, order,
+                                   min_rows=2 if config.batch_norm else 1)
         loss_sum = method.train_epoch(model, optimizers, batches, epoch, config)
         if record(loss_sum, started) is None:
             return RunResult("diverged", epoch, n_params)
