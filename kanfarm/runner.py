@@ -217,7 +217,12 @@ def execute_run(store: Store, run_id: int, worker: str, *, device: str = "cpu",
         else:
             log.exception("run %s failed", run_id)
         return attached.fail(_error_text(exc))
-    return attached.settle(result)
+    try:
+        return attached.settle(result)
+    except Exception as exc:  # finishing hit a database error: hand back rather than strand it
+        if database_unavailable(exc):
+            attached.abandon()
+        raise
 
 
 def execute_pack(store: Store, run_ids: list[int], worker: str, *, device: str = "cpu",
@@ -294,7 +299,8 @@ class _DatabaseRetries:
             self.in_a_row += 1
             if self.in_a_row >= self.limit:
                 raise
-            log.warning("database unavailable (%s); retrying in %.0f s", type(exc).__name__, self.pause_s)
+            log.warning("database unavailable (%s); retrying in %.0f s", type(exc).__name__,
+                        self.pause_s * self.in_a_row)
             time.sleep(self.pause_s * self.in_a_row)
         else:
             self.in_a_row = 0

@@ -184,3 +184,21 @@ def test_the_local_work_loop_rides_out_an_outage_of_its_claims(sqlite_store, tmp
     monkeypatch.setattr(store, "claim_next", down_for_three_claims)
     assert [o.status for o in work_loop(store, "w1", grid="g")] == ["completed"]
     assert len(failures) == 3 and store.run(run_id).status == "completed"
+
+
+def test_a_run_whose_finish_hits_a_database_error_is_handed_back(sqlite_store, tmp_path, monkeypatch):
+    import pytest
+    from sqlalchemy.exc import OperationalError
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    store = sqlite_store
+    (run_id,) = _grid(store, [RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=1)])
+    finish = store.finish
+    monkeypatch.setattr(store, "finish", lambda *a, **k: (_ for _ in ()).throw(
+        OperationalError("UPDATE runs ...", {}, Exception("server closed the connection"))))
+    with pytest.raises(OperationalError):
+        execute_run(store, run_id, "w1")
+    assert (store.run(run_id).status, store.run(run_id).attempts) == ("queued", 0)
+    monkeypatch.setattr(store, "finish", finish)
+    assert execute_run(store, run_id, "w2").status == "completed"  # from the final checkpoint
+    assert [r["epoch"] for r in store.epoch_metrics(run_id)] == [0, 1]
