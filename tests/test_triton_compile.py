@@ -7,14 +7,17 @@ importing the kernels, which makes them interpreted functions for the rest of th
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 
-if os.environ.get("CI", "").lower() != "true":
-    pytest.importorskip("triton")
+# Only looked up, not imported: Triton imported before the interpreter tests set TRITON_INTERPRET
+# keeps (in Triton 3.7) compiled-mode helpers that their interpreted kernels cannot call.
+if os.environ.get("CI", "").lower() != "true" and importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
 
 H200 = ("cuda", 90, 32)  # backend, compute capability, warp size
 
