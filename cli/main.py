@@ -65,9 +65,10 @@ def grid_show(spec: str = typer.Argument(..., help="A TOML spec file or a preset
     from kanfarm.grids import load_spec
     from kanfarm.submission import sized_cells
 
-    grid = load_spec(spec)
-    info = grid.describe(sample=sample)
-    cells = sized_cells(grid)
+    with err_console.status(f"reading and checking every cell of {spec}"):  # seconds for a large grid
+        grid = load_spec(spec)
+        info = grid.describe(sample=sample)
+        cells = sized_cells(grid)
     info["n_params"] = {"min": min(c[1] for c in cells), "max": max(c[1] for c in cells)} if cells else None
     if as_json:
         sys.stdout.write(to_json(info) + "\n")
@@ -92,8 +93,9 @@ def _submit(store, spec: str):
     from kanfarm.grids import load_spec
     from kanfarm.submission import submit
 
-    grid = load_spec(spec)
-    result = submit(store, grid)
+    with err_console.status(f"reading, checking and storing every cell of {spec}"):  # seconds for a large grid
+        grid = load_spec(spec)
+        result = submit(store, grid)
     err_console.print(f"grid [bold]{grid.name}[/]: {result.added} runs added, {result.existing} already stored")
     linked = store.query("SELECT r.config_hash FROM runs r JOIN grid_runs gr ON gr.run_id = r.id "
                          "JOIN grids g ON g.id = gr.grid_id WHERE g.name = :name", {"name": grid.name})
