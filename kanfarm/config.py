@@ -135,6 +135,8 @@ class RunConfig:
         bounded("hsic_format_epochs", self.hsic_format_epochs, 0, optional=True)
         if not isinstance(self.batch_norm, bool):
             raise ConfigError("batch_norm", f"{self.batch_norm!r} must be true or false")
+        if self.batch_norm and self.batch_size < 2:
+            raise ConfigError("batch_size", f"{self.batch_size} row per batch: batch norm needs at least 2")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ConfigError("dropout", f"{self.dropout!r} must lie in [0, 1)")
         if self.wide_multiplier is not None and not 0 < float(self.wide_multiplier) < float("inf"):

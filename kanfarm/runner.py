@@ -216,10 +216,16 @@ def execute_run(store: Store, run_id: int, worker: str, *, device: str = "cpu",
             log.error("run %s failed: %s", run_id, exc)
         else:
             log.exception("run %s failed", run_id)
-        return attached.fail(_error_text(exc))
+        error = _error_text(exc)
+        return _settled(attached, lambda: attached.fail(error))
+    return _settled(attached, lambda: attached.settle(result))
+
+
+def _settled(attached: _ClaimedRun, settle: Callable[[], Outcome]) -> Outcome:
+    """``settle()``; when it hits a database error the run is handed back rather than left held."""
     try:
-        return attached.settle(result)
-    except Exception as exc:  # finishing hit a database error: hand back rather than strand it
+        return settle()
+    except Exception as exc:
         if database_unavailable(exc):
             attached.abandon()
         raise

@@ -288,3 +288,14 @@ def test_sensitivity_tells_settings_the_view_does_not_hold_apart(sqlite_url):
         assert labels == ["mlp\nshallow\nbatch norm False", "mlp\nshallow\nbatch norm True"]
     finally:
         store.dispose(close=True)
+
+
+def test_every_setting_beyond_model_widths_and_trainer_has_a_label():
+    """Boxes that differ only in a setting without a label would read the same."""
+    from kanfarm.reports import _plotdata
+    from kanfarm.reports.tables import SETTING_COLUMNS
+
+    labelled = set(SETTING_COLUMNS) - {"dataset", "model", "depth", "hidden_widths", "trainer"}
+    assert set(_plotdata._SETTING_NAMES) == labelled
+    row = {"dataset_options": {"vocab_size": 2000}, "patience": 3}
+    assert _plotdata.settings_label(row, ("dataset_options", "patience")) == "\nvocab_size=2000\npatience 3"

@@ -202,3 +202,22 @@ def test_a_run_whose_finish_hits_a_database_error_is_handed_back(sqlite_store, t
     monkeypatch.setattr(store, "finish", finish)
     assert execute_run(store, run_id, "w2").status == "completed"  # from the final checkpoint
     assert [r["epoch"] for r in store.epoch_metrics(run_id)] == [0, 1]
+
+
+def test_a_run_whose_failure_cannot_be_recorded_is_handed_back(sqlite_store, tmp_path, monkeypatch):
+    import pytest
+    from sqlalchemy.exc import OperationalError
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    store = sqlite_store
+    (run_id,) = _grid(store, [RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=2)])
+    monkeypatch.setattr(store, "finish", lambda *a, **k: (_ for _ in ()).throw(
+        OperationalError("UPDATE runs ...", {}, Exception("server closed the connection"))))
+
+    def crash(rid, record):
+        if record.epoch == 1:
+            raise RuntimeError("boom")
+
+    with pytest.raises(OperationalError):
+        execute_run(store, run_id, "w1", on_epoch=crash)
+    assert (store.run(run_id).status, store.run(run_id).lease_expires_at) == ("queued", None)

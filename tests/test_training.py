@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from kanfarm.config import RunConfig
+from kanfarm.config import ConfigError, RunConfig
 from kanfarm.data import load_dataset
 from kanfarm.training import CheckpointManager, train
 
@@ -177,3 +177,6 @@ def test_batch_norm_run_skips_a_last_batch_of_one_row(digits):
                        batch_norm=True)
     result, records = run(config, digits)
     assert result.status == "completed" and [r.epoch for r in records] == [0, 1]
+    with pytest.raises(ConfigError) as err:  # batches of one row could not train at all
+        dataclasses.replace(config, batch_size=1).normalised()
+    assert err.value.field == "batch_size"

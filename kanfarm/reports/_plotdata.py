@@ -35,7 +35,9 @@ def arch_key(label: str) -> tuple:
 #: short names of the settings that can tell two boxes of one model and depth apart.
 _SETTING_NAMES = {"activation": "", "spline_order": "k=", "grid_size": "G=", "batch_size": "batch ",
                   "max_epochs": "epochs ", "batch_norm": "batch norm ", "dropout": "dropout ",
-                  "hsic_format_epochs": "format epochs ", "matmul_precision": ""}
+                  "wide_multiplier": "wide x", "patience": "patience ", "train_eval_size": "train eval ",
+                  "hsic_beta": "beta ", "hsic_sigma": "sigma ", "hsic_x_term": "X term ",
+                  "hsic_format_epochs": "format epochs ", "matmul_precision": "", "dataset_options": ""}
 
 
 def varying_settings(rows: Iterable[Row]) -> tuple[str, ...]:
@@ -45,9 +47,15 @@ def varying_settings(rows: Iterable[Row]) -> tuple[str, ...]:
     return tuple(c for c in SETTING_COLUMNS if c in _SETTING_NAMES and any(several(g, c) for g in same))
 
 
+def _text(value: Any) -> str:
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in sorted(value.items())) or "default options"
+    return str(value)
+
+
 def settings_label(row: Row, columns: tuple[str, ...]) -> str:
     """``row``'s values of ``columns`` as a label suffix ("" when none vary)."""
-    return "".join(f"\n{_SETTING_NAMES[c]}{row.get(c)}" for c in columns)
+    return "".join(f"\n{_SETTING_NAMES[c]}{_text(row.get(c))}" for c in columns)
 
 
 def model_key(model: str) -> tuple:
@@ -55,7 +63,7 @@ def model_key(model: str) -> tuple:
 
 
 def several(rows: Iterable[Row], column: str) -> bool:
-    return len({r.get(column) for r in rows}) > 1
+    return len({_text(r.get(column)) for r in rows}) > 1
 
 
 def series_label(row: Row, show_trainer: bool) -> str:
