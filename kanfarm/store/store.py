@@ -444,7 +444,11 @@ def _prepared_rows(conn: Connection, sql: str, params: dict[str, Any]) -> list[d
     refuses more than one command in it."""
     compiled = sa.text(sql).compile(dialect=conn.dialect)
     dbapi = conn.dialect.dbapi
-    cursor = conn.connection.driver_connection.cursor()
+    raw = conn.connection.driver_connection
+    threshold = raw.prepare_threshold
+    if threshold is None:  # prepared statements turned off (as behind pgbouncer): prepare=True is ignored
+        raw.prepare_threshold = 0
+    cursor = raw.cursor()
     try:
         cursor.execute(compiled.string, compiled.construct_params(params), prepare=True)
         names = [column.name for column in cursor.description or ()]
@@ -455,6 +459,7 @@ def _prepared_rows(conn: Connection, sql: str, params: dict[str, Any]) -> list[d
         raise sa.exc.DBAPIError.instance(sql, params, exc, dbapi.Error, dialect=conn.dialect) from exc
     finally:
         cursor.close()
+        raw.prepare_threshold = threshold
 
 
 def _grid_run_ids(grid: str) -> sa.Select:
