@@ -133,6 +133,8 @@ def test_learning_curves_plot_best_and_worst_run(store):
     assert len(panels["digits / kan"].lines) == 4  # best and worst, train and test each
     worst_test = panels["digits / kan"].lines[3]
     assert list(worst_test.get_xdata()) == [0, 1, 2]  # the diverged epoch has no accuracy to draw
+    assert worst_test.get_marker() == "o"  # a run that diverged after epoch 0 still shows its point
+    assert "(diverged)" in worst_test.get_label()
     assert len(panels["mnist / kan"].lines) == 4
     off = [ax for ax in fig.axes if not ax.axison]
     assert len(off) == 2 and not off[0].lines  # mnist has no mlp or mlp_wide runs
@@ -164,7 +166,8 @@ def test_figures_without_data_say_what_is_missing(store):
 def test_build_figures_on_partial_and_empty_grids(store):
     full = F.build_figures(store, "full")
     assert set(full.figures) == set(FIGURES) and not full.skipped
-    assert full.note == "18 of 20 runs finished; the figures and tables leave out 1 pending, 1 running"
+    assert full.note == ("18 of 20 runs finished; the figures and the efficiency, gap and sensitivity tables "
+                         "leave out 1 pending, 1 running (the summary lists them without results)")
     empty = F.build_figures(store, "empty")
     assert not empty.figures and set(empty.skipped) == set(FIGURES)
     assert empty.note == "no finished runs yet: 2 pending, 1 running"

@@ -99,5 +99,6 @@ def missing_note(counts: dict[str, int], grid: str | None = None) -> str | None:
     if done == 0:
         return f"no finished runs yet: {rest}"
     if rest:
-        return f"{done} of {total} runs finished; the figures and tables leave out {rest}"
+        return (f"{done} of {total} runs finished; the figures and the efficiency, gap and sensitivity "
+                f"tables leave out {rest} (the summary lists them without results)")
     return None

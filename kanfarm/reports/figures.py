@@ -213,10 +213,13 @@ def learning_curves(rows: Iterable[Row], epoch_rows: Iterable[Row]) -> Figure:
             for tag, run, colour in runs:
                 points = sorted(curves.get(run["run_id"], []), key=lambda m: m["epoch"])
                 label = f"{tag}: #{run['run_id']} {run['optimizer']} lr={run['lr']:g} {run['init']}"
+                if run.get("status") == "diverged":
+                    label += " (diverged)"
                 for column, style in (("train_acc", "--"), ("test_acc", "-")):
                     xy = [(m["epoch"], m[column]) for m in points if m[column] is not None]
-                    ax.plot([p[0] for p in xy], [p[1] for p in xy], style, color=colour,
-                            label=label if column == "test_acc" else None)
+                    # markers: a run that diverged after epoch 0 has a single point, no line
+                    ax.plot([p[0] for p in xy], [p[1] for p in xy], style, color=colour, marker="o",
+                            markersize=2.5, label=label if column == "test_acc" else None)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_title(f"{dataset} / {model}", fontsize="medium")
             ax.set_xlabel("epoch")
