@@ -109,6 +109,7 @@ def enqueue_grid(spec: str = typer.Argument(..., help="A TOML spec file or a pre
         result = submit(store, grid)
         store.mark_queued(store.run_ids(grid.name, statuses=_ENQUEUE_FROM))
         queued = store.run_ids(grid.name, statuses=["queued"])
+        store.assign_queue(queued, queue)
         info = {"grid": grid.name, "queue": queue, "dry_run": False, "added": result.added,
                 "skipped": result.existing,
                 "published": _publish(queued, queue) if size == 1 else _publish_packs(store, grid.name, queued, size, queue)}
@@ -121,7 +122,9 @@ def enqueue_grid(spec: str = typer.Argument(..., help="A TOML spec file or a pre
 def requeue(grid: Optional[str] = typer.Option(None, "--grid", help="Only runs of this grid (default: all)."),
             stale: bool = typer.Option(False, "--stale", help="Also runs whose lease expired (dead worker)."),
             failed: bool = typer.Option(False, "--failed", help="Also failed runs with attempts left."),
-            queue: str = QueueOpt,
+            queue: Optional[str] = typer.Option(
+                None, "--queue", help="Publish every run to this queue (gpu or cpu) instead of the one it was "
+                                      "enqueued on (cpu for a run never enqueued)."),
             max_attempts: Optional[int] = typer.Option(
                 None, "--max-attempts", min=1, help="Attempts bound for --failed (default $KANFARM_MAX_ATTEMPTS or 3)."),
             as_json: bool = JsonOpt) -> None:
@@ -130,7 +133,8 @@ def requeue(grid: Optional[str] = typer.Option(None, "--grid", help="Only runs o
     All queued runs are published, not only those missing from Redis: a duplicate message is a
     no-op claim, while reading the broker's internals to find the missing ones would be fragile.
     """
-    _check_queue(queue)
+    if queue is not None:
+        _check_queue(queue)
     store = open_store()
     grid_exists(store, grid)
     queued = store.run_ids(grid, statuses=["queued"])
@@ -145,10 +149,17 @@ def requeue(grid: Optional[str] = typer.Option(None, "--grid", help="Only runs o
                 (retried if row["attempts"] < bound else exhausted).append(row["id"])
         store.mark_queued(retried, fresh_attempts=False)  # the bound counts every earlier attempt
     run_ids = sorted(set(queued) | set(stale_ids) | set(retried))
+    if queue is not None:
+        store.assign_queue(run_ids, queue)
+    by_queue: dict[str, list[int]] = {}
+    for run_id, stored in sorted(store.queues(run_ids).items()):
+        by_queue.setdefault(queue or stored or "cpu", []).append(run_id)
+    published = {name: _publish(ids, name) for name, ids in sorted(by_queue.items())}
     info = {"grid": grid, "queue": queue, "queued": len(queued), "stale": len(stale_ids),
             "failed_retried": len(retried), "failed_exhausted": len(exhausted),
-            "published": _publish(run_ids, queue)}
-    lines = [f"{info['published']} runs published to queue {queue}: {len(queued)} queued, "
+            "published": sum(published.values()), "published_by_queue": published}
+    where = ", ".join(f"{n} to {name}" for name, n in published.items()) or "none"
+    lines = [f"{info['published']} runs published ({where}): {len(queued)} queued, "
              f"{len(stale_ids)} stale" + (f", {len(retried)} failed retried" if failed else "")]
     if exhausted:
         lines.append(f"{len(exhausted)} failed runs used all their attempts and stay failed")

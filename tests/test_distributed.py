@@ -429,6 +429,19 @@ def test_flushed_broker_is_recovered_by_requeue(env, store, fleet, redis_db, tmp
 
 
 @pytest.mark.services
+def test_requeue_sends_runs_back_to_the_queue_they_were_enqueued_on(env, store, redis_db, tmp_path):
+    """A stale gpu run re-published to cpu would train on a CPU (or wait forever with no cpu worker)."""
+    out = cli(env, "enqueue", "grid", spec_file(tmp_path, spec("homes", lrs=(0.01, 0.001))), "--queue", "gpu", "--json")
+    assert out["published"] == 2 and {store.run(i).queue for i in store.run_ids("homes")} == {"gpu"}
+    redis_db.flushdb()
+    out = cli(env, "requeue", "--grid", "homes", "--json")
+    assert out["published_by_queue"] == {"gpu": 2} and (redis_db.llen("gpu"), redis_db.llen("cpu")) == (2, 0)
+    out = cli(env, "requeue", "--grid", "homes", "--queue", "cpu", "--json")  # moved on purpose
+    assert out["published_by_queue"] == {"cpu": 2} and {store.run(i).queue for i in store.run_ids("homes")} == {"cpu"}
+    redis_db.flushdb()
+
+
+@pytest.mark.services
 def test_two_workers_finish_grid_like_local_run(env, store, fleet, tmp_path, monkeypatch):
     data = spec("e2e", lrs=(0.01, 0.001), seeds=(0, 1), epochs=4)
     path = spec_file(tmp_path, data)
@@ -714,7 +727,7 @@ def test_warm_shutdown_checkpoints_releases_and_republishes(env, store, fleet, r
     stopped_at = max(c.epoch for c in store.checkpoints(run_id))
     assert 1 <= stopped_at < 12
     assert redis_db.llen("gpu") == 1  # the release re-published its run id
-    cli(env, "requeue", "--grid", "warm", "--json")
+    cli(env, "requeue", "--grid", "warm", "--queue", "cpu", "--json")  # moved: it was enqueued on gpu
     wait_for(lambda: finished(store, "warm", 1), WAIT_S, "released run to finish", fleet)
     run = store.run(run_id)
     assert (run.status, run.attempts) == ("completed", 2)

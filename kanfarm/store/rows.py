@@ -60,6 +60,7 @@ class RunRow:
     started_at: datetime | None
     finished_at: datetime | None
     error: str | None
+    queue: str | None = None
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,7 @@ runs = sa.Table(
     sa.Column("started_at", UTCDateTime),
     sa.Column("finished_at", UTCDateTime),
     sa.Column("error", sa.Text),
+    sa.Column("queue", sa.String(32)),  # the broker queue it was last published to (requeue's default)
     sa.CheckConstraint(_in("status", STATUSES), name="status"),
     sa.Index(None, "status", "id"),
     sa.Index(None, "grid_id"),

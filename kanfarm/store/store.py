@@ -201,6 +201,21 @@ class Store:
                 ).rowcount
         return changed
 
+    def assign_queue(self, run_ids: Iterable[int], queue: str) -> None:
+        """Note the broker queue these runs are published to (``requeue`` sends them back there)."""
+        ids = list(run_ids)
+        with self._write() as conn:
+            for chunk in _chunks(ids):
+                conn.execute(sa.update(runs).where(runs.c.id.in_(chunk)).values(queue=queue))
+
+    def queues(self, run_ids: Iterable[int]) -> dict[int, str | None]:
+        """Run id -> the queue it was last published to (None: never published)."""
+        ids, found = list(run_ids), {}
+        with self._read() as conn:
+            for chunk in _chunks(ids):
+                found.update(conn.execute(sa.select(runs.c.id, runs.c.queue).where(runs.c.id.in_(chunk))).all())
+        return found
+
     # -- claims and leases ----------------------------------------------------------------------
 
     @staticmethod
