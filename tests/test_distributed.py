@@ -431,7 +431,8 @@ def test_flushed_broker_is_recovered_by_requeue(env, store, fleet, redis_db, tmp
 @pytest.mark.services
 def test_requeue_sends_runs_back_to_the_queue_they_were_enqueued_on(env, store, redis_db, tmp_path):
     """A stale gpu run re-published to cpu would train on a CPU (or wait forever with no cpu worker)."""
-    out = cli(env, "enqueue", "grid", spec_file(tmp_path, spec("homes", lrs=(0.01, 0.001))), "--queue", "gpu", "--json")
+    out = cli(env, "enqueue", "grid", spec_file(tmp_path, spec("homes", lrs=(0.0123, 0.0456), epochs=2)),
+              "--queue", "gpu", "--json")  # cells of their own: the database is shared by the module
     assert out["published"] == 2 and {store.run(i).queue for i in store.run_ids("homes")} == {"gpu"}
     redis_db.flushdb()
     out = cli(env, "requeue", "--grid", "homes", "--json")
