@@ -285,13 +285,13 @@ class FigureSet:
 def build_figures(store, grid: str | None = None) -> FigureSet:
     """Every figure the grid has data for; the others go to ``skipped`` with the reason."""
     out = FigureSet(note=plotdata.missing_note(store.status_counts(grid), grid))
-    rows = store.summary(grid)
+    rows = with_settings(store, grid)  # the view's rows, plus the settings only the configs hold
     picks = plotdata.extremes(rows)
     epochs = [m for best, worst in picks.values() for run in {best["run_id"], worst["run_id"]}
               for m in store.epoch_metrics(run_id=run)]
     makers: dict[str, Callable[[], Figure]] = {
         "accuracy": lambda: accuracy_bars(rows),
-        "sensitivity": lambda: sensitivity_boxes(with_settings(store, grid)),
+        "sensitivity": lambda: sensitivity_boxes(rows),
         "efficiency": lambda: efficiency_scatter(efficiency_table(store, grid)),
         "gap": lambda: gap_bars(rows),
         "learning_curves": lambda: learning_curves(rows, epochs),

@@ -34,6 +34,8 @@ class SummarySource(Protocol):
 
     def run_configs(self, grid: str | None = None) -> dict[int, dict[str, Any]]: ...
 
+    def grid(self, name: str) -> Any: ...
+
     def epoch_metrics(self, run_id: int | None = None, grid: str | None = None) -> list[dict[str, Any]]: ...
 
 
@@ -49,7 +51,7 @@ def intrinsic_dims(store: SummarySource, grid: str | None,
                    overrides: dict[str, int] | None = None) -> dict[str, int]:
     """Intrinsic dimensions that replace the stored ones: the grid's own ``[intrinsic_dim]`` table
     (a run stored by an earlier grid keeps that grid's value in ``runs``), then ``overrides``."""
-    row = store.grid(grid) if grid is not None and hasattr(store, "grid") else None
+    row = store.grid(grid) if grid is not None else None
     table = (row.spec.get("intrinsic_dim") or {}) if row is not None else {}
     return {**{name: int(dim) for name, dim in table.items()}, **(overrides or {})}
 
