@@ -4,6 +4,8 @@ Nothing is written when any cell is invalid, so a bad spec leaves the database u
 """
 from __future__ import annotations
 
+import dataclasses
+
 from kanfarm.config import MAX_PARAMS, MAX_STORED_INT, ConfigError, RunConfig
 from kanfarm.data import dataset_shape
 from kanfarm.grids import GridSpec
@@ -21,9 +23,13 @@ def checked_param_count(config: RunConfig, n_features: int, n_classes: int) -> i
         fld = "wide_multiplier"
     elif n_features > MAX_STORED_INT and config.dataset_options:
         fld = f"dataset_options.{config.dataset}"
+    elif param_count(dataclasses.replace(config, grid_size=1, spline_order=1), n_features, n_classes) <= MAX_PARAMS:
+        # The widths alone fit with the smallest spline grid: the grid size or spline order is too large.
+        fld = "grid_sizes" if config.grid_size >= config.spline_order else "spline_orders"
     else:
         fld = "widths"
-    raise ConfigError(fld, f"{config.model} on {config.dataset} with hidden widths {list(config.hidden_widths)} "
+    raise ConfigError(fld, f"{config.model} on {config.dataset} with hidden widths {list(config.hidden_widths)}, "
+                           f"grid size {config.grid_size} and spline order {config.spline_order} "
                            f"has {n_params} parameters, more than the store holds ({MAX_PARAMS})")
 
 

@@ -353,6 +353,9 @@ def test_run_config_bounds_stored_integers(field, value):
     ({"models": ["kan"], "depths": [], "widths": [[2**31 - 1] * 4]}, "widths"),
     ({"models": ["mlp_wide"], "depths": [], "widths": [[2**31 - 1] * 4]}, "widths"),  # matching: no hang
     ({"models": ["mlp_wide"], "depths": [], "widths": [[2**20] * 4], "wide_multiplier": 2000.0}, "wide_multiplier"),
+    ({"models": ["kan"], "depths": [], "widths": [[2**20] * 4], "grid_sizes": [2**31 - 1]}, "grid_sizes"),
+    ({"models": ["mlp_wide"], "depths": [], "widths": [[2**20] * 4], "grid_sizes": [2**31 - 1]}, "grid_sizes"),
+    ({"models": ["kan"], "depths": [], "widths": [[2**20] * 4], "spline_orders": [2**31 - 1]}, "spline_orders"),
 ])
 def test_parameter_count_too_large_for_the_store_names_its_field(changes, field):
     from kanfarm.submission import sized_cells
