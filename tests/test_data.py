@@ -486,3 +486,20 @@ def test_replaced_raw_files_rebuild_the_cache(tmp_path):
     again = load_dataset("mnist", data_dir=tmp_path, download=False)
     assert again.y_train.tolist() == new["train"][1].tolist() != old.y_train.tolist()
     assert len(list(folder.glob("cache-*.pt"))) == 1  # the stale cache was replaced, not kept beside
+
+
+def test_raw_file_replaced_with_the_same_size_and_mtime_rebuilds_the_cache(tmp_path):
+    """A copy that keeps size and mtime (``cp -p``) still differs in inode and ctime."""
+    folder = tmp_path / "mnist"
+    old_raw = write_mnist(folder, seed=0)
+    old = load_dataset("mnist", data_dir=tmp_path, download=False)
+    stats = {f.name: f.stat() for f in folder.glob("*.gz")}
+    new_raw = write_mnist(tmp_path / "other", seed=1)  # same shapes, so the same file sizes
+    for name, st in stats.items():
+        replacement = tmp_path / "other" / name
+        assert replacement.stat().st_size == st.st_size
+        os.utime(replacement, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.replace(replacement, folder / name)
+    assert old.y_train.tolist() == old_raw["train"][1].tolist()
+    again = load_dataset("mnist", data_dir=tmp_path, download=False)
+    assert again.y_train.tolist() == new_raw["train"][1].tolist() != old.y_train.tolist()

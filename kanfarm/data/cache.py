@@ -6,9 +6,10 @@ different vocabularies or split sizes never collide. Files are written atomicall
 ``mmap=True``: the float32 features are memory-mapped copy-on-write, so a load takes milliseconds
 even for CIFAR-10 (737 MB of features) and workers on one machine share the pages.
 
-A cache also stores the size and mtime of each raw file it was built from; when a raw file present
-now differs (replaced by new files), the cache is stale and rebuilt. That costs one ``stat`` per
-file, no hashing. Raw files that were deleted do not invalidate it: the cache alone can serve.
+A cache also stores the size, mtime, ctime and inode of each raw file it was built from; when a raw
+file present now differs (replaced by new files, even one copied with the old size and mtime kept),
+the cache is stale and rebuilt. That costs one ``stat`` per file, no hashing; moving the folder
+also rebuilds once. Raw files that were deleted do not invalidate it: the cache alone can serve.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Any, Iterable
 
 import torch
 
-SOURCES_KEY = "raw_files"  # entry of the saved dict: file name -> [size, mtime_ns]
+SOURCES_KEY = "raw_files"  # entry of the saved dict: file name -> [size, mtime_ns, ctime_ns, inode]
 REQUIRED = {"x_train": torch.float32, "y_train": torch.int64, "x_test": torch.float32, "y_test": torch.int64}
 
 
@@ -36,14 +37,15 @@ def cache_path(folder: Path, dataset: str, format_version: int, options: dict[st
 
 
 def source_stamps(folder: Path, filenames: Iterable[str]) -> dict[str, list[int]]:
-    """File name -> [size, mtime_ns] of each of the raw files that exists in ``folder``."""
+    """File name -> [size, mtime_ns, ctime_ns, inode] of each of the raw files in ``folder``: a copy
+    made with ``cp -p`` keeps size and mtime, but not ctime (which no user call sets) or inode."""
     stamps = {}
     for name in filenames:
         try:
             st = (folder / name).stat()
         except FileNotFoundError:
             continue
-        stamps[name] = [st.st_size, st.st_mtime_ns]
+        stamps[name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
     return stamps
 
 
