@@ -62,14 +62,18 @@ def make_step(row: str, batch: int, n_in: int, n_out: int, device: str):
     if row in ("reference", "fast", "fast-eager", "fast-tf32", "fast-nodx"):
         layer = KANLinear(n_in, n_out, fast=row != "reference").to(device)
         x.requires_grad_(row != "fast-nodx")
-        fn = layer
-        if row == "fast-eager":
-            def fn(inp):
-                os.environ["KANFARM_TRITON"] = "0"
-                try:
-                    return layer(inp)
-                finally:
+
+        def eager(inp):
+            before = os.environ.get("KANFARM_TRITON")
+            os.environ["KANFARM_TRITON"] = "0"
+            try:
+                return layer(inp)
+            finally:
+                if before is None:
                     del os.environ["KANFARM_TRITON"]
+                else:
+                    os.environ["KANFARM_TRITON"] = before
+        fn = eager if row == "fast-eager" else layer
     elif row == "mlp":
         layer = nn.Sequential(nn.Linear(n_in, n_out), nn.GELU()).to(device)
         x.requires_grad_(True)

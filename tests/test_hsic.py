@@ -196,7 +196,6 @@ def test_hsic_training_reaches_accuracy_on_digits(model, digits):
 
 
 def test_format_stage_freezes_hidden_blocks(digits):
-    from kanfarm.training import train
     config = _config("mlp", max_epochs=3, hsic_format_epochs=1)
     snaps = []
 

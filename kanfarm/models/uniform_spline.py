@@ -82,7 +82,7 @@ def fused_kernels_apply(x: torch.Tensor) -> bool:
     if not (x.is_cuda and x.dtype == torch.float32) or os.environ.get("KANFARM_TRITON", "1") == "0":
         return False
     try:
-        import kanfarm.models.triton_spline  # noqa: F401
+        import kanfarm.models.triton_spline  # noqa: F401  (Triton importable?)
     except ImportError:
         return False
     return True
