@@ -116,6 +116,47 @@ def test_gradients_match_finite_differences():
     torch.autograd.gradcheck(lambda v: nhsic(gaussian_kernel(v, 1.0), gaussian_kernel(x, 1.0), 1e-2), (z,))
 
 
+def test_kernel_keeps_precision_when_features_share_a_large_offset():
+    """The |a|^2 + |b|^2 - 2ab expansion cancels when every row sits near the same far-off point."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(128, 32, generator=g, dtype=torch.float64) + 1e5
+    y = torch.randint(0, 4, (128,), generator=g)
+    kz_ref, ky_ref = direct_kernel(z.numpy(), 1.0), direct_kernel(onehot(y, 4).numpy(), 1.0)
+    np.testing.assert_allclose(gaussian_kernel(z, 1.0).numpy(), kz_ref, rtol=1e-9)
+    got = float(nhsic(gaussian_kernel(z, 1.0), gaussian_kernel(onehot(y, 4), 1.0)))
+    assert got == pytest.approx(direct_nhsic(kz_ref, ky_ref), rel=1e-6)
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"hsic_format_epochs": 0}, "hsic_format_epochs"),             # the output layer would never train
+    ({"hsic_format_epochs": 3}, "hsic_format_epochs"),             # = max_epochs: no HSIC epoch
+    ({"hsic_sigma": 0.0}, "hsic_sigma"), ({"hsic_sigma": float("nan")}, "hsic_sigma"),
+    ({"hsic_sigma": -10.0}, "hsic_sigma"), ({"hsic_beta": -100.0}, "hsic_beta"),
+    ({"hsic_beta": True}, "hsic_beta"), ({"hsic_x_term": "no"}, "hsic_x_term"),
+])
+def test_run_config_refuses_bad_hsic_settings(changes, field):
+    from kanfarm.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        RunConfig(trainer="hsic", max_epochs=3, **changes).normalised()
+    assert err.value.field == field
+    RunConfig(trainer="backprop", max_epochs=3, **{**changes, "hsic_format_epochs": None}).normalised()
+
+
+def test_grid_refuses_a_format_stage_as_long_as_the_run():
+    from kanfarm.config import ConfigError
+    from kanfarm.grids import parse_spec
+
+    spec = {"name": "h", "datasets": ["digits"], "models": ["mlp"], "depths": ["shallow"], "trainers": ["hsic"],
+            "inits": ["kaiming_normal"], "optimizers": ["adam"], "learning_rates": [1e-3], "seeds": [0],
+            "epochs": 5, "hsic": {"format_epochs": 5}}
+    with pytest.raises(ConfigError) as err:
+        parse_spec(spec)
+    assert err.value.field == "hsic.format_epochs"
+    parse_spec({**spec, "hsic": {"format_epochs": 4}})
+    parse_spec({**spec, "trainers": ["backprop"]})  # unused by backprop cells
+
+
 def test_phase_schedule():
     interleaved = RunConfig(max_epochs=5, hsic_format_epochs=None)
     assert [phase(e, interleaved) for e in (1, 5)] == [(True, True)] * 2
@@ -215,6 +256,39 @@ def test_format_stage_freezes_hidden_blocks(digits):
     assert same(snaps[1][0], snaps[2][0]) and same(snaps[1][1], snaps[2][1])  # frozen in format stage
     assert not same(snaps[1][-1], snaps[2][-1])
     assert records[-1].test_acc > records[-2].test_acc
+
+
+def test_patience_counts_from_the_format_stage(digits):
+    """Before the format stage the output layer is untrained and test accuracy sits near chance:
+    patience must not end the run there."""
+    from kanfarm.training import train
+
+    config = _config("mlp", max_epochs=6, hsic_format_epochs=2, patience=1)
+    records = []
+    result = train(config, digits, records.append)
+    assert result.status == "completed"
+    assert result.epochs_run >= 5 and records[-1].epoch == result.epochs_run
+    assert records[-1].test_acc > 0.5  # the format stage ran and trained the classifier
+
+
+def test_extra_is_measured_on_rows_of_every_class_when_the_loader_orders_rows_by_label(digits):
+    """IMDB's training rows come sorted by label: the first rows are all one class."""
+    from kanfarm.data.dataset import Dataset
+    from kanfarm.models import build_model
+    from kanfarm.training.hsic import EXTRA_ROWS, extra_rows
+
+    order = torch.argsort(digits.y_train, stable=True)
+    binary = (digits.y_train[order] >= 5).long()
+    data = Dataset("sorted", digits.x_train[order], binary, digits.x_test, (digits.y_test >= 5).long(), 2)
+    assert data.y_train[:EXTRA_ROWS].unique().numel() == 1
+    x, y = extra_rows(data, seed=0)
+    assert x.shape[0] == EXTRA_ROWS and y.unique().numel() == 2
+    assert torch.equal(extra_rows(data, seed=0)[1], y)  # the same rows every epoch
+    config = _config("mlp").normalised()
+    torch.manual_seed(0)
+    model = build_model(config, data.n_features, 2)
+    extra = HSICBottleneck().extra(model, data, config)
+    assert all(v > 1e-3 for v in extra["nhsic_y"])
 
 
 def test_resume_is_exact(digits, tmp_path):

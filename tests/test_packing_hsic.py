@@ -110,3 +110,13 @@ def test_member_memory_counts_the_hsic_kernels():
         hidden = len(model_widths(base.normalised(), 784, 10)) - 2
         extra = member_bytes(dataclasses.replace(base, trainer="hsic"), 784, 10) - member_bytes(base, 784, 10)
         assert hidden >= 1 and extra == hidden * HSIC_MATRICES * 8 * 2048 ** 2
+
+
+def test_packed_hsic_members_count_patience_from_the_format_stage(digits):
+    configs = hsic_members("mlp", dropout=0.0, max_epochs=5, hsic_format_epochs=2, patience=1)
+    results, records = packed(configs, digits)
+    for config, result, got in zip(configs, results, records):
+        alone = solo(config, digits)
+        assert result == alone[0]
+        assert_same_records(got, alone[1])
+        assert result.epochs_run >= 4  # reached the format stage (epochs 4-5)

@@ -457,6 +457,10 @@ def parse_spec(data: dict[str, Any], name: str | None = None) -> GridSpec:
         matmul_precision=precision,
         batch_norm=batch_norm,
     )
+    if ("hsic" in spec.trainers and spec.hsic_format_epochs is not None
+            and spec.hsic_format_epochs >= spec.epochs):
+        raise ConfigError("hsic.format_epochs", f"{spec.hsic_format_epochs} format epochs of {spec.epochs} leave "
+                                                "no epoch of HSIC training: must be fewer than epochs")
     if spec.cell_count_bound() > MAX_CELLS:
         raise ConfigError("spec", f"{spec.cell_count_bound()} cells is more than {MAX_CELLS}; split the grid")
     spec.expand()  # every cell through RunConfig.normalised(): a bad cell fails here, not in a worker

@@ -26,8 +26,8 @@ from kanfarm.packing.planner import pack_key, packable
 from kanfarm.packing.stacked import StackedNet, stream_key
 from kanfarm.training import rng
 from kanfarm.training.checkpoint import CheckpointManager
-from kanfarm.training.hsic import EXTRA_ROWS, HSICSettings, hsic_terms, layer_nhsic, phase
-from kanfarm.training.loop import _train_eval_subset, shuffled_batches
+from kanfarm.training.hsic import HSICSettings, extra_rows, hsic_terms, layer_nhsic, phase
+from kanfarm.training.loop import _train_eval_subset, patience_exhausted, shuffled_batches
 from kanfarm.training.precision import matmul_precision
 from kanfarm.training.records import EpochRecord, RunResult, ShouldStop, Sink
 
@@ -61,7 +61,7 @@ class _Slot:
     saved: dict[str, Any] | None = None
 
     def patience_exhausted(self, epoch: int) -> bool:
-        return self.config.patience is not None and epoch - self.best_epoch >= self.config.patience
+        return patience_exhausted(self.config, epoch, self.best_epoch)
 
 
 def train_pack(members: list[Member], data: Dataset, *, device: str | torch.device = "cpu") -> list[RunResult]:
@@ -161,7 +161,7 @@ def _extras(net: StackedNet, data: Dataset, config: RunConfig) -> list[dict[str,
     """Each member's ``epoch_metrics.extra``, as its trainer's ``Method.extra`` computes it."""
     if config.trainer != "hsic":
         return [{} for _ in range(net.size)]
-    x, y = data.x_train[:EXTRA_ROWS], data.y_train[:EXTRA_ROWS]
+    x, y = extra_rows(data, config.seed)
     zs, _ = net.forward_blocks(x, hidden_grad=False, output_grad=False)
     if not zs:
         return [{"nhsic_x": [], "nhsic_y": []} for _ in range(net.size)]

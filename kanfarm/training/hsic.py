@@ -6,9 +6,10 @@ the detached last hidden output, the "format" stage. ``config.hsic_format_epochs
 
 * ``None`` (interleaved): every batch takes an HSIC step on every hidden block and a CE step on the
   output block. Accuracy is meaningful from epoch 1.
-* ``F`` (int >= 0): epochs 1 .. max_epochs - F train only the hidden blocks with HSIC (the output
-  block stays at its initialisation, so accuracy stays near chance); the last F epochs train only
-  the output block. Early stopping (patience) can end a run inside the HSIC phase.
+* ``F`` (1 <= F < max_epochs): epochs 1 .. max_epochs - F train only the hidden blocks with HSIC
+  (the output block stays at its initialisation, so accuracy stays near chance); the last F epochs
+  train only the output block, as in the study. Early stopping (patience) counts from the start of
+  the format stage (``training.loop.patience_exhausted``).
 
 Every block has its own optimiser (``hidden0``, ``hidden1``, ..., ``output``), all built with
 ``config.optimizer`` and ``config.lr``; the loop checkpoints them by name, so resume is exact.
@@ -32,7 +33,7 @@ from kanfarm.training.hsic_kernels import (centred_gaussian_kernel, full_target,
 from kanfarm.training.optim import make_optimizer
 
 __all__ = ["HSICBottleneck", "HSICSettings", "gaussian_kernel", "nhsic", "hsic_step", "phase",
-           "hidden_nhsic", "hsic_terms", "layer_nhsic"]
+           "hidden_nhsic", "hsic_terms", "layer_nhsic", "extra_rows"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # as in training.loop; not imported so kernels load without models
 
@@ -40,6 +41,17 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # as in training.loop; not imported s
 EPS = 1e-5
 #: rows of the training set on which ``extra`` reports per-layer nHSIC each epoch.
 EXTRA_ROWS = 512
+
+
+def extra_rows(data: Dataset, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``EXTRA_ROWS`` training rows ``extra`` is measured on: a draw seeded by the run's seed
+    (the same every epoch), not the first rows, which some loaders order by label (IMDB)."""
+    n = data.x_train.shape[0]
+    if n <= EXTRA_ROWS:
+        return data.x_train, data.y_train
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 104729))[:EXTRA_ROWS]
+    idx = idx.to(data.x_train.device)
+    return data.x_train[idx], data.y_train[idx]
 
 
 @dataclass(frozen=True)
@@ -171,6 +183,6 @@ class HSICBottleneck:
         return total
 
     def extra(self, model: torch.nn.Module, data: Dataset, config: RunConfig) -> dict[str, Any]:
-        x, y = data.x_train[:EXTRA_ROWS], data.y_train[:EXTRA_ROWS]
+        x, y = extra_rows(data, config.seed)
         nx, ny = hidden_nhsic(model, x, y, data.n_classes, float(config.hsic_sigma))
         return {"nhsic_x": nx, "nhsic_y": ny}

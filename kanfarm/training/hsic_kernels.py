@@ -31,7 +31,11 @@ WORK_DTYPE = torch.float64
 
 
 def _squared_distances(x: torch.Tensor) -> torch.Tensor:
-    """Pairwise |a - b|^2 with the expansion |a|^2 + |b|^2 - 2ab, clamped at 0, exact 0 diagonal."""
+    """Pairwise |a - b|^2 with the expansion |a|^2 + |b|^2 - 2ab, clamped at 0, exact 0 diagonal.
+
+    The columns are centred first: distances do not change, and the expansion no longer cancels
+    catastrophically when all rows share a large offset (|a|^2 >> |a - b|^2)."""
+    x = x - x.mean(dim=-2, keepdim=True)
     sq = (x * x).sum(dim=-1)
     d = sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2.0 * (x @ x.transpose(-1, -2))
     d = d.clamp_min(0.0)

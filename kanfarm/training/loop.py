@@ -72,6 +72,20 @@ def _train_eval_subset(data: Dataset, size: int | None, seed: int) -> tuple[torc
     return data.x_train[idx], data.y_train[idx]
 
 
+def patience_exhausted(config: RunConfig, epoch: int, best_epoch: int) -> bool:
+    """True when ``config.patience`` epochs have passed since the best test accuracy.
+
+    For an HSIC run with a format stage, patience counts from that stage's start: before it the
+    output layer is untrained and test accuracy sits near chance, so stopping there would end the
+    run before its classifier ever trained."""
+    if config.patience is None:
+        return False
+    start = 0
+    if config.trainer == "hsic" and config.hsic_format_epochs is not None:
+        start = max(config.max_epochs - config.hsic_format_epochs, 0)
+    return epoch - max(best_epoch, start) >= config.patience
+
+
 def fit(config: RunConfig, data: Dataset, sink: Sink, method: Method, *,
         checkpoints: CheckpointManager | None = None, device: str | torch.device = "cpu",
         should_stop: ShouldStop | None = None) -> RunResult:
@@ -115,9 +129,6 @@ def _fit(config: RunConfig, data: Dataset, sink: Sink, method: Method, checkpoin
         rng.restore(saved["rng"], order)
         best_acc, best_epoch = saved["progress"]["best_acc"], saved["progress"]["best_epoch"]
 
-    def patience_exhausted() -> bool:
-        return config.patience is not None and epoch - best_epoch >= config.patience
-
     def record(train_loss_sum: torch.Tensor | None, started: float) -> EpochRecord | None:
         """Evaluate and emit; None when the run diverged at this epoch."""
         nonlocal best_acc, best_epoch
@@ -144,7 +155,7 @@ def _fit(config: RunConfig, data: Dataset, sink: Sink, method: Method, checkpoin
         if checkpoints is not None:
             checkpoints.save(0, state())
 
-    while epoch < config.max_epochs and not patience_exhausted():
+    while epoch < config.max_epochs and not patience_exhausted(config, epoch, best_epoch):
         if should_stop is not None and should_stop():
             if checkpoints is not None and not any(e == epoch for e, _ in checkpoints.paths()):
                 checkpoints.save(epoch, state())
@@ -157,7 +168,7 @@ def _fit(config: RunConfig, data: Dataset, sink: Sink, method: Method, checkpoin
         if record(loss_sum, started) is None:
             return RunResult("diverged", epoch, n_params)
         if checkpoints is not None:
-            final = epoch == config.max_epochs or patience_exhausted()
+            final = epoch == config.max_epochs or patience_exhausted(config, epoch, best_epoch)
             if checkpoints.due(epoch, final=final):
                 checkpoints.save(epoch, state())
     return RunResult("completed", epoch, n_params)
