@@ -151,14 +151,17 @@ class _ClaimedRun:
         return self.beat.lost.is_set() or (self.shutdown is not None and self.shutdown.is_set())
 
     def settle(self, result: RunResult) -> Outcome:
-        """Finish the run, or release it after a warm shutdown; a lost lease touches nothing."""
+        """Finish the run, or release it after a warm shutdown; a lost lease touches nothing.
+
+        A warm shutdown gives back the attempt its claim took: restarting workers is not the
+        run's fault, and must not exhaust ``max_attempts``."""
         self.beat.stop()
         if result.status != "stopped":
-            self.store.finish(self.run.id, self.worker, result.status)
+            self.store.finish(self.run.id, self.worker, result.status, last_epoch=result.epochs_run)
             return Outcome(self.run.id, result.status, result.epochs_run)
         if self.beat.lost.is_set():
             return Outcome(self.run.id, "stopped", result.epochs_run)
-        self.store.release(self.run.id, self.worker)
+        self.store.release(self.run.id, self.worker, refund=True)
         return Outcome(self.run.id, "released", result.epochs_run)
 
     def fail(self, error: str) -> Outcome:

@@ -159,7 +159,9 @@ def test_a_pack_that_crashes_while_the_database_fails_leaves_no_run_held(sqlite_
     monkeypatch.setattr(store, "finish", finish_fails_once)
     with pytest.raises(OperationalError):
         execute_pack(store, ids, "w1", lease_s=0.3, on_epoch=crash)
-    assert not [t for t in threading.enumerate() if t.name.startswith("heartbeat-") and t.is_alive()]
+    for beat in [t for t in threading.enumerate() if t.name.startswith("heartbeat-")]:
+        beat.join(timeout=5)  # a beat already under way when it was stopped may still be finishing
+        assert not beat.is_alive()
     assert [store.run(i).status for i in ids] == ["queued"] * 3
 
 
@@ -221,3 +223,43 @@ def test_a_run_whose_failure_cannot_be_recorded_is_handed_back(sqlite_store, tmp
     with pytest.raises(OperationalError):
         execute_run(store, run_id, "w1", on_epoch=crash)
     assert (store.run(run_id).status, store.run(run_id).lease_expires_at) == ("queued", None)
+
+
+def test_rows_of_an_abandoned_attempt_past_the_final_epoch_are_deleted(sqlite_store, tmp_path, monkeypatch):
+    """An attempt wrote epochs 0-5 and crashed before checkpointing them; the retry ends at epoch 2
+    (here: fewer epochs; in life, patience or divergence on a resumed trajectory). Rows 3-5 belong
+    to no trajectory of the finished run and must go, or run_summary counts 5 epochs."""
+    from kanfarm.training import EpochRecord
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    store = sqlite_store
+    (run_id,) = _grid(store, [RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=2)])
+    assert store.claim(run_id, "crashed", 600) is not None
+    for epoch in range(6):
+        store.write_epoch(run_id, EpochRecord(epoch, 1.0, 0.5, 1.0, 0.5, 0.1, {}), worker="crashed")
+    with store.engine.begin() as conn:  # its lease runs out
+        conn.execute(sa.text("UPDATE runs SET lease_expires_at = '2000-01-01 00:00:00' WHERE id = :i"), {"i": run_id})
+    assert execute_run(store, run_id, "w2").status == "completed"
+    assert [r["epoch"] for r in store.epoch_metrics(run_id)] == [0, 1, 2]
+    assert all(r["test_acc"] != 0.5 for r in store.epoch_metrics(run_id))  # rewritten by w2
+    (summary,) = [s for s in store.summary() if s["run_id"] == run_id]
+    assert summary["epochs_run"] == 2
+
+
+def test_warm_shutdowns_do_not_use_up_attempts(sqlite_store, tmp_path, monkeypatch):
+    import threading
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    store = sqlite_store
+    (run_id,) = _grid(store, [RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=4)])
+    for stop_after in (1, 2, 3):  # three worker restarts, each after one more epoch
+        shutdown = threading.Event()
+
+        def on_epoch(rid, record, shutdown=shutdown, stop_after=stop_after):
+            if record.epoch >= stop_after:
+                shutdown.set()
+
+        assert execute_run(store, run_id, "w", shutdown=shutdown, max_attempts=3, on_epoch=on_epoch).status == "released"
+        assert (store.run(run_id).status, store.run(run_id).attempts) == ("queued", 0)
+    assert execute_run(store, run_id, "w", max_attempts=3).status == "completed"
+    assert [r["epoch"] for r in store.epoch_metrics(run_id)] == [0, 1, 2, 3, 4]

@@ -294,12 +294,22 @@ class Store:
                         heartbeat_at=_at(now))
             ).rowcount == 1
 
-    def finish(self, run_id: int, worker: str, status: str, error: str | None = None) -> bool:
-        """running (by ``worker``) -> completed | diverged | failed. False if not its run."""
+    def finish(self, run_id: int, worker: str, status: str, error: str | None = None,
+               last_epoch: int | None = None) -> bool:
+        """running (by ``worker``) -> completed | diverged | failed. False if not its run.
+
+        ``last_epoch``: the run's final epoch; rows after it, left by an earlier attempt whose
+        trajectory went further before a crash (a resume that now stops earlier, by patience or
+        divergence), are deleted in the same transaction, so the rows end where the run ended."""
         if status not in FINISHED:
             raise ValueError(f"finish status {status!r} is not one of {', '.join(FINISHED)}")
-        return self._leave_running(run_id, worker, status=status, finished_at=_at(utcnow()),
-                                   lease_expires_at=None, error=error)
+        with self._write() as conn:
+            held = self._leave_running_in(conn, run_id, worker, status=status, finished_at=_at(utcnow()),
+                                          lease_expires_at=None, error=error)
+            if held and last_epoch is not None:
+                conn.execute(sa.delete(epoch_metrics)
+                             .where(epoch_metrics.c.run_id == run_id, epoch_metrics.c.epoch > last_epoch))
+            return held
 
     def release(self, run_id: int, worker: str, error: str | None = None, refund: bool = False) -> bool:
         """running (by ``worker``) -> queued, for another worker to resume. False if not its run.
@@ -314,11 +324,15 @@ class Store:
 
     def _leave_running(self, run_id: int, worker: str, **values: Any) -> bool:
         with self._write() as conn:
-            return conn.execute(
-                sa.update(runs)
-                .where(runs.c.id == run_id, runs.c.status == "running", runs.c.worker == worker)
-                .values(**values)
-            ).rowcount == 1
+            return self._leave_running_in(conn, run_id, worker, **values)
+
+    @staticmethod
+    def _leave_running_in(conn: Connection, run_id: int, worker: str, **values: Any) -> bool:
+        return conn.execute(
+            sa.update(runs)
+            .where(runs.c.id == run_id, runs.c.status == "running", runs.c.worker == worker)
+            .values(**values)
+        ).rowcount == 1
 
     def cancel(self, grid: str) -> tuple[int, int]:
         """Cancel the grid's waiting and running runs (a run shared with other grids is cancelled
