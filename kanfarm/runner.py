@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_S = 300.0
 #: a pack checkpoints at most this often (and at each member's last epoch): tiny models would
-#: otherwise spend their time writing checkpoints.
+#: otherwise spend their time writing checkpoints. ``KANFARM_PACK_CHECKPOINT_SECONDS`` overrides it.
 PACK_CHECKPOINT_S = 30.0
 
 
@@ -48,6 +48,19 @@ def checkpoint_settings() -> tuple[int, int]:
             raise ConfigError(name, f"{value!r} must be a positive integer")
         settings.append(int(value))
     return settings[0], settings[1]
+
+
+def pack_checkpoint_interval() -> float:
+    """Seconds between a pack's checkpoints, from ``KANFARM_PACK_CHECKPOINT_SECONDS`` (default
+    ``PACK_CHECKPOINT_S``; 0 = whenever ``KANFARM_CHECKPOINT_EVERY`` says). Read before a claim."""
+    value = os.environ.get("KANFARM_PACK_CHECKPOINT_SECONDS", str(PACK_CHECKPOINT_S))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 <= seconds < float("inf"):
+        raise ConfigError("KANFARM_PACK_CHECKPOINT_SECONDS", f"{value!r} must be a non-negative number of seconds")
+    return seconds
 
 
 def worker_name(suffix: str = "") -> str:
@@ -244,12 +257,13 @@ def execute_pack(store: Store, run_ids: list[int], worker: str, *, device: str =
     from kanfarm.packing import Member, train_pack
 
     checkpoint_settings()
+    interval_s = pack_checkpoint_interval()
     claimed = store.claim_many(run_ids, worker, lease_s, max_attempts=max_attempts)
     outcomes = [Outcome(i, "not-claimed") for i in run_ids if i not in {r.id for r in claimed}]
     if len(claimed) <= 1:
         return outcomes + [execute_run(store, r.id, worker, device=device, lease_s=lease_s, claimed=True,
                                        shutdown=shutdown, on_epoch=on_epoch) for r in claimed]
-    members = [_ClaimedRun(store, r, worker, lease_s, shutdown, on_epoch, PACK_CHECKPOINT_S) for r in claimed]
+    members = [_ClaimedRun(store, r, worker, lease_s, shutdown, on_epoch, interval_s) for r in claimed]
     ended: dict[int, Outcome] = {}  # members are settled as they end, while the others train on
 
     def on_end(member: _ClaimedRun) -> Callable[[RunResult], None]:
@@ -323,6 +337,7 @@ def work_loop(store: Store, worker: str, *, grid: str | None = None, device: str
     """Claim and execute runs of ``grid`` until none is left (or shutdown). ``pack_size`` > 1 (or
     ``"auto"``): runs that can share a pack are trained together, up to that many at once."""
     checkpoint_settings()
+    pack_checkpoint_interval()
     outcomes = []
     retried = _DatabaseRetries()
     while pack_size != 1 and (shutdown is None or not shutdown.is_set()):

@@ -263,3 +263,29 @@ def test_warm_shutdowns_do_not_use_up_attempts(sqlite_store, tmp_path, monkeypat
         assert (store.run(run_id).status, store.run(run_id).attempts) == ("queued", 0)
     assert execute_run(store, run_id, "w", max_attempts=3).status == "completed"
     assert [r["epoch"] for r in store.epoch_metrics(run_id)] == [0, 1, 2, 3, 4]
+
+
+def test_pack_checkpoint_interval_from_the_environment(sqlite_store, tmp_path, monkeypatch):
+    import pytest
+
+    from kanfarm.config import ConfigError
+    from kanfarm.runner import execute_pack
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    store = sqlite_store
+    base = dict(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=3, optimizer="sgd")
+    every_epoch = _grid(store, [RunConfig(lr=lr, **base) for lr in (0.01, 0.02)])
+    monkeypatch.setenv("KANFARM_PACK_CHECKPOINT_SECONDS", "0")
+    assert {o.status for o in execute_pack(store, every_epoch, "w")} == {"completed"}
+    assert [[c.epoch for c in store.checkpoints(i)] for i in every_epoch] == [[2, 3]] * 2  # the last two kept
+    store.submit_grid("h", {}, [(RunConfig(lr=lr, **base), 1000, None) for lr in (0.03, 0.04)])
+    by_time = store.run_ids("h")
+    monkeypatch.setenv("KANFARM_PACK_CHECKPOINT_SECONDS", "3600")
+    assert {o.status for o in execute_pack(store, by_time, "w")} == {"completed"}
+    assert [[c.epoch for c in store.checkpoints(i)] for i in by_time] == [[0, 3]] * 2  # the start and the end
+    for bad in ("abc", "-1", "nan", "inf"):
+        monkeypatch.setenv("KANFARM_PACK_CHECKPOINT_SECONDS", bad)
+        store.submit_grid("bad", {}, [(RunConfig(lr=0.05, **base), 1000, None), (RunConfig(lr=0.06, **base), 1000, None)])
+        with pytest.raises(ConfigError, match="KANFARM_PACK_CHECKPOINT_SECONDS"):
+            execute_pack(store, store.run_ids("bad"), "w")
+        assert {store.run(i).status for i in store.run_ids("bad")} == {"pending"}  # nothing claimed
