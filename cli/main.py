@@ -164,6 +164,11 @@ def run_grid(spec: str = typer.Argument(..., help="A TOML spec file or a preset 
     _prepare_data(grid)
     final = _run_locally(store, grid.name, workers, device, size)
     err_console.print(f"done: {final.counts}")
+    if final.counts.get("running"):
+        err_console.print(f"note: {final.counts['running']} runs of the grid are still held by other workers "
+                          "(another `run grid`, a worker, or a process of another host that died: its lease runs "
+                          "out within 300 s, KANFARM_LEASE_SECONDS for a worker); run this command again to "
+                          "finish them")
     if final.counts.get("failed"):
         fail(f"{final.counts['failed']} runs failed; their errors are in the runs table "
              "(SELECT id, error FROM runs WHERE status = 'failed')", code=1)

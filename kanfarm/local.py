@@ -9,7 +9,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -46,9 +48,50 @@ def snapshot(store: Store, grid: str) -> Snapshot:
     return Snapshot(store.status_counts(grid), store.query(ACTIVE_SQL, {"grid": grid}))
 
 
+def _dead_here(worker: str) -> bool:
+    """True when ``worker`` (``runner.worker_name``: host:pid[:suffix]) names a process of this
+    host that no longer exists. A live process, one of another host, or a pid reused by another
+    process count as alive: the run then waits for its lease, as before."""
+    host, _, rest = worker.partition(":")
+    pid = rest.split(":", 1)[0]
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
+
+
+def release_dead_holders(store: Store, grid: str) -> list[int]:
+    """Make the grid's runs held by dead processes of this host (a local run killed with kill -9,
+    or a crashed worker) claimable now, instead of when their lease runs out (5 minutes by
+    default). The claim that takes them costs an attempt, as any crash does."""
+    return [run_id for run_id, worker in store.holders(grid)
+            if worker and _dead_here(worker) and store.expire_lease(run_id, worker)]
+
+
+def _watch_parent(shutdown: Any, poll_s: float = 1.0) -> None:
+    """Warm-shut the workers down when the parent dies (kill -9 leaves no one to press Ctrl-C):
+    they checkpoint, hand their runs back and exit instead of training on as orphans."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while not shutdown.is_set():
+            if os.getppid() != parent:
+                shutdown.set()
+                return
+            time.sleep(poll_s)
+
+    threading.Thread(target=watch, name="kanfarm-parent-watch", daemon=True).start()
+
+
 def _child(url: str, grid: str, device: str, lease_s: float, shutdown: Any, threads: int,
            max_attempts: int | None, pack_size: int | str = 1) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into a warm shutdown
+    _watch_parent(shutdown)
     import torch
 
     torch.set_num_threads(threads)
@@ -96,10 +139,12 @@ def run_grid_locally(store: Store, grid: str, *, workers: int = 1, device: str =
 
     Ctrl-C (KeyboardInterrupt) sets the shutdown flag: each worker checkpoints at its next epoch
     boundary and puts its run back to ``queued``, then the interrupt is re-raised. Running the same
-    grid again finishes it.
+    grid again finishes it, also after a kill -9: runs held by dead processes of this host are
+    taken over at once (``release_dead_holders``); runs held elsewhere wait for their lease.
     """
     if workers < 1:
         raise ValueError("workers must be at least 1")
+    release_dead_holders(store, grid)
     errors: list[BaseException] = []
     if workers == 1:
         shutdown: Any = threading.Event()

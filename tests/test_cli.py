@@ -295,3 +295,44 @@ def test_checkpoint_cadence_from_the_environment(env, monkeypatch):
     result = invoke("run", "grid", "tiny.toml")
     assert result.exit_code == 2 and "KANFARM_CHECKPOINT_EVERY" in result.output
     assert {r["status"] for r in rows(env / "k.db", "SELECT status FROM runs WHERE lr = 0.02")} == {"pending"}
+
+
+def test_kill_9_leaves_the_grid_resumable_at_once(env):
+    """kill -9 of a one-worker `run grid` leaves its runs `running` under a lease of 300 s: the next
+    `run grid` on this host sees the holder is dead and takes them over at once. kill -9 of the
+    parent of two worker processes: the orphans notice, hand their runs back and exit."""
+    import signal
+    import time
+
+    spec = TINY.replace("epochs = 2", "epochs = 30").replace('models = ["mlp", "kan"]', 'models = ["kan"]')
+    (env / "tiny.toml").write_text(spec)
+    cmd = [sys.executable, "-m", "cli.main"]
+    environ = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    subprocess.run(cmd + ["db", "upgrade"], check=True, env=environ, capture_output=True)
+    db = env / "k.db"
+
+    def kill_after_epoch(epoch: int, *args: str) -> None:
+        proc = subprocess.Popen(cmd + ["run", "grid", "tiny.toml", *args], env=environ,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not rows(
+                db, "SELECT COUNT(*) AS n FROM epoch_metrics WHERE epoch >= ?", (epoch,))[0]["n"]:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    kill_after_epoch(2)
+    assert "running" in [r["status"] for r in rows(db, "SELECT status FROM runs")]
+
+    kill_after_epoch(6, "--workers", "2")  # the rerun took the dead holder's run at once
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "running" in [r["status"] for r in rows(db, "SELECT status FROM runs")]:
+        time.sleep(0.5)
+    statuses = [r["status"] for r in rows(db, "SELECT status FROM runs ORDER BY id")]
+    assert "running" not in statuses and "queued" in statuses, statuses  # handed back, not trained on
+
+    done = subprocess.run(cmd + ["run", "grid", "tiny.toml"], env=environ, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert {r["status"] for r in rows(db, "SELECT status FROM runs")} == {"completed"}
+    epochs = rows(db, "SELECT run_id, COUNT(*) AS n, MAX(epoch) AS last FROM epoch_metrics GROUP BY run_id")
+    assert [(r["n"], r["last"]) for r in epochs] == [(31, 30)] * 2

@@ -289,3 +289,30 @@ def test_pack_checkpoint_interval_from_the_environment(sqlite_store, tmp_path, m
         with pytest.raises(ConfigError, match="KANFARM_PACK_CHECKPOINT_SECONDS"):
             execute_pack(store, store.run_ids("bad"), "w")
         assert {store.run(i).status for i in store.run_ids("bad")} == {"pending"}  # nothing claimed
+
+
+def test_runs_held_by_dead_processes_of_this_host_are_released_at_once(sqlite_store):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from kanfarm.local import release_dead_holders
+
+    store = sqlite_store
+    ids = _grid(store, [RunConfig(dataset="digits", model="mlp", depth="shallow", lr=lr) for lr in (0.1, 0.2, 0.3, 0.4)])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    host = socket.gethostname()
+    holders = [f"{host}:{dead.pid}:local", f"{host}:{alive.pid}", f"elsewhere:{dead.pid}", f"{host}:{os.getpid()}"]
+    try:
+        for run_id, worker in zip(ids, holders):
+            assert store.claim(run_id, worker, 600) is not None
+        assert release_dead_holders(store, "g") == [ids[0]]
+        assert store.stale_runs("g") == [ids[0]]
+        assert store.claim(ids[0], "new", 600) is not None  # claimable now, not in 10 minutes
+        assert [store.run(i).status for i in ids] == ["running"] * 4
+    finally:
+        alive.kill()
+        alive.wait()

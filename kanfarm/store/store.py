@@ -348,6 +348,18 @@ class Store:
                 ).rowcount)
         return counts[0], counts[1]
 
+    def holders(self, grid: str | None = None) -> list[tuple[int, str]]:
+        """(run id, worker) of each running run."""
+        query = (_in_grid(sa.select(runs.c.id, runs.c.worker), grid)
+                 .where(runs.c.status == "running").order_by(runs.c.id))
+        with self._read() as conn:
+            return [(run_id, worker) for run_id, worker in conn.execute(query)]
+
+    def expire_lease(self, run_id: int, worker: str) -> bool:
+        """End ``worker``'s lease on the run now (it is known dead), so the next claim takes the run;
+        False when the run is no longer held by ``worker``."""
+        return self._leave_running(run_id, worker, lease_expires_at=_at(utcnow() - timedelta(seconds=1)))
+
     def stale_runs(self, grid: str | None = None) -> list[int]:
         """Running runs whose lease expired (their worker died or hung)."""
         query = (_in_grid(sa.select(runs.c.id), grid)
