@@ -17,6 +17,31 @@ JsonOpt = typer.Option(False, "--json", help="Machine-readable JSON on stdout.")
 CsvOpt = typer.Option(False, "--csv", help="CSV on stdout.")
 
 
+def submit_spec(store, spec: str):
+    """Read, check and store every cell of ``spec`` (a spinner meanwhile: seconds for a large grid);
+    warns when the grid already holds runs that are not cells of this spec. (GridSpec, result)."""
+    from cli.output import err_console
+    from kanfarm.grids import load_spec
+    from kanfarm.submission import submit
+
+    with err_console.status(f"reading, checking and storing every cell of {spec}"):
+        grid = load_spec(spec)
+        result = submit(store, grid)
+    others = len(set(linked_hashes(store, grid.name)) - {c.config_hash() for c in grid.expand()})
+    if others:  # a spec (or preset) changed under the same name: its old cells stay in the grid
+        err_console.print(f"warning: grid {grid.name} also holds {others} runs that are not cells of this "
+                          f"spec (an earlier version of it); its reports include them. Submit under "
+                          f"another name to keep them apart.", highlight=False, soft_wrap=True)
+    return grid, result
+
+
+def linked_hashes(store, grid: str) -> dict[str, dict[str, Any]]:
+    """config_hash -> {id, status} of the runs stored under grid name ``grid``."""
+    rows = store.query("SELECT r.id, r.config_hash, r.status FROM runs r JOIN grid_runs gr ON gr.run_id = r.id "
+                       "JOIN grids g ON g.id = gr.grid_id WHERE g.name = :name", {"name": grid})
+    return {r["config_hash"]: r for r in rows}
+
+
 def handles_errors(func: Callable) -> Callable:
     """Turn the library's expected failures into one-line messages and exit codes."""
 

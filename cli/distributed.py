@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import typer
 
-from cli.common import grid_exists, handles_errors, open_store, parse_pack_size
+from cli.common import grid_exists, handles_errors, linked_hashes, open_store, parse_pack_size, submit_spec
 from cli.output import console, err_console, fail, to_json
 
 enqueue_app = typer.Typer(no_args_is_help=True, help="Put runs on the Redis queue for Celery workers.")
@@ -90,23 +90,24 @@ def enqueue_grid(spec: str = typer.Argument(..., help="A TOML spec file or a pre
                                                help="Publish compatible runs as packs of up to N (trained as one stacked model), or auto (each worker fits its GPU).")) -> None:
     """Write a grid's runs (idempotent), mark the unfinished ones queued, publish one message each."""
     from kanfarm.grids import load_spec
-    from kanfarm.submission import sized_cells, submit
-
+    from kanfarm.submission import sized_cells
 
     _check_queue(queue)
     size = parse_pack_size(pack_size)
-    grid = load_spec(spec)
     store = open_store()
     if dry_run:
+        grid = load_spec(spec)
         hashes = {config.normalised().config_hash() for config, _, _ in sized_cells(grid)}
         known = {row["config_hash"]: row["status"]
                  for row in store.query("SELECT config_hash, status FROM runs")}
         stored = hashes & known.keys()
-        waiting = sum(known[h] in ("queued",) + _ENQUEUE_FROM for h in stored)
+        # what the real command publishes: the spec's waiting runs and those of the grid's earlier cells
+        candidates = stored | set(linked_hashes(store, grid.name))
+        waiting = sum(known[h] in ("queued",) + _ENQUEUE_FROM for h in candidates)
         info = {"grid": grid.name, "queue": queue, "dry_run": True, "added": len(hashes) - len(stored),
                 "skipped": len(stored), "published": len(hashes) - len(stored) + waiting}
     else:
-        result = submit(store, grid)
+        grid, result = submit_spec(store, spec)
         store.mark_queued(store.run_ids(grid.name, statuses=_ENQUEUE_FROM))
         queued = store.run_ids(grid.name, statuses=["queued"])
         store.assign_queue(queued, queue)
@@ -170,9 +171,17 @@ def cancel(grid: str = typer.Option(..., "--grid", help="The grid to cancel.")) 
     """Queued runs become cancelled; running ones stop at their next epoch boundary."""
     store = open_store()
     grid_exists(store, grid)
+    shared = [row["name"] for row in store.query(
+        "SELECT DISTINCT g2.name FROM grids g1 JOIN grid_runs a ON a.grid_id = g1.id "
+        "JOIN grid_runs b ON b.run_id = a.run_id JOIN grids g2 ON g2.id = b.grid_id "
+        "JOIN runs r ON r.id = a.run_id WHERE g1.name = :grid AND g2.name <> :grid "
+        "AND r.status IN ('pending', 'queued', 'running') ORDER BY g2.name", {"grid": grid})]
     waiting, running = store.cancel(grid)
     console.print(f"grid [bold]{grid}[/]: {waiting} waiting runs cancelled, {running} running runs "
                   "will stop at their next epoch", highlight=False)
+    if shared:  # a run is one cell of every grid that holds it
+        console.print(f"some of them are cells of other grids too, cancelled there as well: {', '.join(shared)}; "
+                      "`run grid` or `enqueue grid` of a grid takes its cancelled runs back", highlight=False)
 
 
 def worker(gpus: Optional[str] = typer.Option(None, "--gpus", help="GPU ids, e.g. 0,1: one worker process per GPU."),

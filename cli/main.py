@@ -14,6 +14,7 @@ from typing import Any, Optional
 import typer
 
 from cli.common import (CsvOpt, GridOpt, JsonOpt, database_url, grid_exists, handles_errors, missing_sqlite_file,
+                        submit_spec,
                         open_store, parse_pack_size)
 from cli.distributed import register as register_distributed
 from cli.output import console, emit_rows, err_console, fail, to_csv, to_json
@@ -77,7 +78,7 @@ def grid_show(spec: str = typer.Argument(..., help="A TOML spec file or a preset
     for key, value in info.items():
         if key not in ("cells", "sample", "name"):
             console.print(f"  {key}: {value}")
-    emit_rows(info["sample"], title=f"first {len(info['sample'])} cells", empty="--sample 0")
+    emit_rows(info["sample"], title=f"{len(info['sample'])} cells, spread over the grid", empty="--sample 0")
 
 
 @grid_app.command("list")
@@ -90,20 +91,8 @@ def grid_list(as_json: bool = JsonOpt) -> None:
 
 
 def _submit(store, spec: str):
-    from kanfarm.grids import load_spec
-    from kanfarm.submission import submit
-
-    with err_console.status(f"reading, checking and storing every cell of {spec}"):  # seconds for a large grid
-        grid = load_spec(spec)
-        result = submit(store, grid)
+    grid, result = submit_spec(store, spec)
     err_console.print(f"grid [bold]{grid.name}[/]: {result.added} runs added, {result.existing} already stored")
-    linked = store.query("SELECT r.config_hash FROM runs r JOIN grid_runs gr ON gr.run_id = r.id "
-                         "JOIN grids g ON g.id = gr.grid_id WHERE g.name = :name", {"name": grid.name})
-    others = len({r["config_hash"] for r in linked} - {c.config_hash() for c in grid.expand()})
-    if others:  # a spec (or preset) changed under the same name: its old cells stay in the grid
-        err_console.print(f"warning: grid {grid.name} also holds {others} runs that are not cells of this "
-                          f"spec (an earlier version of it); its reports include them. Submit under "
-                          f"another name to keep them apart.", highlight=False, soft_wrap=True)
     return grid, result
 
 
@@ -162,6 +151,9 @@ def run_grid(spec: str = typer.Argument(..., help="A TOML spec file or a preset 
     store = open_store()
     grid, _ = _submit(store, spec)
     _prepare_data(grid)
+    resumed = store.mark_queued(store.run_ids(grid.name, statuses=["cancelled"]))
+    if resumed:
+        err_console.print(f"{resumed} cancelled runs of the grid are run again")
     final = _run_locally(store, grid.name, workers, device, size)
     err_console.print(f"done: {final.counts}")
     if final.counts.get("running"):

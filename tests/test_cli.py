@@ -336,3 +336,21 @@ def test_kill_9_leaves_the_grid_resumable_at_once(env):
     assert {r["status"] for r in rows(db, "SELECT status FROM runs")} == {"completed"}
     epochs = rows(db, "SELECT run_id, COUNT(*) AS n, MAX(epoch) AS last FROM epoch_metrics GROUP BY run_id")
     assert [(r["n"], r["last"]) for r in epochs] == [(31, 30)] * 2
+
+
+def test_cancel_names_the_other_grids_it_touches_and_run_grid_takes_cancelled_runs_back(env):
+    (env / "other.toml").write_text(TINY.replace('name = "tiny"', 'name = "other"')
+                                    .replace('models = ["mlp", "kan"]', 'models = ["mlp"]')
+                                    .replace('"adam", "sgd"', '"adam"'))  # one cell, shared with tiny
+    assert invoke("db", "upgrade").exit_code == 0
+    assert invoke("grid", "submit", "tiny.toml").exit_code == 0
+    assert invoke("grid", "submit", "other.toml").exit_code == 0
+    result = invoke("cancel", "--grid", "other")
+    assert result.exit_code == 0, result.output
+    assert "1 waiting runs cancelled" in result.output and "other grids too" in result.output
+    assert "tiny" in result.output
+    assert [r["status"] for r in rows(env / "k.db", "SELECT status FROM runs ORDER BY id")].count("cancelled") == 1
+    result = invoke("run", "grid", "tiny.toml")
+    assert result.exit_code == 0, result.output
+    assert "1 cancelled runs of the grid are run again" in result.output
+    assert {r["status"] for r in rows(env / "k.db", "SELECT status FROM runs")} == {"completed"}

@@ -429,6 +429,21 @@ def test_flushed_broker_is_recovered_by_requeue(env, store, fleet, redis_db, tmp
 
 
 @pytest.mark.services
+def test_enqueue_of_a_changed_spec_warns_and_its_dry_run_counts_what_it_publishes(env, store, redis_db, tmp_path):
+    """The grid keeps the cells of its earlier spec, and enqueue publishes them too: the dry run
+    must say so, and the real command must warn as grid submit and run grid do."""
+    cli(env, "grid", "submit", spec_file(tmp_path, spec("changed", lrs=(0.0211, 0.0212), epochs=2)))
+    path = spec_file(tmp_path, spec("changed", lrs=(0.0211,), epochs=2))
+    dry = cli(env, "enqueue", "grid", path, "--queue", "gpu", "--dry-run", "--json")
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "enqueue", "grid", path, "--queue", "gpu", "--json"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert dry["published"] == json.loads(proc.stdout)["published"] == 2
+    assert "1 runs that are not cells of this spec" in " ".join(proc.stderr.split())
+    redis_db.delete("gpu")
+
+
+@pytest.mark.services
 def test_requeue_sends_runs_back_to_the_queue_they_were_enqueued_on(env, store, redis_db, tmp_path):
     """A stale gpu run re-published to cpu would train on a CPU (or wait forever with no cpu worker)."""
     out = cli(env, "enqueue", "grid", spec_file(tmp_path, spec("homes", lrs=(0.0123, 0.0456), epochs=2)),
