@@ -77,6 +77,16 @@ def test_equivalent_configs_are_one_run_and_round_trip(store):
         store.run(10_000)
 
 
+def test_a_later_grid_restates_intrinsic_dim_and_an_unstated_one_keeps_it(store):
+    store.submit_grid("a", {}, cells(2, intrinsic_dim=750))
+    store.submit_grid("b", {}, cells(2, intrinsic_dim=None))      # says nothing: the stored value stays
+    assert {store.run(i).intrinsic_dim for i in store.run_ids()} == {750}
+    store.submit_grid("c", {}, cells(1, intrinsic_dim=40))        # restates it for the run it shares
+    assert [store.run(i).intrinsic_dim for i in store.run_ids()] == [40, 750]
+    (row,) = store.query("SELECT intrinsic_dim FROM run_summary WHERE run_id = :i", {"i": store.run_ids()[0]})
+    assert row["intrinsic_dim"] == 40
+
+
 def test_a_bad_cell_writes_nothing(store):
     bad = cells(2) + [(RunConfig(dataset="mnist", optimizer="lbfgs"), 10, None)]
     with pytest.raises(ConfigError):

@@ -117,8 +117,10 @@ class Store:
     def submit_grid(self, name: str, spec: dict[str, Any],
                     cells: Iterable[tuple[RunConfig, int, int | None]]) -> SubmitResult:
         """Create or extend grid ``name`` with ``(config, n_params, intrinsic_dim)`` cells, in one
-        transaction. New configs become ``pending`` runs; known ones are only linked to the grid.
-        A changed spec replaces the stored one; cells already in the grid stay."""
+        transaction. New configs become ``pending`` runs; known ones are linked to the grid, and take
+        the cell's ``intrinsic_dim`` when it gives one (the latest grid to state it wins, so the
+        ``run_summary`` view agrees with the reports of that grid). A changed spec replaces the
+        stored one; cells already in the grid stay."""
         now = utcnow()
         values: dict[str, dict[str, Any]] = {}
         for config, n_params, intrinsic_dim in cells:
@@ -133,6 +135,13 @@ class Store:
             if stored_spec != json.loads(json.dumps(spec)):
                 conn.execute(sa.update(grids).where(grids.c.id == grid_id).values(spec=spec))
             known = self._ids_by_hash(conn, hashes)
+            restated: dict[int, list[int]] = {}
+            for h, run_id in known.items():
+                if values[h]["intrinsic_dim"] is not None:
+                    restated.setdefault(values[h]["intrinsic_dim"], []).append(run_id)
+            for dim, ids in restated.items():
+                for chunk in _chunks(ids):
+                    conn.execute(sa.update(runs).where(runs.c.id.in_(chunk)).values(intrinsic_dim=dim))
             new = [dict(values[h], grid_id=grid_id) for h in hashes if h not in known]
             for chunk in _chunks(new):
                 conn.execute(self._insert(runs).on_conflict_do_nothing(index_elements=["config_hash"]),
