@@ -116,7 +116,7 @@ def enqueue_grid(spec: str = typer.Argument(..., help="A TOML spec file or a pre
                 "published": _publish(queued, queue) if size == 1 else _publish_packs(store, grid.name, queued, size, queue)}
     verb = "would be " if dry_run else ""
     _report(info, as_json, [
-        f"grid [bold]{grid.name}[/]: {info['added']} runs {verb}added, {info['skipped']} already stored "
+        f"grid {grid.name}: {info['added']} runs {verb}added, {info['skipped']} already stored "
         f"(finished or running ones are skipped), {info['published']} {verb}published to queue {queue}"])
 
 
@@ -177,7 +177,7 @@ def cancel(grid: str = typer.Option(..., "--grid", help="The grid to cancel.")) 
         "JOIN runs r ON r.id = a.run_id WHERE g1.name = :grid AND g2.name <> :grid "
         "AND r.status IN ('pending', 'queued', 'running') ORDER BY g2.name", {"grid": grid})]
     waiting, running = store.cancel(grid)
-    console.print(f"grid [bold]{grid}[/]: {waiting} waiting runs cancelled, {running} running runs "
+    console.print(f"grid {grid}: {waiting} waiting runs cancelled, {running} running runs "
                   "will stop at their next epoch", highlight=False)
     if shared:  # a run is one cell of every grid that holds it
         console.print(f"some of them are cells of other grids too, cancelled there as well: {', '.join(shared)}; "

@@ -74,7 +74,7 @@ def grid_show(spec: str = typer.Argument(..., help="A TOML spec file or a preset
     if as_json:
         sys.stdout.write(to_json(info) + "\n")
         return
-    console.print(f"[bold]{grid.name}[/]: {info['cells']} cells")
+    console.print(f"{grid.name}: {info['cells']} cells")
     for key, value in info.items():
         if key not in ("cells", "sample", "name"):
             console.print(f"  {key}: {value}")
@@ -92,7 +92,7 @@ def grid_list(as_json: bool = JsonOpt) -> None:
 
 def _submit(store, spec: str):
     grid, result = submit_spec(store, spec)
-    err_console.print(f"grid [bold]{grid.name}[/]: {result.added} runs added, {result.existing} already stored")
+    err_console.print(f"grid {grid.name}: {result.added} runs added, {result.existing} already stored")
     return grid, result
 
 
@@ -110,8 +110,8 @@ def _run_locally(store, grid_name: str, workers: int, device: str, pack_size: in
 
     from kanfarm.local import run_grid_locally
 
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TextColumn("{task.fields[active]}"), console=err_console,
+    with Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("{task.fields[active]}", markup=False), console=err_console,
                   transient=False) as progress:
         task = progress.add_task(grid_name, total=None, active="")
 
@@ -209,7 +209,7 @@ def status(grid: Optional[str] = GridOpt, as_json: bool = JsonOpt) -> None:
     if as_json:
         sys.stdout.write(to_json(info) + "\n")
         return
-    console.print(f"[bold]{grid or 'all grids'}[/]: {info['done']}/{info['total']} runs finished "
+    console.print(f"{grid or 'all grids'}: {info['done']}/{info['total']} runs finished "
                   f"({info['progress']:.0%})")
     for name, count in info["counts"].items():
         console.print(f"  {name:<10} {count}")

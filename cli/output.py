@@ -11,14 +11,17 @@ from typing import Any, Iterable, NoReturn
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-console = Console()
-err_console = Console(stderr=True)
+# Markup off: grid names, spec paths, field values and table cells are the user's text, and Rich
+# would read "[/]" or "[red]" in them as markup (a crash, or silently changed output).
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """Exit with ``code`` (2: bad input) and a one-line message on stderr."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(Text("error: ", style="bold red") + Text(message), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -354,3 +354,19 @@ def test_cancel_names_the_other_grids_it_touches_and_run_grid_takes_cancelled_ru
     assert result.exit_code == 0, result.output
     assert "1 cancelled runs of the grid are run again" in result.output
     assert {r["status"] for r in rows(env / "k.db", "SELECT status FROM runs")} == {"completed"}
+
+
+def test_user_text_that_looks_like_rich_markup_is_printed_as_it_is(env):
+    """A grid named "study [/]" crashed Rich after the grid was stored, and every later `grid list`."""
+    (env / "s.toml").write_text(TINY.replace('name = "tiny"', 'name = "study [/] [red]x"'))
+    assert invoke("db", "upgrade").exit_code == 0
+    for args in (["grid", "submit", "s.toml"], ["grid", "list"], ["grid", "show", "s.toml"],
+                 ["status", "--grid", "study [/] [red]x"]):
+        result = invoke(*args)
+        assert result.exit_code == 0, (args, result.output)
+        assert "study [/] [red]x" in result.output, (args, result.output)
+    result = invoke("status", "--grid", "[/]")
+    assert result.exit_code == 2 and "no grid named '[/]'" in result.output
+    (env / "b.toml").write_text(TINY.replace('datasets = ["digits"]', 'datasets = ["[red]x"]'))
+    result = invoke("grid", "show", "b.toml")
+    assert result.exit_code == 2 and "'[red]x' is not one of" in result.output
