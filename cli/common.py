@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import typer
+from rich.text import Text
 
 from cli.output import fail
 
@@ -17,22 +18,32 @@ JsonOpt = typer.Option(False, "--json", help="Machine-readable JSON on stdout.")
 CsvOpt = typer.Option(False, "--csv", help="CSV on stdout.")
 
 
-def submit_spec(store, spec: str):
-    """Read, check and store every cell of ``spec`` (a spinner meanwhile: seconds for a large grid);
-    warns when the grid already holds runs that are not cells of this spec. (GridSpec, result)."""
+def read_spec(spec: str):
+    """The GridSpec of a file or preset, every cell checked (a spinner meanwhile: seconds for a
+    large grid). Nothing is written."""
     from cli.output import err_console
     from kanfarm.grids import load_spec
+
+    with err_console.status(Text(f"reading and checking every cell of {spec}")):  # Text: no markup
+        grid = load_spec(spec)
+        grid.expand()
+    return grid
+
+
+def submit_spec(store, grid):
+    """Store every cell of ``grid`` (a GridSpec, from ``read_spec``); warns when the grid already
+    holds runs that are not cells of this spec. Returns the submission result."""
+    from cli.output import err_console
     from kanfarm.submission import submit
 
-    with err_console.status(f"reading, checking and storing every cell of {spec}"):
-        grid = load_spec(spec)
+    with err_console.status(Text(f"storing the cells of grid {grid.name}")):
         result = submit(store, grid)
     others = len(set(linked_hashes(store, grid.name)) - {c.config_hash() for c in grid.expand()})
     if others:  # a spec (or preset) changed under the same name: its old cells stay in the grid
         err_console.print(f"warning: grid {grid.name} also holds {others} runs that are not cells of this "
                           f"spec (an earlier version of it); its reports include them. Submit under "
                           f"another name to keep them apart.", highlight=False, soft_wrap=True)
-    return grid, result
+    return result
 
 
 def linked_hashes(store, grid: str) -> dict[str, dict[str, Any]]:

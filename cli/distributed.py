@@ -12,7 +12,8 @@ from typing import Any, Optional
 
 import typer
 
-from cli.common import grid_exists, handles_errors, linked_hashes, open_store, parse_pack_size, submit_spec
+from cli.common import (grid_exists, handles_errors, linked_hashes, open_store, parse_pack_size, read_spec,
+                        submit_spec)
 from cli.output import console, err_console, fail, to_json
 
 enqueue_app = typer.Typer(no_args_is_help=True, help="Put runs on the Redis queue for Celery workers.")
@@ -89,14 +90,13 @@ def enqueue_grid(spec: str = typer.Argument(..., help="A TOML spec file or a pre
                  pack_size: str = typer.Option("1", "--pack-size",
                                                help="Publish compatible runs as packs of up to N (trained as one stacked model), or auto (each worker fits its GPU).")) -> None:
     """Write a grid's runs (idempotent), mark the unfinished ones queued, publish one message each."""
-    from kanfarm.grids import load_spec
     from kanfarm.submission import sized_cells
 
     _check_queue(queue)
     size = parse_pack_size(pack_size)
     store = open_store()
+    grid = read_spec(spec)
     if dry_run:
-        grid = load_spec(spec)
         hashes = {config.normalised().config_hash() for config, _, _ in sized_cells(grid)}
         known = {row["config_hash"]: row["status"]
                  for row in store.query("SELECT config_hash, status FROM runs")}
@@ -107,7 +107,7 @@ def enqueue_grid(spec: str = typer.Argument(..., help="A TOML spec file or a pre
         info = {"grid": grid.name, "queue": queue, "dry_run": True, "added": len(hashes) - len(stored),
                 "skipped": len(stored), "published": len(hashes) - len(stored) + waiting}
     else:
-        grid, result = submit_spec(store, spec)
+        result = submit_spec(store, grid)
         store.mark_queued(store.run_ids(grid.name, statuses=_ENQUEUE_FROM))
         queued = store.run_ids(grid.name, statuses=["queued"])
         store.assign_queue(queued, queue)

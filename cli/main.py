@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.text import Text
 
 from cli.common import (CsvOpt, GridOpt, JsonOpt, database_url, grid_exists, handles_errors, missing_sqlite_file,
-                        submit_spec,
+                        read_spec, submit_spec,
                         open_store, parse_pack_size)
 from cli.distributed import register as register_distributed
 from cli.output import console, emit_rows, err_console, fail, to_csv, to_json
@@ -66,7 +67,7 @@ def grid_show(spec: str = typer.Argument(..., help="A TOML spec file or a preset
     from kanfarm.grids import load_spec
     from kanfarm.submission import sized_cells
 
-    with err_console.status(f"reading and checking every cell of {spec}"):  # seconds for a large grid
+    with err_console.status(Text(f"reading and checking every cell of {spec}")):  # seconds for a large grid
         grid = load_spec(spec)
         info = grid.describe(sample=sample)
         cells = sized_cells(grid)
@@ -90,8 +91,10 @@ def grid_list(as_json: bool = JsonOpt) -> None:
     emit_rows(rows, title="grids", as_json=as_json, empty="none submitted yet")
 
 
-def _submit(store, spec: str):
-    grid, result = submit_spec(store, spec)
+def _submit(store, spec: str | Any):
+    """Store a spec (path, preset name or a GridSpec already read) and say what was added."""
+    grid = read_spec(spec) if isinstance(spec, str) else spec
+    result = submit_spec(store, grid)
     err_console.print(f"grid {grid.name}: {result.added} runs added, {result.existing} already stored")
     return grid, result
 
@@ -108,7 +111,7 @@ def grid_submit(spec: str = typer.Argument(..., help="A TOML spec file or a pres
 def _run_locally(store, grid_name: str, workers: int, device: str, pack_size: int | str = 1) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from kanfarm.local import run_grid_locally
+    from kanfarm.local import WorkerCrashed, run_grid_locally
 
     with Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("{task.fields[active]}", markup=False), console=err_console,
@@ -126,6 +129,8 @@ def _run_locally(store, grid_name: str, workers: int, device: str, pack_size: in
         except KeyboardInterrupt:
             err_console.print("interrupted: runs were checkpointed and released; run the same command to finish")
             raise typer.Exit(130)
+        except WorkerCrashed as exc:
+            fail(str(exc), code=1)
 
 
 def _check_device(device: str) -> None:
@@ -146,11 +151,15 @@ def run_grid(spec: str = typer.Argument(..., help="A TOML spec file or a preset 
              pack_size: str = typer.Option("1", "--pack-size",
                                            help="Train up to N compatible runs at once as one stacked model, or auto (fit free GPU memory).")) -> None:
     """Write a grid's runs, then execute them with local workers (resumable: run again to finish)."""
+    from kanfarm.runner import check_run_environment
+
     _check_device(device)
     size = parse_pack_size(pack_size)
+    check_run_environment()  # every check before anything is written
     store = open_store()
-    grid, _ = _submit(store, spec)
+    grid = read_spec(spec)
     _prepare_data(grid)
+    _submit(store, grid)
     resumed = store.mark_queued(store.run_ids(grid.name, statuses=["cancelled"]))
     if resumed:
         err_console.print(f"{resumed} cancelled runs of the grid are run again")
@@ -180,6 +189,9 @@ def _prepare_data(grid) -> None:
 @handles_errors
 def demo(workers: int = typer.Option(2, "--workers", min=1, help="Local worker processes.")) -> None:
     """A small KAN vs MLP vs MLP-Wide grid on scikit-learn's digits, then its summary."""
+    from kanfarm.runner import check_run_environment
+
+    check_run_environment()
     store = open_store(check=False)
     store.upgrade()
     grid, _ = _submit(store, "demo")

@@ -28,6 +28,10 @@ ORDER BY r.id
 """
 
 
+class WorkerCrashed(RuntimeError):
+    """A local worker process ended with an error instead of running out of work."""
+
+
 @dataclass
 class Snapshot:
     """What the grid looks like now: counts per status and the epoch of each active run."""
@@ -73,10 +77,10 @@ def release_dead_holders(store: Store, grid: str) -> list[int]:
             if worker and _dead_here(worker) and store.expire_lease(run_id, worker)]
 
 
-def _watch_parent(shutdown: Any, poll_s: float = 1.0) -> None:
-    """Warm-shut the workers down when the parent dies (kill -9 leaves no one to press Ctrl-C):
-    they checkpoint, hand their runs back and exit instead of training on as orphans."""
-    parent = os.getppid()
+def _watch_parent(parent: int, shutdown: Any, poll_s: float = 0.25) -> None:
+    """Warm-shut the workers down when the parent (pid ``parent``, passed in: it may have died
+    before this child started) dies. kill -9 leaves no one to press Ctrl-C: the workers
+    checkpoint, hand their runs back and exit instead of training on as orphans."""
 
     def watch() -> None:
         while not shutdown.is_set():
@@ -89,9 +93,9 @@ def _watch_parent(shutdown: Any, poll_s: float = 1.0) -> None:
 
 
 def _child(url: str, grid: str, device: str, lease_s: float, shutdown: Any, threads: int,
-           max_attempts: int | None, pack_size: int | str = 1) -> None:
+           max_attempts: int | None, pack_size: int | str = 1, parent: int | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into a warm shutdown
-    _watch_parent(shutdown)
+    _watch_parent(os.getppid() if parent is None else parent, shutdown)
     import torch
 
     torch.set_num_threads(threads)
@@ -162,7 +166,7 @@ def run_grid_locally(store: Store, grid: str, *, workers: int = 1, device: str =
         shutdown = ctx.Event()
         threads = max(1, (os.cpu_count() or 1) // workers)
         pool = [ctx.Process(target=_child, args=(store.url_string, grid, device, lease_s, shutdown, threads,
-                                                 max_attempts, pack_size), name=f"kanfarm-worker-{i}")
+                                                 max_attempts, pack_size, os.getpid()), name=f"kanfarm-worker-{i}")
                 for i in range(workers)]
     try:
         for p in pool:
@@ -180,6 +184,10 @@ def run_grid_locally(store: Store, grid: str, *, workers: int = 1, device: str =
         raise
     if errors:
         raise errors[0]
+    crashed = [f"{p.name} (exit code {p.exitcode})" for p in pool
+               if isinstance(p, mp.process.BaseProcess) and p.exitcode != 0]
+    if crashed:  # its traceback went to stderr; its run, if any, waits for its lease
+        raise WorkerCrashed(f"worker processes crashed: {', '.join(crashed)}; their errors are printed above")
     final = snapshot(store, grid)
     if on_poll is not None:
         on_poll(final)

@@ -44,10 +44,20 @@ def checkpoint_settings() -> tuple[int, int]:
     settings = []
     for name, default in (("KANFARM_CHECKPOINT_EVERY", 1), ("KANFARM_CHECKPOINT_KEEP", 2)):
         value = os.environ.get(name, str(default))
-        if not value.isdigit() or int(value) < 1:
+        if not (value.isascii() and value.isdigit()) or int(value) < 1:
             raise ConfigError(name, f"{value!r} must be a positive integer")
         settings.append(int(value))
+    root = checkpoint_root()
+    if root.exists() and not root.is_dir():
+        raise ConfigError("KANFARM_CHECKPOINT_DIR", f"{str(root)!r} is a file, not a folder")
     return settings[0], settings[1]
+
+
+def check_run_environment() -> None:
+    """Every setting a run reads from the environment, checked (ConfigError) before a command
+    writes anything: a bad value is one message, not a grid stored and then nothing trained."""
+    checkpoint_settings()
+    pack_checkpoint_interval()
 
 
 def pack_checkpoint_interval() -> float:

@@ -92,7 +92,7 @@ def test_export_to_a_path_it_cannot_write_exits_2_and_leaves_nothing(env):
 
 
 def test_a_grid_whose_dataset_cannot_be_had_stops_before_any_run(env, monkeypatch):
-    """One message from the first dataset that is missing, exit 1, and no run failed for it."""
+    """One message from the first dataset that is missing, exit 1, and nothing written."""
     monkeypatch.setenv("KANFARM_OFFLINE", "1")
     monkeypatch.setenv("KANFARM_DATA_DIR", str(env / "data"))
     assert invoke("db", "upgrade").exit_code == 0
@@ -100,7 +100,7 @@ def test_a_grid_whose_dataset_cannot_be_had_stops_before_any_run(env, monkeypatc
     result = invoke("run", "grid", "mnist.toml")
     assert result.exit_code == 1 and "'mnist' is unavailable" in result.output
     assert isinstance(result.exception, SystemExit)  # exit 1 by design, not an unhandled error
-    assert {r["status"] for r in rows(env / "k.db", "SELECT status FROM runs")} == {"pending"}
+    assert rows(env / "k.db", "SELECT COUNT(*) AS n FROM runs")[0]["n"] == 0
 
 
 def test_a_damaged_dataset_file_is_one_line_naming_it(env, monkeypatch):
@@ -294,7 +294,7 @@ def test_checkpoint_cadence_from_the_environment(env, monkeypatch):
     (env / "tiny.toml").write_text(TINY.replace('learning_rates = [0.01]', 'learning_rates = [0.02]'))
     result = invoke("run", "grid", "tiny.toml")
     assert result.exit_code == 2 and "KANFARM_CHECKPOINT_EVERY" in result.output
-    assert {r["status"] for r in rows(env / "k.db", "SELECT status FROM runs WHERE lr = 0.02")} == {"pending"}
+    assert rows(env / "k.db", "SELECT status FROM runs WHERE lr = 0.02") == []  # checked before writing
 
 
 def test_kill_9_leaves_the_grid_resumable_at_once(env):
@@ -304,27 +304,30 @@ def test_kill_9_leaves_the_grid_resumable_at_once(env):
     import signal
     import time
 
-    spec = TINY.replace("epochs = 2", "epochs = 30").replace('models = ["mlp", "kan"]', 'models = ["kan"]')
+    spec = TINY.replace("epochs = 2", "epochs = 50").replace('models = ["mlp", "kan"]', 'models = ["kan"]')
     (env / "tiny.toml").write_text(spec)
     cmd = [sys.executable, "-m", "cli.main"]
     environ = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     subprocess.run(cmd + ["db", "upgrade"], check=True, env=environ, capture_output=True)
     db = env / "k.db"
 
-    def kill_after_epoch(epoch: int, *args: str) -> None:
+    def written() -> int:
+        return rows(db, "SELECT COUNT(*) AS n FROM epoch_metrics")[0]["n"] if db.exists() else 0
+
+    def kill_after_new_rows(n: int, *args: str) -> None:
+        before = written()
         proc = subprocess.Popen(cmd + ["run", "grid", "tiny.toml", *args], env=environ,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not rows(
-                db, "SELECT COUNT(*) AS n FROM epoch_metrics WHERE epoch >= ?", (epoch,))[0]["n"]:
-            time.sleep(0.2)
+        while time.monotonic() < deadline and written() < before + n:
+            time.sleep(0.1)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
 
-    kill_after_epoch(2)
+    kill_after_new_rows(3)
     assert "running" in [r["status"] for r in rows(db, "SELECT status FROM runs")]
 
-    kill_after_epoch(6, "--workers", "2")  # the rerun took the dead holder's run at once
+    kill_after_new_rows(6, "--workers", "2")  # the rerun took the dead holder's run at once
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and "running" in [r["status"] for r in rows(db, "SELECT status FROM runs")]:
         time.sleep(0.5)
@@ -335,7 +338,7 @@ def test_kill_9_leaves_the_grid_resumable_at_once(env):
     assert done.returncode == 0, done.stderr
     assert {r["status"] for r in rows(db, "SELECT status FROM runs")} == {"completed"}
     epochs = rows(db, "SELECT run_id, COUNT(*) AS n, MAX(epoch) AS last FROM epoch_metrics GROUP BY run_id")
-    assert [(r["n"], r["last"]) for r in epochs] == [(31, 30)] * 2
+    assert [(r["n"], r["last"]) for r in epochs] == [(51, 50)] * 2
 
 
 def test_cancel_names_the_other_grids_it_touches_and_run_grid_takes_cancelled_runs_back(env):
@@ -370,3 +373,31 @@ def test_user_text_that_looks_like_rich_markup_is_printed_as_it_is(env):
     (env / "b.toml").write_text(TINY.replace('datasets = ["digits"]', 'datasets = ["[red]x"]'))
     result = invoke("grid", "show", "b.toml")
     assert result.exit_code == 2 and "'[red]x' is not one of" in result.output
+
+
+@pytest.mark.parametrize("variable, value", [("KANFARM_CHECKPOINT_EVERY", "abc"), ("KANFARM_CHECKPOINT_EVERY", "\u00b2"),
+                                             ("KANFARM_CHECKPOINT_KEEP", "0"), ("KANFARM_PACK_CHECKPOINT_SECONDS", "-1"),
+                                             ("KANFARM_CHECKPOINT_DIR", "afile")])
+def test_run_grid_checks_the_environment_before_writing_anything(env, monkeypatch, variable, value):
+    (env / "afile").write_text("not a folder")
+    assert invoke("db", "upgrade").exit_code == 0
+    monkeypatch.setenv(variable, value)
+    for args in (["run", "grid", "tiny.toml", "--workers", "2"], ["demo"]):
+        result = invoke(*args)
+        assert result.exit_code == 2 and variable in result.output, (args, result.output)
+    assert rows(env / "k.db", "SELECT COUNT(*) AS n FROM grids")[0]["n"] == 0
+
+
+def test_crashed_worker_processes_are_an_error_not_done(env, monkeypatch):
+    from kanfarm.grids import load_spec
+    from kanfarm.local import WorkerCrashed, run_grid_locally
+    from kanfarm.store import Store
+    from kanfarm.submission import submit
+
+    store = Store(f"sqlite:///{env / 'k.db'}")
+    store.upgrade()
+    submit(store, load_spec(str(env / "tiny.toml")))
+    monkeypatch.setenv("KANFARM_CHECKPOINT_EVERY", "abc")  # each spawned worker fails on it at once
+    with pytest.raises(WorkerCrashed, match="kanfarm-worker-0"):
+        run_grid_locally(store, "tiny", workers=2)
+    store.dispose()
