@@ -58,7 +58,7 @@ def handles_errors(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from sqlalchemy.exc import OperationalError
+        from sqlalchemy.exc import DatabaseError, OperationalError
 
         from kanfarm.config import ConfigError
         from kanfarm.data import DatasetFormatError, DatasetUnavailable
@@ -75,6 +75,9 @@ def handles_errors(func: Callable) -> Callable:
         except OperationalError as exc:  # the driver's own words name no password
             first = str(exc.orig or exc).strip().splitlines()[0]
             fail(f"database unavailable ({_url_text()}): {first}", code=1)
+        except DatabaseError as exc:  # e.g. a file that is not a SQLite database
+            first = str(exc.orig or exc).strip().splitlines()[0]
+            fail(f"{_url_text()}: not a usable kanfarm database: {first}", code=2)
 
     return wrapper
 
@@ -101,6 +104,9 @@ def database_url():
         fail(f"{engine.URL_ENV}: not a database URL (sqlite:///path/to.db or postgresql+psycopg://user@host/db)")
     if url.get_backend_name() not in ("sqlite", "postgresql"):
         fail(f"{engine.URL_ENV}: unsupported database {engine.masked(url)}: use sqlite or postgresql")
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        fail(f"{engine.URL_ENV}: an in-memory SQLite database keeps nothing between commands: "
+             "give a file (sqlite:///path/to.db)")
     return url
 
 
@@ -119,10 +125,15 @@ def open_store(check: bool = True):
     from kanfarm.store import Store
     from kanfarm.store.engine import URL_ENV
 
+    from sqlalchemy.exc import NoSuchModuleError
+
     url = database_url()
     if check and (path := missing_sqlite_file(url)):
         fail(f"no database at {path} ({URL_ENV}): run `kanfarm db upgrade` to create it")
-    store = Store(url)
+    try:
+        store = Store(url)
+    except (NoSuchModuleError, ImportError) as exc:
+        fail(f"{URL_ENV}: no database driver for {url.drivername} ({type(exc).__name__}: {exc})")
     if check:
         store.check_schema()
     return store

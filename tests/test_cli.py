@@ -401,3 +401,29 @@ def test_crashed_worker_processes_are_an_error_not_done(env, monkeypatch):
     with pytest.raises(WorkerCrashed, match="kanfarm-worker-0"):
         run_grid_locally(store, "tiny", workers=2)
     store.dispose()
+
+
+def test_databases_that_cannot_serve_are_one_line_and_exit_2(env, monkeypatch):
+    (env / "text.db").write_text("hello, not a database")
+    cases = {f"sqlite:///{env / 'text.db'}": "not a usable kanfarm database",
+             "postgresql+nodriver://127.0.0.1/db": "no database driver",
+             "sqlite://": "in-memory", "sqlite:///:memory:": "in-memory"}
+    for url, words in cases.items():
+        monkeypatch.setenv("KANFARM_DATABASE_URL", url)
+        for args in (["db", "upgrade"], ["status"]):
+            result = invoke(*args)
+            assert result.exit_code == 2 and words in result.output, (url, args, result.output)
+            assert "Traceback" not in result.output
+    assert (env / "text.db").read_text() == "hello, not a database"
+
+
+def test_a_database_at_a_revision_this_kanfarm_does_not_know_is_left_alone(env):
+    assert invoke("db", "upgrade").exit_code == 0
+    con = sqlite3.connect(env / "k.db")
+    with con:
+        con.execute("UPDATE alembic_version SET version_num = '0099'")
+    con.close()
+    for args in (["db", "upgrade"], ["status"]):
+        result = invoke(*args)
+        assert result.exit_code == 2 and "does not know" in result.output, (args, result.output)
+    assert rows(env / "k.db", "SELECT version_num FROM alembic_version") == [{"version_num": "0099"}]

@@ -5,10 +5,15 @@ from __future__ import annotations
 class SchemaOutOfDate(RuntimeError):
     """The database is not at the newest migration; nothing was read or written."""
 
-    def __init__(self, url: str, current: str | None, head: str):
-        super().__init__(
-            f"run `kanfarm db upgrade`: the database schema is at revision "
-            f"{current or 'none (empty database)'}, this kanfarm needs {head} (database: {url})")
+    def __init__(self, url: str, current: str | None, head: str, known: bool = True):
+        if known:
+            text = (f"run `kanfarm db upgrade`: the database schema is at revision "
+                    f"{current or 'none (empty database)'}, this kanfarm needs {head} (database: {url})")
+        else:
+            text = (f"the database schema is at revision {current}, which this kanfarm does not know (a newer "
+                    f"kanfarm's database, or another application's); use a matching kanfarm or another "
+                    f"database (database: {url})")
+        super().__init__(text)
         self.current = current
         self.head = head
 

@@ -27,6 +27,11 @@ def head_revision() -> str:
     return head
 
 
+@lru_cache(maxsize=1)
+def known_revisions() -> frozenset[str]:
+    return frozenset(script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions())
+
+
 def current_revision(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 

@@ -73,7 +73,11 @@ class Store:
     # -- schema ---------------------------------------------------------------------------------
 
     def upgrade(self) -> None:
-        """Apply pending migrations (alembic upgrade head)."""
+        """Apply pending migrations (alembic upgrade head). A database at a revision this kanfarm
+        does not know (newer, or another application's) raises SchemaOutOfDate, untouched."""
+        current = self.schema_revision()
+        if current is not None and current not in migrate.known_revisions():
+            raise SchemaOutOfDate(masked(self.url), current, migrate.head_revision(), known=False)
         migrate.upgrade(self.engine)
         self._schema_ok = True
 
@@ -88,7 +92,8 @@ class Store:
             return
         current, head = self.schema_revision(), migrate.head_revision()
         if current != head:
-            raise SchemaOutOfDate(masked(self.url), current, head)
+            raise SchemaOutOfDate(masked(self.url), current, head,
+                                  known=current is None or current in migrate.known_revisions())
         self._schema_ok = True
 
     def dispose(self, close: bool = False) -> None:
