@@ -427,3 +427,19 @@ def test_a_database_at_a_revision_this_kanfarm_does_not_know_is_left_alone(env):
         result = invoke(*args)
         assert result.exit_code == 2 and "does not know" in result.output, (args, result.output)
     assert rows(env / "k.db", "SELECT version_num FROM alembic_version") == [{"version_num": "0099"}]
+
+
+@pytest.mark.parametrize("variable, value, args", [
+    ("KANFARM_MAX_ATTEMPTS", "abc", ["requeue", "--failed"]), ("KANFARM_MAX_ATTEMPTS", "1.5", ["requeue", "--failed"]),
+    ("KANFARM_VISIBILITY_TIMEOUT", "abc", ["enqueue", "grid", "tiny.toml", "--dry-run"]),
+    ("KANFARM_VISIBILITY_TIMEOUT", "inf", ["enqueue", "grid", "tiny.toml"]),
+])
+def test_bad_worker_settings_are_one_line_naming_the_variable(env, monkeypatch, variable, value, args):
+    import sys
+
+    assert invoke("db", "upgrade").exit_code == 0
+    monkeypatch.setenv(variable, value)
+    monkeypatch.delitem(sys.modules, "workers.celery_app", raising=False)  # read at import
+    result = invoke(*args)
+    assert result.exit_code == 2 and f"invalid {variable}" in result.output, result.output
+    assert rows(env / "k.db", "SELECT COUNT(*) AS n FROM runs")[0]["n"] == 0

@@ -33,13 +33,15 @@ def broker_url(url: str | None = None) -> str:
 
 
 def visibility_timeout() -> int:
+    from kanfarm.config import ConfigError
+
     raw = os.environ.get(VISIBILITY_ENV, "")
     try:
         value = int(float(raw)) if raw.strip() else DEFAULT_VISIBILITY_S
-    except ValueError:
-        raise ValueError(f"{VISIBILITY_ENV}={raw!r} is not a number of seconds") from None
+    except (ValueError, OverflowError):  # text, nan, inf
+        value = 0
     if value <= 0:
-        raise ValueError(f"{VISIBILITY_ENV} must be positive")
+        raise ConfigError(VISIBILITY_ENV, f"{raw!r} must be a positive number of seconds")
     return value
 
 

@@ -31,15 +31,20 @@ _store_lock = threading.Lock()
 
 
 def _positive(env: str, default: float, kind=float):
+    """A positive finite ``kind`` from ``env``; ConfigError naming the variable otherwise (the CLI
+    prints it as one line, exit 2)."""
+    from kanfarm.config import ConfigError
+
     raw = os.environ.get(env, "").strip()
     if not raw:
         return default
     try:
         value = kind(raw)
     except ValueError:
-        raise ValueError(f"{env}={raw!r} is not a number") from None
-    if value <= 0:
-        raise ValueError(f"{env} must be positive, got {raw!r}")
+        value = None
+    if value is None or not 0 < value < float("inf"):
+        what = "a positive integer" if kind is int else "a positive number"
+        raise ConfigError(env, f"{raw!r} must be {what}")
     return value
 
 
