@@ -39,6 +39,10 @@ def option_defaults(name: str) -> dict[str, Any]:
     return dict(_loader(name).DEFAULTS)
 
 
+#: options are stored in 32-bit integer columns' range, as every other integer of a run
+MAX_OPTION = 2**31 - 1
+
+
 def resolve_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """The dataset's defaults overridden by ``options``; unknown or non-positive values (and
     combinations the loader refuses, e.g. more HIGGS rows than the file has) raise OptionError."""
@@ -50,8 +54,9 @@ def resolve_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
         raise OptionError(unknown[0], f"dataset {name!r} has no option(s) {', '.join(unknown)}; allowed: {allowed}")
     resolved = {**defaults, **options}
     for key, value in sorted(resolved.items()):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise OptionError(key, f"dataset {name!r}: option {key} must be a positive integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_OPTION:
+            raise OptionError(key, f"dataset {name!r}: option {key} must be a positive integer up to "
+                                   f"{MAX_OPTION}, got {value!r}")
     check = getattr(loader, "check_options", None)
     if check is not None:
         check(resolved)
