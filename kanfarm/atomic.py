@@ -1,6 +1,7 @@
 """Writing a file so that a reader sees the old content or the new, never half of either."""
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -10,6 +11,8 @@ def atomic_write(path: str | os.PathLike, payload: bytes, durable: bool = False)
 
     ``durable``: fsync the file and its folder, so the rename survives a power cut (checkpoints)."""
     path = Path(path)
+    if not path.name or path.is_dir():  # "", ".", "..", a folder: an OSError the callers report
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:

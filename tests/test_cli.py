@@ -443,3 +443,15 @@ def test_bad_worker_settings_are_one_line_naming_the_variable(env, monkeypatch, 
     result = invoke(*args)
     assert result.exit_code == 2 and f"invalid {variable}" in result.output, result.output
     assert rows(env / "k.db", "SELECT COUNT(*) AS n FROM runs")[0]["n"] == 0
+
+
+def test_out_naming_a_folder_is_one_line_and_an_empty_plot_makes_no_folder(env):
+    assert invoke("db", "upgrade").exit_code == 0
+    for args in (["export", "--format", "csv", "--out", ""], ["export", "--format", "json", "--out", "."],
+                 ["report", "html", "--out", ".."]):
+        result = invoke(*args)
+        assert result.exit_code == 2 and "Is a directory" in result.output, (args, result.output)
+    result = invoke("report", "plot", "--out", "figs")
+    assert result.exit_code == 0 and "nothing to plot" in result.output
+    assert not (env / "figs").exists()
+    assert not list(env.glob(".*.tmp"))

@@ -314,6 +314,9 @@ def figure_bytes(fig: Figure, fmt: str, dpi: int = 100) -> bytes:
 
 
 def save_figures(figures: dict[str, Figure], out_dir: str | Path) -> list[Path]:
+    """Write each figure as PNG and SVG into ``out_dir`` (created only when there is one)."""
+    if not figures:
+        return []
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
