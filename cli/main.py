@@ -257,8 +257,8 @@ def report_efficiency(grid: Optional[str] = GridOpt, as_json: bool = JsonOpt, as
     overrides = {}
     for item in intrinsic_dim:
         name, _, value = item.partition("=")
-        if not re.fullmatch(r"[0-9]+", value):
-            fail(f"--intrinsic-dim: {item!r} is not DATASET=N with N a non-negative integer")
+        if not re.fullmatch(r"[0-9]{1,18}", value):  # 18 digits: any sensible N, and int() never refuses it
+            fail(f"--intrinsic-dim: {item[:60]!r} is not DATASET=N with N a non-negative integer")
         if name not in DATASETS:
             fail(f"--intrinsic-dim: unknown dataset {name!r} (known: {', '.join(DATASETS)})")
         overrides[name] = int(value)

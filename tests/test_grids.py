@@ -388,3 +388,14 @@ def test_cli_submit_refuses_huge_integers_and_writes_nothing(tmp_path, monkeypat
             assert result.exit_code == 2, result.output
             assert f"invalid {field}:" in result.output and "Traceback" not in result.output
     assert stored_grids_and_runs(db) == (0, 0)
+
+
+@pytest.mark.parametrize("text", ["epochs = " + "9" * 5000, "x = " + "[" * 3000 + "]" * 3000])
+def test_toml_that_python_cannot_hold_is_a_config_error(tmp_path, text):
+    from kanfarm.config import ConfigError
+    from kanfarm.grids import load_spec
+
+    (tmp_path / "s.toml").write_text(text + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_spec(str(tmp_path / "s.toml"))
+    assert err.value.field == "spec"

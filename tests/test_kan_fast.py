@@ -109,3 +109,17 @@ def test_hand_written_backward_passes_gradcheck():
     weight = torch.randn(2, n_bases * 3, dtype=torch.float64, requires_grad=True)
     t0, inv_h = grid_origin_and_scale(layer.grid)
     assert torch.autograd.gradcheck(lambda a, w: UniformSplineLinear.apply(a, w, t0, inv_h, 3), (x, weight))
+
+
+def test_triton_switch_reads_the_usual_spellings_and_refuses_others(monkeypatch):
+    from kanfarm.config import ConfigError
+    from kanfarm.models.uniform_spline import triton_wanted
+
+    for value, wanted in [("0", False), ("off", False), ("False", False), ("no", False), ("1", True), ("on", True)]:
+        monkeypatch.setenv("KANFARM_TRITON", value)
+        assert triton_wanted() is wanted, value
+    monkeypatch.delenv("KANFARM_TRITON")
+    assert triton_wanted()
+    monkeypatch.setenv("KANFARM_TRITON", "maybe")
+    with pytest.raises(ConfigError, match="KANFARM_TRITON"):
+        triton_wanted()

@@ -483,6 +483,10 @@ def _load_toml(text: str, where: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("spec", f"{where}: not valid TOML: {exc}") from None
+    except ValueError as exc:  # an integer literal longer than Python converts (4300 digits)
+        raise ConfigError("spec", f"{where}: unreadable value: {exc}") from None
+    except RecursionError:
+        raise ConfigError("spec", f"{where}: arrays or tables nested too deeply") from None
 
 
 def load_spec(path_or_preset: str) -> GridSpec:

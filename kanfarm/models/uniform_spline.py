@@ -76,10 +76,24 @@ def uniform_basis(x: torch.Tensor, t0: torch.Tensor, inv_h: torch.Tensor, n_base
     return bases, slopes
 
 
+def triton_wanted() -> bool:
+    """``KANFARM_TRITON`` (default on): 0, false, no or off turn the fused kernels off; any other
+    value than those and 1, true, yes, on is refused, so a typo cannot leave them silently on."""
+    value = os.environ.get("KANFARM_TRITON", "1").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on", ""):
+        return True
+    from kanfarm.config import ConfigError
+
+    raise ConfigError("KANFARM_TRITON", f"{value!r}: use 0 (off) or 1 (on)")
+
+
 def fused_kernels_apply(x: torch.Tensor) -> bool:
     """True when kanfarm's Triton kernels take ``x`` (the spline bases here, a pack's optimiser
-    step in ``packing.optim``): float32 CUDA tensor, Triton importable, ``KANFARM_TRITON`` not 0."""
-    if not (x.is_cuda and x.dtype == torch.float32) or os.environ.get("KANFARM_TRITON", "1") == "0":
+    step in ``packing.optim``): float32 CUDA tensor, Triton importable, ``KANFARM_TRITON`` not
+    0/false/no/off."""
+    if not (x.is_cuda and x.dtype == torch.float32) or not triton_wanted():
         return False
     try:
         import kanfarm.models.triton_spline  # noqa: F401  (Triton importable?)

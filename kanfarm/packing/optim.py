@@ -6,7 +6,7 @@ where the products agree. Members are sorted by optimiser, so each kind updates 
 slice (views, no copies). A member whose loss went non-finite (``alive`` False) keeps its
 parameters and state: updates are masked with ``torch.where``, so NaN never spreads.
 
-On CUDA (float32, Triton importable, ``KANFARM_TRITON`` not 0) the same step runs as one fused
+On CUDA (float32, Triton importable, ``KANFARM_TRITON`` not 0 or off) the same step runs as one fused
 kernel per stacked parameter (``triton_pack``): a pack of small models is bound by launches.
 """
 from __future__ import annotations
