@@ -167,7 +167,7 @@ def test_build_figures_on_partial_and_empty_grids(store):
     full = F.build_figures(store, "full")
     assert set(full.figures) == set(FIGURES) and not full.skipped
     assert full.note == ("18 of 20 runs finished; the figures and the efficiency, gap and sensitivity tables "
-                         "leave out 1 pending, 1 running (the summary lists them without results)")
+                         "leave out 1 pending, 1 running (the summary lists them, with their results so far)")
     empty = F.build_figures(store, "empty")
     assert not empty.figures and set(empty.skipped) == set(FIGURES)
     assert empty.note == "no finished runs yet: 2 pending, 1 running"

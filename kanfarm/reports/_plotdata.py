@@ -100,5 +100,5 @@ def missing_note(counts: dict[str, int], grid: str | None = None) -> str | None:
         return f"no finished runs yet: {rest}"
     if rest:
         return (f"{done} of {total} runs finished; the figures and the efficiency, gap and sensitivity "
-                f"tables leave out {rest} (the summary lists them without results)")
+                f"tables leave out {rest} (the summary lists them, with their results so far)")
     return None
