@@ -79,7 +79,10 @@ def test_bar_figures_hold_one_bar_per_model_depth_and_scheme_whiskers(store):
         assert set(panels) == {"digits", "mnist"}
         # digits: shallow has kan, mlp (both trainers) and mlp_wide = 5 bars; medium 3 (backprop only)
         assert len(panels["digits"].patches) == 8
-        assert len(panels["mnist"].patches) == 2  # kan [16] and [32]: their two orders are the "schemes"
+        # kan [16] and [32] at spline orders 2 and 3: a setting, not a scheme, so a bar each
+        assert len(panels["mnist"].patches) == 4
+        assert [t.get_text() for t in panels["mnist"].get_xticklabels()] == [
+            "[16]\nk=2", "[16]\nk=3", "[32]\nk=2", "[32]\nk=3"]
         assert [t.get_text() for t in panels["digits"].get_xticklabels()] == ["shallow", "medium"]
         # whiskers (one errorbar per bar) span the two learning rates
         assert len(panels["digits"].containers) == 16

@@ -47,7 +47,7 @@ def varying_settings(rows: Iterable[Row]) -> tuple[str, ...]:
     return tuple(c for c in SETTING_COLUMNS if c in _SETTING_NAMES and any(several(g, c) for g in same))
 
 
-def _text(value: Any) -> str:
+def text(value: Any) -> str:
     if isinstance(value, dict):
         return " ".join(f"{k}={v}" for k, v in sorted(value.items())) or "default options"
     return str(value)
@@ -55,7 +55,7 @@ def _text(value: Any) -> str:
 
 def settings_label(row: Row, columns: tuple[str, ...]) -> str:
     """``row``'s values of ``columns`` as a label suffix ("" when none vary)."""
-    return "".join(f"\n{_SETTING_NAMES[c]}{_text(row.get(c))}" for c in columns)
+    return "".join(f"\n{_SETTING_NAMES[c]}{text(row.get(c))}" for c in columns)
 
 
 def model_key(model: str) -> tuple:
@@ -63,7 +63,7 @@ def model_key(model: str) -> tuple:
 
 
 def several(rows: Iterable[Row], column: str) -> bool:
-    return len({_text(r.get(column)) for r in rows}) > 1
+    return len({text(r.get(column)) for r in rows}) > 1
 
 
 def series_label(row: Row, show_trainer: bool) -> str:

@@ -51,12 +51,23 @@ def _hatch(label: str) -> str | None:
 
 
 def _grouped_bars(rows: list[Row], value: str, height: Callable[[list[float]], float],
-                  group_of: Callable[[Row], str], series_of: Callable[[Row], str],
-                  ylabel: str, title: str) -> Figure:
-    """One panel per dataset; per group one bar per series, whiskers from min to max over the runs
-    (the training schemes) behind the bar."""
+                  series_of: Callable[[Row], str], ylabel: str, title: str, with_model: bool = False) -> Figure:
+    """One panel per dataset; per group (architecture, with the model when ``with_model``, and the
+    settings that vary, so that a bar only pools training schemes) one bar per series, whiskers
+    from min to max over the runs (the training schemes) behind the bar."""
+    extras = {d: plotdata.varying_settings(r for r in rows if r["dataset"] == d) for d in {r["dataset"] for r in rows}}
+
+    def group_of(r: Row) -> str:
+        arch = f"{r['model']}\n{plotdata.arch_label(r)}" if with_model else plotdata.arch_label(r)
+        return arch + plotdata.settings_label(r, extras[r["dataset"]])
+
+    sort_keys: dict[str, tuple] = {}
+    for r in rows:
+        sort_keys.setdefault(group_of(r), (plotdata.arch_key(plotdata.arch_label(r)),
+                                           plotdata.model_key(r["model"]) if with_model else (),
+                                           tuple(plotdata.text(r.get(c)) for c in extras[r["dataset"]])))
     datasets = sorted({r["dataset"] for r in rows})
-    groups = sorted({group_of(r) for r in rows}, key=_group_key)
+    groups = sorted(sort_keys, key=sort_keys.__getitem__)
     names = sorted({series_of(r) for r in rows}, key=_series_key)
     fig, axes = _figure(len(datasets), 1, width=max(6.4, 1.5 + 0.45 * len(groups) * len(names)))
     for (ax,), dataset in zip(axes, datasets):
@@ -89,11 +100,6 @@ def _log_x(ax) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
-def _group_key(label: str) -> tuple:
-    model, _, arch = label.rpartition("\n")
-    return (plotdata.arch_key(arch), plotdata.model_key(model))
-
-
 def _series_key(label: str) -> tuple:
     model, _, trainer = label.partition(" (")
     return (plotdata.model_key(model), trainer)
@@ -105,7 +111,7 @@ def accuracy_bars(rows: Iterable[Row]) -> Figure:
     if not rows:
         raise NoData("no finished run has a test accuracy")
     trainers = plotdata.several(rows, "trainer")
-    return _grouped_bars(rows, "best_test_acc", max, plotdata.arch_label, lambda r: plotdata.series_label(r, trainers),
+    return _grouped_bars(rows, "best_test_acc", max, lambda r: plotdata.series_label(r, trainers),
                          "best test accuracy", "Best test accuracy per model and depth (whiskers: min-max over schemes)")
 
 
@@ -116,7 +122,7 @@ def gap_bars(rows: Iterable[Row]) -> Figure:
     if not rows:
         raise NoData("no finished run has a generalisation gap (train and test accuracy at its best epoch)")
     trainers = plotdata.several(rows, "trainer")
-    return _grouped_bars(rows, "gap_at_best", statistics.median, plotdata.arch_label,
+    return _grouped_bars(rows, "gap_at_best", statistics.median,
                          lambda r: plotdata.series_label(r, trainers), "train - test accuracy at best epoch",
                          "Generalisation gap per model and depth (bar: median, whiskers: min-max over schemes)")
 
@@ -127,9 +133,8 @@ def trainer_bars(rows: Iterable[Row]) -> Figure:
     found = sorted({r["trainer"] for r in rows})
     if not {"backprop", "hsic"} <= set(found):
         raise NoData(f"needs finished runs of both backprop and hsic (found: {', '.join(found) or 'none'})")
-    return _grouped_bars(rows, "best_test_acc", max, lambda r: f"{r['model']}\n{plotdata.arch_label(r)}",
-                         lambda r: r["trainer"], "best test accuracy",
-                         "Backprop vs HSIC: best test accuracy (whiskers: min-max over schemes)")
+    return _grouped_bars(rows, "best_test_acc", max, lambda r: r["trainer"], "best test accuracy",
+                         "Backprop vs HSIC: best test accuracy (whiskers: min-max over schemes)", with_model=True)
 
 
 def sensitivity_boxes(rows: Iterable[Row]) -> Figure:
