@@ -5,6 +5,7 @@ input has been validated.
 """
 from __future__ import annotations
 
+import math
 import re
 import sys
 import time
@@ -221,8 +222,9 @@ def status(grid: Optional[str] = GridOpt, as_json: bool = JsonOpt) -> None:
     if as_json:
         sys.stdout.write(to_json(info) + "\n")
         return
-    console.print(f"{grid or 'all grids'}: {info['done']}/{info['total']} runs finished "
-                  f"({info['progress']:.0%})")
+    percent = math.floor(100 * info["progress"])  # 100% only when every run has ended
+    console.print(f"{grid or 'all grids'}: {info['done']}/{info['total']} runs ended ({percent}%: completed, "
+                  "diverged, failed or cancelled)")
     for name, count in info["counts"].items():
         console.print(f"  {name:<10} {count}")
     eta = info["eta_seconds"]

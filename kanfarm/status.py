@@ -23,23 +23,36 @@ _GRID_FILTER = "AND r.id IN (SELECT g.run_id FROM grid_runs g JOIN grids gr ON g
 
 
 def grid_status(store: Store, grid: str | None = None) -> dict[str, Any]:
-    """Counts per status and ``eta_seconds``: remaining epochs times the mean epoch time of runs of
-    the same dataset, model and depth (any timed epoch when that group has none), for one worker."""
+    """Counts per status, ``done`` (runs that ended: completed, diverged, failed or cancelled) and
+    ``eta_seconds``: remaining epochs times the mean epoch time of runs (of any grid) of the same
+    dataset, model and depth, else of the same dataset; unknown (None) when a remaining run's
+    dataset has no timed epoch, rather than a guess from another dataset. ``epochs_timed``: the
+    timed epochs the estimate rests on. For one worker."""
     counts = store.status_counts(grid)
     total = sum(counts.values())
     done = sum(counts.get(s, 0) for s in FINISHED)
     params = {"grid": grid} if grid else {}
     remaining = store.query(_REMAINING_SQL.format(grid_filter=_GRID_FILTER if grid else ""), params)
     timed = store.query(_TIMED_SQL, {})
-    by_group = {(t["dataset"], t["model"], t["depth"]): t["mean_seconds"] for t in timed}
-    n_timed = sum(t["n"] for t in timed)
-    overall = (sum(t["mean_seconds"] * t["n"] for t in timed) / n_timed) if n_timed else None
+    by_group = {(t["dataset"], t["model"], t["depth"]): (t["mean_seconds"], t["n"]) for t in timed}
+    by_dataset: dict[str, tuple[float, int]] = {}
+    for t in timed:
+        seconds, n = by_dataset.get(t["dataset"], (0.0, 0))
+        by_dataset[t["dataset"]] = (seconds + t["mean_seconds"] * t["n"], n + t["n"])
+    by_dataset = {d: (seconds / n, n) for d, (seconds, n) in by_dataset.items()}
     eta: float | None = 0.0
+    used: set[tuple] = set()
     for r in remaining:
-        per_epoch = by_group.get((r["dataset"], r["model"], r["depth"]), overall)
-        if per_epoch is None:
+        key = (r["dataset"], r["model"], r["depth"])
+        source = key if key in by_group else (r["dataset"],) if r["dataset"] in by_dataset else None
+        if source is None:
             eta = None
             break
+        used.add(source)
+        per_epoch = (by_group[key] if len(source) == 3 else by_dataset[r["dataset"]])[0]
         eta += per_epoch * (r["max_epochs"] - (r["epoch"] or 0))
+    n_timed = sum(by_group[s][1] for s in used if len(s) == 3)
+    n_timed += sum(by_dataset[s[0]][1] for s in used if len(s) == 1)
     return {"grid": grid, "counts": counts, "total": total, "done": done,
-            "progress": done / total if total else 0.0, "eta_seconds": eta, "epochs_timed": n_timed}
+            "progress": done / total if total else 0.0, "eta_seconds": eta,
+            "epochs_timed": n_timed if eta is not None else 0}

@@ -416,3 +416,20 @@ def test_claim_many_takes_each_claimable_run_once_in_the_given_order(store):
     assert [r.id for r in claimed] == [ids[3], ids[0], ids[2]]  # finished run left out, duplicate once
     assert all(r.worker == "w1" and r.attempts == 1 for r in claimed)
     assert [r.id for r in store.claim_many(list(reversed(ids)), "w2", 60)] == [ids[4]]
+
+
+def test_status_estimates_only_from_epochs_of_the_same_dataset(store):
+    from kanfarm.status import grid_status
+    from kanfarm.training import EpochRecord
+
+    store.submit_grid("d", {}, [(RunConfig(dataset="digits", seed=s, max_epochs=10), 100, None) for s in (0, 1)])
+    store.submit_grid("m", {}, [(RunConfig(dataset="mnist", seed=0, max_epochs=10), 100, None)])
+    timed, waiting = store.run_ids("d")
+    store.claim(timed, "w", 60)
+    for epoch in range(3):
+        store.write_epoch(timed, EpochRecord(epoch, 1.0, 0.5, 1.0, 0.5, 2.0), worker="w")
+    digits = grid_status(store, "d")
+    # epochs 1-2 timed at 2 s: the running run has 8 epochs left, the waiting one 10
+    assert digits["eta_seconds"] == pytest.approx(2.0 * (8 + 10)) and digits["epochs_timed"] == 2
+    assert grid_status(store, "m")["eta_seconds"] is None  # no mnist epoch timed: unknown, not digits' pace
+    assert grid_status(store)["eta_seconds"] is None
