@@ -149,8 +149,7 @@ def sensitivity_table(store: SummarySource, grid: str | None = None) -> list[dic
     for runs in groups.values():
         setting = {c: runs[0].get(c) for c in SETTING_COLUMNS}
         accs = sorted(r["best_test_acc"] for r in runs if r["best_test_acc"] is not None)
-        row: dict[str, Any] = {**setting, "depth": setting["depth"] or setting["hidden_widths"],
-                               "runs": len(runs), "count": len(accs),
+        row: dict[str, Any] = {**setting, "runs": len(runs), "count": len(accs),
                                "divergence_rate": sum(r["status"] == "diverged" for r in runs) / len(runs)}
         if accs:
             q1, q3 = _quartiles(accs)
@@ -160,7 +159,8 @@ def sensitivity_table(store: SummarySource, grid: str | None = None) -> list[dic
         else:
             row.update(mean=None, median=None, std=None, iqr=None, min=None, max=None)
         rows.append(row)
-    rows.sort(key=lambda r: (r["dataset"], str(r["depth"]), r["trainer"], MODEL_ORDER.get(r["model"], 9),
+    rows.sort(key=lambda r: (r["dataset"], str(r["depth"] or r["hidden_widths"]), r["trainer"],
+                             MODEL_ORDER.get(r["model"], 9),
                              tuple(str(r[c]) for c in SETTING_COLUMNS)))
     return rows
 
