@@ -11,6 +11,7 @@ import sys
 from typing import Any, Optional
 
 import typer
+from rich.text import Text
 
 from cli.common import (grid_exists, handles_errors, linked_hashes, open_store, parse_pack_size, read_spec,
                         submit_spec)
@@ -40,7 +41,8 @@ def _publish(run_ids: list[int], queue: str) -> int:
     if not run_ids:
         return 0
     try:
-        return publish(run_ids, queue)
+        with err_console.status(Text(f"publishing {len(run_ids)} messages to queue {queue}")):
+            return publish(run_ids, queue)
     except OperationalError as exc:
         fail(f"broker unreachable ({type(exc).__name__}); the runs stay queued in the database: "
              "run `kanfarm requeue` once Redis is back", code=1)
@@ -73,7 +75,8 @@ def _publish_packs(store, grid: str, queued: list[int], size: int | str, queue: 
     packs = plan_packs([(i, c) for i, c in store.claimable_runs(grid) if i in wanted],
                        MAX_PACK if size == "auto" else size)
     try:
-        return publish_packs(packs, queue, fit=size == "auto")
+        with err_console.status(Text(f"publishing {len(packs)} pack messages to queue {queue}")):
+            return publish_packs(packs, queue, fit=size == "auto")
     except OperationalError as exc:
         fail(f"broker unreachable ({type(exc).__name__}); the runs stay queued in the database: "
              "run `kanfarm requeue` once Redis is back", code=1)
@@ -138,23 +141,24 @@ def requeue(grid: Optional[str] = typer.Option(None, "--grid", help="Only runs o
         _check_queue(queue)
     store = open_store()
     grid_exists(store, grid)
-    queued = store.run_ids(grid, statuses=["queued"])
-    stale_ids = store.stale_runs(grid) if stale else []
-    retried: list[int] = []
-    exhausted: list[int] = []
-    if failed:
-        bound = _max_attempts(max_attempts)
-        ids = set(store.run_ids(grid, statuses=["failed"]))
-        for row in store.query("SELECT id, attempts FROM runs WHERE status = 'failed' ORDER BY id"):
-            if row["id"] in ids:
-                (retried if row["attempts"] < bound else exhausted).append(row["id"])
-        store.mark_queued(retried, fresh_attempts=False)  # the bound counts every earlier attempt
-    run_ids = sorted(set(queued) | set(stale_ids) | set(retried))
-    if queue is not None:
-        store.assign_queue(run_ids, queue)
-    by_queue: dict[str, list[int]] = {}
-    for run_id, stored in sorted(store.queues(run_ids).items()):
-        by_queue.setdefault(queue or stored or "cpu", []).append(run_id)
+    with err_console.status(Text("finding the runs to publish")):
+        queued = store.run_ids(grid, statuses=["queued"])
+        stale_ids = store.stale_runs(grid) if stale else []
+        retried: list[int] = []
+        exhausted: list[int] = []
+        if failed:
+            bound = _max_attempts(max_attempts)
+            ids = set(store.run_ids(grid, statuses=["failed"]))
+            for row in store.query("SELECT id, attempts FROM runs WHERE status = 'failed' ORDER BY id"):
+                if row["id"] in ids:
+                    (retried if row["attempts"] < bound else exhausted).append(row["id"])
+            store.mark_queued(retried, fresh_attempts=False)  # the bound counts every earlier attempt
+        run_ids = sorted(set(queued) | set(stale_ids) | set(retried))
+        if queue is not None:
+            store.assign_queue(run_ids, queue)
+        by_queue: dict[str, list[int]] = {}
+        for run_id, stored in sorted(store.queues(run_ids).items()):
+            by_queue.setdefault(queue or stored or "cpu", []).append(run_id)
     published = {name: _publish(ids, name) for name, ids in sorted(by_queue.items())}
     info = {"grid": grid, "queue": queue, "queued": len(queued), "stale": len(stale_ids),
             "failed_retried": len(retried), "failed_exhausted": len(exhausted),
