@@ -455,3 +455,14 @@ def test_out_naming_a_folder_is_one_line_and_an_empty_plot_makes_no_folder(env):
     assert result.exit_code == 0 and "nothing to plot" in result.output
     assert not (env / "figs").exists()
     assert not list(env.glob(".*.tmp"))
+
+
+def test_db_upgrade_leaves_another_applications_database_alone(env, monkeypatch):
+    con = sqlite3.connect(env / "other.db")
+    with con:
+        con.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
+    con.close()
+    monkeypatch.setenv("KANFARM_DATABASE_URL", f"sqlite:///{env / 'other.db'}")
+    result = invoke("db", "upgrade")
+    assert result.exit_code == 2 and "with tables notes" in result.output, result.output
+    assert [r["name"] for r in rows(env / "other.db", "SELECT name FROM sqlite_master WHERE type = 'table'")] == ["notes"]

@@ -78,6 +78,12 @@ class Store:
         current = self.schema_revision()
         if current is not None and current not in migrate.known_revisions():
             raise SchemaOutOfDate(masked(self.url), current, migrate.head_revision(), known=False)
+        if current is None:
+            with self._reader.connect() as conn:
+                foreign = sorted(set(sa.inspect(conn).get_table_names()) - {"alembic_version"})
+            if foreign:  # tables but no kanfarm revision: another application's database
+                raise SchemaOutOfDate(masked(self.url), f"none, with tables {', '.join(foreign[:5])}",
+                                      migrate.head_revision(), known=False)
         migrate.upgrade(self.engine)
         self._schema_ok = True
 
