@@ -399,3 +399,16 @@ def test_toml_that_python_cannot_hold_is_a_config_error(tmp_path, text):
     with pytest.raises(ConfigError) as err:
         load_spec(str(tmp_path / "s.toml"))
     assert err.value.field == "spec"
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"batch_size": {"digits": 1}, "batch_norm": {"digits": True}}, "batch_size.digits"),
+    ({"batch_size": {"default": 1}, "batch_norm": True}, "batch_size.default"),
+    ({"batch_size": 1, "batch_norm": True}, "batch_size"),
+])
+def test_a_cell_error_names_the_per_dataset_entry_that_caused_it(changes, field):
+    from kanfarm.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        spec(datasets=["digits"], **changes)
+    assert err.value.field == field

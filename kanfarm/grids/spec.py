@@ -304,7 +304,14 @@ class GridSpec:
                 orders, grids = self.spline_orders, self.grid_sizes
             for rest in itertools.product(orders, grids, self.inits, self.optimizers,
                                           self.learning_rates, self.seeds):
-                cell = self._cell(dataset, model, arch, trainer, activation, *rest)
+                try:
+                    cell = self._cell(dataset, model, arch, trainer, activation, *rest)
+                except ConfigError as exc:  # name the spec's per-dataset entry, not the run's field
+                    table = {"batch_size": self.batch_size, "batch_norm": self.batch_norm}.get(exc.field)
+                    if isinstance(table, dict):
+                        entry = dataset if dataset in table else "default"
+                        raise ConfigError(f"{exc.field}.{entry}", str(exc).split(": ", 1)[1]) from None
+                    raise
                 key = cell.config_hash()
                 if key not in seen:
                     seen.add(key)
