@@ -5,7 +5,11 @@
 #                                     # were added; the steps' limits add up to 570 s, under a 600 s call
 #   benchmarks/gpu_session.sh grid    # paper_mnist: the whole 243-run grid through the CLI
 # Logs go to $OUT (default ./gpu-out). Wheels of packages the machine lacks (sqlalchemy, greenlet,
-# alembic, mako) may be put in .whl/; they are installed to /tmp/site first.
+# alembic, mako) may be put in .whl/; they are installed to /tmp/site first. To fetch them for the
+# device image (Python 3.12):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl sqlalchemy greenlet alembic mako
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu-out}
