@@ -45,4 +45,4 @@ def sized_cells(spec: GridSpec):
 
 def submit(store: Store, spec: GridSpec):
     """Idempotent: cells already stored (by config hash) are linked, not added again."""
-    return store.submit_grid(spec.name, spec.to_dict(), sized_cells(spec))
+    return store.submit_grid(spec.name, spec.to_dict(), sized_cells(spec), dict(spec.intrinsic_dims))

@@ -79,9 +79,11 @@ def test_equivalent_configs_are_one_run_and_round_trip(store):
 
 def test_a_later_grid_restates_intrinsic_dim_and_an_unstated_one_keeps_it(store):
     store.submit_grid("a", {}, cells(2, intrinsic_dim=750))
-    store.submit_grid("b", {}, cells(2, intrinsic_dim=None))      # says nothing: the stored value stays
+    store.submit_grid("b", {}, cells(2, intrinsic_dim=750))       # the known default, not stated: kept
     assert {store.run(i).intrinsic_dim for i in store.run_ids()} == {750}
-    store.submit_grid("c", {}, cells(1, intrinsic_dim=40))        # restates it for the run it shares
+    store.submit_grid("c", {}, cells(1, intrinsic_dim=40), {"mnist": 40})  # restated for the run it shares
+    assert [store.run(i).intrinsic_dim for i in store.run_ids()] == [40, 750]
+    store.submit_grid("b", {}, cells(2, intrinsic_dim=750))       # b again, still stating nothing
     assert [store.run(i).intrinsic_dim for i in store.run_ids()] == [40, 750]
     (row,) = store.query("SELECT intrinsic_dim FROM run_summary WHERE run_id = :i", {"i": store.run_ids()[0]})
     assert row["intrinsic_dim"] == 40
@@ -433,3 +435,15 @@ def test_status_estimates_only_from_epochs_of_the_same_dataset(store):
     assert digits["eta_seconds"] == pytest.approx(2.0 * (8 + 10)) and digits["epochs_timed"] == 2
     assert grid_status(store, "m")["eta_seconds"] is None  # no mnist epoch timed: unknown, not digits' pace
     assert grid_status(store)["eta_seconds"] is None
+
+
+def test_resubmitting_a_grid_that_states_no_intrinsic_dim_keeps_another_grids_value(store):
+    from kanfarm.grids import parse_spec
+    from kanfarm.submission import submit
+
+    base = {"datasets": ["mnist"], "models": ["mlp"], "depths": ["shallow"], "inits": ["kaiming_normal"],
+            "optimizers": ["adam"], "learning_rates": [0.01], "seeds": [0]}
+    submit(store, parse_spec({**base, "name": "a"}))                     # mnist: the known 750
+    submit(store, parse_spec({**base, "name": "c", "intrinsic_dim": {"mnist": 40}}))
+    submit(store, parse_spec({**base, "name": "a"}))                     # run grid a again
+    assert [store.run(i).intrinsic_dim for i in store.run_ids()] == [40]

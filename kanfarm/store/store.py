@@ -126,11 +126,13 @@ class Store:
     # -- grids ----------------------------------------------------------------------------------
 
     def submit_grid(self, name: str, spec: dict[str, Any],
-                    cells: Iterable[tuple[RunConfig, int, int | None]]) -> SubmitResult:
+                    cells: Iterable[tuple[RunConfig, int, int | None]],
+                    stated_intrinsic_dims: dict[str, int] | None = None) -> SubmitResult:
         """Create or extend grid ``name`` with ``(config, n_params, intrinsic_dim)`` cells, in one
-        transaction. New configs become ``pending`` runs; known ones are linked to the grid, and take
-        the cell's ``intrinsic_dim`` when it gives one (the latest grid to state it wins, so the
-        ``run_summary`` view agrees with the reports of that grid). A changed spec replaces the
+        transaction. New configs become ``pending`` runs; known ones are linked to the grid, and
+        take the value of ``stated_intrinsic_dims`` (dataset -> the spec's own ``[intrinsic_dim]``
+        entries, not the known defaults) for their dataset: the latest grid to state one wins, so
+        the ``run_summary`` view agrees with that grid's reports. A changed spec replaces the
         stored one; cells already in the grid stay."""
         now = utcnow()
         values: dict[str, dict[str, Any]] = {}
@@ -148,11 +150,14 @@ class Store:
             known = self._ids_by_hash(conn, hashes)
             restated: dict[int, list[int]] = {}
             for h, run_id in known.items():
-                if values[h]["intrinsic_dim"] is not None:
-                    restated.setdefault(values[h]["intrinsic_dim"], []).append(run_id)
-            for dim, ids in restated.items():
-                for chunk in _chunks(ids):
-                    conn.execute(sa.update(runs).where(runs.c.id.in_(chunk)).values(intrinsic_dim=dim))
+                dim = (stated_intrinsic_dims or {}).get(values[h]["dataset"])
+                if dim is not None:
+                    restated.setdefault(dim, []).append(run_id)
+            for dim, ids in sorted(restated.items()):
+                for chunk in _chunks(sorted(ids)):  # id order, as claims lock rows: no deadlock
+                    conn.execute(sa.update(runs)
+                                 .where(runs.c.id.in_(chunk), runs.c.intrinsic_dim.is_distinct_from(dim))
+                                 .values(intrinsic_dim=dim))
             new = [dict(values[h], grid_id=grid_id) for h in hashes if h not in known]
             for chunk in _chunks(new):
                 conn.execute(self._insert(runs).on_conflict_do_nothing(index_elements=["config_hash"]),
