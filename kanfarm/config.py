@@ -132,8 +132,8 @@ class RunConfig:
         bounded("seed", self.seed, 0)
         bounded("patience", self.patience, 1, optional=True)
         bounded("train_eval_size", self.train_eval_size, 1, optional=True)
-        bounded("hsic_format_epochs", self.hsic_format_epochs, 1, optional=True)
         if self.trainer == "hsic":
+            bounded("hsic_format_epochs", self.hsic_format_epochs, 1, optional=True)
             for name in ("hsic_beta", "hsic_sigma"):
                 value = getattr(self, name)
                 if not (isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -141,9 +141,6 @@ class RunConfig:
                     raise ConfigError(name, f"{value!r} must be a positive number")
             if not isinstance(self.hsic_x_term, bool):
                 raise ConfigError("hsic_x_term", f"{self.hsic_x_term!r} must be true or false")
-            if self.hsic_format_epochs is not None and self.hsic_format_epochs >= self.max_epochs:
-                raise ConfigError("hsic_format_epochs", f"{self.hsic_format_epochs} format epochs of "
-                                  f"{self.max_epochs} leave no epoch of HSIC training: must be fewer than max_epochs")
         if not isinstance(self.batch_norm, bool):
             raise ConfigError("batch_norm", f"{self.batch_norm!r} must be true or false")
         if self.batch_norm and self.batch_size < 2:
@@ -191,6 +188,14 @@ class RunConfig:
             dataset_options=dataset_options,
             extra=dict(sorted(self.extra.items())),
         )
+
+    def check_new(self) -> None:
+        """Rules for runs submitted from now on, beyond ``normalised`` (which runs stored by earlier
+        versions must keep passing, or they could no longer be loaded, hashed or packed)."""
+        if (self.trainer == "hsic" and self.hsic_format_epochs is not None
+                and self.hsic_format_epochs >= self.max_epochs):
+            raise ConfigError("hsic_format_epochs", f"{self.hsic_format_epochs} format epochs of {self.max_epochs} "
+                                                    "leave no epoch of HSIC training: must be fewer than max_epochs")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -37,6 +37,7 @@ def sized_cells(spec: GridSpec):
     """(config, n_params, intrinsic_dim) for every cell of ``spec``, validated."""
     cells = []
     for config in spec.expand():
+        config.check_new()
         n_features, n_classes = dataset_shape(config.dataset, **config.dataset_options)
         cells.append((config, checked_param_count(config, n_features, n_classes),
                       spec.intrinsic_dim(config.dataset)))

@@ -129,7 +129,6 @@ def test_kernel_keeps_precision_when_features_share_a_large_offset():
 
 @pytest.mark.parametrize("changes, field", [
     ({"hsic_format_epochs": 0}, "hsic_format_epochs"),             # the output layer would never train
-    ({"hsic_format_epochs": 3}, "hsic_format_epochs"),             # = max_epochs: no HSIC epoch
     ({"hsic_sigma": 0.0}, "hsic_sigma"), ({"hsic_sigma": float("nan")}, "hsic_sigma"),
     ({"hsic_sigma": -10.0}, "hsic_sigma"), ({"hsic_beta": -100.0}, "hsic_beta"),
     ({"hsic_beta": True}, "hsic_beta"), ({"hsic_x_term": "no"}, "hsic_x_term"),
@@ -140,7 +139,19 @@ def test_run_config_refuses_bad_hsic_settings(changes, field):
     with pytest.raises(ConfigError) as err:
         RunConfig(trainer="hsic", max_epochs=3, **changes).normalised()
     assert err.value.field == field
-    RunConfig(trainer="backprop", max_epochs=3, **{**changes, "hsic_format_epochs": None}).normalised()
+    RunConfig(trainer="backprop", max_epochs=3, **changes).normalised()  # unused by backprop: reset, not refused
+
+
+def test_a_format_stage_as_long_as_the_run_is_refused_at_submission_but_loads_when_stored():
+    """Earlier versions accepted it: such stored runs must still hash, load and pack."""
+    from kanfarm.config import ConfigError
+    from kanfarm.packing.planner import pack_key
+
+    stored = RunConfig(trainer="hsic", max_epochs=5, hsic_format_epochs=5)
+    assert stored.config_hash() and pack_key(stored)
+    with pytest.raises(ConfigError) as err:
+        stored.check_new()
+    assert err.value.field == "hsic_format_epochs"
 
 
 def test_grid_refuses_a_format_stage_as_long_as_the_run():
