@@ -201,6 +201,14 @@ def worker(gpus: Optional[str] = typer.Option(None, "--gpus", help="GPU ids, e.g
         specs = plan(gpu_ids, parse_queues(queues, "gpu" if gpu_ids else "cpu"), concurrency)
     except ValueError as exc:
         fail(str(exc))
+    from kanfarm.runner import check_run_environment
+    from workers.celery_app import visibility_timeout
+    from workers.tasks import lease_seconds, max_attempts
+
+    # every setting the workers read, checked here: a bad one in a worker would fail each task
+    # before its claim, and the acked message would be lost with nothing said
+    check_run_environment()
+    lease_seconds(), max_attempts(), visibility_timeout()
     store = open_store()  # refuse to start against a database that was not migrated
     store.dispose(close=True)
     for spec in specs:

@@ -466,3 +466,16 @@ def test_db_upgrade_leaves_another_applications_database_alone(env, monkeypatch)
     result = invoke("db", "upgrade")
     assert result.exit_code == 2 and "with tables notes" in result.output, result.output
     assert [r["name"] for r in rows(env / "other.db", "SELECT name FROM sqlite_master WHERE type = 'table'")] == ["notes"]
+
+
+@pytest.mark.parametrize("variable, value", [("KANFARM_LEASE_SECONDS", "abc"), ("KANFARM_MAX_ATTEMPTS", "0"),
+                                             ("KANFARM_PACK_CHECKPOINT_SECONDS", "x"), ("KANFARM_TRITON", "maybe"),
+                                             ("KANFARM_VISIBILITY_TIMEOUT", "-1")])
+def test_worker_refuses_to_start_on_a_bad_setting(env, monkeypatch, variable, value):
+    import sys
+
+    assert invoke("db", "upgrade").exit_code == 0
+    monkeypatch.setenv(variable, value)
+    monkeypatch.delitem(sys.modules, "workers.celery_app", raising=False)  # read at import
+    result = invoke("worker", "--concurrency", "1")
+    assert result.exit_code == 2 and variable in result.output, result.output

@@ -90,9 +90,14 @@ def _forked_child(**_kwargs) -> None:
 def _warm_up(**_kwargs) -> None:
     """Import torch and the trainer before the worker says ready, not inside the first run, and
     say early when the database is unreachable or not migrated. Never initialises CUDA."""
-    import kanfarm.runner  # noqa: F401
+    import kanfarm.runner
     import kanfarm.training.loop  # noqa: F401
 
+    try:  # `kanfarm worker` refuses to start on these; a worker started by `celery` says so here
+        kanfarm.runner.check_run_environment()
+        lease_seconds(), max_attempts()
+    except ValueError as exc:
+        log.error("bad setting: %s; every task will fail before claiming its run", exc)
     try:
         store().check_schema()
     except Exception as exc:  # the worker still starts: runs fail loudly until this is fixed
