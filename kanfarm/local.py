@@ -6,6 +6,8 @@ is enough. The parent only watches the database and forwards Ctrl-C as a warm sh
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import multiprocessing as mp
 import os
 import signal
@@ -13,6 +15,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from kanfarm.runner import DEFAULT_LEASE_S, work_loop, worker_name
@@ -52,13 +55,29 @@ def snapshot(store: Store, grid: str) -> Snapshot:
     return Snapshot(store.status_counts(grid), store.query(ACTIVE_SQL, {"grid": grid}))
 
 
+@functools.lru_cache(maxsize=1)
+def local_suffix() -> str:
+    """The suffix of local workers' names: ``:local-`` and a token of this machine's boot and pid
+    namespace, so that a pid in a holder's name is known to be one of *this* pid space. Two hosts
+    sharing a hostname, or a container with the host's hostname but its own pids, differ in it."""
+    parts = []
+    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(Path(path).read_text().strip() if "boot_id" in path else str(os.stat(path).st_ino))
+        except OSError:
+            parts.append("")
+    return ":local-" + hashlib.sha256("/".join(parts).encode()).hexdigest()[:10]
+
+
 def _dead_here(worker: str) -> bool:
-    """True when ``worker`` (``runner.worker_name``: host:pid[:suffix]) names a process of this
-    host that no longer exists. A live process, one of another host, or a pid reused by another
-    process count as alive: the run then waits for its lease, as before."""
+    """True when ``worker`` names a local worker (``host:pid`` + ``local_suffix()``) of this host,
+    boot and pid namespace whose process no longer exists. Anything else (a live process, a
+    Celery worker, another machine's or container's worker, a pid reused by another process)
+    counts as alive: the run then waits for its lease, as before."""
     host, _, rest = worker.partition(":")
-    pid = rest.split(":", 1)[0]
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+    pid, _, suffix = rest.partition(":")
+    if (host != socket.gethostname() or f":{suffix}" != local_suffix() or not pid.isdigit()
+            or int(pid) == os.getpid()):
         return False
     try:
         os.kill(int(pid), 0)
@@ -101,7 +120,7 @@ def _child(url: str, grid: str, device: str, lease_s: float, shutdown: Any, thre
     torch.set_num_threads(threads)
     store = Store(url)
     try:
-        work_loop(store, worker_name(), grid=grid, device=device, lease_s=lease_s, shutdown=shutdown,
+        work_loop(store, worker_name(local_suffix()), grid=grid, device=device, lease_s=lease_s, shutdown=shutdown,
                   max_attempts=max_attempts, pack_size=pack_size)
     finally:
         store.dispose()
@@ -155,7 +174,7 @@ def run_grid_locally(store: Store, grid: str, *, workers: int = 1, device: str =
 
         def target() -> None:
             try:
-                work_loop(store, worker_name(":local"), grid=grid, device=device, lease_s=lease_s,
+                work_loop(store, worker_name(local_suffix()), grid=grid, device=device, lease_s=lease_s,
                           shutdown=shutdown, max_attempts=max_attempts, pack_size=pack_size)
             except BaseException as exc:  # surfaced in the parent thread below
                 errors.append(exc)

@@ -297,7 +297,7 @@ def test_runs_held_by_dead_processes_of_this_host_are_released_at_once(sqlite_st
     import subprocess
     import sys
 
-    from kanfarm.local import release_dead_holders
+    from kanfarm.local import local_suffix, release_dead_holders
 
     store = sqlite_store
     ids = _grid(store, [RunConfig(dataset="digits", model="mlp", depth="shallow", lr=lr) for lr in (0.1, 0.2, 0.3, 0.4)])
@@ -305,14 +305,19 @@ def test_runs_held_by_dead_processes_of_this_host_are_released_at_once(sqlite_st
     dead.wait()
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     host = socket.gethostname()
-    holders = [f"{host}:{dead.pid}:local", f"{host}:{alive.pid}", f"elsewhere:{dead.pid}", f"{host}:{os.getpid()}"]
+    me = local_suffix()
+    holders = [f"{host}:{dead.pid}{me}", f"{host}:{alive.pid}{me}", f"elsewhere:{dead.pid}{me}",
+               f"{host}:{os.getpid()}{me}",
+               f"{host}:{dead.pid}:celery",            # not a local worker: it waits for its lease
+               f"{host}:{dead.pid}:local-0123456789"]  # another boot or pid namespace: its pids are not ours
+    ids += _grid(store, [RunConfig(dataset="digits", model="mlp", depth="shallow", lr=lr) for lr in (0.5, 0.6)])[4:]
     try:
         for run_id, worker in zip(ids, holders):
             assert store.claim(run_id, worker, 600) is not None
         assert release_dead_holders(store, "g") == [ids[0]]
         assert store.stale_runs("g") == [ids[0]]
         assert store.claim(ids[0], "new", 600) is not None  # claimable now, not in 10 minutes
-        assert [store.run(i).status for i in ids] == ["running"] * 4
+        assert [store.run(i).status for i in ids] == ["running"] * 6
     finally:
         alive.kill()
         alive.wait()
