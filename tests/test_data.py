@@ -489,7 +489,7 @@ def test_replaced_raw_files_rebuild_the_cache(tmp_path):
 
 
 def test_raw_file_replaced_with_the_same_size_and_mtime_rebuilds_the_cache(tmp_path):
-    """A copy that keeps size and mtime (``cp -p``) still differs in inode and ctime."""
+    """A copy that keeps size and mtime (``cp -p``) still differs in ctime."""
     folder = tmp_path / "mnist"
     old_raw = write_mnist(folder, seed=0)
     old = load_dataset("mnist", data_dir=tmp_path, download=False)

@@ -6,10 +6,11 @@ different vocabularies or split sizes never collide. Files are written atomicall
 ``mmap=True``: the float32 features are memory-mapped copy-on-write, so a load takes milliseconds
 even for CIFAR-10 (737 MB of features) and workers on one machine share the pages.
 
-A cache also stores the size, mtime, ctime and inode of each raw file it was built from; when a raw
-file present now differs (replaced by new files, even one copied with the old size and mtime kept),
-the cache is stale and rebuilt. That costs one ``stat`` per file, no hashing; moving the folder
-also rebuilds once. Raw files that were deleted do not invalidate it: the cache alone can serve.
+A cache also stores the size, mtime and ctime of each raw file it was built from; when a raw file
+present now differs (replaced by new files, even one copied with the old size and mtime kept), the
+cache is stale and rebuilt. That costs one ``stat`` per file, no hashing. ctime also changes with
+chmod, chown or a move, which then costs one rebuild; the inode is left out on purpose, as some
+network file systems give each client its own. Caches made before ctime was stamped rebuild once. Raw files that were deleted do not invalidate it: the cache alone can serve.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Any, Iterable
 
 import torch
 
-SOURCES_KEY = "raw_files"  # entry of the saved dict: file name -> [size, mtime_ns, ctime_ns, inode]
+SOURCES_KEY = "raw_files"  # entry of the saved dict: file name -> [size, mtime_ns, ctime_ns]
 REQUIRED = {"x_train": torch.float32, "y_train": torch.int64, "x_test": torch.float32, "y_test": torch.int64}
 
 
@@ -37,15 +38,15 @@ def cache_path(folder: Path, dataset: str, format_version: int, options: dict[st
 
 
 def source_stamps(folder: Path, filenames: Iterable[str]) -> dict[str, list[int]]:
-    """File name -> [size, mtime_ns, ctime_ns, inode] of each of the raw files in ``folder``: a copy
-    made with ``cp -p`` keeps size and mtime, but not ctime (which no user call sets) or inode."""
+    """File name -> [size, mtime_ns, ctime_ns] of each of the raw files in ``folder``: a copy made
+    with ``cp -p`` keeps size and mtime, but not ctime, which no user call can set."""
     stamps = {}
     for name in filenames:
         try:
             st = (folder / name).stat()
         except FileNotFoundError:
             continue
-        stamps[name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        stamps[name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
     return stamps
 
 

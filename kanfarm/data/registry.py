@@ -1,7 +1,7 @@
 """The dataset registry: names, option checking, shapes, and the load path raw files -> cache -> Dataset.
 
 Loading order: a cache file for (dataset, format version, options) is used when present and no raw
-file beside it was replaced (size, mtime, ctime or inode) since it was built; otherwise missing raw files are downloaded
+file beside it was replaced (size, mtime or ctime) since it was built; otherwise missing raw files are downloaded
 (unless disabled), the loader module preprocesses them once, and the result is cached beside them.
 """
 from __future__ import annotations
