@@ -53,6 +53,10 @@ def linked_hashes(store, grid: str) -> dict[str, dict[str, Any]]:
     return {r["config_hash"]: r for r in rows}
 
 
+#: SQLite's words for a file that is not (or no longer) a database
+_NOT_A_DATABASE = ("file is not a database", "database disk image is malformed")
+
+
 def handles_errors(func: Callable) -> Callable:
     """Turn the library's expected failures into one-line messages and exit codes."""
 
@@ -75,8 +79,10 @@ def handles_errors(func: Callable) -> Callable:
         except OperationalError as exc:  # the driver's own words name no password
             first = str(exc.orig or exc).strip().splitlines()[0]
             fail(f"database unavailable ({_url_text()}): {first}", code=1)
-        except DatabaseError as exc:  # e.g. a file that is not a SQLite database
+        except DatabaseError as exc:
             first = str(exc.orig or exc).strip().splitlines()[0]
+            if not any(words in first for words in _NOT_A_DATABASE):
+                raise  # a constraint or a bug: its traceback is the useful part
             fail(f"{_url_text()}: not a usable kanfarm database: {first}", code=2)
 
     return wrapper
