@@ -196,6 +196,7 @@ def demo(workers: int = typer.Option(2, "--workers", min=1, help="Local worker p
     store = open_store(check=False)
     store.upgrade()
     grid, _ = _submit(store, "demo")
+    store.mark_queued(store.run_ids(grid.name, statuses=["cancelled"]))  # as run grid does
     started = time.perf_counter()
     _run_locally(store, grid.name, workers, "cpu")
     from kanfarm.reports import sensitivity_table, summary_table

@@ -110,6 +110,7 @@ def test_sensitivity_table_pools_schemes_only(store):
     mnist = [r for r in rows if r["dataset"] == "mnist"]
     assert [(r["hidden_widths"], r["spline_order"], r["runs"]) for r in mnist] == [
         ("16", 2, 1), ("16", 3, 1), ("32", 2, 1), ("32", 3, 1)]
+    assert {r["depth"] for r in mnist} == {None}  # widths grids have no depth preset, as in every report
     kan_shallow = next(r for r in rows if (r["dataset"], r["model"], r["depth"], r["trainer"])
                        == ("digits", "kan", "shallow", "backprop"))
     accs = sorted(s["best_test_acc"] for s in summary.values() if s["status"] in ("completed", "diverged")

@@ -53,6 +53,13 @@ def text(value: Any) -> str:
     return str(value)
 
 
+def order_key(value: Any) -> tuple:
+    """Sorts setting values as numbers when they are numbers (k=2 before k=10), else as text."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, float(value), "")
+    return (1, 0.0, text(value))
+
+
 def settings_label(row: Row, columns: tuple[str, ...]) -> str:
     """``row``'s values of ``columns`` as a label suffix ("" when none vary)."""
     return "".join(f"\n{_SETTING_NAMES[c]}{text(row.get(c))}" for c in columns)

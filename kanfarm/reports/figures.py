@@ -65,7 +65,7 @@ def _grouped_bars(rows: list[Row], value: str, height: Callable[[list[float]], f
     for r in rows:
         sort_keys.setdefault(group_of(r), (plotdata.arch_key(plotdata.arch_label(r)),
                                            plotdata.model_key(r["model"]) if with_model else (),
-                                           tuple(plotdata.text(r.get(c)) for c in extras[r["dataset"]])))
+                                           tuple(plotdata.order_key(r.get(c)) for c in extras[r["dataset"]])))
     datasets = sorted({r["dataset"] for r in rows})
     groups = sorted(sort_keys, key=sort_keys.__getitem__)
     names = sorted({series_of(r) for r in rows}, key=_series_key)
