@@ -306,3 +306,10 @@ def test_every_setting_beyond_model_widths_and_trainer_has_a_label():
     assert set(_plotdata._SETTING_NAMES) == labelled
     row = {"dataset_options": {"vocab_size": 2000}, "patience": 3}
     assert _plotdata.settings_label(row, ("dataset_options", "patience")) == "\nvocab_size=2000\npatience 3"
+
+
+def test_setting_values_sort_as_numbers():
+    from kanfarm.reports._plotdata import order_key
+
+    assert sorted([10, 2, 3], key=order_key) == [2, 3, 10]
+    assert sorted([128, 64.0, "gelu"], key=order_key) == [64.0, 128, "gelu"]
