@@ -282,9 +282,20 @@ def execute_pack(store: Store, run_ids: list[int], worker: str, *, device: str =
     def on_end(member: _ClaimedRun) -> Callable[[RunResult], None]:
         return lambda result: ended.__setitem__(member.run.id, member.settle(result))
 
+    def on_error(member: _ClaimedRun) -> Callable[[BaseException], bool]:
+        """A member's own error (its checkpoint folder, its resume) fails that member alone; a
+        database error is the pack's, and ends it (handed back below)."""
+        def fail_alone(exc: BaseException) -> bool:
+            if database_unavailable(exc):
+                return False
+            log.exception("run %s failed in pack %s", member.run.id, [m.run.id for m in members])
+            ended[member.run.id] = member.fail(_error_text(exc))
+            return True
+        return fail_alone
+
     try:
-        train_pack([Member(m.run.config, m.sink, m.checkpoints, m.should_stop, on_end(m)) for m in members],
-                   _dataset(claimed[0].config), device=device)
+        train_pack([Member(m.run.config, m.sink, m.checkpoints, m.should_stop, on_end(m), on_error(m))
+                    for m in members], _dataset(claimed[0].config), device=device)
     except Exception as exc:
         open_members = [m for m in members if m.run.id not in ended]
         for m in open_members:  # no lease of the pack is renewed from here on, whatever happens below

@@ -1,6 +1,7 @@
 """The runner's wiring of a claimed run to the store: a worker that lost its lease writes nothing more."""
 from __future__ import annotations
 
+import pytest
 import sqlalchemy as sa
 
 from kanfarm.config import RunConfig
@@ -40,24 +41,57 @@ def _grid(store, configs):
 
 
 def test_a_pack_that_crashes_keeps_the_results_of_members_that_had_ended(sqlite_store, tmp_path, monkeypatch):
-    """A member that diverged at epoch 1 stays diverged when another member's crash at epoch 2
-    fails the pack; only the members still training are marked failed."""
+    """A member that diverged at epoch 1 stays diverged when the pack itself crashes at epoch 2
+    (out of memory in a step); only the members still training are marked failed."""
+    import kanfarm.packing.trainer as pack_trainer
     from kanfarm.runner import execute_pack
 
     monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
     store = sqlite_store
     base = dict(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=4, optimizer="sgd")
-    blows_up, crashes, healthy = _grid(store, [RunConfig(lr=lr, **base) for lr in (1e30, 0.01, 0.02)])
+    blows_up, second, healthy = _grid(store, [RunConfig(lr=lr, **base) for lr in (1e30, 0.01, 0.02)])
+    step, calls = pack_trainer.pack_step, []
+    per_epoch = -(-1437 // 256)  # digits' training rows in batches of 256
 
-    def crash_at_epoch_2(rid, record):
-        if rid == crashes and record.epoch == 2:
+    def out_of_memory_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > per_epoch:
             raise RuntimeError("CUDA out of memory (simulated)")
+        return step(*args, **kwargs)
 
-    outcomes = {o.run_id: o.status for o in execute_pack(store, [blows_up, crashes, healthy], "w1",
-                                                           on_epoch=crash_at_epoch_2)}
-    assert outcomes == {blows_up: "diverged", crashes: "failed", healthy: "failed"}
+    monkeypatch.setattr(pack_trainer, "pack_step", out_of_memory_in_epoch_2)
+    outcomes = {o.run_id: o.status for o in execute_pack(store, [blows_up, second, healthy], "w1")}
+    assert outcomes == {blows_up: "diverged", second: "failed", healthy: "failed"}
     assert store.run(blows_up).status == "diverged" and store.run(blows_up).error is None
     assert "out of memory" in store.run(healthy).error
+
+
+def test_a_members_own_error_fails_it_alone(sqlite_store, tmp_path, monkeypatch):
+    """One member's checkpoint folder cannot be made (a file is in its place), another's record
+    cannot be taken at epoch 2: each fails alone, with its error; the third trains to the end."""
+    from kanfarm.runner import execute_pack
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    store = sqlite_store
+    base = dict(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=3, optimizer="sgd")
+    no_folder, bad_sink, healthy = _grid(store, [RunConfig(lr=lr, **base) for lr in (0.01, 0.02, 0.03)])
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / store.run(no_folder).config_hash).write_text("a file where its folder goes")
+
+    def refuse_epoch_2(rid, record):
+        if rid == bad_sink and record.epoch == 2:
+            raise RuntimeError("disk quota exceeded (simulated)")
+
+    outcomes = {o.run_id: o.status for o in execute_pack(store, [no_folder, bad_sink, healthy], "w1",
+                                                           on_epoch=refuse_epoch_2)}
+    assert outcomes == {no_folder: "failed", bad_sink: "failed", healthy: "completed"}
+    assert "quota" in store.run(bad_sink).error and store.run(no_folder).error
+    assert [r["epoch"] for r in store.epoch_metrics(healthy)] == [0, 1, 2, 3]
+    alone = []
+    from kanfarm.data import load_dataset
+    from kanfarm.training import train
+    train(store.run(healthy).config, load_dataset("digits"), alone.append)
+    assert [r["test_acc"] for r in store.epoch_metrics(healthy)] == pytest.approx([r.test_acc for r in alone], abs=1e-6)
 
 
 def _failing_once(store, monkeypatch, epoch: int):

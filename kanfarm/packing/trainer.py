@@ -35,13 +35,19 @@ from kanfarm.training.records import EpochRecord, RunResult, ShouldStop, Sink
 @dataclass
 class Member:
     """One run of a pack: its config, where its records go, its checkpoints, when it must stop,
-    and ``on_end``, told the member's result as soon as it ends (the pack trains on)."""
+    and ``on_end``, told the member's result as soon as it ends (the pack trains on).
+
+    ``on_error`` is told an exception raised by this member's own work (its sink, its checkpoints,
+    resuming it); returning True means the member was failed and the pack trains on without it
+    (its result is ``failed`` and ``on_end`` is not called). Without it, or on False, the
+    exception ends the pack, as does any error of the pack itself (a step, out of memory)."""
 
     config: RunConfig
     sink: Sink
     checkpoints: CheckpointManager | None = None
     should_stop: ShouldStop | None = None
     on_end: Callable[[RunResult], None] | None = None
+    on_error: Callable[[BaseException], bool] | None = None
 
 
 @dataclass
@@ -83,10 +89,22 @@ def train_pack(members: list[Member], data: Dataset, *, device: str | torch.devi
         return _train_pack(members, configs, data, torch.device(device))
 
 
+def _member_failed(member: Member, exc: BaseException) -> bool:
+    """Whether ``member``'s own error was handled by failing it alone (see ``Member.on_error``)."""
+    return member.on_error is not None and member.on_error(exc)
+
+
 def _train_pack(members: list[Member], configs: list[RunConfig], data: Dataset,
                 device: torch.device) -> list[RunResult]:
-    slots = [_make_slot(i, m, c, data, device) for i, (m, c) in enumerate(zip(members, configs))]
     results: list[RunResult | None] = [None] * len(members)
+    slots = []
+    for i, (m, c) in enumerate(zip(members, configs)):
+        try:
+            slots.append(_make_slot(i, m, c, data, device))
+        except Exception as exc:
+            if not _member_failed(m, exc):
+                raise
+            results[i] = RunResult("failed", 0, 0)
     by_epoch: dict[int, list[_Slot]] = {}
     for slot in slots:
         by_epoch.setdefault(slot.epoch, []).append(slot)
@@ -95,7 +113,7 @@ def _train_pack(members: list[Member], configs: list[RunConfig], data: Dataset,
         group = sorted(by_epoch[start], key=lambda s: (_ORDER.index(s.config.optimizer), s.config.activation, s.index))
         for slot, result in _train_group(group, data, device, start):
             results[slot.index] = result
-            if slot.member.on_end is not None:
+            if slot.member.on_end is not None and result.status != "failed":
                 slot.member.on_end(result)
     return results  # type: ignore[return-value]
 
@@ -246,6 +264,24 @@ def _train_group(group: list[_Slot], data: Dataset, device: torch.device, start:
         if slot.saved is not None:
             opt.load_member(m, slot.model, slot.saved["optimizers"])
     active = list(group)
+    failed: list[_Slot] = []  # members whose own work raised, failed by their on_error
+
+    def guarded(slot: _Slot, work: Callable[[], Any]) -> None:
+        """Run one member's own work (its sink, a checkpoint); its error fails that member alone
+        when its ``on_error`` says so (it leaves the pack at the next ``end_failed``)."""
+        try:
+            work()
+        except Exception as exc:
+            if not _member_failed(slot.member, exc):
+                raise
+            failed.append(slot)
+
+    def end_failed(epoch: int):
+        ended = [s for i, s in enumerate(failed) if all(s is not t for t in failed[:i])]
+        failed.clear()
+        for slot in ended:
+            yield slot, RunResult("failed", epoch, slot.n_params)
+        drop(ended)
 
     def drop(ended: list[_Slot]) -> None:
         nonlocal active
@@ -272,12 +308,14 @@ def _train_group(group: list[_Slot], data: Dataset, device: torch.device, start:
             if loss_sum is not None:
                 finite = finite and math.isfinite(v[4]) and v[5] == 1.0
             if not finite:
-                slot.member.sink(EpochRecord(epoch, None, None, None, None, seconds, {}, diverged=True))
-                diverged.append(slot)
+                guarded(slot, lambda: slot.member.sink(EpochRecord(epoch, None, None, None, None, seconds, {},
+                                                                   diverged=True)))
+                if all(slot is not f for f in failed):
+                    diverged.append(slot)
                 continue
             rec = EpochRecord(epoch, v[0], v[1], v[2], v[3], seconds, extra)
             rec.validate()
-            slot.member.sink(rec)
+            guarded(slot, lambda: slot.member.sink(rec))
             if v[3] > slot.best_acc:
                 slot.best_acc, slot.best_epoch = v[3], epoch
         return diverged
@@ -287,9 +325,11 @@ def _train_group(group: list[_Slot], data: Dataset, device: torch.device, start:
         for slot in record(0, time.perf_counter(), None, None):
             yield slot, RunResult("diverged", 0, slot.n_params)
             drop([slot])
+        yield from end_failed(0)
         for m, slot in enumerate(active):
             if slot.member.checkpoints is not None:
-                slot.member.checkpoints.save(0, _state(slot, m, net, opt, order))
+                guarded(slot, lambda: slot.member.checkpoints.save(0, _state(slot, m, net, opt, order)))
+        yield from end_failed(0)
 
     while active:
         ended = []
@@ -300,10 +340,13 @@ def _train_group(group: list[_Slot], data: Dataset, device: torch.device, start:
             elif slot.member.should_stop is not None and slot.member.should_stop():
                 ckpt = slot.member.checkpoints
                 if ckpt is not None and not any(e == epoch for e, _ in ckpt.paths()):
-                    ckpt.save(epoch, _state(slot, m, net, opt, order))
+                    guarded(slot, lambda: ckpt.save(epoch, _state(slot, m, net, opt, order)))
+                if any(slot is f for f in failed):
+                    continue
                 ended.append(slot)
                 yield slot, RunResult("stopped", epoch, slot.n_params)
         drop(ended)
+        yield from end_failed(epoch)
         if not active:
             break
         started = time.perf_counter()
@@ -323,10 +366,12 @@ def _train_group(group: list[_Slot], data: Dataset, device: torch.device, start:
         for slot in diverged:
             yield slot, RunResult("diverged", epoch, slot.n_params)
         drop(diverged)
+        yield from end_failed(epoch)
         # Checkpoint all members together: at their last epoch, else when any manager is due
         # (its min_interval_s keeps tiny models from spending their time writing checkpoints).
         final = [epoch == s.config.max_epochs or s.patience_exhausted(epoch) for s in active]
         due = any(s.member.checkpoints is not None and s.member.checkpoints.due(epoch) for s in active)
         for m, slot in enumerate(active):
             if slot.member.checkpoints is not None and (due or final[m]):
-                slot.member.checkpoints.save(epoch, _state(slot, m, net, opt, order))
+                guarded(slot, lambda: slot.member.checkpoints.save(epoch, _state(slot, m, net, opt, order)))
+        yield from end_failed(epoch)
