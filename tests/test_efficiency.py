@@ -53,3 +53,29 @@ def test_a_grid_uses_its_own_intrinsic_dimension_for_runs_stored_before(sqlite_s
         assert summary_table(store, grid)[0]["efficiency"] == pytest.approx(expected[grid])
     assert efficiency_table(store, "second", intrinsic_dim={"digits": 0})[0]["efficiency"] == pytest.approx(
         0.8 / 2 / math.log(1001))
+
+
+def test_a_grids_reports_use_its_own_intrinsic_dimensions_not_another_grids(tmp_path):
+    """Grid a states none (mnist: the known 750); grid c states 40 for the run they share. The
+    stored value then reads 40, but a's reports must still use 750 for both of its runs."""
+    from kanfarm.grids import parse_spec
+    from kanfarm.reports import efficiency_table, summary_table
+    from kanfarm.store import Store
+    from kanfarm.submission import submit
+    from kanfarm.training import EpochRecord
+
+    store = Store(f"sqlite:///{tmp_path / 'k.db'}")
+    store.upgrade()
+    base = {"datasets": ["mnist"], "models": ["mlp"], "depths": ["shallow"], "inits": ["kaiming_normal"],
+            "optimizers": ["adam"], "seeds": [0]}
+    submit(store, parse_spec({**base, "name": "a", "learning_rates": [0.01, 0.02]}))
+    submit(store, parse_spec({**base, "name": "c", "learning_rates": [0.01], "intrinsic_dim": {"mnist": 40}}))
+    for run_id in store.run_ids("a"):
+        store.claim(run_id, "w", 60)
+        store.write_epoch(run_id, EpochRecord(0, 1.0, 0.5, 1.0, 0.5, 0.1, {}), worker="w")
+        store.finish(run_id, "w", "completed")
+    assert [r["intrinsic_dim"] for r in efficiency_table(store, "a")] == [750, 750]
+    assert [r["intrinsic_dim"] for r in efficiency_table(store, "c")] == [40]
+    a_summary = {r["run_id"]: r["efficiency"] for r in summary_table(store, "a")}
+    assert a_summary == {r["run_id"]: r["efficiency"] for r in efficiency_table(store, "a")}
+    store.dispose(close=True)

@@ -46,7 +46,7 @@ def _full_grid(store: Store) -> dict[str, int]:
               for w in (16, 32) for k in (2, 3)]
     waiting = [RunConfig(dataset="digits", model="mlp", depth="deep", lr=lr) for lr in (0.01, 0.001)]
     sized = [(c, 1000 + 100 * i, 50 if c.dataset == "digits" else 750) for i, c in enumerate(cells + waiting)]
-    store.submit_grid("full", {"name": "full", "description": DESCRIPTION}, sized)
+    store.submit_grid("full", {"name": "full", "description": DESCRIPTION, "intrinsic_dim": {"digits": 50}}, sized)
     ids = store.run_ids("full")
     for i, run_id in enumerate(ids[:len(cells)]):
         _finish(store, run_id, [0.2, 0.4 + 0.02 * i, 0.3 + 0.02 * i], diverge=(i == 0))

@@ -10,7 +10,7 @@ import statistics
 from collections import defaultdict
 from typing import Any, Iterable, Protocol
 
-from kanfarm.reports.efficiency import efficiency
+from kanfarm.reports.efficiency import KNOWN_INTRINSIC_DIM, efficiency
 
 FINISHED = ("completed", "diverged")
 CONFIG_COLUMNS = ("run_id", "dataset", "model", "depth", "hidden_widths", "trainer", "init", "optimizer", "lr",
@@ -48,12 +48,19 @@ def _pick(row: dict[str, Any], columns: Iterable[str]) -> dict[str, Any]:
 
 
 def intrinsic_dims(store: SummarySource, grid: str | None,
-                   overrides: dict[str, int] | None = None) -> dict[str, int]:
-    """Intrinsic dimensions that replace the stored ones: the grid's own ``[intrinsic_dim]`` table
-    (a run stored by an earlier grid keeps that grid's value in ``runs``), then ``overrides``."""
+                   overrides: dict[str, int] | None = None) -> dict[str, int | None]:
+    """Intrinsic dimensions that replace the stored ones, then ``overrides``. For a grid, its own
+    view for every dataset: its ``[intrinsic_dim]`` entry, else the known value, else None
+    (undefined), never what another grid stored on a run they share. Without a grid, only the
+    ``overrides`` (each run keeps its stored value)."""
+    from kanfarm.data import DATASETS
+
     row = store.grid(grid) if grid is not None else None
-    table = (row.spec.get("intrinsic_dim") or {}) if row is not None else {}
-    return {**{name: int(dim) for name, dim in table.items()}, **(overrides or {})}
+    dims: dict[str, int | None] = {}
+    if row is not None:
+        table = row.spec.get("intrinsic_dim") or {}
+        dims = {name: (int(table[name]) if name in table else KNOWN_INTRINSIC_DIM.get(name)) for name in DATASETS}
+    return {**dims, **(overrides or {})}
 
 
 def summary_table(store: SummarySource, grid: str | None = None) -> list[dict[str, Any]]:
@@ -76,7 +83,7 @@ def efficiency_table(store: SummarySource, grid: str | None = None,
     dims = intrinsic_dims(store, grid, intrinsic_dim)
     rows = []
     for r in _finished(store.summary(grid)):
-        dim = dims.get(r["dataset"], r["intrinsic_dim"])
+        dim = dims[r["dataset"]] if r["dataset"] in dims else r["intrinsic_dim"]
         row = _pick(r, CONFIG_COLUMNS + ("best_test_acc", "best_epoch"))
         row["intrinsic_dim"] = dim
         row["efficiency"] = efficiency(r["best_test_acc"], r["best_epoch"], r["n_params"], dim)
