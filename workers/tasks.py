@@ -95,7 +95,7 @@ def _warm_up(**_kwargs) -> None:
 
     try:  # `kanfarm worker` refuses to start on these; a worker started by `celery` says so here
         kanfarm.runner.check_run_environment()
-        lease_seconds(), max_attempts()
+        lease_seconds(), max_attempts(), device()
     except ValueError as exc:
         log.error("bad setting: %s; every task will fail before claiming its run", exc)
     try:

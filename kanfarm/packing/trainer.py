@@ -328,7 +328,8 @@ def _train_group(group: list[_Slot], data: Dataset, device: torch.device, start:
         yield from end_failed(0)
         for m, slot in enumerate(active):
             if slot.member.checkpoints is not None:
-                guarded(slot, lambda: slot.member.checkpoints.save(0, _state(slot, m, net, opt, order)))
+                state = _state(slot, m, net, opt, order)  # the pack's work: its errors are the pack's
+                guarded(slot, lambda: slot.member.checkpoints.save(0, state))
         yield from end_failed(0)
 
     while active:
@@ -339,8 +340,12 @@ def _train_group(group: list[_Slot], data: Dataset, device: torch.device, start:
                 yield slot, RunResult("completed", epoch, slot.n_params)
             elif slot.member.should_stop is not None and slot.member.should_stop():
                 ckpt = slot.member.checkpoints
-                if ckpt is not None and not any(e == epoch for e, _ in ckpt.paths()):
-                    guarded(slot, lambda: ckpt.save(epoch, _state(slot, m, net, opt, order)))
+                if ckpt is not None:
+                    saved: list[bool] = []
+                    guarded(slot, lambda: saved.append(any(e == epoch for e, _ in ckpt.paths())))
+                    if saved == [False]:
+                        state = _state(slot, m, net, opt, order)
+                        guarded(slot, lambda: ckpt.save(epoch, state))
                 if any(slot is f for f in failed):
                     continue
                 ended.append(slot)
@@ -373,5 +378,6 @@ def _train_group(group: list[_Slot], data: Dataset, device: torch.device, start:
         due = any(s.member.checkpoints is not None and s.member.checkpoints.due(epoch) for s in active)
         for m, slot in enumerate(active):
             if slot.member.checkpoints is not None and (due or final[m]):
-                guarded(slot, lambda: slot.member.checkpoints.save(epoch, _state(slot, m, net, opt, order)))
+                state = _state(slot, m, net, opt, order)
+                guarded(slot, lambda: slot.member.checkpoints.save(epoch, state))
         yield from end_failed(epoch)

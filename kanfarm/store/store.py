@@ -154,7 +154,7 @@ class Store:
                 if dim is not None:
                     restated.setdefault(dim, []).append(run_id)
             for dim, ids in sorted(restated.items()):
-                for chunk in _chunks(sorted(ids)):  # id order, as claims lock rows: no deadlock
+                for chunk in _chunks(sorted(ids)):  # sorted ids; a claim locks one run, or one pack of one dataset
                     conn.execute(sa.update(runs)
                                  .where(runs.c.id.in_(chunk), runs.c.intrinsic_dim.is_distinct_from(dim))
                                  .values(intrinsic_dim=dim))
