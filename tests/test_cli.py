@@ -226,18 +226,24 @@ def test_two_local_worker_processes_share_one_sqlite_file(env):
     assert dup == []
 
 
+def kan_grid_as_a_subprocess(env: Path, epochs: int):
+    """tiny.toml with KANs only and ``epochs`` epochs, a migrated k.db, and the command line and
+    environment to run the CLI as a researcher does (a subprocess). Returns (cmd, environ, db)."""
+    spec = TINY.replace("epochs = 2", f"epochs = {epochs}").replace('models = ["mlp", "kan"]', 'models = ["kan"]')
+    (env / "tiny.toml").write_text(spec)
+    cmd = [sys.executable, "-m", "cli.main"]
+    environ = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    subprocess.run(cmd + ["db", "upgrade"], check=True, env=environ, capture_output=True)
+    return cmd, environ, env / "k.db"
+
+
 def test_ctrl_c_leaves_the_grid_resumable(env):
     """SIGINT mid-grid: runs are checkpointed and released, and the same command finishes the grid
     with epoch rows equal to an uninterrupted run's."""
     import signal
     import time
 
-    spec = TINY.replace("epochs = 2", "epochs = 12").replace('models = ["mlp", "kan"]', 'models = ["kan"]')
-    (env / "tiny.toml").write_text(spec)
-    cmd = [sys.executable, "-m", "cli.main"]
-    environ = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    subprocess.run(cmd + ["db", "upgrade"], check=True, env=environ, capture_output=True)
-    db = env / "k.db"
+    cmd, environ, db = kan_grid_as_a_subprocess(env, epochs=12)
     proc = subprocess.Popen(cmd + ["run", "grid", "tiny.toml"], env=environ, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -304,12 +310,7 @@ def test_kill_9_leaves_the_grid_resumable_at_once(env):
     import signal
     import time
 
-    spec = TINY.replace("epochs = 2", "epochs = 50").replace('models = ["mlp", "kan"]', 'models = ["kan"]')
-    (env / "tiny.toml").write_text(spec)
-    cmd = [sys.executable, "-m", "cli.main"]
-    environ = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    subprocess.run(cmd + ["db", "upgrade"], check=True, env=environ, capture_output=True)
-    db = env / "k.db"
+    cmd, environ, db = kan_grid_as_a_subprocess(env, epochs=50)
 
     def written() -> int:
         return rows(db, "SELECT COUNT(*) AS n FROM epoch_metrics")[0]["n"] if db.exists() else 0
