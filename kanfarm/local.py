@@ -89,9 +89,10 @@ def _dead_here(worker: str) -> bool:
 
 
 def release_dead_holders(store: Store, grid: str) -> list[int]:
-    """Make the grid's runs held by dead processes of this host (a local run killed with kill -9,
-    or a crashed worker) claimable now, instead of when their lease runs out (5 minutes by
-    default). The claim that takes them costs an attempt, as any crash does."""
+    """Make the grid's runs held by dead local workers of this machine (a `run grid` killed with
+    kill -9) claimable now, instead of when their lease runs out (5 minutes by default). The claim
+    that takes them costs an attempt, as any crash does. Runs of an earlier boot, of Celery workers
+    or of other machines wait for their lease (``_dead_here``)."""
     return [run_id for run_id, worker in store.holders(grid)
             if worker and _dead_here(worker) and store.expire_lease(run_id, worker)]
 
