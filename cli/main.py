@@ -235,11 +235,13 @@ def status(grid: Optional[str] = GridOpt, as_json: bool = JsonOpt) -> None:
 
 def _report(kind: str, grid: str | None, as_json: bool, as_csv: bool, **kwargs: Any) -> None:
     from kanfarm.reports import REPORTS
+    from kanfarm.reports.tables import REPORT_COLUMNS
 
     store = open_store()
     grid_exists(store, grid)
     rows = REPORTS[kind](store, grid, **kwargs)
-    emit_rows(rows, title=f"{kind} ({grid or 'all grids'})", as_json=as_json, as_csv=as_csv)
+    emit_rows(rows, title=f"{kind} ({grid or 'all grids'})", as_json=as_json, as_csv=as_csv,
+              columns=REPORT_COLUMNS[kind])
 
 
 @report_app.command("summary")
@@ -290,12 +292,12 @@ def export(grid: Optional[str] = GridOpt,
     """Runs and their epoch metrics in long format (one row per run and epoch)."""
     if fmt not in ("csv", "json"):
         fail(f"--format: {fmt!r} is not one of csv, json")
-    from kanfarm.export import long_rows
+    from kanfarm.export import COLUMNS, long_rows
 
     store = open_store()
     grid_exists(store, grid)
     rows = long_rows(store, grid)
-    text = to_csv(rows) if fmt == "csv" else to_json(rows) + "\n"
+    text = to_csv(rows, COLUMNS) if fmt == "csv" else to_json(rows) + "\n"
     if out is None:
         sys.stdout.write(text)
         return

@@ -47,9 +47,11 @@ def to_json(data: Any) -> str:
     return json.dumps(data, indent=2, default=_json_default)
 
 
-def to_csv(rows: list[dict[str, Any]]) -> str:
+def to_csv(rows: list[dict[str, Any]], columns: Iterable[str] | None = None) -> str:
+    """CSV with a header row: ``columns`` when given (so that no rows still give a header), else
+    the first row's keys."""
     buffer = io.StringIO()
-    columns = list(rows[0]) if rows else []
+    columns = list(columns) if columns is not None else list(rows[0]) if rows else []
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
@@ -65,7 +67,7 @@ def emit_rows(rows: list[dict[str, Any]], *, title: str, as_json: bool = False, 
         sys.stdout.write(to_json(rows) + "\n")
         return
     if as_csv:
-        sys.stdout.write(to_csv(rows))
+        sys.stdout.write(to_csv(rows, columns if not rows else None))
         return
     if not rows:
         console.print(f"{title}: no rows ({empty}).")

@@ -14,6 +14,10 @@ FROM runs r JOIN epoch_metrics e ON e.run_id = r.id
 {grid_filter}
 ORDER BY r.id, e.epoch
 """
+#: the columns of ``long_rows``, in order (a CSV of no rows still has its header)
+COLUMNS = ("run_id", "config_hash", "dataset", "model", "depth", "hidden_widths", "init", "optimizer", "lr", "trainer",
+           "activation", "spline_order", "grid_size", "batch_size", "max_epochs", "seed", "n_params", "status",
+           "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "diverged", "extra")
 _GRID_FILTER = "WHERE r.id IN (SELECT g.run_id FROM grid_runs g JOIN grids gr ON gr.id = g.grid_id WHERE gr.name = :grid)"
 
 

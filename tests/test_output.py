@@ -12,3 +12,27 @@ def test_wide_table_is_not_squeezed(capsys):
     for c in columns:
         assert c in out
     assert "value-2-19" in out and "…" not in out
+
+
+def test_reports_and_export_declare_their_columns_and_empty_csv_keeps_the_header(tmp_path):
+    from cli.output import to_csv
+    from kanfarm.config import RunConfig
+    from kanfarm.export import COLUMNS, long_rows
+    from kanfarm.reports import REPORTS
+    from kanfarm.reports.tables import REPORT_COLUMNS
+    from kanfarm.store import Store
+    from kanfarm.training import EpochRecord
+
+    store = Store(f"sqlite:///{tmp_path / 'k.db'}")
+    store.upgrade()
+    assert to_csv(REPORTS["gap"](store, None), REPORT_COLUMNS["gap"]).splitlines() == [",".join(REPORT_COLUMNS["gap"])]
+    store.submit_grid("g", {}, [(RunConfig(dataset="digits", model="mlp", depth="shallow"), 100, 10)])
+    (run_id,) = store.run_ids()
+    store.claim(run_id, "w", 60)
+    for epoch in range(3):
+        store.write_epoch(run_id, EpochRecord(epoch, 1.0, 0.5 + epoch / 10, 1.0, 0.4 + epoch / 10, 0.1, {}), worker="w")
+    store.finish(run_id, "w", "completed")
+    for kind, report in REPORTS.items():
+        assert tuple(report(store, "g")[0]) == REPORT_COLUMNS[kind], kind
+    assert tuple(long_rows(store, "g")[0]) == COLUMNS
+    store.dispose(close=True)

@@ -174,3 +174,14 @@ def sensitivity_table(store: SummarySource, grid: str | None = None) -> list[dic
 
 REPORTS = {"summary": summary_table, "efficiency": efficiency_table, "gap": gap_table,
            "sensitivity": sensitivity_table}
+#: each report's columns, in order: a CSV of no rows still has its header (a test keeps these
+#: equal to the keys the functions produce).
+REPORT_COLUMNS = {
+    "summary": CONFIG_COLUMNS + ("best_test_acc", "best_epoch", "train_acc_at_best", "gap_at_best", "epochs_run",
+                                 "efficiency"),
+    "efficiency": CONFIG_COLUMNS + ("best_test_acc", "best_epoch", "intrinsic_dim", "efficiency"),
+    "gap": CONFIG_COLUMNS + ("best_test_acc", "best_epoch", "train_acc_at_best", "gap_at_best", "mean_gap", "max_gap",
+                             "overfit_onset_epoch"),
+    "sensitivity": SETTING_COLUMNS + ("runs", "count", "divergence_rate", "mean", "median", "std", "iqr", "min",
+                                      "max"),
+}
