@@ -56,11 +56,13 @@ def checkpoint_settings() -> tuple[int, int]:
 def check_run_environment() -> None:
     """Every setting a run reads from the environment, checked (ConfigError) before a command
     writes anything: a bad value is one message, not a grid stored and then nothing trained."""
+    from kanfarm.data.paths import offline
     from kanfarm.models.uniform_spline import triton_wanted
 
     checkpoint_settings()
     pack_checkpoint_interval()
     triton_wanted()
+    offline()
 
 
 def pack_checkpoint_interval() -> float:
