@@ -313,3 +313,15 @@ def test_setting_values_sort_as_numbers():
 
     assert sorted([10, 2, 3], key=order_key) == [2, 3, 10]
     assert sorted([128, 64.0, "gelu"], key=order_key) == [64.0, 128, "gelu"]
+
+
+def test_degree_studies_keep_other_settings_apart(store):
+    """A SiLU copy of the degree study with better accuracies must not lend its points to the GELU one."""
+    rows = [r for r in store.summary("full") if r["dataset"] == "mnist"]
+    silu = [{**r, "run_id": r["run_id"] + 1000, "activation": "silu", "best_test_acc": 0.99} for r in rows]
+    fig = F.degree_vs_width(rows + silu)
+    assert len(fig.axes) == 4
+    titles = sorted({ax.get_title() for ax in fig.axes})
+    assert titles == ["mnist (backprop), gelu", "mnist (backprop), silu"]
+    gelu_left = next(ax for ax in fig.axes if ax.get_title().endswith("gelu"))
+    assert max(max(line.get_ydata()) for line in gelu_left.lines) < 0.99

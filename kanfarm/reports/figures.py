@@ -21,7 +21,7 @@ from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from kanfarm.atomic import atomic_write
 from kanfarm.reports import _plotdata as plotdata
-from kanfarm.reports.tables import efficiency_table, setting_of, with_settings
+from kanfarm.reports.tables import SETTING_COLUMNS, efficiency_table, setting_of, with_settings
 
 Row = dict[str, Any]
 MODEL_COLOURS = {"kan": "C0", "mlp_wide": "C1", "mlp": "C2"}
@@ -234,13 +234,24 @@ def learning_curves(rows: Iterable[Row], epoch_rows: Iterable[Row]) -> Figure:
     return fig
 
 
-def degree_rows(rows: Iterable[Row]) -> dict[tuple[str, str], list[Row]]:
-    """Per (dataset, trainer), the KAN runs of a degree study: one hidden layer, more than one
-    spline order and more than one width."""
+#: what a degree study varies (besides the schemes): everything else holds a study together
+_DEGREE_AXES = ("spline_order", "hidden_widths", "depth")
+
+
+def degree_rows(rows: Iterable[Row]) -> dict[tuple, list[Row]]:
+    """The KAN runs of each degree study: one hidden layer, more than one spline order and more
+    than one width, every other setting equal (activation, epochs, batch size, ...: runs that
+    differ in one are separate studies, not schemes to take the best of). Keyed by (dataset,
+    trainer, the other settings)."""
     kans = [r for r in plotdata.with_value(rows, "best_test_acc")
             if r["model"] == "kan" and r.get("hidden_widths") and "," not in r["hidden_widths"]]
+
+    def study(r: Row) -> tuple:
+        rest = tuple(repr(v) for c, v in zip(SETTING_COLUMNS, setting_of(r)) if c not in _DEGREE_AXES)
+        return (r["dataset"], r["trainer"], rest)
+
     out = {}
-    for key, runs in plotdata.group(kans, lambda r: (r["dataset"], r["trainer"])).items():
+    for key, runs in plotdata.group(kans, study).items():
         if plotdata.several(runs, "spline_order") and plotdata.several(runs, "hidden_widths"):
             out[key] = runs
     return out
@@ -254,7 +265,9 @@ def degree_vs_width(rows: Iterable[Row]) -> Figure:
         raise NoData("no degree study: needs finished KAN runs with one hidden layer, more than one "
                      "spline_order and more than one width")
     fig, axes = _figure(len(studies), 2)
-    for (left, right), ((dataset, trainer), runs) in zip(axes, sorted(studies.items())):
+    extras = tuple(c for c in plotdata.varying_settings(r for runs in studies.values() for r in runs)
+                   if c not in _DEGREE_AXES)
+    for (left, right), ((dataset, trainer, _), runs) in zip(axes, sorted(studies.items())):
         for i, (width, mine) in enumerate(sorted(plotdata.group(runs, lambda r: int(r["hidden_widths"])).items())):
             best = {}
             for r in mine:  # best scheme per order
@@ -268,9 +281,10 @@ def degree_vs_width(rows: Iterable[Row]) -> Figure:
         right.set_xlabel("parameters (log scale)")
         left.xaxis.set_major_locator(MaxNLocator(integer=True))
         _log_x(right)
+        setting = plotdata.settings_label(runs[0], extras).strip().replace("\n", ", ")
         for ax in (left, right):
             ax.set_ylabel("best test accuracy")
-            ax.set_title(f"{dataset} ({trainer})")
+            ax.set_title(f"{dataset} ({trainer})" + (f", {setting}" if setting else ""))
             ax.legend(fontsize="small")
     fig.suptitle("KAN degree versus width (one hidden layer)")
     return fig
