@@ -1,4 +1,8 @@
-"""Runs and epoch metrics in long format: one row per (run, epoch), config columns repeated."""
+"""Runs and epoch metrics in long format: one row per (run, epoch), config columns repeated.
+
+A run without epoch rows (pending, or failed before its first) appears once, its epoch columns
+empty. ``config`` is the run's whole stored config (patience, dropout, batch norm, HSIC settings,
+dataset options...: what tells apart runs the other columns do not)."""
 from __future__ import annotations
 
 import json
@@ -9,23 +13,26 @@ from kanfarm.store import Store
 _SQL = """
 SELECT r.id AS run_id, r.config_hash, r.dataset, r.model, r.depth, r.hidden_widths, r.init, r.optimizer, r.lr,
        r.trainer, r.activation, r.spline_order, r.grid_size, r.batch_size, r.max_epochs, r.seed, r.n_params,
-       r.status, e.epoch, e.train_loss, e.train_acc, e.test_loss, e.test_acc, e.seconds, e.diverged, e.extra
-FROM runs r JOIN epoch_metrics e ON e.run_id = r.id
+       r.status, r.intrinsic_dim, e.epoch, e.train_loss, e.train_acc, e.test_loss, e.test_acc, e.seconds,
+       e.diverged, e.extra, r.config
+FROM runs r LEFT JOIN epoch_metrics e ON e.run_id = r.id
 {grid_filter}
 ORDER BY r.id, e.epoch
 """
 #: the columns of ``long_rows``, in order (a CSV of no rows still has its header)
 COLUMNS = ("run_id", "config_hash", "dataset", "model", "depth", "hidden_widths", "init", "optimizer", "lr", "trainer",
            "activation", "spline_order", "grid_size", "batch_size", "max_epochs", "seed", "n_params", "status",
-           "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "diverged", "extra")
+           "intrinsic_dim", "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "diverged",
+           "extra", "config")
 _GRID_FILTER = "WHERE r.id IN (SELECT g.run_id FROM grid_runs g JOIN grids gr ON gr.id = g.grid_id WHERE gr.name = :grid)"
 
 
 def long_rows(store: Store, grid: str | None = None) -> list[dict[str, Any]]:
     rows = store.query(_SQL.format(grid_filter=_GRID_FILTER if grid else ""), {"grid": grid} if grid else {})
     for row in rows:
-        if isinstance(row.get("extra"), str):
-            row["extra"] = json.loads(row["extra"])
+        for column in ("extra", "config"):
+            if isinstance(row.get(column), str):
+                row[column] = json.loads(row[column])
         if isinstance(row.get("hidden_widths"), str) and row["hidden_widths"].startswith("["):
             row["hidden_widths"] = json.loads(row["hidden_widths"])
         if row.get("diverged") is not None:

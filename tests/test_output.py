@@ -36,3 +36,17 @@ def test_reports_and_export_declare_their_columns_and_empty_csv_keeps_the_header
         assert tuple(report(store, "g")[0]) == REPORT_COLUMNS[kind], kind
     assert tuple(long_rows(store, "g")[0]) == COLUMNS
     store.dispose(close=True)
+
+
+def test_export_lists_runs_without_epochs_and_their_whole_config(tmp_path):
+    from kanfarm.config import RunConfig
+    from kanfarm.export import long_rows
+    from kanfarm.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'k.db'}")
+    store.upgrade()
+    store.submit_grid("g", {}, [(RunConfig(dataset="digits", model="mlp", depth="shallow", patience=3), 100, None)])
+    (row,) = long_rows(store, "g")
+    assert row["epoch"] is None and row["status"] == "pending"
+    assert row["config"]["patience"] == 3 and row["config"]["dropout"] == 0.2
+    store.dispose(close=True)
