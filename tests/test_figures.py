@@ -325,3 +325,22 @@ def test_degree_studies_keep_other_settings_apart(store):
     assert titles == ["mnist (backprop), gelu", "mnist (backprop), silu"]
     gelu_left = next(ax for ax in fig.axes if ax.get_title().endswith("gelu"))
     assert max(max(line.get_ydata()) for line in gelu_left.lines) < 0.99
+
+
+def test_sensitivity_rows_put_each_kan_next_to_its_mlp_wide(sqlite_url):
+    from kanfarm.reports import sensitivity_table
+
+    store = Store(sqlite_url)
+    store.upgrade()
+    try:
+        cells = [RunConfig(dataset="digits", model=m, depth=None, hidden_widths=(w,), activation=a, spline_order=k)
+                 for m in ("kan", "mlp_wide") for a in ("gelu", "silu") for k in (2, 3) for w in (16, 8)]
+        store.submit_grid("g", {"name": "g"}, [(c, 1000, None) for c in cells])
+        for run_id in store.run_ids("g"):
+            _finish(store, run_id, [0.2, 0.5])
+        order = [(r["hidden_widths"], r["activation"], r["spline_order"], r["model"]) for r in sensitivity_table(store, "g")]
+        assert order[:4] == [("8", "gelu", 2, "kan"), ("8", "gelu", 2, "mlp_wide"),
+                             ("8", "gelu", 3, "kan"), ("8", "gelu", 3, "mlp_wide")]
+        assert [o[0] for o in order] == ["8"] * 8 + ["16"] * 8  # widths as numbers
+    finally:
+        store.dispose(close=True)
