@@ -447,3 +447,18 @@ def test_resubmitting_a_grid_that_states_no_intrinsic_dim_keeps_another_grids_va
     submit(store, parse_spec({**base, "name": "c", "intrinsic_dim": {"mnist": 40}}))
     submit(store, parse_spec({**base, "name": "a"}))                     # run grid a again
     assert [store.run(i).intrinsic_dim for i in store.run_ids()] == [40]
+
+
+def test_a_worker_taking_back_its_own_expired_run_spends_no_attempt(store):
+    """Its hand-back failed in a database outage; after the lease it claims the run again."""
+    store.submit_grid("g", {}, cells(1))
+    (run_id,) = store.run_ids()
+    assert store.claim(run_id, "w1", 60, max_attempts=1).attempts == 1
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE runs SET lease_expires_at = '2000-01-01 00:00:00' WHERE id = :i"), {"i": run_id})
+    again = store.claim(run_id, "w1", 60, max_attempts=1)
+    assert again is not None and again.attempts == 1 and again.status == "running"
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE runs SET lease_expires_at = '2000-01-01 00:00:00' WHERE id = :i"), {"i": run_id})
+    assert store.claim(run_id, "w2", 60, max_attempts=1) is None  # another worker: an attempt, and none is left
+    assert store.run(run_id).status == "failed"

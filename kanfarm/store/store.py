@@ -260,17 +260,22 @@ class Store:
                max_attempts: int | None) -> RunRow | None:
         now = utcnow()
         where = sa.and_(runs.c.id == run_id, self._claimable(now))
+        # The same worker taking back its own expired run: its hand-back failed in a database
+        # outage (workers' names hold their pid, so nobody else has this name). The outage was not
+        # the run's fault, so it costs no attempt, as a successful hand-back would have refunded.
+        own = sa.and_(runs.c.status == "running", runs.c.worker == worker)
         if max_attempts is not None:
             gave_up = conn.execute(
-                sa.update(runs).where(where, runs.c.attempts >= max_attempts)
+                sa.update(runs).where(where, runs.c.attempts >= max_attempts, sa.not_(own))
                 .values(status="failed", finished_at=_at(now), lease_expires_at=None,
                         error=sa.func.coalesce(runs.c.error, f"gave up after {max_attempts} attempts")))
             if gave_up.rowcount:
                 return None
-            where = sa.and_(where, runs.c.attempts < max_attempts)
+            where = sa.and_(where, sa.or_(runs.c.attempts < max_attempts, own))
         claimed = conn.execute(
             sa.update(runs).where(where)
-            .values(status="running", attempts=runs.c.attempts + 1, worker=worker,
+            .values(status="running", attempts=sa.case((own, runs.c.attempts), else_=runs.c.attempts + 1),
+                    worker=worker,
                     lease_expires_at=_at(now + timedelta(seconds=lease_seconds)),
                     heartbeat_at=_at(now), started_at=sa.func.coalesce(runs.c.started_at, _at(now)),
                     finished_at=None))
