@@ -30,6 +30,17 @@ def _check_queue(queue: str) -> None:
 
     if queue not in QUEUES:
         fail(f"--queue: {queue!r} is not one of {', '.join(QUEUES)}")
+    _check_broker_url()
+
+
+def _check_broker_url() -> None:
+    """A broker URL of another scheme than Redis's is refused before anything is written (kombu
+    would fail later with a long traceback). The URL is not echoed: it may hold a password."""
+    from workers.celery_app import BROKER_ENV, broker_url
+
+    scheme = broker_url().partition("://")[0].lower()
+    if scheme not in ("redis", "rediss"):
+        fail(f"{BROKER_ENV}: unsupported broker scheme {scheme[:20]!r}: use redis://host:6379/0")
 
 
 def _publish(run_ids: list[int], queue: str) -> int:
@@ -131,14 +142,18 @@ def requeue(grid: Optional[str] = typer.Option(None, "--grid", help="Only runs o
                                       "enqueued on (cpu for a run never enqueued)."),
             max_attempts: Optional[int] = typer.Option(
                 None, "--max-attempts", min=1, help="Attempts bound for --failed (default $KANFARM_MAX_ATTEMPTS or 3)."),
-            as_json: bool = JsonOpt) -> None:
+            as_json: bool = JsonOpt,
+            pack_size: str = typer.Option("1", "--pack-size",
+                                          help="Publish compatible runs as packs of up to N, or auto, as enqueue grid does.")) -> None:
     """Re-publish every queued run (after a Redis restart or flush), and stale/failed ones if asked.
 
     All queued runs are published, not only those missing from Redis: a duplicate message is a
     no-op claim, while reading the broker's internals to find the missing ones would be fragile.
     """
+    size = parse_pack_size(pack_size)
     if queue is not None:
         _check_queue(queue)
+    _check_broker_url()
     store = open_store()
     grid_exists(store, grid)
     with err_console.status(Text("finding the runs to publish")):
@@ -159,7 +174,8 @@ def requeue(grid: Optional[str] = typer.Option(None, "--grid", help="Only runs o
         by_queue: dict[str, list[int]] = {}
         for run_id, stored in sorted(store.queues(run_ids).items()):
             by_queue.setdefault(queue or stored or "cpu", []).append(run_id)
-    published = {name: _publish(ids, name) for name, ids in sorted(by_queue.items())}
+    published = {name: _publish(ids, name) if size == 1 else _publish_packs(store, grid, ids, size, name)
+                 for name, ids in sorted(by_queue.items())}
     info = {"grid": grid, "queue": queue, "queued": len(queued), "stale": len(stale_ids),
             "failed_retried": len(retried), "failed_exhausted": len(exhausted),
             "published": sum(published.values()), "published_by_queue": published}
@@ -209,6 +225,7 @@ def worker(gpus: Optional[str] = typer.Option(None, "--gpus", help="GPU ids, e.g
     # before its claim, and the acked message would be lost with nothing said
     check_run_environment()
     lease_seconds(), max_attempts(), visibility_timeout()
+    _check_broker_url()
     store = open_store()  # refuse to start against a database that was not migrated
     store.dispose(close=True)
     for spec in specs:

@@ -481,3 +481,13 @@ def test_worker_refuses_to_start_on_a_bad_setting(env, monkeypatch, variable, va
     monkeypatch.delitem(sys.modules, "workers.celery_app", raising=False)  # read at import
     result = invoke("worker", "--concurrency", "1")
     assert result.exit_code == 2 and variable in result.output, result.output
+
+
+def test_a_broker_url_of_another_scheme_is_one_line_without_the_password(env, monkeypatch):
+    assert invoke("db", "upgrade").exit_code == 0
+    monkeypatch.setenv("KANFARM_BROKER_URL", "bogus://user:topsecret@somewhere")
+    for args in (["enqueue", "grid", "tiny.toml"], ["requeue"], ["worker"]):
+        result = invoke(*args)
+        assert result.exit_code == 2 and "unsupported broker scheme 'bogus'" in result.output, (args, result.output)
+        assert "topsecret" not in result.output
+    assert rows(env / "k.db", "SELECT COUNT(*) AS n FROM runs")[0]["n"] == 0

@@ -444,6 +444,19 @@ def test_enqueue_of_a_changed_spec_warns_and_its_dry_run_counts_what_it_publishe
 
 
 @pytest.mark.services
+def test_requeue_keeps_packs_when_asked(env, store, redis_db, tmp_path):
+    """After a flush, requeue --pack-size re-publishes a packed grid as packs, not one run each."""
+    path = spec_file(tmp_path, spec("repack", lrs=(0.0311, 0.0312, 0.0313), epochs=2))
+    out = cli(env, "enqueue", "grid", path, "--queue", "gpu", "--pack-size", "3", "--json")
+    ids = store.run_ids("repack")
+    assert out["published"] == 3 and parked_messages(redis_db, "gpu") == [("kanfarm.execute_pack", [ids])]
+    redis_db.delete("gpu")
+    out = cli(env, "requeue", "--grid", "repack", "--pack-size", "3", "--json")
+    assert out["published"] == 3 and parked_messages(redis_db, "gpu") == [("kanfarm.execute_pack", [ids])]
+    redis_db.delete("gpu")
+
+
+@pytest.mark.services
 def test_requeue_sends_runs_back_to_the_queue_they_were_enqueued_on(env, store, redis_db, tmp_path):
     """A stale gpu run re-published to cpu would train on a CPU (or wait forever with no cpu worker)."""
     out = cli(env, "enqueue", "grid", spec_file(tmp_path, spec("homes", lrs=(0.0123, 0.0456), epochs=2)),

@@ -9,6 +9,7 @@ release never strands it in ``queued`` without a message.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from typing import Iterable
 
@@ -97,11 +98,18 @@ def _warm_up(**_kwargs) -> None:
         kanfarm.runner.check_run_environment()
         lease_seconds(), max_attempts(), device()
     except ValueError as exc:
-        log.error("bad setting: %s; every task will fail before claiming its run", exc)
+        _say_at_start(f"bad setting: {exc}; every task will fail before claiming its run")
     try:
         store().check_schema()
     except Exception as exc:  # the worker still starts: runs fail loudly until this is fixed
-        log.error("database not ready: %s (run `kanfarm db upgrade`)", exc)
+        _say_at_start(f"database not ready: {exc} (run `kanfarm db upgrade`)")
+
+
+def _say_at_start(message: str) -> None:
+    """Log and print to stderr: at worker_init Celery has not set up its logging yet, and its
+    loggers would swallow the line."""
+    log.error(message)
+    print(f"kanfarm worker: error: {message}", file=sys.stderr, flush=True)
 
 
 @signals.worker_shutting_down.connect
