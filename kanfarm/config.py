@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,20 @@ class ConfigError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """A boolean setting from the environment: 1/true/yes/on or 0/false/no/off (any case), the
+    ``default`` when unset or empty; another value is a ConfigError naming the variable, so a typo
+    never silently means the default."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    if value == "":
+        return default
+    raise ConfigError(name, f"{value!r}: use 1 (on) or 0 (off)")
 
 
 def canonical_dataset_options(dataset: str, options: Any, fld: str = "dataset_options") -> dict[str, int]:

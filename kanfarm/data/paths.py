@@ -15,11 +15,6 @@ def data_dir() -> Path:
 def offline() -> bool:
     """True when ``KANFARM_OFFLINE`` asks never to download (1/true/yes/on; 0/false/no/off or
     unset: downloads allowed). Another value is refused, so a typo cannot silently download."""
-    value = os.environ.get("KANFARM_OFFLINE", "").strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("", "0", "false", "no", "off"):
-        return False
-    from kanfarm.config import ConfigError
+    from kanfarm.config import env_flag
 
-    raise ConfigError("KANFARM_OFFLINE", f"{value!r}: use 1 (never download) or 0")
+    return env_flag("KANFARM_OFFLINE", False)

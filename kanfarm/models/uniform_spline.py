@@ -19,7 +19,6 @@ where the half-open cell rule decides the gradient; the layer uses the reference
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -79,14 +78,9 @@ def uniform_basis(x: torch.Tensor, t0: torch.Tensor, inv_h: torch.Tensor, n_base
 def triton_wanted() -> bool:
     """``KANFARM_TRITON`` (default on): 0, false, no or off turn the fused kernels off; any other
     value than those and 1, true, yes, on is refused, so a typo cannot leave them silently on."""
-    value = os.environ.get("KANFARM_TRITON", "1").strip().lower()
-    if value in ("0", "false", "no", "off"):
-        return False
-    if value in ("1", "true", "yes", "on", ""):
-        return True
-    from kanfarm.config import ConfigError
+    from kanfarm.config import env_flag
 
-    raise ConfigError("KANFARM_TRITON", f"{value!r}: use 0 (off) or 1 (on)")
+    return env_flag("KANFARM_TRITON", True)
 
 
 def fused_kernels_apply(x: torch.Tensor) -> bool:
