@@ -116,6 +116,36 @@ def test_a_message_for_a_run_that_does_not_exist_is_done(sqlite_store, monkeypat
     assert tasks._held_here([987654]) is False
 
 
+def test_database_errors_are_retried_for_as_long_as_the_outage_lasts(sqlite_store, monkeypatch):
+    """A retry limit would drop the message after 5 tries and leave its runs queued with nothing
+    to run them: both tasks retry without limit, backing off to 10 minutes."""
+    from sqlalchemy.exc import OperationalError
+
+    from workers import tasks
+
+    def down(*args, **kwargs):
+        raise OperationalError("UPDATE runs ...", {}, Exception("connection refused"))
+
+    calls = []
+
+    class Retried(Exception):
+        pass
+
+    def retry(**kwargs):
+        calls.append(kwargs)
+        return Retried()
+
+    monkeypatch.setattr(tasks, "store", lambda: sqlite_store)
+    monkeypatch.setattr(sqlite_store, "claim", down)
+    monkeypatch.setattr(sqlite_store, "run", down)
+    for task, args in ((tasks.execute_run_task, (1,)), (tasks.execute_pack_task, ([1, 2],))):
+        monkeypatch.setattr(task, "retry", retry)
+        with pytest.raises(Retried):
+            task.run(*args)
+    assert [c["max_retries"] for c in calls] == [None, None]
+    assert [tasks._backoff(n) for n in (0, 1, 4, 5, 50)] == [30, 60, 480, 600, 600]
+
+
 def test_a_run_this_worker_could_not_hand_back_is_retried_after_its_lease(sqlite_store, monkeypatch):
     """A database error left the run ``running`` under this process's name (the release failed
     too): the task's retry must not ack the message while that lease is live, or the run would sit

@@ -163,6 +163,13 @@ def _held_here(run_ids: list[int]) -> bool:
     return False
 
 
+def _backoff(retries: int) -> int:
+    """Seconds before retry ``retries + 1`` after a database error: 30 s doubling, at most 10
+    minutes, for as long as the outage lasts (no retry limit: a limit would drop the message and
+    leave its runs queued with nothing to run them until `kanfarm requeue`)."""
+    return min(30 * 2 ** min(retries, 5), 600)
+
+
 @app.task(name=PACK_TASK_NAME, bind=True, ignore_result=True, acks_late=True, max_retries=5)
 def execute_pack_task(self, run_ids: list[int], fit: bool = False) -> str:
     """Claim the claimable runs of ``run_ids`` and train them as packs sized for this worker's
@@ -196,7 +203,7 @@ def execute_pack_task(self, run_ids: list[int], fit: bool = False) -> str:
             raise self.retry(countdown=lease_seconds())
     except OperationalError as exc:  # database unreachable: claimed runs come back when their leases end
         log.warning("pack %s: database unavailable (%s); retrying", run_ids, type(exc).__name__)
-        raise self.retry(countdown=min(30 * 2 ** self.request.retries, 600), exc=exc)
+        raise self.retry(countdown=_backoff(self.request.retries), exc=exc, max_retries=None)
     if released:
         queue = (self.request.delivery_info or {}).get("routing_key") or DEFAULT_QUEUE
         publish_packs([released], queue if queue in QUEUES else DEFAULT_QUEUE, self.app, fit=fit is True)
@@ -223,7 +230,7 @@ def execute_run_task(self, run_id: int) -> str:
             raise self.retry(countdown=lease_seconds())
     except OperationalError as exc:  # database unreachable: the run was handed back if it could be
         log.warning("run %s: database unavailable (%s); retrying", run_id, type(exc).__name__)
-        raise self.retry(countdown=min(30 * 2 ** self.request.retries, 600), exc=exc)
+        raise self.retry(countdown=_backoff(self.request.retries), exc=exc, max_retries=None)
     if outcome.status == "released":
         queue = (self.request.delivery_info or {}).get("routing_key") or DEFAULT_QUEUE
         publish([run_id], queue if queue in QUEUES else DEFAULT_QUEUE, self.app)
