@@ -8,7 +8,6 @@ from typing import Any, Callable, Iterable
 from kanfarm.reports.tables import FINISHED, MODEL_ORDER, SETTING_COLUMNS
 
 Row = dict[str, Any]
-_DEPTH_ORDER = {"shallow": 0, "medium": 1, "deep": 2}
 
 
 def finished(rows: Iterable[Row]) -> list[Row]:
@@ -23,13 +22,6 @@ def with_value(rows: Iterable[Row], column: str) -> list[Row]:
 def arch_label(row: Row) -> str:
     """The depth preset's name, else the hidden widths: the same network reads the same everywhere."""
     return row.get("depth") or f"[{row.get('hidden_widths') or ''}]"
-
-
-def arch_key(label: str) -> tuple:
-    if label in _DEPTH_ORDER:
-        return (0, _DEPTH_ORDER[label], ())
-    widths = tuple(int(w) for w in label.strip("[]").split(",") if w.strip().isdigit())
-    return (1, len(widths), widths)
 
 
 #: short names of the settings that can tell two boxes of one model and depth apart.

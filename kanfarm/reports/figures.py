@@ -21,7 +21,7 @@ from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from kanfarm.atomic import atomic_write
 from kanfarm.reports import _plotdata as plotdata
-from kanfarm.reports.tables import SETTING_COLUMNS, efficiency_table, setting_of, with_settings
+from kanfarm.reports.tables import SETTING_COLUMNS, arch_order, efficiency_table, setting_of, with_settings
 
 Row = dict[str, Any]
 MODEL_COLOURS = {"kan": "C0", "mlp_wide": "C1", "mlp": "C2"}
@@ -63,7 +63,7 @@ def _grouped_bars(rows: list[Row], value: str, height: Callable[[list[float]], f
 
     sort_keys: dict[str, tuple] = {}
     for r in rows:
-        sort_keys.setdefault(group_of(r), (plotdata.arch_key(plotdata.arch_label(r)),
+        sort_keys.setdefault(group_of(r), (arch_order(plotdata.arch_label(r)),
                                            plotdata.model_key(r["model"]) if with_model else (),
                                            tuple(plotdata.order_key(r.get(c)) for c in extras[r["dataset"]])))
     datasets = sorted({r["dataset"] for r in rows})
@@ -152,7 +152,7 @@ def sensitivity_boxes(rows: Iterable[Row]) -> Figure:
     for (ax,), dataset in zip(axes, datasets):
         boxes = [runs for key, runs in cells.items() if key[0] == dataset]
         extras = plotdata.varying_settings(r for runs in boxes for r in runs)
-        boxes.sort(key=lambda runs: (plotdata.arch_key(plotdata.arch_label(runs[0])),
+        boxes.sort(key=lambda runs: (arch_order(plotdata.arch_label(runs[0])),
                                      _series_key(plotdata.series_label(runs[0], trainers)),
                                      tuple(map(str, setting_of(runs[0])))))
         parts = ax.boxplot([[r["best_test_acc"] for r in runs] for runs in boxes], patch_artist=True)

@@ -167,7 +167,7 @@ def sensitivity_table(store: SummarySource, grid: str | None = None) -> list[dic
             row.update(mean=None, median=None, std=None, iqr=None, min=None, max=None)
         rows.append(row)
     # the model last, so that each KAN stands next to its MLP-Wide of the same settings
-    rows.sort(key=lambda r: (r["dataset"], _arch_order(r), r["trainer"],
+    rows.sort(key=lambda r: (r["dataset"], arch_order(r["depth"] or r["hidden_widths"]), r["trainer"],
                              tuple(str(r[c]) for c in SETTING_COLUMNS if c not in ("dataset", "model", "depth",
                                                                                      "hidden_widths", "trainer")),
                              MODEL_ORDER.get(r["model"], 9)))
@@ -177,11 +177,13 @@ def sensitivity_table(store: SummarySource, grid: str | None = None) -> list[dic
 _DEPTH_ORDER = {"shallow": 0, "medium": 1, "deep": 2}
 
 
-def _arch_order(row: dict[str, Any]) -> tuple:
-    """Depth presets shallow, medium, deep, then explicit widths by length and size (8 < 16)."""
-    if row.get("depth"):
-        return (0, _DEPTH_ORDER.get(row["depth"], 9), ())
-    widths = tuple(int(w) for w in str(row.get("hidden_widths") or "").split(",") if w.strip().isdigit())
+def arch_order(label: str | None) -> tuple:
+    """Sort key of an architecture label (a depth preset's name, or hidden widths as "16,8" or
+    "[16,8]"): shallow, medium, deep, then explicit widths by length and size (8 before 16)."""
+    label = label or ""
+    if label in _DEPTH_ORDER:
+        return (0, _DEPTH_ORDER[label], ())
+    widths = tuple(int(w) for w in label.strip("[]").split(",") if w.strip().isdigit())
     return (1, len(widths), widths)
 
 
