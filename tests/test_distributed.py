@@ -116,34 +116,88 @@ def test_a_message_for_a_run_that_does_not_exist_is_done(sqlite_store, monkeypat
     assert tasks._held_here([987654]) is False
 
 
-def test_database_errors_are_retried_for_as_long_as_the_outage_lasts(sqlite_store, monkeypatch):
-    """A retry limit would drop the message after 5 tries and leave its runs queued with nothing
-    to run them: both tasks retry without limit, backing off to 10 minutes."""
+def _outage(calls: int):
+    """A stand-in for a store method that raises a lost connection ``calls`` times, then works."""
     from sqlalchemy.exc import OperationalError
 
+    def fail_then(method):
+        left = [calls]
+
+        def wrapped(*args, **kwargs):
+            if left[0] > 0:
+                left[0] -= 1
+                raise OperationalError("UPDATE runs ...", {}, Exception("connection refused"))
+            return method(*args, **kwargs)
+        return wrapped
+    return fail_then
+
+
+def test_a_worker_without_its_database_gives_the_message_back_and_waits(sqlite_store, monkeypatch):
+    """A retry with a countdown is an ETA message that the worker taking it keeps beyond the
+    prefetch limit: a worker cut off from its database would gather every message while the others
+    idle. It publishes a copy at once, takes nothing more until its database answers (solo pool),
+    then hands back the run whose hand-back failed (attempt refunded) and publishes it again."""
+    from kanfarm.grids import parse_spec
+    from kanfarm.runner import worker_name
+    from kanfarm.submission import submit
     from workers import tasks
 
-    def down(*args, **kwargs):
-        raise OperationalError("UPDATE runs ...", {}, Exception("connection refused"))
-
-    calls = []
+    submit(sqlite_store, parse_spec(spec("outage", lrs=(0.01, 0.005), epochs=2)))
+    mine, other = sqlite_store.run_ids("outage")
+    sqlite_store.claim(mine, worker_name(":celery"), 600)  # an attempt whose hand-back failed
+    events: list = []
 
     class Retried(Exception):
         pass
 
-    def retry(**kwargs):
-        calls.append(kwargs)
-        return Retried()
+    monkeypatch.setattr(tasks, "store", lambda: sqlite_store)
+    monkeypatch.setattr(sqlite_store, "claim", _outage(1)(sqlite_store.claim))
+    monkeypatch.setattr(sqlite_store, "release", _outage(2)(sqlite_store.release))
+    monkeypatch.setattr(tasks, "publish_packs", lambda packs, queue, app=None, fit=False: events.append(
+        ("copy", [list(p) for p in packs], queue, fit)))
+    monkeypatch.setattr(tasks.SHUTDOWN, "wait", lambda seconds: events.append(("wait", seconds)))
+    monkeypatch.setattr(tasks.execute_run_task, "retry", lambda **kw: events.append(("retry", kw["countdown"]))
+                        or Retried())
+    with pytest.raises(Retried):
+        tasks.execute_run_task.run(mine)
+    assert events == [("copy", [[mine]], "cpu", False), ("wait", 5.0), ("wait", 10.0), ("retry", 0)]
+    row = sqlite_store.run(mine)
+    assert (row.status, row.attempts) == ("queued", 0)
+
+    # Nothing held (the claim itself failed): the copy is all the queue needs; the message is done.
+    events.clear()
+    monkeypatch.setattr(sqlite_store, "claim", _outage(1)(sqlite_store.claim))
+    monkeypatch.setattr(sqlite_store, "run", _outage(1)(sqlite_store.run))
+    monkeypatch.setattr(tasks.execute_pack_task, "retry", lambda **kw: events.append(("retry", kw)) or Retried())
+    assert tasks.execute_pack_task.run([other, mine], True) == "database-unavailable"
+    assert events == [("copy", [[other, mine]], "cpu", True)]
+    assert sqlite_store.run(other).status == "pending"  # never claimed
+
+
+def test_a_worker_stopping_during_an_outage_leaves_a_message(sqlite_store, monkeypatch):
+    """Warm shutdown while the database is down: stop waiting; when the copy could not be
+    published either (broker trouble), Celery's retry publishes the message instead."""
+    from workers import tasks
+
+    class Retried(Exception):
+        pass
+
+    def broker_down(*args, **kwargs):
+        raise ConnectionError("broker unreachable")
 
     monkeypatch.setattr(tasks, "store", lambda: sqlite_store)
-    monkeypatch.setattr(sqlite_store, "claim", down)
-    monkeypatch.setattr(sqlite_store, "run", down)
-    for task, args in ((tasks.execute_run_task, (1,)), (tasks.execute_pack_task, ([1, 2],))):
-        monkeypatch.setattr(task, "retry", retry)
+    monkeypatch.setattr(sqlite_store, "claim", _outage(1)(sqlite_store.claim))
+    monkeypatch.setattr(sqlite_store, "release", _outage(1)(sqlite_store.release))
+    monkeypatch.setattr(tasks, "publish_packs", broker_down)
+    monkeypatch.setattr(tasks.SHUTDOWN, "wait", lambda seconds: tasks.SHUTDOWN.set())
+    retries = []
+    monkeypatch.setattr(tasks.execute_run_task, "retry", lambda **kw: retries.append(kw) or Retried())
+    try:
         with pytest.raises(Retried):
-            task.run(*args)
-    assert [c["max_retries"] for c in calls] == [None, None]
-    assert [tasks._backoff(n) for n in (0, 1, 4, 5, 50)] == [30, 60, 480, 600, 600]
+            tasks.execute_run_task.run(1)
+    finally:
+        tasks.SHUTDOWN.clear()
+    assert [(r["countdown"], r["max_retries"]) for r in retries] == [(0, None)]
 
 
 def test_a_run_this_worker_could_not_hand_back_is_retried_after_its_lease(sqlite_store, monkeypatch):

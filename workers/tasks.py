@@ -163,11 +163,54 @@ def _held_here(run_ids: list[int]) -> bool:
     return False
 
 
-def _backoff(retries: int) -> int:
-    """Seconds before retry ``retries + 1`` after a database error: 30 s doubling, at most 10
-    minutes, for as long as the outage lasts (no retry limit: a limit would drop the message and
-    leave its runs queued with nothing to run them until `kanfarm requeue`)."""
-    return min(30 * 2 ** min(retries, 5), 600)
+def _queue_of(task) -> str:
+    """The queue this task's message came from (the default when Celery does not say)."""
+    queue = (task.request.delivery_info or {}).get("routing_key") or DEFAULT_QUEUE
+    return queue if queue in QUEUES else DEFAULT_QUEUE
+
+
+def _ride_out_outage(task, run_ids: list[int], fit: bool, exc: Exception) -> str:
+    """This worker lost its database (others may still reach theirs).
+
+    A retry with a countdown would go back as an ETA message, which Celery keeps in the memory of
+    whichever worker takes it, beyond the prefetch limit: a worker without its database would
+    gather every message and sit on them while healthy workers idle. Instead a copy goes back to
+    the queue at once, for any worker, and this one waits here (solo pool: it takes no message
+    while a task runs) until its database answers. Then it hands back the runs it still holds
+    (their hand-back failed during the outage) and publishes them again. A duplicate message is
+    harmless: its claim fails."""
+    log.warning("runs %s: database unavailable (%s); a copy of the message goes back to the queue and "
+                "this worker waits for its database", run_ids, type(exc).__name__)
+    try:
+        publish_packs([run_ids], _queue_of(task), task.app, fit=fit)
+        copied = True
+    except Exception as publish_error:  # the broker too: Celery's own retry publishes below
+        log.warning("could not publish a copy (%s)", type(publish_error).__name__)
+        copied = False
+    handed_back = _hand_back_when_reachable(run_ids)
+    if not copied or handed_back:
+        raise task.retry(countdown=0, exc=exc, max_retries=None)
+    return "database-unavailable"
+
+
+def _hand_back_when_reachable(run_ids: list[int]) -> list[int]:
+    """Wait until the database answers (probing every 5 s, doubling to a minute), then release
+    the runs of ``run_ids`` that this process still holds, attempt refunded; returns those. On a
+    warm shutdown it stops waiting and returns none (their leases expire; see docs/distributed.md)."""
+    from sqlalchemy.exc import OperationalError
+
+    from kanfarm.runner import worker_name
+
+    me, delay, waited = worker_name(":celery"), 5.0, 0.0
+    while not SHUTDOWN.is_set():
+        try:
+            return [run_id for run_id in run_ids if store().release(run_id, me, refund=True)]
+        except OperationalError as exc:
+            log.warning("database still unavailable after %.0f s (%s); this worker takes no message until "
+                        "it answers", waited, type(exc).__name__)
+        SHUTDOWN.wait(delay)
+        waited, delay = waited + delay, min(2 * delay, 60.0)
+    return []
 
 
 @app.task(name=PACK_TASK_NAME, bind=True, ignore_result=True, acks_late=True, max_retries=5)
@@ -201,13 +244,11 @@ def execute_pack_task(self, run_ids: list[int], fit: bool = False) -> str:
             skipped += [o.run_id for o in outcomes if o.status == "not-claimed"]
         if skipped and _held_here(skipped):
             raise self.retry(countdown=lease_seconds())
-    except OperationalError as exc:  # database unreachable: claimed runs come back when their leases end
-        log.warning("pack %s: database unavailable (%s); retrying", run_ids, type(exc).__name__)
-        raise self.retry(countdown=_backoff(self.request.retries), exc=exc, max_retries=None)
+    except OperationalError as exc:
+        return _ride_out_outage(self, run_ids, fit is True, exc)
     if released:
-        queue = (self.request.delivery_info or {}).get("routing_key") or DEFAULT_QUEUE
-        publish_packs([released], queue if queue in QUEUES else DEFAULT_QUEUE, self.app, fit=fit is True)
-        log.info("pack: runs %s released or left unclaimed, re-published to %s", released, queue)
+        publish_packs([released], _queue_of(self), self.app, fit=fit is True)
+        log.info("pack: runs %s released or left unclaimed, re-published to %s", released, _queue_of(self))
     return "done"
 
 
@@ -228,13 +269,11 @@ def execute_run_task(self, run_id: int) -> str:
                               lease_s=lease_seconds(), shutdown=SHUTDOWN, max_attempts=max_attempts())
         if outcome.status == "not-claimed" and _held_here([run_id]):
             raise self.retry(countdown=lease_seconds())
-    except OperationalError as exc:  # database unreachable: the run was handed back if it could be
-        log.warning("run %s: database unavailable (%s); retrying", run_id, type(exc).__name__)
-        raise self.retry(countdown=_backoff(self.request.retries), exc=exc, max_retries=None)
+    except OperationalError as exc:
+        return _ride_out_outage(self, [run_id], False, exc)
     if outcome.status == "released":
-        queue = (self.request.delivery_info or {}).get("routing_key") or DEFAULT_QUEUE
-        publish([run_id], queue if queue in QUEUES else DEFAULT_QUEUE, self.app)
-        log.info("run %s released at epoch %s and re-published to %s", run_id, outcome.epochs_run, queue)
+        publish([run_id], _queue_of(self), self.app)
+        log.info("run %s released at epoch %s and re-published to %s", run_id, outcome.epochs_run, _queue_of(self))
     else:
         log.info("run %s: %s after %s epochs", run_id, outcome.status, outcome.epochs_run)
     return outcome.status
