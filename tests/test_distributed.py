@@ -113,7 +113,7 @@ def test_a_message_for_a_run_that_does_not_exist_is_done(sqlite_store, monkeypat
 
     monkeypatch.setattr(tasks, "store", lambda: sqlite_store)
     assert tasks.execute_run_task.run(987654) == "not-claimed"
-    assert tasks._held_here([987654]) is False
+    assert tasks._hand_back([987654]) == []
 
 
 def _outage(calls: int):
@@ -200,10 +200,11 @@ def test_a_worker_stopping_during_an_outage_leaves_a_message(sqlite_store, monke
     assert [(r["countdown"], r["max_retries"]) for r in retries] == [(0, None)]
 
 
-def test_a_run_this_worker_could_not_hand_back_is_retried_after_its_lease(sqlite_store, monkeypatch):
+def test_a_run_this_worker_could_not_hand_back_is_handed_back_and_retried(sqlite_store, monkeypatch):
     """A database error left the run ``running`` under this process's name (the release failed
-    too): the task's retry must not ack the message while that lease is live, or the run would sit
-    in ``running`` with no message; a run held by another worker is that worker's business."""
+    too). With the solo pool no run of this process is live while a task runs, so the next task
+    for it hands it back (attempt refunded) and retries at once instead of leaving it to wait out
+    its lease; a run held by another worker is that worker's business."""
     from celery.exceptions import Retry
 
     from kanfarm.grids import parse_spec
@@ -215,15 +216,21 @@ def test_a_run_this_worker_could_not_hand_back_is_retried_after_its_lease(sqlite
     mine, theirs = sqlite_store.run_ids("held")
     monkeypatch.setattr(tasks, "store", lambda: sqlite_store)
     monkeypatch.setenv(tasks.LEASE_ENV, "600")
-    sqlite_store.claim(mine, worker_name(":celery"), 600)
+    for task, args in ((tasks.execute_run_task, (mine,)), (tasks.execute_pack_task, ([theirs, mine],))):
+        sqlite_store.claim(mine, worker_name(":celery"), 600)
+        sqlite_store.claim(theirs, "other-host:1:celery", 600)
+        countdowns = []
+        monkeypatch.setattr(task, "retry", lambda **kw: countdowns.append(kw["countdown"]) or Retry())
+        with pytest.raises(Retry):
+            task.run(*args)
+        assert countdowns == [0]
+        assert [sqlite_store.run(i).status for i in (mine, theirs)] == ["queued", "running"]
+        assert sqlite_store.run(mine).attempts == 0
+        sqlite_store.release(theirs, "other-host:1:celery", refund=True)
     sqlite_store.claim(theirs, "other-host:1:celery", 600)
-    with pytest.raises(Retry):
-        tasks.execute_run_task.run(mine)
-    with pytest.raises(Retry):
-        tasks.execute_pack_task.run([theirs, mine])
     assert tasks.execute_run_task.run(theirs) == "not-claimed"
     assert tasks.execute_pack_task.run([theirs]) == "done"
-    assert [sqlite_store.run(i).status for i in (mine, theirs)] == ["running", "running"]
+    assert sqlite_store.run(theirs).status == "running"
 
 
 @pytest.mark.parametrize("fit,expected", [(True, [2, 2, 1]), (False, [5])])

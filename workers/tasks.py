@@ -145,22 +145,15 @@ def publish_packs(packs: Iterable[list[int]], queue: str = DEFAULT_QUEUE, celery
     return count
 
 
-def _held_here(run_ids: list[int]) -> bool:
-    """Whether one of ``run_ids`` is still ``running`` under this process's name: a database error
-    kept an earlier try of this task from handing it back. Its lease runs out, and a retry after
-    one lease claims it again (a claim now would be refused while the lease is live)."""
+def _hand_back(run_ids: list[int]) -> list[int]:
+    """Release (attempt refunded) the runs of ``run_ids`` still ``running`` under this process's
+    name, and return them: a database error kept an earlier try of this task from handing them
+    back. With the solo pool no run of this process is live while a task runs, so such a run is a
+    leftover, and without this it would wait out its lease."""
     from kanfarm.runner import worker_name
-    from kanfarm.store import RunNotFound
 
     me = worker_name(":celery")
-    for run_id in run_ids:
-        try:
-            row = store().run(run_id)
-        except RunNotFound:  # not ours, nor anyone's: the message is done
-            continue
-        if row.status == "running" and row.worker == me:
-            return True
-    return False
+    return [run_id for run_id in run_ids if store().release(run_id, me, refund=True)]
 
 
 def _queue_of(task) -> str:
@@ -199,12 +192,10 @@ def _hand_back_when_reachable(run_ids: list[int]) -> list[int]:
     warm shutdown it stops waiting and returns none (their leases expire; see docs/distributed.md)."""
     from sqlalchemy.exc import OperationalError
 
-    from kanfarm.runner import worker_name
-
-    me, delay, waited = worker_name(":celery"), 5.0, 0.0
+    delay, waited = 5.0, 0.0
     while not SHUTDOWN.is_set():
         try:
-            return [run_id for run_id in run_ids if store().release(run_id, me, refund=True)]
+            return _hand_back(run_ids)
         except OperationalError as exc:
             log.warning("database still unavailable after %.0f s (%s); this worker takes no message until "
                         "it answers", waited, type(exc).__name__)
@@ -242,8 +233,8 @@ def execute_pack_task(self, run_ids: list[int], fit: bool = False) -> str:
                                     lease_s=lease_seconds(), shutdown=SHUTDOWN, max_attempts=max_attempts())
             released += [o.run_id for o in outcomes if o.status == "released"]
             skipped += [o.run_id for o in outcomes if o.status == "not-claimed"]
-        if skipped and _held_here(skipped):
-            raise self.retry(countdown=lease_seconds())
+        if skipped and _hand_back(skipped):
+            raise self.retry(countdown=0)
     except OperationalError as exc:
         return _ride_out_outage(self, run_ids, fit is True, exc)
     if released:
@@ -267,8 +258,8 @@ def execute_run_task(self, run_id: int) -> str:
     try:
         outcome = execute_run(store(), run_id, worker_name(":celery"), device=device(),
                               lease_s=lease_seconds(), shutdown=SHUTDOWN, max_attempts=max_attempts())
-        if outcome.status == "not-claimed" and _held_here([run_id]):
-            raise self.retry(countdown=lease_seconds())
+        if outcome.status == "not-claimed" and _hand_back([run_id]):
+            raise self.retry(countdown=0)
     except OperationalError as exc:
         return _ride_out_outage(self, [run_id], False, exc)
     if outcome.status == "released":
