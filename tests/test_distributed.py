@@ -914,3 +914,74 @@ def test_worker_refuses_gpus_this_machine_lacks(tmp_path, monkeypatch):
     check_gpus(["2", "3"])
     with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES=2,3"):
         check_gpus(["0"])
+
+
+class _ScriptWorker:
+    """A stand-in for a Celery worker process: ``python -c script`` with the spec's interface."""
+
+    def __init__(self, name: str, script: str):
+        self.name, self.script, self.env = name, script, {}
+
+    def argv(self, loglevel: str = "INFO") -> list[str]:
+        return [sys.executable, "-c", self.script]
+
+
+_CHILD = """
+import os, signal, sys, time
+from pathlib import Path
+log = Path({log!r})
+starts = len(log.read_text().split()) if log.exists() else 0
+with log.open("a") as f: f.write("start ")
+if starts < {crashes}: sys.exit(3)
+def on(sig, _):
+    with log.open("a") as f: f.write(signal.Signals(sig).name + " ")
+    if sig != {ignore}: sys.exit(0)
+signal.signal(signal.SIGTERM, on); signal.signal(signal.SIGQUIT, on)
+with log.open("a") as f: f.write("ready ")
+while True: time.sleep(0.05)
+"""
+
+
+def _launch_and_signal(monkeypatch, tmp_path, crashes: int, signals: list, ignore: str = "None"):
+    """Run ``launcher.launch`` on one scripted worker; once it logged ``ready``, send the launcher
+    ``signals`` one after another. Returns (exit code, the worker's log)."""
+    from workers import launcher
+
+    log = tmp_path / "worker.log"
+    monkeypatch.setattr(launcher, "RESTART_DELAY_S", 0.1)
+    monkeypatch.setattr(launcher, "MAX_CRASHES", 4)
+
+    def send():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "ready" not in (log.read_text() if log.exists() else ""):
+            time.sleep(0.05)
+        for sig in signals:
+            os.kill(os.getpid(), sig)
+            time.sleep(0.5)
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    threading.Thread(target=send, daemon=True).start()
+    script = _CHILD.format(log=str(log), crashes=crashes, ignore=ignore)
+    code = launcher.launch([_ScriptWorker("w0", script)], poll_s=0.05)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # handlers restored
+    return code, log.read_text().split()
+
+
+def test_launcher_restarts_a_crashed_worker_then_stops_it_warm(monkeypatch, tmp_path):
+    code, log = _launch_and_signal(monkeypatch, tmp_path, crashes=2, signals=[signal.SIGTERM])
+    assert (code, log) == (0, ["start", "start", "start", "ready", "SIGTERM"])
+
+
+def test_a_second_ctrl_c_stops_the_workers_cold(monkeypatch, tmp_path):
+    """The first Ctrl-C asks for a warm shutdown (SIGTERM), which this worker ignores (a run
+    finishing its epoch); the second one is forwarded as Celery's cold shutdown, SIGQUIT."""
+    import signal
+
+    code, log = _launch_and_signal(monkeypatch, tmp_path, crashes=0, signals=[signal.SIGINT, signal.SIGINT],
+                                   ignore="signal.SIGTERM")
+    assert (code, log) == (0, ["start", "ready", "SIGTERM", "SIGQUIT"])
+
+
+def test_a_worker_in_a_crash_loop_stays_down(monkeypatch, tmp_path):
+    code, log = _launch_and_signal(monkeypatch, tmp_path, crashes=99, signals=[])
+    assert (code, log) == (3, ["start"] * 4)

@@ -2,8 +2,9 @@
 
 Separate processes rather than a prefork pool: each one sees exactly one GPU through
 ``CUDA_VISIBLE_DEVICES`` and initialises CUDA itself, so no CUDA context ever crosses a fork; a
-crash takes down one run, not the node. The launcher forwards SIGTERM/SIGINT to its children
-(each then checkpoints and releases its run: a warm shutdown) and exits when they all have.
+crash takes down one run, not the node: the launcher starts a crashed worker again. It forwards
+SIGTERM/SIGINT to its children (each then checkpoints and releases its run: a warm shutdown; a
+second signal stops them at once) and exits when they all have.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 
 from workers.celery_app import QUEUES
@@ -101,26 +103,76 @@ def plan(gpus: list[str], queues: tuple[str, ...] | None = None, concurrency: in
     return specs
 
 
-def launch(specs: list[WorkerSpec], loglevel: str = "INFO") -> int:
-    """Start every worker, forward SIGTERM/SIGINT to them, wait; the worst exit code wins."""
-    procs: list[subprocess.Popen] = []
+#: a worker that crashes (exits non-zero without being told to stop) is started again after
+#: RESTART_DELAY_S, unless it has crashed MAX_CRASHES times within CRASH_WINDOW_S: then it stays down
+#: (a crash loop, e.g. a broken environment) and its exit code becomes the launcher's.
+RESTART_DELAY_S = 5.0
+MAX_CRASHES = 5
+CRASH_WINDOW_S = 600.0
+
+
+def launch(specs: list[WorkerSpec], loglevel: str = "INFO", poll_s: float = 0.5) -> int:
+    """Start every worker and watch them until they have all stopped; the worst exit code wins.
+
+    The first SIGTERM/SIGINT (Ctrl-C) is forwarded as SIGTERM, Celery's warm shutdown: each worker
+    checkpoints and releases its run. A second one is forwarded as SIGQUIT, Celery's cold shutdown:
+    the workers stop now and their runs come back when their leases expire. A worker that crashes
+    while nobody asked it to stop is restarted (see ``RESTART_DELAY_S``)."""
+    procs: list[subprocess.Popen | None] = [None] * len(specs)
+    codes: list[int | None] = [None] * len(specs)
+    crashes: list[list[float]] = [[] for _ in specs]
+    restart_at: dict[int, tuple[float, int]] = {}  # worker -> (when, the code it crashed with)
+    signals_seen = []
+
+    def start(i: int) -> None:
+        # own process group: a terminal's Ctrl-C reaches only the launcher, which forwards it
+        procs[i] = subprocess.Popen(specs[i].argv(loglevel), env={**os.environ, **specs[i].env},
+                                    start_new_session=True)
 
     def forward(signum, _frame) -> None:
+        signals_seen.append(signum)
+        sig = signal.SIGTERM if len(signals_seen) == 1 else signal.SIGQUIT
         for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(sig)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        for spec in specs:
-            # own process group: a terminal's Ctrl-C reaches only the launcher, which forwards it once
-            procs.append(subprocess.Popen(spec.argv(loglevel), env={**os.environ, **spec.env},
-                                          start_new_session=True))
-        codes = [proc.wait() for proc in procs]
+        for i in range(len(specs)):
+            start(i)
+        while any(code is None for code in codes):
+            time.sleep(poll_s)
+            now = time.monotonic()
+            for i, proc in enumerate(procs):
+                if codes[i] is not None:
+                    continue
+                if i in restart_at:
+                    when, crashed_with = restart_at[i]
+                    if signals_seen:  # stopping: a worker waiting to restart stays down
+                        codes[i] = crashed_with
+                        del restart_at[i]
+                    elif now >= when:
+                        del restart_at[i]
+                        start(i)
+                    continue
+                code = proc.poll()
+                if code is None:
+                    continue
+                crashes[i] = [t for t in crashes[i] if now - t < CRASH_WINDOW_S] + [now]
+                if signals_seen or code == 0 or len(crashes[i]) >= MAX_CRASHES:
+                    codes[i] = code
+                    if code and not signals_seen:
+                        print(f"kanfarm worker: {specs[i].name} exited with code {code}, its "
+                              f"{MAX_CRASHES}th crash within {CRASH_WINDOW_S:.0f} s; not restarting it",
+                              file=sys.stderr, flush=True)
+                else:
+                    print(f"kanfarm worker: {specs[i].name} exited with code {code}; restarting it in "
+                          f"{RESTART_DELAY_S:.0f} s", file=sys.stderr, flush=True)
+                    restart_at[i] = (now + RESTART_DELAY_S, code)
     except BaseException:
         forward(signal.SIGTERM, None)  # never leave half a node running
         raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return max((abs(c) for c in codes), default=0)
+    return max((abs(c) for c in codes if c is not None), default=0)
