@@ -465,9 +465,22 @@ def test_db_upgrade_leaves_another_applications_database_alone(env, monkeypatch)
         con.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
     con.close()
     monkeypatch.setenv("KANFARM_DATABASE_URL", f"sqlite:///{env / 'other.db'}")
-    result = invoke("db", "upgrade")
-    assert result.exit_code == 2 and "with tables notes" in result.output, result.output
+    for args in (("db", "upgrade"), ("status",), ("report", "summary"), ("export", "--format", "csv")):
+        result = invoke(*args)
+        assert result.exit_code == 2 and "with tables notes" in result.output, (args, result.output)
     assert [r["name"] for r in rows(env / "other.db", "SELECT name FROM sqlite_master WHERE type = 'table'")] == ["notes"]
+    con = sqlite3.connect(env / "other.db")  # nor switched to WAL, a lasting change of the file
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    con.close()
+
+
+def test_a_new_database_is_switched_to_wal(env, monkeypatch):
+    """WAL (readers never block the writer) is set once kanfarm has migrated the file."""
+    monkeypatch.setenv("KANFARM_DATABASE_URL", f"sqlite:///{env / 'new.db'}")
+    assert invoke("db", "upgrade").exit_code == 0
+    con = sqlite3.connect(env / "new.db")
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    con.close()
 
 
 @pytest.mark.parametrize("variable, value", [("KANFARM_LEASE_SECONDS", "abc"), ("KANFARM_MAX_ATTEMPTS", "0"),

@@ -1,6 +1,6 @@
 """Engine set-up: which database, and the per-backend settings that make many writers safe.
 
-SQLite: WAL (readers never block the writer), a 30 s busy timeout, foreign keys on, and write
+SQLite: WAL once the file is migrated (readers never block the writer), a 30 s busy timeout, foreign keys on, and write
 transactions opened with ``BEGIN IMMEDIATE`` so two processes never both hold a read lock and then
 deadlock upgrading it (the cause of instant "database is locked" errors that busy_timeout cannot
 help). Read-only work goes through :func:`read_only` and opens a plain deferred ``BEGIN``.
@@ -54,7 +54,9 @@ def _configure_sqlite(engine: Engine) -> None:
         try:
             cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS:d}")
             cursor.execute("PRAGMA foreign_keys = ON")
-            if engine.url.database not in (None, "", ":memory:"):
+            if engine.url.database not in (None, "", ":memory:") and _migrated(cursor):
+                # only in a database kanfarm has migrated (WAL is a lasting property of the file):
+                # a read-only command never changes a file it goes on to refuse
                 cursor.execute("PRAGMA journal_mode = WAL")
                 cursor.execute("PRAGMA synchronous = NORMAL")
         finally:
@@ -66,3 +68,10 @@ def _configure_sqlite(engine: Engine) -> None:
             connection.exec_driver_sql("BEGIN")
         else:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _migrated(cursor) -> bool:
+    """Whether this SQLite database has an ``alembic_version`` table (``Store.upgrade`` reconnects
+    after migrating, so a new database is switched to WAL as soon as it has one)."""
+    cursor.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'")
+    return cursor.fetchone() is not None

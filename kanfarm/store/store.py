@@ -76,15 +76,13 @@ class Store:
         """Apply pending migrations (alembic upgrade head). A database at a revision this kanfarm
         does not know (newer, or another application's) raises SchemaOutOfDate, untouched."""
         current = self.schema_revision()
-        if current is not None and current not in migrate.known_revisions():
-            raise SchemaOutOfDate(masked(self.url), current, migrate.head_revision(), known=False)
         if current is None:
-            with self._reader.connect() as conn:
-                foreign = sorted(set(sa.inspect(conn).get_table_names()) - {"alembic_version"})
-            if foreign:  # tables but no kanfarm revision: another application's database
-                raise SchemaOutOfDate(masked(self.url), f"none, with tables {', '.join(foreign[:5])}",
-                                      migrate.head_revision(), known=False)
+            self._refuse_foreign()
+        elif current not in migrate.known_revisions():
+            raise SchemaOutOfDate(masked(self.url), current, migrate.head_revision(), known=False)
         migrate.upgrade(self.engine)
+        if self.url.get_backend_name() == "sqlite":
+            self.engine.dispose()  # new connections see the migrated file and switch it to WAL
         self._schema_ok = True
 
     def schema_revision(self) -> str | None:
@@ -92,11 +90,22 @@ class Store:
         with self._reader.connect() as conn:
             return migrate.current_revision(conn)
 
+    def _refuse_foreign(self) -> None:
+        """SchemaOutOfDate (unknown) when a database without a kanfarm revision has tables: another
+        application's database, which kanfarm neither migrates nor calls empty."""
+        with self._reader.connect() as conn:
+            foreign = sorted(set(sa.inspect(conn).get_table_names()) - {"alembic_version"})
+        if foreign:
+            raise SchemaOutOfDate(masked(self.url), f"none, with tables {', '.join(foreign[:5])}",
+                                  migrate.head_revision(), known=False)
+
     def check_schema(self) -> None:
         """Raise :class:`SchemaOutOfDate` unless the database is at the newest revision."""
         if self._schema_ok:
             return
         current, head = self.schema_revision(), migrate.head_revision()
+        if current is None:
+            self._refuse_foreign()
         if current != head:
             raise SchemaOutOfDate(masked(self.url), current, head,
                                   known=current is None or current in migrate.known_revisions())
