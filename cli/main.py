@@ -41,21 +41,25 @@ app.add_typer(report_app, name="report")
 @handles_errors
 def db_upgrade() -> None:
     """Create or migrate the schema to the newest revision."""
+    from kanfarm.store.engine import masked
+
     store = open_store(check=False)
     store.upgrade()
-    console.print(f"database {store.url} at revision {store.schema_revision()}")
+    console.print(f"database {masked(store.url)} at revision {store.schema_revision()}")
 
 
 @db_app.command("current")
 @handles_errors
 def db_current() -> None:
     """Print the schema revision of the database (without creating a SQLite file that is not there)."""
+    from kanfarm.store.engine import masked
+
     url = database_url()
     if missing_sqlite_file(url):
-        console.print(f"database {url} at revision none (no file yet)")
+        console.print(f"database {masked(url)} at revision none (no file yet)")
         return
     store = open_store(check=False)
-    console.print(f"database {store.url} at revision {store.schema_revision() or 'none (empty)'}")
+    console.print(f"database {masked(store.url)} at revision {store.schema_revision() or 'none (empty)'}")
 
 
 # --- grids ------------------------------------------------------------------------------------
@@ -191,6 +195,7 @@ def _prepare_data(grid) -> None:
 def demo(workers: int = typer.Option(2, "--workers", min=1, help="Local worker processes.")) -> None:
     """A small KAN vs MLP vs MLP-Wide grid on scikit-learn's digits, then its summary."""
     from kanfarm.runner import check_run_environment
+    from kanfarm.store.engine import masked
 
     check_run_environment()
     store = open_store(check=False)
@@ -206,7 +211,7 @@ def demo(workers: int = typer.Option(2, "--workers", min=1, help="Local worker p
                        "efficiency", "status"))
     emit_rows(sensitivity_table(store, grid.name), title="demo: sensitivity over schemes",
               columns=("model", "depth", "runs", "mean", "min", "max", "divergence_rate"))
-    console.print(f"finished in {time.perf_counter() - started:.1f} s; database: {store.url}")
+    console.print(f"finished in {time.perf_counter() - started:.1f} s; database: {masked(store.url)}")
 
 
 # --- status and reports -----------------------------------------------------------------------

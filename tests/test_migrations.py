@@ -131,3 +131,13 @@ def test_url_password_is_masked_but_available_to_child_processes():
     assert "s3cret" in store.url_string
     with pytest.raises(ValueError, match="unsupported"):
         Store("mysql://u:p@h/d")
+
+
+def test_a_password_in_the_query_string_is_masked_too():
+    """libpq takes ``?password=`` as well; printing the URL must hide it like the one before the host."""
+    from kanfarm.store.engine import masked
+
+    shown = masked("postgresql+psycopg://kan@db.example:5432/farm?password=s3cret&sslpassword=k3y&sslmode=require")
+    assert "s3cret" not in shown and "k3y" not in shown
+    assert shown == "postgresql+psycopg://kan@db.example:5432/farm?password=***&sslmode=require&sslpassword=***"
+    assert masked("sqlite:///kanfarm.db") == "sqlite:///kanfarm.db"

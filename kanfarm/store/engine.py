@@ -26,9 +26,18 @@ def database_url(url: str | URL | None = None) -> URL:
     return make_url(url or os.environ.get(URL_ENV) or DEFAULT_URL)
 
 
+#: query-string keys whose values are hidden by :func:`masked` (libpq also takes ``?password=``).
+SECRET_QUERY_WORDS = ("pass", "secret", "token", "key")
+
+
 def masked(url: str | URL) -> str:
-    """The URL as text with any password replaced by ``***`` (safe to print or log)."""
-    return make_url(url).render_as_string(hide_password=True)
+    """The URL as text with any password replaced by ``***`` (safe to print or log): the one
+    before the host and any query value whose key names a secret."""
+    url = make_url(url)
+    hidden = {key: "***" for key in url.query if any(word in key.lower() for word in SECRET_QUERY_WORDS)}
+    if hidden:
+        url = url.update_query_dict(hidden)
+    return url.render_as_string(hide_password=True).replace("=%2A%2A%2A", "=***")
 
 
 def make_engine(url: str | URL | None = None) -> Engine:

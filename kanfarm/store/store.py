@@ -50,8 +50,9 @@ class Store:
     """One database of grids and runs. Cheap to create; call :meth:`dispose` in forked children.
 
     ``url``: a SQLAlchemy URL; defaults to ``$KANFARM_DATABASE_URL`` or ``sqlite:///kanfarm.db``.
-    ``str(store.url)`` masks the password; :attr:`url_string` is the full URL to hand to a child
-    process (never print or log it).
+    Print the URL only through :func:`masked` (``str(store.url)`` hides the password before the
+    host but not a ``?password=``); :attr:`url_string` is the full URL to hand to a child process
+    (never print or log it).
     """
 
     def __init__(self, url: str | URL | None = None):
