@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -13,9 +14,12 @@ def atomic_write(path: str | os.PathLike, payload: bytes, durable: bool = False)
     path = Path(path)
     if not path.name or path.is_dir():  # "", ".", "..", a folder: an OSError the callers report
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # a fresh name (O_EXCL): a guessable one could be a planted symlink to another file
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _mode_for(path))
             f.write(payload)
             if durable:
                 f.flush()
@@ -30,3 +34,18 @@ def atomic_write(path: str | os.PathLike, payload: bytes, durable: bool = False)
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions the file ends with: those of the file it replaces, else what a plain
+    ``open`` would give it (0666 less the umask; ``mkstemp`` alone would make it 0600)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        pass
+    try:
+        with open("/proc/self/status") as status:  # the umask, read without changing it
+            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = 0o022
+    return 0o666 & ~umask

@@ -1,0 +1,50 @@
+"""atomic_write: readers see the old file or the new one, never half, and nothing else is touched."""
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from kanfarm.atomic import atomic_write
+
+
+def test_a_planted_symlink_at_a_guessable_temporary_name_is_not_followed(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("ORIGINAL")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / f".report.html.{os.getpid()}.tmp").symlink_to(victim)
+    atomic_write(shared / "report.html", b"new page")
+    assert victim.read_text() == "ORIGINAL"
+    assert (shared / "report.html").read_bytes() == b"new page"
+
+
+def test_a_replaced_file_keeps_its_permissions_and_a_new_one_follows_the_umask(tmp_path):
+    private = tmp_path / "private.csv"
+    private.write_text("old")
+    private.chmod(0o600)
+    atomic_write(private, b"new", durable=True)
+    assert (private.read_bytes(), stat.S_IMODE(private.stat().st_mode)) == (b"new", 0o600)
+    old_umask = os.umask(0o027)
+    try:
+        atomic_write(tmp_path / "fresh.csv", b"x")
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE((tmp_path / "fresh.csv").stat().st_mode) == 0o640
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path, monkeypatch):
+    target = tmp_path / "figure.png"
+    target.write_bytes(b"old")
+
+    def no_rename(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", no_rename)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figure.png"]
+    with pytest.raises(IsADirectoryError):
+        atomic_write(tmp_path, b"x")
