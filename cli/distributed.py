@@ -7,6 +7,7 @@ id twice is always safe (the second claim is a no-op). Wired into the main app b
 """
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any, Optional
 
@@ -38,9 +39,11 @@ def _check_broker_url() -> None:
     would fail later with a long traceback). The URL is not echoed: it may hold a password."""
     from workers.celery_app import BROKER_ENV, broker_url
 
-    scheme = broker_url().partition("://")[0].lower()
-    if scheme not in ("redis", "rediss"):
-        fail(f"{BROKER_ENV}: unsupported broker scheme {scheme[:20]!r}: use redis://host:6379/0")
+    scheme, sep, _ = broker_url().partition("://")
+    if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]{0,15}", scheme):  # echoing it could show a password
+        fail(f"{BROKER_ENV}: not a URL: use redis://host:6379/0")
+    if scheme.lower() not in ("redis", "rediss"):
+        fail(f"{BROKER_ENV}: unsupported broker scheme {scheme.lower()!r}: use redis://host:6379/0")
 
 
 def _publish(run_ids: list[int], queue: str) -> int:

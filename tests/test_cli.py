@@ -503,4 +503,7 @@ def test_a_broker_url_of_another_scheme_is_one_line_without_the_password(env, mo
         result = invoke(*args)
         assert result.exit_code == 2 and "unsupported broker scheme 'bogus'" in result.output, (args, result.output)
         assert "topsecret" not in result.output
+    monkeypatch.setenv("KANFARM_BROKER_URL", "redis:/:topsecret@127.0.0.1:6399/0")  # a typo: no "://"
+    result = invoke("requeue")
+    assert result.exit_code == 2 and "not a URL" in result.output and "topsecret" not in result.output, result.output
     assert rows(env / "k.db", "SELECT COUNT(*) AS n FROM runs")[0]["n"] == 0
