@@ -66,6 +66,22 @@ def test_resume_is_bit_identical(digits, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_resume_loads_the_checkpoint_to_host_memory(digits, tmp_path, monkeypatch):
+    """Mapped to the GPU, a checkpoint would leave Adam's ``step`` counters there (torch.optim
+    keeps them where they were loaded), and every later step would sync on them; load_state_dict
+    moves weights and moments to the device anyway. CPU-only CI can only check the mapping."""
+    config = RunConfig(dataset="digits", model="mlp", depth="shallow", optimizer="adam", lr=1e-3,
+                       batch_size=256, max_epochs=2, seed=3)
+    ckpt = CheckpointManager(tmp_path, config.config_hash())
+    run(config, digits, checkpoints=ckpt, should_stop=lambda: len(ckpt.paths()) > 1)
+    mapped = []
+    load_latest = CheckpointManager.load_latest
+    monkeypatch.setattr(CheckpointManager, "load_latest",
+                        lambda self, map_location="cpu": mapped.append(map_location) or load_latest(self, map_location))
+    result, rows = run(config, digits, checkpoints=ckpt)
+    assert mapped == ["cpu"] and result.status == "completed" and rows
+
+
 @pytest.mark.parametrize("model,trainer", [("mlp", "backprop"), ("kan", "backprop"), ("mlp", "hsic")])
 def test_batch_norm_runs_learn_and_resume_exactly(digits, tmp_path, model, trainer):
     """The running statistics are state: a resumed run restores them with the weights, and

@@ -120,7 +120,9 @@ def _fit(config: RunConfig, data: Dataset, sink: Sink, method: Method, checkpoin
     resumed = None
     if checkpoints is not None:
         checkpoints.check_owner(config.config_hash())
-        resumed = checkpoints.load_latest(map_location=device)
+        # to host memory: load_state_dict moves the weights and moments to the parameters' device, and
+        # torch.optim keeps each ``step`` counter where it was loaded (a CUDA one syncs every step)
+        resumed = checkpoints.load_latest(map_location="cpu")
     if resumed is not None:
         epoch, saved = resumed
         model.load_state_dict(saved["model"])
