@@ -132,6 +132,7 @@ class _ClaimedRun:
                  checkpoint_interval_s: float = 0.0):
         self.store, self.run, self.worker = store, run, worker
         self.shutdown, self.on_epoch = shutdown, on_epoch
+        self.rows: _EpochRows | None = None  # a pack member's: see sink
         every, keep = checkpoint_settings()
         self.beat = _Heartbeat(store, run.id, worker, lease_s)
         self.checkpoints = CheckpointManager(
@@ -165,13 +166,33 @@ class _ClaimedRun:
 
     def sink(self, record: EpochRecord) -> None:
         """Write the row only while this worker holds the run: a worker whose lease lapsed (a long
-        pause) and whose run another worker took over writes nothing and stops at the next epoch."""
+        pause) and whose run another worker took over writes nothing and stops at the next epoch.
+        A pack member's row waits in its pack's ``rows`` for the epoch's one transaction."""
+        if self.rows is not None:
+            self.rows.add(self.run.id, record)
+            return
         try:
             self.store.write_epoch(self.run.id, record, worker=self.worker)
         except LeaseLost:
-            log.warning("run %s: lease lost, epoch %s not written; stopping", self.run.id, record.epoch)
-            self.beat.lost.set()
+            self.lost(record.epoch)
             return
+        self.written(record)
+
+    def epoch_end(self) -> None:
+        """A pack member: write the pack's rows (the first member to get here), then settle its own."""
+        self.rows.flush()
+        if self.run.id in self.rows.done:
+            record, lost = self.rows.done.pop(self.run.id)
+            if lost:
+                self.lost(record.epoch)
+            else:
+                self.written(record)
+
+    def lost(self, epoch: int) -> None:
+        log.warning("run %s: lease lost, epoch %s not written; stopping", self.run.id, epoch)
+        self.beat.lost.set()
+
+    def written(self, record: EpochRecord) -> None:
         if self.on_epoch is not None:
             self.on_epoch(self.run.id, record)
 
@@ -206,6 +227,27 @@ class _ClaimedRun:
         except Exception as exc:
             log.warning("run %s: could not be released (%s); its lease will expire", self.run.id,
                         type(exc).__name__)
+
+
+class _EpochRows:
+    """A pack's epoch rows, written in one transaction once the pack has emitted the epoch's last
+    (the first member's ``epoch_end``): one transaction per member's row took most of a small
+    pack's epoch. Each member then settles its own row (``_ClaimedRun.epoch_end``)."""
+
+    def __init__(self, store: Store, worker: str):
+        self.store, self.worker = store, worker
+        self.pending: list[tuple[int, EpochRecord]] = []
+        self.done: dict[int, tuple[EpochRecord, bool]] = {}  # run id -> (record, lease lost)
+
+    def add(self, run_id: int, record: EpochRecord) -> None:
+        record.validate()  # a bad record is its member's error, raised here
+        self.pending.append((run_id, record))
+
+    def flush(self) -> None:
+        if self.pending:
+            pending, self.pending = self.pending, []
+            lost = self.store.write_epochs(pending, self.worker)
+            self.done.update({run_id: (record, run_id in lost) for run_id, record in pending})
 
 
 def database_unavailable(exc: BaseException) -> bool:
@@ -279,6 +321,9 @@ def execute_pack(store: Store, run_ids: list[int], worker: str, *, device: str =
         return outcomes + [execute_run(store, r.id, worker, device=device, lease_s=lease_s, claimed=True,
                                        shutdown=shutdown, on_epoch=on_epoch) for r in claimed]
     members = [_ClaimedRun(store, r, worker, lease_s, shutdown, on_epoch, interval_s) for r in claimed]
+    rows = _EpochRows(store, worker)
+    for m in members:
+        m.rows = rows
     ended: dict[int, Outcome] = {}  # members are settled as they end, while the others train on
 
     def on_end(member: _ClaimedRun) -> Callable[[RunResult], None]:
@@ -296,8 +341,8 @@ def execute_pack(store: Store, run_ids: list[int], worker: str, *, device: str =
         return fail_alone
 
     try:
-        train_pack([Member(m.run.config, m.sink, m.checkpoints, m.should_stop, on_end(m), on_error(m))
-                    for m in members], _dataset(claimed[0].config), device=device)
+        train_pack([Member(m.run.config, m.sink, m.checkpoints, m.should_stop, on_end(m), on_error(m),
+                           m.epoch_end) for m in members], _dataset(claimed[0].config), device=device)
     except Exception as exc:
         open_members = [m for m in members if m.run.id not in ended]
         for m in open_members:  # no lease of the pack is renewed from here on, whatever happens below

@@ -40,6 +40,41 @@ def _grid(store, configs):
     return store.run_ids()
 
 
+def test_a_packs_epoch_rows_go_in_one_transaction_and_a_member_taken_over_stops(sqlite_store, tmp_path, monkeypatch):
+    """One write per pack epoch, not one per member (each cost more than a small pack's epoch on a
+    GPU). A member whose run another worker took over writes no more rows and stops, alone."""
+    from kanfarm.runner import execute_pack
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    store = sqlite_store
+    base = dict(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=3, optimizer="sgd")
+    ids = _grid(store, [RunConfig(lr=lr, **base) for lr in (0.01, 0.02, 0.03)])
+    taken = ids[1]
+    batches, seen = [], []
+    write_many = store.write_epochs
+
+    def spy(rows, worker):
+        batches.append(sorted(run_id for run_id, _ in rows))
+        return write_many(rows, worker)
+
+    def take_over_after_epoch_1(rid, record):
+        seen.append((rid, record.epoch))
+        if rid == taken and record.epoch == 1:
+            with store.engine.begin() as conn:
+                conn.execute(sa.text("UPDATE runs SET lease_expires_at = '2000-01-01 00:00:00' WHERE id = :i"),
+                             {"i": rid})
+            assert store.claim(rid, "w2", 600) is not None
+
+    monkeypatch.setattr(store, "write_epochs", spy)
+    monkeypatch.setattr(store, "write_epoch", lambda *a, **k: pytest.fail("a pack member wrote a row alone"))
+    outcomes = {o.run_id: o.status for o in execute_pack(store, ids, "w1", lease_s=600, on_epoch=take_over_after_epoch_1)}
+    assert outcomes == {ids[0]: "completed", taken: "stopped", ids[2]: "completed"}
+    assert batches == [ids, ids, ids, [ids[0], ids[2]], [ids[0], ids[2]]][:len(batches)] and len(batches) == 4
+    assert [r["epoch"] for r in store.epoch_metrics(taken)] == [0, 1, 2][:len(store.epoch_metrics(taken))]
+    assert (store.run(taken).status, store.run(taken).worker) == ("running", "w2")
+    assert all([r["epoch"] for r in store.epoch_metrics(i)] == [0, 1, 2, 3] for i in (ids[0], ids[2]))
+
+
 def test_a_pack_that_crashes_keeps_the_results_of_members_that_had_ended(sqlite_store, tmp_path, monkeypatch):
     """A member that diverged at epoch 1 stays diverged when the pack itself crashes at epoch 2
     (out of memory in a step); only the members still training are marked failed."""
@@ -95,18 +130,28 @@ def test_a_members_own_error_fails_it_alone(sqlite_store, tmp_path, monkeypatch)
 
 
 def _failing_once(store, monkeypatch, epoch: int):
-    """store.write_epoch raises a database error the first time it is asked for ``epoch``."""
+    """Writing the rows of ``epoch`` raises a database error the first time (``write_epoch`` for
+    a single run, ``write_epochs`` for a pack's rows)."""
     from sqlalchemy.exc import OperationalError
 
-    write, failed = store.write_epoch, []
+    write, write_many, failed = store.write_epoch, store.write_epochs, []
 
-    def flaky(run_id, record, worker=None):
+    def fail_once(run_id, record):
         if record.epoch == epoch and not failed:
             failed.append(run_id)
             raise OperationalError("INSERT ...", {}, Exception("server closed the connection unexpectedly"))
+
+    def flaky(run_id, record, worker=None):
+        fail_once(run_id, record)
         return write(run_id, record, worker=worker)
 
+    def flaky_many(rows, worker):
+        for run_id, record in rows:
+            fail_once(run_id, record)
+        return write_many(rows, worker)
+
     monkeypatch.setattr(store, "write_epoch", flaky)
+    monkeypatch.setattr(store, "write_epochs", flaky_many)
     return failed
 
 

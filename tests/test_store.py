@@ -246,6 +246,26 @@ def test_acc_check_constraints_guard_direct_sql(store):
                              " VALUES (:r, 0, 1.5, 0, :d, :e)"), {"r": run_id, "d": False, "e": "{}"})
 
 
+def test_write_epochs_writes_the_held_runs_rows_in_one_go(store):
+    """A pack's epoch: the rows of runs the worker holds are written (a repeat replaces), those of
+    runs it does not hold are not, and are named; a bad record refuses the whole batch first."""
+    store.submit_grid("g", {}, cells(3))
+    mine, also_mine, taken = store.run_ids()
+    store.claim(mine, "w", 60)
+    store.claim(also_mine, "w", 60)
+    store.claim(taken, "other", 60)
+    store.write_epoch(mine, record(0, 0.1, 0.1), worker="w")
+    lost = store.write_epochs([(mine, record(0, 0.2, 0.25)), (also_mine, record(0, 0.3, 0.35)),
+                               (taken, record(0, 0.4, 0.45))], "w")
+    assert lost == {taken}
+    rows = store.epoch_metrics(grid="g")
+    assert [(r["run_id"], r["epoch"], r["test_acc"]) for r in rows] == [(mine, 0, 0.25), (also_mine, 0, 0.35)]
+    with pytest.raises(ValueError, match="outside"):
+        store.write_epochs([(mine, record(1, 0.5, 0.5)), (also_mine, record(1, 0.5, 1.5))], "w")
+    assert len(store.epoch_metrics(grid="g")) == 2
+    assert store.write_epochs([], "w") == set()
+
+
 def test_write_epoch_is_idempotent_and_a_rewrite_replaces(store):
     store.submit_grid("g", {}, cells(1))
     run_id = store.run_ids()[0]

@@ -40,7 +40,11 @@ class Member:
     ``on_error`` is told an exception raised by this member's own work (its sink, its checkpoints,
     resuming it); returning True means the member was failed and the pack trains on without it
     (its result is ``failed`` and ``on_end`` is not called). Without it, or on False, the
-    exception ends the pack, as does any error of the pack itself (a step, out of memory)."""
+    exception ends the pack, as does any error of the pack itself (a step, out of memory).
+
+    ``epoch_end`` is called once every member's record of an epoch has gone to its sink, before
+    any member ends or is checkpointed: a sink may hold its record until then (the runner writes
+    a pack's rows in one transaction). Its errors are the member's own, as the sink's are."""
 
     config: RunConfig
     sink: Sink
@@ -48,6 +52,7 @@ class Member:
     should_stop: ShouldStop | None = None
     on_end: Callable[[RunResult], None] | None = None
     on_error: Callable[[BaseException], bool] | None = None
+    epoch_end: Callable[[], None] | None = None
 
 
 @dataclass
@@ -318,6 +323,9 @@ def _train_group(group: list[_Slot], data: Dataset, device: torch.device, start:
             guarded(slot, lambda: slot.member.sink(rec))
             if v[3] > slot.best_acc:
                 slot.best_acc, slot.best_epoch = v[3], epoch
+        for slot in active:
+            if slot.member.epoch_end is not None and all(slot is not f for f in failed):
+                guarded(slot, slot.member.epoch_end)
         return diverged
 
     epoch = start

@@ -46,6 +46,14 @@ def _at(when) -> sa.BindParameter:
     return sa.literal(when, UTCDateTime())
 
 
+def _epoch_values(run_id: int, record) -> dict[str, Any]:
+    """An EpochRecord as an ``epoch_metrics`` row, refused unless ``record.validate()`` passes."""
+    record.validate()
+    return {"run_id": run_id, "epoch": record.epoch, "train_loss": record.train_loss,
+            "train_acc": record.train_acc, "test_loss": record.test_loss, "test_acc": record.test_acc,
+            "seconds": record.seconds, "diverged": bool(record.diverged), "extra": dict(record.extra)}
+
+
 class Store:
     """One database of grids and runs. Cheap to create; call :meth:`dispose` in forked children.
 
@@ -62,6 +70,7 @@ class Store:
         self.engine = make_engine(self.url)
         self._reader = read_only(self.engine)
         self._schema_ok = False
+        self._upsert = None
 
     def __repr__(self) -> str:
         return f"Store({masked(self.url)!r})"
@@ -421,20 +430,36 @@ class Store:
     def write_epoch(self, run_id: int, record, worker: str | None = None) -> None:
         """Store one EpochRecord; a repeat of (run, epoch) replaces the row (resumed runs).
         With ``worker``, raise :class:`LeaseLost` unless that worker holds the run."""
-        record.validate()
-        extra = dict(record.extra)
-        json.dumps(extra, allow_nan=False)  # refuse NaN/inf and non-JSON values before writing
-        values = {"run_id": run_id, "epoch": record.epoch, "train_loss": record.train_loss,
-                  "train_acc": record.train_acc, "test_loss": record.test_loss,
-                  "test_acc": record.test_acc, "seconds": record.seconds,
-                  "diverged": bool(record.diverged), "extra": extra}
-        stmt = self._insert(epoch_metrics).values(**values)
-        stmt = stmt.on_conflict_do_update(index_elements=["run_id", "epoch"],
-                                          set_={name: stmt.excluded[name] for name in _METRICS})
+        values = _epoch_values(run_id, record)
         with self._write() as conn:
             if worker is not None:
                 self._require_holder(conn, run_id, worker)
-            conn.execute(stmt)
+            conn.execute(self._epoch_upsert(), [values])
+
+    def write_epochs(self, rows: Sequence[tuple[int, Any]], worker: str) -> set[int]:
+        """Store the ``(run_id, EpochRecord)`` rows of runs that ``worker`` holds, in one
+        transaction (a pack's epoch: one transaction per row cost more than a tiny pack's epoch on
+        a GPU); returns the run ids it does not hold, whose rows were not written. A bad record
+        raises before anything is written."""
+        if not rows:
+            return set()
+        values = [_epoch_values(run_id, record) for run_id, record in rows]
+        ids = sorted({run_id for run_id, _ in rows})
+        with self._write() as conn:  # the held rows stay locked until the write commits (_require_holder)
+            held = set(conn.scalars(sa.select(runs.c.id).where(
+                runs.c.id.in_(ids), runs.c.status == "running", runs.c.worker == worker).with_for_update()))
+            kept = [v for v in values if v["run_id"] in held]
+            if kept:
+                conn.execute(self._epoch_upsert(), kept)
+        return set(ids) - held
+
+    def _epoch_upsert(self):
+        """INSERT of an epoch row that replaces the row of the same (run, epoch); built once."""
+        if self._upsert is None:
+            stmt = self._insert(epoch_metrics)
+            self._upsert = stmt.on_conflict_do_update(index_elements=["run_id", "epoch"],
+                                                      set_={name: stmt.excluded[name] for name in _METRICS})
+        return self._upsert
 
     @staticmethod
     def _require_holder(conn: Connection, run_id: int, worker: str) -> None:

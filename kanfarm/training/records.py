@@ -5,6 +5,7 @@ them to the store, a test's sink appends them to a list.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -28,7 +29,8 @@ class EpochRecord:
     diverged: bool = False
 
     def validate(self) -> None:
-        """Refuse accuracies outside [0, 1] and non-finite numbers."""
+        """Refuse accuracies outside [0, 1], non-finite numbers, and an ``extra`` that is not JSON
+        or holds NaN or inf (it is stored as JSON)."""
         if not isinstance(self.epoch, int) or self.epoch < 0:
             raise ValueError(f"epoch must be a non-negative integer, got {self.epoch!r}")
         for name in ("train_loss", "train_acc", "test_loss", "test_acc", "seconds"):
@@ -41,6 +43,7 @@ class EpochRecord:
                 raise ValueError(f"{name}={value!r} is not finite at epoch {self.epoch}")
             if name.endswith("_acc") and not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}={value!r} lies outside [0, 1] at epoch {self.epoch}")
+        json.dumps(self.extra, allow_nan=False)
 
 
 @dataclass(frozen=True)
