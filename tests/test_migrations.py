@@ -141,3 +141,26 @@ def test_a_password_in_the_query_string_is_masked_too():
     assert "s3cret" not in shown and "k3y" not in shown
     assert shown == "postgresql+psycopg://kan@db.example:5432/farm?password=***&sslmode=require&sslpassword=***"
     assert masked("sqlite:///kanfarm.db") == "sqlite:///kanfarm.db"
+
+
+@pytest.mark.services
+def test_upgrades_started_at_once_on_postgres_all_succeed(fresh_postgres_url):
+    """Two machines (or two demos) running `db upgrade` on one new database: without a lock both
+    create the same tables and one fails with a duplicate-type error. Processes, not threads:
+    Alembic's context is process-global."""
+    import subprocess
+    import sys
+    import time
+
+    script = ("import sys, time; from kanfarm.store import Store; "
+              "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); Store(sys.argv[1]).upgrade()")
+    start_at = str(time.time() + 4)  # after every interpreter has imported kanfarm
+    procs = [subprocess.Popen([sys.executable, "-c", script, fresh_postgres_url, start_at],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    outputs = [(p.wait(timeout=120), p.stdout.read()) for p in procs]
+    assert all(code == 0 for code, _ in outputs), outputs
+    store = Store(fresh_postgres_url)
+    try:
+        assert store.schema_revision() == migrate.head_revision()
+    finally:
+        store.dispose(close=True)
