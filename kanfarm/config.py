@@ -27,6 +27,8 @@ DEFAULT_ACTIVATION = {"kan": "gelu", "mlp": "relu", "mlp_wide": "relu"}
 
 #: largest integer a run may hold in a field the store keeps: PostgreSQL's ``integer`` is 32-bit.
 MAX_STORED_INT = 2**31 - 1
+#: the longest grid name, and widths written as text ("64,32"), the store's columns hold
+MAX_STORED_TEXT = 200
 #: largest parameter count the store can hold (``n_params`` is a 64-bit ``bigint``).
 MAX_PARAMS = 2**63 - 1
 
@@ -169,6 +171,9 @@ class RunConfig:
             widths = tuple(int(w) for w in self.hidden_widths)
             if any(not 1 <= w <= MAX_STORED_INT for w in widths):
                 raise ConfigError("hidden_widths", f"{list(widths)} must be positive integers up to {MAX_STORED_INT}")
+            if len(",".join(map(str, widths))) > MAX_STORED_TEXT:
+                raise ConfigError("hidden_widths", f"{len(widths)} layers: written out as text the widths "
+                                  f"must fit {MAX_STORED_TEXT} characters (the store's column)")
             depth = self.depth if self.depth in DEPTHS else None
         else:
             choice("depth", self.depth, DEPTHS)

@@ -87,6 +87,16 @@ def test_bad_batch_norm_names_the_field(value, field):
     assert err.value.field == field
 
 
+@pytest.mark.parametrize("change,field", [({"name": "g" * 201}, "name"),
+                                          ({"widths": [[8] * 101]}, "hidden_widths")])
+def test_text_longer_than_the_store_holds_names_the_field(change, field):
+    """SQLite would store it, PostgreSQL refuse it with a traceback: refused at the spec, on both."""
+    with pytest.raises(ConfigError) as err:
+        parse_spec({**BASE, **change}).expand()
+    assert err.value.field == field
+    parse_spec({**BASE, "name": "g" * 200, "widths": [[8] * 100]}).expand()  # 200 characters fit
+
+
 def test_paper_intrinsic_dims():
     assert load_spec("paper-mnist").intrinsic_dim("mnist") == 750
     assert load_spec("paper-cifar10").intrinsic_dim("cifar10") == 9000

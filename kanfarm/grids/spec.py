@@ -25,6 +25,7 @@ from kanfarm.config import (
     INITS,
     MATMUL_PRECISIONS,
     MAX_STORED_INT,
+    MAX_STORED_TEXT,
     MODELS,
     OPTIMIZERS,
     TRAINERS,
@@ -406,6 +407,8 @@ def parse_spec(data: dict[str, Any], name: str | None = None) -> GridSpec:
     spec_name = data.get("name", name)
     if not isinstance(spec_name, str) or not spec_name.strip():
         raise ConfigError("name", f"{spec_name!r}: give the grid a non-empty name")
+    if len(spec_name) > MAX_STORED_TEXT:
+        raise ConfigError("name", f"{len(spec_name)} characters: at most {MAX_STORED_TEXT}")
     description = data.get("description", "")
     if not isinstance(description, str):
         raise ConfigError("description", f"{description!r} must be a string")
