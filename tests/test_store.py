@@ -58,6 +58,9 @@ def test_submit_is_idempotent_and_extends(store):
     assert store.run_ids(grid="h") == ids[:2]
     assert store.run(ids[0]).grid_id == first.grid_id
     assert [g.name for g in store.grids()] == ["g", "h"]
+    # resubmissions use up no grid id (a conflicting insert would on PostgreSQL): same ids on both
+    assert other.grid_id == first.grid_id + 1
+    assert store.submit_grid("i", {}, cells(1)).grid_id == other.grid_id + 1
     assert store.grid("nope") is None and store.run_ids(grid="nope") == []
 
 

@@ -160,10 +160,13 @@ class Store:
             values.setdefault(row["config_hash"], row)
         hashes = list(values)
         with self._write() as conn:
-            conn.execute(self._insert(grids).values(name=name, spec=spec, created_at=_at(now))
-                         .on_conflict_do_nothing(index_elements=["name"]))
-            grid_id, stored_spec = conn.execute(
-                sa.select(grids.c.id, grids.c.spec).where(grids.c.name == name)).one()
+            stored = sa.select(grids.c.id, grids.c.spec).where(grids.c.name == name)
+            row = conn.execute(stored).one_or_none()
+            if row is None:  # looked up first: on PostgreSQL even a conflicting insert uses up an id
+                conn.execute(self._insert(grids).values(name=name, spec=spec, created_at=_at(now))
+                             .on_conflict_do_nothing(index_elements=["name"]))
+                row = conn.execute(stored).one()
+            grid_id, stored_spec = row
             if stored_spec != json.loads(json.dumps(spec)):
                 conn.execute(sa.update(grids).where(grids.c.id == grid_id).values(spec=spec))
             known = self._ids_by_hash(conn, hashes)
