@@ -33,6 +33,8 @@ def long_rows(store: Store, grid: str | None = None) -> list[dict[str, Any]]:
         for column in ("extra", "config"):
             if isinstance(row.get(column), str):
                 row[column] = json.loads(row[column])
+            if isinstance(row.get(column), dict):  # PostgreSQL's JSONB reorders keys: one order on both
+                row[column] = dict(sorted(row[column].items()))
         if isinstance(row.get("hidden_widths"), str) and row["hidden_widths"].startswith("["):
             row["hidden_widths"] = json.loads(row["hidden_widths"])
         if row.get("diverged") is not None:

@@ -1,6 +1,8 @@
 """Tables for people keep every header and value whole, however many columns a report has."""
 from __future__ import annotations
 
+import pytest
+
 from cli.output import emit_rows
 
 
@@ -50,3 +52,20 @@ def test_export_lists_runs_without_epochs_and_their_whole_config(tmp_path):
     assert row["epoch"] is None and row["status"] == "pending"
     assert row["config"]["patience"] == 3 and row["config"]["dropout"] == 0.2
     store.dispose(close=True)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.services)])
+def test_export_gives_json_columns_one_key_order_on_both_backends(backend, request):
+    """PostgreSQL's JSONB reorders keys: the same study exported from SQLite and from PostgreSQL
+    must give the same text."""
+    from kanfarm.config import RunConfig
+    from kanfarm.export import long_rows
+    from kanfarm.training.records import EpochRecord
+
+    store = request.getfixturevalue(f"{backend}_store")
+    store.submit_grid("g", {}, [(RunConfig(dataset="digits", model="mlp", depth="shallow"), 100, None)])
+    (run_id,) = store.run_ids("g")
+    store.write_epoch(run_id, EpochRecord(0, 1.0, 0.5, 1.0, 0.5, 0.1, {"nhsic_y": [0.5], "nhsic_x": [0.25]}))
+    (row,) = long_rows(store, "g")
+    assert list(row["config"]) == sorted(RunConfig(dataset="digits").to_dict())
+    assert list(row["extra"]) == ["nhsic_x", "nhsic_y"]
