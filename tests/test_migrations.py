@@ -164,3 +164,19 @@ def test_upgrades_started_at_once_on_postgres_all_succeed(fresh_postgres_url):
         assert store.schema_revision() == migrate.head_revision()
     finally:
         store.dispose(close=True)
+
+
+@pytest.mark.parametrize("url", ["postgresql+psycopg://kan@db.example:5432/farm", "sqlite:///offline.db"])
+def test_migrations_render_as_offline_sql(url):
+    """`alembic upgrade head --sql` (for a DBA to review) must not query the database: 0002 did."""
+    import io
+
+    from alembic import command
+
+    config = migrate.alembic_config()
+    config.set_main_option("sqlalchemy.url", url)
+    config.output_buffer = io.StringIO()
+    command.upgrade(config, "head", sql=True)
+    sql = config.output_buffer.getvalue()
+    assert "CREATE TABLE runs" in sql and "CREATE VIEW run_summary" in sql
+    assert ("RENAME CONSTRAINT" in sql) == url.startswith("postgresql")

@@ -11,7 +11,6 @@ Create Date: 2026-11-28
 """
 from __future__ import annotations
 
-import sqlalchemy as sa
 from alembic import op
 
 revision = "0002"
@@ -25,16 +24,17 @@ NAMES = {"runs": ("ck_runs_status",),
 
 
 def upgrade() -> None:
-    bind = op.get_bind()
-    if bind.dialect.name != "postgresql":
+    if op.get_context().dialect.name != "postgresql":
         return
     for table, names in NAMES.items():
         for name in names:
             old, new = f"ck_{table}_{name}", name
-            exists = bind.execute(sa.text("SELECT 1 FROM pg_constraint WHERE conname = :n AND conrelid = CAST(:t AS regclass)"),
-                                  {"n": old, "t": table}).first()
-            if exists:
-                op.execute(f'ALTER TABLE {table} RENAME CONSTRAINT "{old}" TO "{new}"')
+            # one DO block, checked by the server: works online and in offline SQL (--sql) alike
+            op.execute(f"""DO $$ BEGIN
+    IF EXISTS (SELECT 1 FROM pg_constraint WHERE conname = '{old}' AND conrelid = '{table}'::regclass) THEN
+        ALTER TABLE {table} RENAME CONSTRAINT "{old}" TO "{new}";
+    END IF;
+END $$""")
 
 
 def downgrade() -> None:
