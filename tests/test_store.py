@@ -485,3 +485,37 @@ def test_a_worker_taking_back_its_own_expired_run_spends_no_attempt(store):
         conn.execute(sa.text("UPDATE runs SET lease_expires_at = '2000-01-01 00:00:00' WHERE id = :i"), {"i": run_id})
     assert store.claim(run_id, "w2", 60, max_attempts=1) is None  # another worker: an attempt, and none is left
     assert store.run(run_id).status == "failed"
+
+
+def _readme_sql() -> list[str]:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return [block.split("```", 1)[0].strip() for block in text.split("```sql\n")[1:]]
+
+
+def test_the_readmes_queries_run_on_both_backends(store):
+    """The README's SQL is a promise to researchers: every query runs, and gives the same
+    numbers with the same types, on SQLite and PostgreSQL (including its portability notes)."""
+    queries = _readme_sql()
+    assert len(queries) >= 4
+    store.submit_grid("demo", {}, cells(4, dataset="digits", intrinsic_dim=0))
+    ids = store.run_ids("demo")
+    for n, run_id in enumerate(ids[:3]):
+        store.claim(run_id, "w", 60)
+        store.write_epoch(run_id, record(0, 0.1, 0.1), worker="w")
+        if n == 2:
+            store.write_epoch(run_id, record(1, None, None, diverged=True), worker="w")
+            store.finish(run_id, "w", "diverged", last_epoch=1)
+        else:
+            store.write_epoch(run_id, record(1, 0.5 + n / 10, 0.4 + n / 10), worker="w")
+            store.finish(run_id, "w", "completed", last_epoch=1)
+    results = [store.query(sql) for sql in queries]
+    assert all(results), [q for q, r in zip(queries, results) if not r]
+    (rate,) = [r for q, r in zip(queries, results) if "divergence_rate" in q]
+    assert [(type(row["divergence_rate"]), row["divergence_rate"]) for row in rate] == [(float, 1 / 3)]
+    portable = store.query("SELECT run_id, CAST(config->>'dropout' AS DOUBLE PRECISION) AS dropout "
+                           "FROM run_summary JOIN runs ON runs.id = run_summary.run_id "
+                           "ORDER BY best_test_acc DESC NULLS LAST")
+    assert [row["run_id"] for row in portable][:2] == [ids[1], ids[0]] and portable[0]["dropout"] == 0.2
+    assert store.query("SELECT COUNT(*) AS n FROM epoch_metrics WHERE diverged") == [{"n": 1}]
