@@ -202,6 +202,27 @@ def test_idx_size_and_count_mismatches_are_rejected(tmp_path):
         load_dataset("mnist", data_dir=tmp_path, download=False)
 
 
+def test_idx_larger_than_declared_or_declaring_too_much_is_refused_unread(tmp_path):
+    """A 600 MB run of zeros gzips to 600 KB: the header's size is checked before any data is
+    decompressed, and no more than it declares is read."""
+    from kanfarm.data import idx
+
+    folder = tmp_path / "mnist"
+    write_mnist(folder)
+    with gzip.open(folder / "t10k-labels-idx1-ubyte.gz", "wb") as f:  # one byte more than declared
+        f.write(bytes([0, 0, 8, 1]) + struct.pack(">I", 10) + bytes(11))
+    with pytest.raises(DatasetFormatError, match="t10k-labels.*file has more"):
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+    write_mnist(folder)
+    with gzip.open(folder / "t10k-images-idx3-ubyte.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + struct.pack(">III", 100_000_000, 28, 28) + bytes(784))
+    with pytest.raises(DatasetFormatError, match="t10k-images.*declare 78400000000 bytes"):
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+    with pytest.raises(DatasetFormatError, match="declare 15680 bytes"):  # 20 training images
+        idx.read_idx(folder / "train-images-idx3-ubyte.gz", 3, max_bytes=15679)
+    assert idx.read_idx(folder / "train-images-idx3-ubyte.gz", 3, max_bytes=15680).shape == (20, 28, 28)
+
+
 # ---- CIFAR-10
 
 
@@ -225,6 +246,39 @@ def test_cifar10_truncated_batch_is_rejected(tmp_path):
             add_member(tar, f"cifar-10-batches-bin/{name}.bin", bytes(3073 + (name == "test_batch")))
     with pytest.raises(DatasetFormatError, match="test_batch.bin"):
         load_dataset("cifar10", data_dir=tmp_path, download=False)
+
+
+def test_archive_members_beyond_the_datasets_sizes_are_refused_unread(tmp_path):
+    """A GNU sparse member is a few bytes in the archive that declare gigabytes; members larger
+    than the dataset's files, or adding up to more, are refused before they are read."""
+    import shutil
+    import subprocess
+
+    from kanfarm.data.archive import read_files
+
+    members = tmp_path / "members"
+    members.mkdir()
+    (members / "a.bin").write_bytes(bytes(10))
+    (members / "b.bin").write_bytes(bytes(10))
+    plain = tmp_path / "plain.tar.gz"
+    with tarfile.open(plain, "w:gz") as tar:
+        for name in ("a.bin", "b.bin"):
+            tar.add(members / name, arcname=name)
+    assert read_files(plain, lambda n: True, max_member_bytes=10, max_total_bytes=20) == {
+        "a.bin": bytes(10), "b.bin": bytes(10)}
+    with pytest.raises(DatasetFormatError, match="a.bin declares 10 bytes"):
+        read_files(plain, lambda n: True, max_member_bytes=9, max_total_bytes=100)
+    with pytest.raises(DatasetFormatError, match="b.bin declares 10 bytes"):
+        read_files(plain, lambda n: True, max_member_bytes=10, max_total_bytes=19)
+    assert shutil.which("tar"), "GNU tar builds the sparse archive"
+    with open(members / "holes.bin", "wb") as f:
+        f.truncate(1 << 30)  # 1 GiB of holes
+    sparse = tmp_path / "sparse.tar.gz"
+    subprocess.run(["tar", "--sparse", "--format=gnu", "-czf", str(sparse), "-C", str(members), "holes.bin"],
+                   check=True)
+    assert sparse.stat().st_size < 10_000
+    with pytest.raises(DatasetFormatError, match=r"holes.bin declares 1073741824 bytes \(sparse\)"):
+        read_files(sparse, lambda n: True, max_member_bytes=1 << 31, max_total_bytes=1 << 31)
 
 
 # ---- IMDB

@@ -17,15 +17,28 @@ from kanfarm.data.errors import DatasetFormatError
 CHUNK = 1 << 20
 
 
-def read_files(path: Path, wanted: Callable[[str], object]) -> dict[str, bytes]:
+def read_files(path: Path, wanted: Callable[[str], object], max_member_bytes: int,
+               max_total_bytes: int) -> dict[str, bytes]:
     """Member name -> content of the regular files whose name ``wanted`` is truthy for; a damaged
-    or truncated archive raises DatasetFormatError naming ``path``."""
+    or truncated archive raises DatasetFormatError naming ``path``.
+
+    A wanted member larger than ``max_member_bytes``, or members adding up to more than
+    ``max_total_bytes``, or a sparse member (a few bytes in the archive that declare gigabytes)
+    raise DatasetFormatError before being read: a crafted file in a shared data folder must not
+    exhaust a worker's memory."""
     blobs: dict[str, bytes] = {}
+    total = 0
     try:
         with tarfile.open(path, "r:gz") as tar:
             for member in tar:  # stream: nothing is extracted to disk
-                if member.isfile() and wanted(member.name):
-                    blobs[member.name] = tar.extractfile(member).read()
+                if not (member.isfile() and wanted(member.name)):
+                    continue
+                total += member.size
+                if member.issparse() or member.size > max_member_bytes or total > max_total_bytes:
+                    raise DatasetFormatError(
+                        f"{path}: member {member.name} declares {member.size} bytes"
+                        f"{' (sparse)' if member.issparse() else ''}, more than this dataset's files hold")
+                blobs[member.name] = tar.extractfile(member).read()
             while chunk := tar.fileobj.read(CHUNK):  # to EOF: gzip verifies CRC and length here
                 if chunk.count(0) != len(chunk):
                     raise DatasetFormatError(f"{path}: damaged tar header near byte {tar.offset}"

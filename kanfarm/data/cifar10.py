@@ -25,6 +25,7 @@ DEFAULTS: dict[str, Any] = {}
 ARCHIVE = "cifar-10-binary.tar.gz"
 PIXELS = 3 * 32 * 32
 RECORD = 1 + PIXELS
+BATCH_RECORDS = 10_000  # images per batch file of the real archive
 MEMBERS = {"train": [f"cifar-10-batches-bin/data_batch_{i}.bin" for i in range(1, 6)],
            "test": ["cifar-10-batches-bin/test_batch.bin"]}
 
@@ -36,7 +37,8 @@ def n_features(options: dict[str, Any]) -> int:
 def build(folder: Path, options: dict[str, Any]) -> dict[str, torch.Tensor]:
     path = folder / ARCHIVE
     wanted = {name for names in MEMBERS.values() for name in names}
-    blobs = read_files(path, wanted.__contains__)
+    blobs = read_files(path, wanted.__contains__, max_member_bytes=BATCH_RECORDS * RECORD,
+                       max_total_bytes=len(wanted) * BATCH_RECORDS * RECORD)
     out: dict[str, torch.Tensor] = {}
     sizes: dict[str, int] = {}
     for split, names in MEMBERS.items():

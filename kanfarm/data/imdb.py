@@ -31,6 +31,9 @@ LABELS = {"neg": 0, "pos": 1}
 _BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")
 _REVIEW = re.compile(r"aclImdb/(train|test)/(neg|pos)/([^/]*\.txt)")  # a labelled review's member name
+#: bounds on what the archive may declare: the real reviews are at most ~14 KB, ~65 MB together
+MAX_REVIEW_BYTES = 1 << 20
+MAX_REVIEWS_BYTES = 256 << 20
 
 
 def n_features(options: dict[str, Any]) -> int:
@@ -63,7 +66,8 @@ def presence_features(texts: list[str], vocabulary: list[str], size: int) -> np.
 def read_reviews(path: Path) -> dict[str, list[tuple[str, int, str]]]:
     """split -> sorted (file name, label, text) of the labelled reviews in the archive."""
     reviews: dict[str, list[tuple[str, int, str]]] = {"train": [], "test": []}
-    for member, blob in read_files(path, _REVIEW.fullmatch).items():
+    for member, blob in read_files(path, _REVIEW.fullmatch, max_member_bytes=MAX_REVIEW_BYTES,
+                                   max_total_bytes=MAX_REVIEWS_BYTES).items():
         split, label, name = _REVIEW.fullmatch(member).groups()
         reviews[split].append((name, LABELS[label], blob.decode("utf-8", errors="replace")))
     for split, items in reviews.items():
