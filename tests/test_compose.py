@@ -96,6 +96,7 @@ def test_flower_and_shared_checkpoints(compose, services):
     flower = services["flower"]
     assert "flower" in flower["command"] or "flower" in flower.get("entrypoint", [])
     assert all(p.startswith("127.0.0.1:") for p in flower.get("ports", []))
+    assert set(flower["environment"]) == {"KANFARM_BROKER_URL", "KANFARM_VISIBILITY_TIMEOUT"}  # no database password
     assert "checkpoints" in compose["volumes"]
 
 
