@@ -28,9 +28,9 @@ from kanfarm.training import CheckpointManager, EpochRecord, RunResult, train
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_S = 300.0
-#: a pack checkpoints at most this often (and at each member's last epoch): tiny models would
-#: otherwise spend their time writing checkpoints. ``KANFARM_PACK_CHECKPOINT_SECONDS`` overrides it.
-PACK_CHECKPOINT_S = 30.0
+#: a run or pack checkpoints at most this often (and at its last epoch, and when it stops): tiny
+#: models would otherwise spend their time writing checkpoints. ``KANFARM_CHECKPOINT_SECONDS`` overrides it.
+CHECKPOINT_S = 30.0
 
 
 def checkpoint_root() -> Path:
@@ -60,21 +60,21 @@ def check_run_environment() -> None:
     from kanfarm.models.uniform_spline import triton_wanted
 
     checkpoint_settings()
-    pack_checkpoint_interval()
+    checkpoint_interval()
     triton_wanted()
     offline()
 
 
-def pack_checkpoint_interval() -> float:
-    """Seconds between a pack's checkpoints, from ``KANFARM_PACK_CHECKPOINT_SECONDS`` (default
-    ``PACK_CHECKPOINT_S``; 0 = whenever ``KANFARM_CHECKPOINT_EVERY`` says). Read before a claim."""
-    value = os.environ.get("KANFARM_PACK_CHECKPOINT_SECONDS", str(PACK_CHECKPOINT_S))
+def checkpoint_interval() -> float:
+    """Seconds between a run's (or a pack's) checkpoints, from ``KANFARM_CHECKPOINT_SECONDS``
+    (default ``CHECKPOINT_S``; 0 = whenever ``KANFARM_CHECKPOINT_EVERY`` says). Read before a claim."""
+    value = os.environ.get("KANFARM_CHECKPOINT_SECONDS", str(CHECKPOINT_S))
     try:
         seconds = float(value)
     except ValueError:
         seconds = float("nan")
     if not 0 <= seconds < float("inf"):
-        raise ConfigError("KANFARM_PACK_CHECKPOINT_SECONDS", f"{value!r} must be a non-negative number of seconds")
+        raise ConfigError("KANFARM_CHECKPOINT_SECONDS", f"{value!r} must be a non-negative number of seconds")
     return seconds
 
 
@@ -129,7 +129,7 @@ class _ClaimedRun:
 
     def __init__(self, store: Store, run: RunRow, worker: str, lease_s: float,
                  shutdown: threading.Event | None, on_epoch: Callable[[int, EpochRecord], None] | None,
-                 checkpoint_interval_s: float = 0.0):
+                 checkpoint_interval_s: float):
         self.store, self.run, self.worker = store, run, worker
         self.shutdown, self.on_epoch = shutdown, on_epoch
         self.rows: _EpochRows | None = None  # a pack member's: see sink
@@ -273,10 +273,11 @@ def execute_run(store: Store, run_id: int, worker: str, *, device: str = "cpu",
     released back to ``queued``. A lost lease or a cancel stops it without touching its state.
     """
     checkpoint_settings()
+    interval_s = checkpoint_interval()
     if not claimed and store.claim(run_id, worker, lease_s, max_attempts=max_attempts) is None:
         log.info("run %s not claimed by %s (taken, finished or cancelled)", run_id, worker)
         return Outcome(run_id, "not-claimed")
-    attached = _ClaimedRun(store, store.run(run_id), worker, lease_s, shutdown, on_epoch)
+    attached = _ClaimedRun(store, store.run(run_id), worker, lease_s, shutdown, on_epoch, interval_s)
     config = attached.run.config
     try:
         result = train(config, _dataset(config), attached.sink, checkpoints=attached.checkpoints,
@@ -314,7 +315,7 @@ def execute_pack(store: Store, run_ids: list[int], worker: str, *, device: str =
     from kanfarm.packing import Member, train_pack
 
     checkpoint_settings()
-    interval_s = pack_checkpoint_interval()
+    interval_s = checkpoint_interval()
     claimed = store.claim_many(run_ids, worker, lease_s, max_attempts=max_attempts)
     outcomes = [Outcome(i, "not-claimed") for i in run_ids if i not in {r.id for r in claimed}]
     if len(claimed) <= 1:
@@ -408,7 +409,7 @@ def work_loop(store: Store, worker: str, *, grid: str | None = None, device: str
     """Claim and execute runs of ``grid`` until none is left (or shutdown). ``pack_size`` > 1 (or
     ``"auto"``): runs that can share a pack are trained together, up to that many at once."""
     checkpoint_settings()
-    pack_checkpoint_interval()
+    checkpoint_interval()
     outcomes = []
     retried = _DatabaseRetries()
     while pack_size != 1 and (shutdown is None or not shutdown.is_set()):

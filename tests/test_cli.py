@@ -279,6 +279,7 @@ def test_ctrl_c_leaves_the_grid_resumable(env):
 
 
 def test_checkpoint_cadence_from_the_environment(env, monkeypatch):
+    monkeypatch.setenv("KANFARM_CHECKPOINT_SECONDS", "0")  # no time limit: the epoch cadence alone
     monkeypatch.setenv("KANFARM_CHECKPOINT_EVERY", "3")
     monkeypatch.setenv("KANFARM_CHECKPOINT_KEEP", "3")
     (env / "tiny.toml").write_text(TINY.replace("epochs = 2", "epochs = 4").replace('"adam", "sgd"', '"adam"')
@@ -377,7 +378,7 @@ def test_user_text_that_looks_like_rich_markup_is_printed_as_it_is(env):
 
 
 @pytest.mark.parametrize("variable, value", [("KANFARM_CHECKPOINT_EVERY", "abc"), ("KANFARM_CHECKPOINT_EVERY", "\u00b2"),
-                                             ("KANFARM_CHECKPOINT_KEEP", "0"), ("KANFARM_PACK_CHECKPOINT_SECONDS", "-1"),
+                                             ("KANFARM_CHECKPOINT_KEEP", "0"), ("KANFARM_CHECKPOINT_SECONDS", "-1"),
                                              ("KANFARM_CHECKPOINT_DIR", "afile"), ("KANFARM_TRITON", "maybe"),
                                              ("KANFARM_OFFLINE", "maybe")])
 def test_run_grid_checks_the_environment_before_writing_anything(env, monkeypatch, variable, value):
@@ -484,7 +485,7 @@ def test_a_new_database_is_switched_to_wal(env, monkeypatch):
 
 
 @pytest.mark.parametrize("variable, value", [("KANFARM_LEASE_SECONDS", "abc"), ("KANFARM_MAX_ATTEMPTS", "0"),
-                                             ("KANFARM_PACK_CHECKPOINT_SECONDS", "x"), ("KANFARM_TRITON", "maybe"),
+                                             ("KANFARM_CHECKPOINT_SECONDS", "x"), ("KANFARM_TRITON", "maybe"),
                                              ("KANFARM_VISIBILITY_TIMEOUT", "-1")])
 def test_worker_refuses_to_start_on_a_bad_setting(env, monkeypatch, variable, value):
     import sys

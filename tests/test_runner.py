@@ -202,8 +202,9 @@ def test_a_new_database_beside_an_old_checkpoint_folder_trains_the_run_again(sql
         (run_id,) = _grid(second, [config])
         assert execute_run(second, run_id, "w1").status == "completed"
         assert [r["epoch"] for r in second.epoch_metrics(run_id)] == [0, 1, 2]
-        # the rows of checkpoints name the files kept (KANFARM_CHECKPOINT_KEEP, default 2)
-        assert [c.epoch for c in second.checkpoints(run_id)] == [1, 2]
+        # the rows of checkpoints name the files kept: epoch 0 and the final one (no 30 s between
+        # them: KANFARM_CHECKPOINT_SECONDS)
+        assert [c.epoch for c in second.checkpoints(run_id)] == [0, 2]
         strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "run_id")} for r in rows]
         assert strip(second.epoch_metrics(run_id)) == strip(sqlite_store.epoch_metrics(first))
     finally:
@@ -345,7 +346,9 @@ def test_warm_shutdowns_do_not_use_up_attempts(sqlite_store, tmp_path, monkeypat
     assert [r["epoch"] for r in store.epoch_metrics(run_id)] == [0, 1, 2, 3, 4]
 
 
-def test_pack_checkpoint_interval_from_the_environment(sqlite_store, tmp_path, monkeypatch):
+def test_checkpoint_interval_from_the_environment(sqlite_store, tmp_path, monkeypatch):
+    """Packs and single runs alike checkpoint at most once every KANFARM_CHECKPOINT_SECONDS
+    (besides epoch 0 and the last); 0 means every epoch."""
     import pytest
 
     from kanfarm.config import ConfigError
@@ -355,19 +358,30 @@ def test_pack_checkpoint_interval_from_the_environment(sqlite_store, tmp_path, m
     store = sqlite_store
     base = dict(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=3, optimizer="sgd")
     every_epoch = _grid(store, [RunConfig(lr=lr, **base) for lr in (0.01, 0.02)])
-    monkeypatch.setenv("KANFARM_PACK_CHECKPOINT_SECONDS", "0")
+    monkeypatch.setenv("KANFARM_CHECKPOINT_SECONDS", "0")
     assert {o.status for o in execute_pack(store, every_epoch, "w")} == {"completed"}
     assert [[c.epoch for c in store.checkpoints(i)] for i in every_epoch] == [[2, 3]] * 2  # the last two kept
     store.submit_grid("h", {}, [(RunConfig(lr=lr, **base), 1000, None) for lr in (0.03, 0.04)])
     by_time = store.run_ids("h")
-    monkeypatch.setenv("KANFARM_PACK_CHECKPOINT_SECONDS", "3600")
+    monkeypatch.setenv("KANFARM_CHECKPOINT_SECONDS", "3600")
     assert {o.status for o in execute_pack(store, by_time, "w")} == {"completed"}
     assert [[c.epoch for c in store.checkpoints(i)] for i in by_time] == [[0, 3]] * 2  # the start and the end
+    store.submit_grid("solo", {}, [(RunConfig(lr=0.07, **base), 1000, None)])
+    (solo,) = store.run_ids("solo")
+    assert execute_run(store, solo, "w").status == "completed"
+    assert [c.epoch for c in store.checkpoints(solo)] == [0, 3]
+    monkeypatch.setenv("KANFARM_CHECKPOINT_SECONDS", "0")
+    store.submit_grid("solo2", {}, [(RunConfig(lr=0.08, **base), 1000, None)])
+    (solo,) = store.run_ids("solo2")
+    assert execute_run(store, solo, "w").status == "completed"
+    assert [c.epoch for c in store.checkpoints(solo)] == [2, 3]
     for bad in ("abc", "-1", "nan", "inf"):
-        monkeypatch.setenv("KANFARM_PACK_CHECKPOINT_SECONDS", bad)
+        monkeypatch.setenv("KANFARM_CHECKPOINT_SECONDS", bad)
         store.submit_grid("bad", {}, [(RunConfig(lr=0.05, **base), 1000, None), (RunConfig(lr=0.06, **base), 1000, None)])
-        with pytest.raises(ConfigError, match="KANFARM_PACK_CHECKPOINT_SECONDS"):
+        with pytest.raises(ConfigError, match="KANFARM_CHECKPOINT_SECONDS"):
             execute_pack(store, store.run_ids("bad"), "w")
+        with pytest.raises(ConfigError, match="KANFARM_CHECKPOINT_SECONDS"):
+            execute_run(store, store.run_ids("bad")[0], "w")
         assert {store.run(i).status for i in store.run_ids("bad")} == {"pending"}  # nothing claimed
 
 
