@@ -4,7 +4,7 @@ Separate processes rather than a prefork pool: each one sees exactly one GPU thr
 ``CUDA_VISIBLE_DEVICES`` and initialises CUDA itself, so no CUDA context ever crosses a fork; a
 crash takes down one run, not the node: the launcher starts a crashed worker again. It forwards
 SIGTERM/SIGINT to its children (each then checkpoints and releases its run: a warm shutdown; a
-second signal stops them at once) and exits when they all have.
+second signal kills them) and exits when they all have.
 """
 from __future__ import annotations
 
@@ -115,26 +115,31 @@ def launch(specs: list[WorkerSpec], loglevel: str = "INFO", poll_s: float = 0.5)
     """Start every worker and watch them until they have all stopped; the worst exit code wins.
 
     The first SIGTERM/SIGINT (Ctrl-C) is forwarded as SIGTERM, Celery's warm shutdown: each worker
-    checkpoints and releases its run. A second one is forwarded as SIGQUIT, Celery's cold shutdown:
-    the workers stop now and their runs come back when their leases expire. A worker that crashes
-    while nobody asked it to stop is restarted (see ``RESTART_DELAY_S``)."""
+    checkpoints and releases its run. A second one kills them (SIGKILL), a crash as far as their
+    runs go: they come back when their leases expire. (Not SIGQUIT, Celery's cold shutdown: the solo
+    pool cannot cancel a task, and the error it raises inside the run would mark the run failed.)
+    A worker that crashes while nobody asked it to stop is restarted (see ``RESTART_DELAY_S``)."""
     procs: list[subprocess.Popen | None] = [None] * len(specs)
     codes: list[int | None] = [None] * len(specs)
     crashes: list[list[float]] = [[] for _ in specs]
     restart_at: dict[int, tuple[float, int]] = {}  # worker -> (when, the code it crashed with)
     signals_seen = []
 
+    def stop_signal() -> signal.Signals:
+        return signal.SIGTERM if len(signals_seen) == 1 else signal.SIGKILL
+
     def start(i: int) -> None:
         # own process group: a terminal's Ctrl-C reaches only the launcher, which forwards it
         procs[i] = subprocess.Popen(specs[i].argv(loglevel), env={**os.environ, **specs[i].env},
                                     start_new_session=True)
+        if signals_seen:  # a signal that came while it started found it missing from procs
+            procs[i].send_signal(stop_signal())
 
     def forward(signum, _frame) -> None:
         signals_seen.append(signum)
-        sig = signal.SIGTERM if len(signals_seen) == 1 else signal.SIGQUIT
         for proc in procs:
             if proc is not None and proc.poll() is None:
-                proc.send_signal(sig)
+                proc.send_signal(stop_signal())
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
