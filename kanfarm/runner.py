@@ -182,7 +182,10 @@ class _ClaimedRun:
         """A pack member: write the pack's rows (the first member to get here), then settle its own."""
         self.rows.flush()
         if self.run.id in self.rows.done:
-            record, lost = self.rows.done.pop(self.run.id)
+            outcome = self.rows.done.pop(self.run.id)
+            if isinstance(outcome, Exception):
+                raise outcome
+            record, lost = outcome
             if lost:
                 self.lost(record.epoch)
             else:
@@ -237,16 +240,22 @@ class _EpochRows:
     def __init__(self, store: Store, worker: str):
         self.store, self.worker = store, worker
         self.pending: list[tuple[int, EpochRecord]] = []
-        self.done: dict[int, tuple[EpochRecord, bool]] = {}  # run id -> (record, lease lost)
+        self.done: dict[int, tuple[EpochRecord, bool] | Exception] = {}  # run id -> (record, lease lost)
 
     def add(self, run_id: int, record: EpochRecord) -> None:
         record.validate()  # a bad record is its member's error, raised here
         self.pending.append((run_id, record))
 
     def flush(self) -> None:
+        """Write the pending rows. Their outcome waits in ``done`` for each member, an error too: a
+        failed write is every pending member's, each raising it in its own ``epoch_end``."""
         if self.pending:
             pending, self.pending = self.pending, []
-            lost = self.store.write_epochs(pending, self.worker)
+            try:
+                lost = self.store.write_epochs(pending, self.worker)
+            except Exception as exc:
+                self.done.update({run_id: exc for run_id, _ in pending})
+                return
             self.done.update({run_id: (record, run_id in lost) for run_id, record in pending})
 
 

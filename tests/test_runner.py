@@ -76,6 +76,29 @@ def test_a_packs_epoch_rows_go_in_one_transaction_and_a_member_taken_over_stops(
     assert all([r["epoch"] for r in store.epoch_metrics(i)] == [0, 1, 2, 3] for i in (ids[0], ids[2]))
 
 
+def test_a_failed_write_of_a_packs_rows_fails_every_member_whose_row_it_held(sqlite_store, tmp_path, monkeypatch):
+    """Not only the member that happened to flush the batch: the others would train on without
+    that epoch's row and end completed with a gap in their history."""
+    from kanfarm.runner import execute_pack
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    store = sqlite_store
+    base = dict(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=3, optimizer="sgd")
+    ids = _grid(store, [RunConfig(lr=lr, **base) for lr in (0.01, 0.02, 0.03)])
+    write_many = store.write_epochs
+
+    def refuse_epoch_1(rows, worker):
+        if rows[0][1].epoch == 1:
+            raise sa.exc.IntegrityError("INSERT INTO epoch_metrics ...", {}, Exception("constraint failed"))
+        return write_many(rows, worker)
+
+    monkeypatch.setattr(store, "write_epochs", refuse_epoch_1)
+    outcomes = {o.run_id: o.status for o in execute_pack(store, ids, "w1")}
+    assert outcomes == dict.fromkeys(ids, "failed")
+    assert all("constraint failed" in store.run(i).error for i in ids)
+    assert all([r["epoch"] for r in store.epoch_metrics(i)] == [0] for i in ids)
+
+
 def test_a_pack_that_crashes_keeps_the_results_of_members_that_had_ended(sqlite_store, tmp_path, monkeypatch):
     """A member that diverged at epoch 1 stays diverged when the pack itself crashes at epoch 2
     (out of memory in a step); only the members still training are marked failed."""
