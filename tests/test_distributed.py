@@ -197,7 +197,33 @@ def test_a_worker_stopping_during_an_outage_leaves_a_message(sqlite_store, monke
             tasks.execute_run_task.run(1)
     finally:
         tasks.SHUTDOWN.clear()
-    assert [(r["countdown"], r["max_retries"]) for r in retries] == [(0, None)]
+    assert [r["countdown"] for r in retries] == [0]
+
+
+@pytest.mark.parametrize("task_name", ["execute_run_task", "execute_pack_task"])
+def test_a_message_retried_many_times_is_never_dropped(task_name, monkeypatch):
+    """Celery reads retry(max_retries=None) as "the task's limit": the tasks themselves must have
+    none, or after 5 retries (outages, shutdowns) the message would be acked and its runs left
+    queued with nothing to run them."""
+    from celery.exceptions import Retry
+
+    from workers import tasks
+
+    task = getattr(tasks, task_name)
+    sent = []
+
+    class Signature:
+        def apply_async(self):
+            sent.append(1)
+
+    monkeypatch.setattr(task, "signature_from_request", lambda *args, **kwargs: Signature())
+    task.push_request(retries=100, called_directly=False, is_eager=False)
+    try:
+        with pytest.raises(Retry):
+            task.retry(countdown=0)
+    finally:
+        task.pop_request()
+    assert sent == [1]
 
 
 def test_a_run_this_worker_could_not_hand_back_is_handed_back_and_retried(sqlite_store, monkeypatch):

@@ -182,7 +182,7 @@ def _ride_out_outage(task, run_ids: list[int], fit: bool, exc: Exception) -> str
         copied = False
     handed_back = _hand_back_when_reachable(run_ids)
     if not copied or handed_back:
-        raise task.retry(countdown=0, exc=exc, max_retries=None)
+        raise task.retry(countdown=0, exc=exc)
     return "database-unavailable"
 
 
@@ -204,7 +204,9 @@ def _hand_back_when_reachable(run_ids: list[int]) -> list[int]:
     return []
 
 
-@app.task(name=PACK_TASK_NAME, bind=True, ignore_result=True, acks_late=True, max_retries=5)
+# max_retries=None: no retry limit (retry(max_retries=None) would mean the task's own limit); a
+# limit would drop the message and leave its runs queued with nothing to run them.
+@app.task(name=PACK_TASK_NAME, bind=True, ignore_result=True, acks_late=True, max_retries=None)
 def execute_pack_task(self, run_ids: list[int], fit: bool = False) -> str:
     """Claim the claimable runs of ``run_ids`` and train them as packs sized for this worker's
     device: on a GPU at most what fits its free memory, on a CPU its ``auto`` size (8) when
@@ -217,7 +219,7 @@ def execute_pack_task(self, run_ids: list[int], fit: bool = False) -> str:
         log.error("ignoring pack message %r: not a list of run ids", run_ids)
         return "bad-message"
     if SHUTDOWN.is_set():
-        self.retry(countdown=0, max_retries=None)
+        self.retry(countdown=0)
     released: list[int] = []
     skipped: list[int] = []
     try:
@@ -243,7 +245,7 @@ def execute_pack_task(self, run_ids: list[int], fit: bool = False) -> str:
     return "done"
 
 
-@app.task(name=TASK_NAME, bind=True, ignore_result=True, acks_late=True, max_retries=5)
+@app.task(name=TASK_NAME, bind=True, ignore_result=True, acks_late=True, max_retries=None)
 def execute_run_task(self, run_id: int) -> str:
     """Claim and train run ``run_id``; a failed claim (taken, finished, cancelled) is a no-op."""
     from sqlalchemy.exc import OperationalError
@@ -254,7 +256,7 @@ def execute_run_task(self, run_id: int) -> str:
         log.error("ignoring message with run id %r: not an integer", run_id)
         return "bad-message"
     if SHUTDOWN.is_set():  # delivered while stopping: leave it to the next worker
-        self.retry(countdown=0, max_retries=None)
+        self.retry(countdown=0)
     try:
         outcome = execute_run(store(), run_id, worker_name(":celery"), device=device(),
                               lease_s=lease_seconds(), shutdown=SHUTDOWN, max_attempts=max_attempts())
