@@ -475,6 +475,22 @@ def test_db_upgrade_leaves_another_applications_database_alone(env, monkeypatch)
     con.close()
 
 
+def test_another_alembic_applications_database_is_not_switched_to_wal(env, monkeypatch):
+    con = sqlite3.connect(env / "other.db")
+    with con:
+        con.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)")
+        con.execute("INSERT INTO alembic_version VALUES ('deadbeef')")
+        con.execute("CREATE TABLE users (id INTEGER PRIMARY KEY)")
+    con.close()
+    monkeypatch.setenv("KANFARM_DATABASE_URL", f"sqlite:///{env / 'other.db'}")
+    for args in (("db", "upgrade"), ("status",)):
+        result = invoke(*args)
+        assert result.exit_code == 2 and "deadbeef" in result.output, (args, result.output)
+    con = sqlite3.connect(env / "other.db")
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    con.close()
+
+
 def test_a_new_database_is_switched_to_wal(env, monkeypatch):
     """WAL (readers never block the writer) is set once kanfarm has migrated the file."""
     monkeypatch.setenv("KANFARM_DATABASE_URL", f"sqlite:///{env / 'new.db'}")

@@ -80,7 +80,13 @@ def _configure_sqlite(engine: Engine) -> None:
 
 
 def _migrated(cursor) -> bool:
-    """Whether this SQLite database has an ``alembic_version`` table (``Store.upgrade`` reconnects
-    after migrating, so a new database is switched to WAL as soon as it has one)."""
+    """Whether this SQLite database is at a kanfarm revision (another Alembic-managed application
+    has an ``alembic_version`` table too). ``Store.upgrade`` reconnects after migrating, so a new
+    database is switched to WAL as soon as it has one."""
+    from kanfarm.store.migrate import known_revisions
+
     cursor.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'")
-    return cursor.fetchone() is not None
+    if cursor.fetchone() is None:
+        return False
+    cursor.execute("SELECT version_num FROM alembic_version")
+    return any(version in known_revisions() for (version,) in cursor.fetchall())
