@@ -3,10 +3,10 @@ one, else builds an engine the way the store does (from ``sqlalchemy.url`` or
 ``$KANFARM_DATABASE_URL``), so plain ``alembic`` commands behave like ``kanfarm db upgrade``."""
 from __future__ import annotations
 
-import sqlalchemy as sa
 from alembic import context
 
 from kanfarm.store.engine import database_url, make_engine
+from kanfarm.store.migrate import lock
 from kanfarm.store.schema import metadata
 
 config = context.config
@@ -23,14 +23,8 @@ def run_offline() -> None:
         context.run_migrations()
 
 
-#: PostgreSQL advisory lock held by a migration: two ``db upgrade`` at once (two machines, two
-#: demos) would both create the same tables; the second waits, then finds the database at head.
-MIGRATION_LOCK_KEY = 0x6B616E6661726D  # "kanfarm"
-
-
 def _run_on(connection) -> None:
-    if connection.dialect.name == "postgresql":  # released when the migration's transaction ends
-        connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+    lock(connection)  # plain `alembic` commands too: two at once would both create the tables
     context.configure(connection=connection, target_metadata=metadata, render_as_batch=True,
                       transactional_ddl=True)
     with context.begin_transaction():

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 
@@ -36,10 +38,26 @@ def current_revision(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Bring the database to ``revision`` in one transaction (DDL is transactional on both)."""
+#: PostgreSQL advisory lock held by a migration: two ``db upgrade`` at once (two machines, two
+#: demos) would both create the same tables; the second waits, then finds the database at head.
+MIGRATION_LOCK_KEY = 0x6B616E6661726D  # "kanfarm"
+
+
+def lock(connection: Connection) -> None:
+    """Take the migration lock for the rest of ``connection``'s transaction (PostgreSQL; SQLite's
+    ``BEGIN IMMEDIATE`` already serialises writers). Taking it twice in one session is harmless."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+
+
+def upgrade(engine: Engine, revision: str = "head", check: Callable[[Connection], None] | None = None) -> None:
+    """Bring the database to ``revision`` in one transaction (DDL is transactional on both), under
+    the migration lock; ``check(connection)`` runs first, under the lock too, and may refuse."""
     config = alembic_config()
     with engine.begin() as connection:
+        lock(connection)
+        if check is not None:
+            check(connection)
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
 
@@ -47,5 +65,6 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 def downgrade(engine: Engine, revision: str) -> None:
     config = alembic_config()
     with engine.begin() as connection:
+        lock(connection)
         config.attributes["connection"] = connection
         command.downgrade(config, revision)

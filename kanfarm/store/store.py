@@ -84,27 +84,30 @@ class Store:
 
     def upgrade(self) -> None:
         """Apply pending migrations (alembic upgrade head). A database at a revision this kanfarm
-        does not know (newer, or another application's) raises SchemaOutOfDate, untouched."""
-        current = self.schema_revision()
-        if current is None:
-            self._refuse_foreign()
-        elif current not in migrate.known_revisions():
-            raise SchemaOutOfDate(masked(self.url), current, migrate.head_revision(), known=False)
-        migrate.upgrade(self.engine)
+        does not know (newer, or another application's) raises SchemaOutOfDate, untouched. The
+        check runs under the migration's lock, so a concurrent upgrade is waited for, not taken
+        for another application's tables."""
+        migrate.upgrade(self.engine, check=self._refuse_unknown)
         if self.url.get_backend_name() == "sqlite":
             self.engine.dispose()  # new connections see the migrated file and switch it to WAL
         self._schema_ok = True
+
+    def _refuse_unknown(self, conn: Connection) -> None:
+        current = migrate.current_revision(conn)
+        if current is None:
+            self._refuse_foreign(conn)
+        elif current not in migrate.known_revisions():
+            raise SchemaOutOfDate(masked(self.url), current, migrate.head_revision(), known=False)
 
     def schema_revision(self) -> str | None:
         """The database's alembic revision; None for an empty database."""
         with self._reader.connect() as conn:
             return migrate.current_revision(conn)
 
-    def _refuse_foreign(self) -> None:
+    def _refuse_foreign(self, conn: Connection) -> None:
         """SchemaOutOfDate (unknown) when a database without a kanfarm revision has tables: another
         application's database, which kanfarm neither migrates nor calls empty."""
-        with self._reader.connect() as conn:
-            foreign = sorted(set(sa.inspect(conn).get_table_names()) - {"alembic_version"})
+        foreign = sorted(set(sa.inspect(conn).get_table_names()) - {"alembic_version"})
         if foreign:
             raise SchemaOutOfDate(masked(self.url), f"none, with tables {', '.join(foreign[:5])}",
                                   migrate.head_revision(), known=False)
@@ -113,9 +116,10 @@ class Store:
         """Raise :class:`SchemaOutOfDate` unless the database is at the newest revision."""
         if self._schema_ok:
             return
-        current, head = self.schema_revision(), migrate.head_revision()
-        if current is None:
-            self._refuse_foreign()
+        with self._reader.connect() as conn:
+            current, head = migrate.current_revision(conn), migrate.head_revision()
+            if current is None:
+                self._refuse_foreign(conn)
         if current != head:
             raise SchemaOutOfDate(masked(self.url), current, head,
                                   known=current is None or current in migrate.known_revisions())
