@@ -67,6 +67,15 @@ def test_commands_refuse_a_database_that_is_not_there_without_creating_it(env, m
     assert invoke("grid", "list").exit_code == 2 and not (env / "kanfarm.db").exists()
 
 
+def test_a_bad_device_is_refused_before_anything_is_written(env):
+    assert invoke("db", "upgrade").exit_code == 0
+    for device in ("tpu", "cuda"):  # torch here sees no CUDA device
+        result = invoke("run", "grid", "tiny.toml", "--device", device)
+        assert result.exit_code == 2 and "--device" in result.output, result.output
+    assert rows(env / "k.db", "SELECT (SELECT COUNT(*) FROM grids) AS grids, (SELECT COUNT(*) FROM runs) AS runs") == [
+        {"grids": 0, "runs": 0}]
+
+
 @pytest.mark.parametrize("url,code,message", [
     ("notaurl", 2, "not a database URL"),
     ("mysql://user:secret@127.0.0.1/db", 2, "unsupported database"),

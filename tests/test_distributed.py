@@ -108,6 +108,20 @@ def test_pack_task_claims_no_further_chunk_after_warm_shutdown(sqlite_store, mon
     assert published == [([ids[1:]], "cpu")]  # released and unclaimed runs keep a message
 
 
+@pytest.mark.parametrize("task_name,args", [("execute_run_task", (True,)), ("execute_run_task", ("1",)),
+                                             ("execute_pack_task", ([1, True],)), ("execute_pack_task", ("1,2",))])
+def test_a_malformed_message_is_ignored_and_claims_nothing(sqlite_store, monkeypatch, task_name, args):
+    """JSON can carry a bool or a string where a run id belongs (True would be run 1)."""
+    from kanfarm.grids import parse_spec
+    from kanfarm.submission import submit
+    from workers import tasks
+
+    submit(sqlite_store, parse_spec(spec("bad", lrs=(0.01, 0.005), epochs=2)))
+    monkeypatch.setattr(tasks, "store", lambda: sqlite_store)
+    assert getattr(tasks, task_name).run(*args) == "bad-message"
+    assert {sqlite_store.run(i).status for i in sqlite_store.run_ids("bad")} == {"pending"}
+
+
 def test_a_message_for_a_run_that_does_not_exist_is_done(sqlite_store, monkeypatch):
     from workers import tasks
 

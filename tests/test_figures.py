@@ -297,6 +297,35 @@ def test_sensitivity_tells_settings_the_view_does_not_hold_apart(sqlite_url):
         store.dispose(close=True)
 
 
+def test_sensitivity_statistics_against_a_direct_calculation(sqlite_url):
+    """Five runs of one setting: best accuracies 0.1, 0.2, 0.4, 0.9, and one that diverged before
+    any accuracy (it counts in runs and the divergence rate, not in the spread). Four values, so
+    median, quartiles and the sample standard deviation each differ from their look-alikes."""
+    import statistics
+
+    from kanfarm.reports import sensitivity_table
+
+    store = Store(sqlite_url)
+    store.upgrade()
+    try:
+        cells = [RunConfig(dataset="digits", model="mlp", depth="shallow", lr=lr) for lr in (0.5, 0.1, 0.05, 0.01, 0.005)]
+        store.submit_grid("s", {"name": "s"}, [(c, 1000, None) for c in cells])
+        ids = store.run_ids("s")
+        for run_id, best in zip(ids, (0.1, 0.2, 0.4, 0.9)):
+            _finish(store, run_id, [0.05, best])
+        _finish(store, ids[4], [], diverge=True)
+        (row,) = sensitivity_table(store, "s")
+        accs = [0.1, 0.2, 0.4, 0.9]
+        assert (row["runs"], row["count"], row["divergence_rate"]) == (5, 4, 0.2)
+        assert row["mean"] == pytest.approx(0.4) and row["median"] == pytest.approx(0.3)
+        assert row["std"] == pytest.approx(statistics.stdev(accs)) and row["std"] != pytest.approx(statistics.pstdev(accs))
+        # inclusive quartiles of 0.1, 0.2, 0.4, 0.9: q1 = 0.175, q3 = 0.525
+        assert row["iqr"] == pytest.approx(0.35)
+        assert (row["min"], row["max"]) == (0.1, 0.9)
+    finally:
+        store.dispose(close=True)
+
+
 def test_every_setting_beyond_model_widths_and_trainer_has_a_label():
     """Boxes that differ only in a setting without a label would read the same."""
     from kanfarm.reports import _plotdata

@@ -97,6 +97,16 @@ def test_text_longer_than_the_store_holds_names_the_field(change, field):
     parse_spec({**BASE, "name": "g" * 200, "widths": [[8] * 100]}).expand()  # 200 characters fit
 
 
+@pytest.mark.parametrize("hsic,field", [({"sigma": 0}, "hsic.sigma"), ({"beta": -1.0}, "hsic.beta"),
+                                        ({"sigma": "wide"}, "hsic.sigma"), ({"format_epochs": 0}, "hsic.format_epochs"),
+                                        ({"x_term": "yes"}, "hsic.x_term"), ({"gamma": 1}, "hsic.gamma")])
+def test_bad_hsic_settings_name_the_spec_field(hsic, field):
+    """The spec's own key (``hsic.sigma``), not RunConfig's (``hsic_sigma``): the one the user wrote."""
+    with pytest.raises(ConfigError) as err:
+        parse_spec({**BASE, "trainers": ["hsic"], "hsic": hsic})
+    assert err.value.field == field
+
+
 def test_paper_intrinsic_dims():
     assert load_spec("paper-mnist").intrinsic_dim("mnist") == 750
     assert load_spec("paper-cifar10").intrinsic_dim("cifar10") == 9000
