@@ -82,6 +82,20 @@ def test_packed_members_equal_their_solo_runs(digits, model):
         assert_same_records(recs, expected)
 
 
+def test_members_with_different_dropout_keep_their_own_after_one_leaves(digits):
+    """Dropout rate is a member's own setting: each member draws its masks at its rate, also after
+    a member has left the pack (the stacked rates and streams are re-indexed)."""
+    base = members("mlp")[0]
+    configs = [dataclasses.replace(base, lr=1e20, dropout=0.5)] + [
+        dataclasses.replace(base, dropout=rate, lr=lr) for rate, lr in ((0.0, 1e-2), (0.2, 3e-3), (0.5, 5e-3))]
+    results, records = packed(configs, digits)
+    assert [r.status for r in results] == ["diverged"] + ["completed"] * 3
+    for config, result, recs in zip(configs, results, records):
+        alone, expected = solo(config, digits)
+        assert result == alone
+        assert_same_records(recs, expected)
+
+
 def test_divergence_stays_in_its_member(digits):
     configs = members("mlp")[:3] + [dataclasses.replace(members("mlp")[1], lr=1e20)]
     results, records = packed(configs, digits)
