@@ -246,6 +246,32 @@ def kan_grid_as_a_subprocess(env: Path, epochs: int):
     return cmd, environ, env / "k.db"
 
 
+def test_an_interrupt_during_a_query_stays_an_interrupt(tmp_path):
+    """Ctrl-C landing in the progress poll's query: SQLAlchemy invalidates the connection, and
+    resetting it afterwards raised an error that replaced the KeyboardInterrupt, so `run grid`
+    printed a traceback instead of checkpointing and exiting 130 (seen as a flaky test below)."""
+    import sqlalchemy as sa
+
+    from kanfarm.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'k.db'}")
+    store.upgrade()
+    fired = []
+
+    @sa.event.listens_for(store.engine, "before_cursor_execute")
+    def interrupt(conn, cursor, statement, *args):
+        if "FROM runs" in statement and not fired:
+            fired.append(1)
+            raise KeyboardInterrupt
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            store.query("SELECT COUNT(*) AS n FROM runs")
+        assert store.query("SELECT COUNT(*) AS n FROM runs") == [{"n": 0}]  # the store still works
+    finally:
+        store.dispose(close=True)
+
+
 def test_ctrl_c_leaves_the_grid_resumable(env):
     """SIGINT mid-grid: runs are checkpointed and released, and the same command finishes the grid
     with epoch rows equal to an uninterrupted run's."""

@@ -544,8 +544,8 @@ class Store:
                 if "one statement at a time" in str(exc.orig):
                     raise ValueError(_ONE_STATEMENT) from None
                 raise
-            finally:
-                if not postgres:
+            finally:  # not on a connection an interrupt invalidated (it is discarded): that error
+                if not postgres and not conn.invalidated:  # would replace the KeyboardInterrupt
                     conn.exec_driver_sql("PRAGMA query_only = OFF")
 
 
