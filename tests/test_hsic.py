@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from kanfarm.config import RunConfig
-from kanfarm.training.hsic import HSICBottleneck, HSICSettings, gaussian_kernel, hsic_step, nhsic, phase
+from kanfarm.models import build_model
+from kanfarm.training.hsic import (HSICBottleneck, HSICSettings, gaussian_kernel, hsic_step, hsic_terms, nhsic,
+                                   phase)
 from kanfarm.training.hsic_kernels import (_cholesky_ex, centred_gaussian_kernel, full_target,
                                            label_target, nhsic_against)
 
@@ -168,6 +170,32 @@ def test_grid_refuses_a_format_stage_as_long_as_the_run():
     parse_spec({**spec, "trainers": ["backprop"]})  # unused by backprop cells
 
 
+def test_settings_from_config_take_each_hsic_field_from_its_own_config_field():
+    """The trainer builds its settings this way: swapped or dropped fields would train silently wrong."""
+    config = RunConfig(trainer="hsic", hsic_beta=3.0, hsic_sigma=7.0, hsic_x_term=True).normalised()
+    settings = HSICSettings.from_config(config)
+    assert (settings.beta, settings.sigma, settings.x_term) == (3.0, 7.0, True)
+    default = HSICSettings.from_config(RunConfig(trainer="hsic").normalised())
+    assert (default.beta, default.sigma, default.x_term) == (100.0, 10.0, False)
+
+
+@pytest.mark.parametrize("x_term", [True, False])
+def test_layer_loss_adds_the_x_term_and_subtracts_beta_times_the_label_term(x_term):
+    """Each hidden layer minimises nHSIC(Z, X) - beta nHSIC(Z, Y) (FACTS.md); a sign slip reverses training."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(24, 6, generator=g, dtype=torch.float64)
+    zs = [torch.randn(24, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+    y = torch.randint(0, 3, (24,), generator=g)
+    ky, kx = direct_kernel(onehot(y, 3).numpy(), 1.0), direct_kernel(x.numpy(), 1.0)
+    expected = []
+    for z in zs:
+        kz = direct_kernel(z.numpy(), 1.0)
+        expected.append((direct_nhsic(kz, kx) if x_term else 0.0) - 2.0 * direct_nhsic(kz, ky))
+    got = hsic_terms(zs, x, y, 3, HSICSettings(beta=2.0, sigma=1.0, x_term=x_term))
+    assert got.shape == (2,)
+    assert got.tolist() == pytest.approx(expected, rel=1e-6)
+
+
 def test_phase_schedule():
     interleaved = RunConfig(max_epochs=5, hsic_format_epochs=None)
     assert [phase(e, interleaved) for e in (1, 5)] == [(True, True)] * 2
@@ -180,20 +208,11 @@ def test_phase_schedule():
 # ---- with real models -------------------------------------------------------------------------
 
 def _build(config: RunConfig, n_features: int, n_classes: int):
-    return _build_model()(config.normalised(), n_features, n_classes)
-
-
-def _build_model():
-    try:
-        from kanfarm.models import build_model
-    except ImportError:
-        pytest.skip("kanfarm.models.build_model not available yet")
-    return build_model
+    return build_model(config.normalised(), n_features, n_classes)
 
 
 @pytest.fixture(scope="module")
 def digits():
-    _build_model()
     from kanfarm.data import load_dataset
     return load_dataset("digits")
 
@@ -285,7 +304,6 @@ def test_patience_counts_from_the_format_stage(digits):
 def test_extra_is_measured_on_rows_of_every_class_when_the_loader_orders_rows_by_label(digits):
     """IMDB's training rows come sorted by label: the first rows are all one class."""
     from kanfarm.data.dataset import Dataset
-    from kanfarm.models import build_model
     from kanfarm.training.hsic import EXTRA_ROWS, extra_rows
 
     order = torch.argsort(digits.y_train, stable=True)

@@ -223,3 +223,14 @@ def test_init_schemes_shape_the_weights():
     for t in (layer.base_weight, layer.spline_scaler):
         assert t.abs().max().item() <= bound and t.abs().max().item() > 0.95 * bound
     assert layer.spline_weight.abs().max().item() <= 0.05 / 5 + 1e-9
+
+
+def test_kan_spline_weights_start_as_symmetric_uniform_noise():
+    """Spline coefficients are uniform in +-noise/(2G), centred on 0: a one-sided draw biases every spline."""
+    torch.manual_seed(0)
+    w = KANLinear(784, 32, grid_size=5, spline_noise=0.1).spline_weight.detach().double()
+    bound = 0.1 / (2 * 5)
+    assert w.abs().max().item() <= bound + 1e-9
+    assert w.min().item() < -0.9 * bound and w.max().item() > 0.9 * bound
+    standard_error = bound / math.sqrt(3 * w.numel())  # std of U(-b, b) is b / sqrt(3)
+    assert abs(w.mean().item()) < 10 * standard_error
