@@ -536,7 +536,8 @@ def test_a_new_database_is_switched_to_wal(env, monkeypatch):
 
 
 @pytest.mark.parametrize("variable, value", [("KANFARM_LEASE_SECONDS", "abc"), ("KANFARM_MAX_ATTEMPTS", "0"),
-                                             ("KANFARM_CHECKPOINT_SECONDS", "x"), ("KANFARM_TRITON", "maybe"),
+                                             ("KANFARM_CHECKPOINT_SECONDS", "x"), ("KANFARM_PACK_CHECKPOINT_SECONDS", "0"),
+                                             ("KANFARM_TRITON", "maybe"),
                                              ("KANFARM_VISIBILITY_TIMEOUT", "-1")])
 def test_worker_refuses_to_start_on_a_bad_setting(env, monkeypatch, variable, value):
     import sys
