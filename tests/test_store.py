@@ -145,6 +145,35 @@ def test_expired_lease_is_reclaimed_and_the_old_worker_is_told(store):
     assert store.claim(run_id, "w3", 60) is None  # finished runs are never claimed again
 
 
+def test_finish_by_a_worker_that_lost_the_run_deletes_no_rows(store):
+    """Only the holder's finish may trim rows past last_epoch: they are now the new holder's rows."""
+    store.submit_grid("g", {}, cells(1))
+    (run_id,) = store.run_ids()
+    store.claim(run_id, "w1", -1)  # w1's lease has lapsed
+    for epoch in range(6):
+        store.write_epoch(run_id, record(epoch, 0.5, 0.5), worker="w1")
+    store.claim(run_id, "w2", 60)
+    for epoch in range(6):
+        store.write_epoch(run_id, record(epoch, 0.6, 0.6), worker="w2")
+    assert store.finish(run_id, "w1", "completed", last_epoch=2) is False
+    assert [r["epoch"] for r in store.epoch_metrics(run_id)] == list(range(6))
+    run = store.run(run_id)
+    assert (run.status, run.worker) == ("running", "w2")
+
+
+def test_heartbeat_extends_the_holders_lease(store):
+    """A heartbeat renews the lease, so a live worker's run is not stale nor claimable by others."""
+    store.submit_grid("g", {}, cells(1))
+    (run_id,) = store.run_ids()
+    store.claim(run_id, "w1", -1)
+    assert store.stale_runs() == [run_id]
+    assert store.heartbeat(run_id, "w2", 60) is False  # not its run
+    assert store.heartbeat(run_id, "w1", 60) is True
+    assert store.stale_runs() == []
+    assert store.run(run_id).lease_expires_at > datetime.now(timezone.utc) + timedelta(seconds=50)
+    assert store.claim(run_id, "w2", 60) is None
+
+
 def test_cancel_stops_running_and_waiting_runs(store):
     store.submit_grid("g", {}, cells(3))
     running = store.claim_next("w1", 60, grid="g").id

@@ -196,3 +196,92 @@ def test_batch_norm_run_skips_a_last_batch_of_one_row(digits):
     with pytest.raises(ConfigError) as err:  # batches of one row could not train at all
         dataclasses.replace(config, batch_size=1).normalised()
     assert err.value.field == "batch_size"
+
+
+SCRIPTED_TEST_ACC = [0.1, 0.5, 0.5, 0.4, 0.4, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9]
+
+
+def scripted_evaluate(monkeypatch, records):
+    """Make every evaluation of epoch ``len(records)`` return SCRIPTED_TEST_ACC[that epoch]."""
+    from kanfarm.training import loop
+
+    def evaluate(model, x, y, chunk=8192):
+        acc = SCRIPTED_TEST_ACC[len(records)]
+        return 1.0 - acc, acc
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+
+
+def test_patience_stops_counting_from_the_first_best_epoch(digits, tmp_path, monkeypatch):
+    """Best 0.5 at epoch 1 (the tie at 2 does not move it); patience 2 stops the run at epoch 3."""
+    config = RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=10,
+                       patience=2)
+    records = []
+    scripted_evaluate(monkeypatch, records)
+    ckpt = CheckpointManager(tmp_path, config.config_hash())
+    result = train(config, digits, records.append, checkpoints=ckpt)
+    assert (result.status, result.epochs_run) == ("completed", 3)
+    assert [r.epoch for r in records] == [0, 1, 2, 3]
+    epoch, state = ckpt.load_latest()
+    assert epoch == 3 and state["progress"] == {"best_acc": 0.5, "best_epoch": 1}
+
+
+def test_a_resumed_run_stops_by_patience_where_the_straight_run_did(digits, tmp_path, monkeypatch):
+    """best_acc/best_epoch are checkpointed state: a resume after epoch 2 must still stop at 3."""
+    config = RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=10,
+                       patience=2)
+    full = []
+    scripted_evaluate(monkeypatch, full)
+    assert train(config, digits, full.append).epochs_run == 3
+    records = []
+    scripted_evaluate(monkeypatch, records)
+    ckpt = CheckpointManager(tmp_path, config.config_hash())
+    calls = iter([False, False, True])  # asked before each epoch: stop after epoch 2
+    first = train(config, digits, records.append, checkpoints=ckpt, should_stop=lambda: next(calls, False))
+    assert (first.status, first.epochs_run) == ("stopped", 2)
+    second = train(config, digits, records.append, checkpoints=ckpt)
+    assert (second.status, second.epochs_run) == ("completed", 3)
+    strip = lambda rows: [dataclasses.replace(r, seconds=0.0) for r in rows]
+    assert strip(records) == strip(full)
+
+
+CODE_RAN = []
+
+
+def _run_code(tag):
+    CODE_RAN.append(tag)
+    return tag
+
+
+class _Tampered:
+    def __reduce__(self):
+        return _run_code, ("unpickled",)
+
+
+def test_a_checkpoint_that_would_run_code_on_load_is_skipped(tmp_path):
+    """weights_only loading: a file pickling arbitrary objects is refused even with a valid digest."""
+    import hashlib
+    import io
+
+    ckpt = CheckpointManager(tmp_path, "h")
+    ckpt.save(3, {"w": torch.ones(2)})
+    buffer = io.BytesIO()
+    torch.save({"epoch": 4, "config_hash": "h", "state": {"w": _Tampered()}}, buffer)
+    (tmp_path / "epoch-000004.pt").write_bytes(buffer.getvalue())
+    (tmp_path / "epoch-000004.pt.sha256").write_text(hashlib.sha256(buffer.getvalue()).hexdigest())
+    CODE_RAN.clear()
+    epoch, state = ckpt.load_latest()
+    assert epoch == 3 and torch.equal(state["w"], torch.ones(2))
+    assert CODE_RAN == []
+
+
+def test_a_checkpoint_renamed_to_another_epoch_is_skipped(tmp_path):
+    """The epoch inside the file must match its name: a copy named epoch 5 holds epoch 3's state."""
+    import shutil
+
+    ckpt = CheckpointManager(tmp_path, "h")
+    ckpt.save(3, {"w": torch.ones(2)})
+    for suffix in (".pt", ".pt.sha256"):
+        shutil.copy(tmp_path / f"epoch-000003{suffix}", tmp_path / f"epoch-000005{suffix}")
+    assert [e for e, _ in ckpt.paths()] == [5, 3]
+    epoch, state = ckpt.load_latest()
+    assert epoch == 3 and torch.equal(state["w"], torch.ones(2))
