@@ -16,6 +16,7 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Callable, Iterator
 
 from kanfarm.config import ConfigError, RunConfig
@@ -184,11 +185,11 @@ class _ClaimedRun:
     def epoch_end(self) -> None:
         """A pack member: write the pack's rows (the first member to get here), then settle its own."""
         self.rows.flush()
+        if self.run.id in self.rows.errors:  # with the write's own traceback, not grown by each member
+            exc, traceback_ = self.rows.errors.pop(self.run.id)
+            raise exc.with_traceback(traceback_)
         if self.run.id in self.rows.done:
-            outcome = self.rows.done.pop(self.run.id)
-            if isinstance(outcome, Exception):
-                raise outcome
-            record, lost = outcome
+            record, lost = self.rows.done.pop(self.run.id)
             if lost:
                 self.lost(record.epoch)
             else:
@@ -243,7 +244,8 @@ class _EpochRows:
     def __init__(self, store: Store, worker: str):
         self.store, self.worker = store, worker
         self.pending: list[tuple[int, EpochRecord]] = []
-        self.done: dict[int, tuple[EpochRecord, bool] | Exception] = {}  # run id -> (record, lease lost)
+        self.done: dict[int, tuple[EpochRecord, bool]] = {}  # run id -> (record, lease lost)
+        self.errors: dict[int, tuple[Exception, TracebackType | None]] = {}  # run id -> (the write's error, its traceback)
 
     def add(self, run_id: int, record: EpochRecord) -> None:
         record.validate()  # a bad record is its member's error, raised here
@@ -257,7 +259,7 @@ class _EpochRows:
             try:
                 lost = self.store.write_epochs(pending, self.worker)
             except Exception as exc:
-                self.done.update({run_id: exc for run_id, _ in pending})
+                self.errors.update({run_id: (exc, exc.__traceback__) for run_id, _ in pending})
                 return
             self.done.update({run_id: (record, run_id in lost) for run_id, record in pending})
 

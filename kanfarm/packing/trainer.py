@@ -326,7 +326,7 @@ def _train_group(group: list[_Slot], data: Dataset, device: torch.device, start:
         for slot in active:
             if slot.member.epoch_end is not None and all(slot is not f for f in failed):
                 guarded(slot, slot.member.epoch_end)
-        return diverged
+        return [s for s in diverged if all(s is not f for f in failed)]  # a failed member is failed
 
     epoch = start
     if start == 0:
