@@ -1050,4 +1050,26 @@ def test_a_stop_signal_during_a_restart_reaches_the_new_worker(monkeypatch, tmp_
     monkeypatch.setattr(launcher, "RESTART_DELAY_S", 0.1)
     monkeypatch.setattr(launcher.subprocess, "Popen", popen_during_a_signal)
     code = launcher.launch([_ScriptWorker("w0", script)], poll_s=0.05)
-    assert "ran-out" not in log.read_text() and code != 0
+    # killed by that SIGTERM before it could handle it: a clean stop, as it held no run
+    assert "ran-out" not in log.read_text() and code == 0
+
+
+def test_a_stop_signal_while_starting_starts_no_further_worker(monkeypatch, tmp_path):
+    import subprocess as sp
+
+    from workers import launcher
+
+    def script(name: str) -> str:
+        return (f"from pathlib import Path; import time\nPath({str(tmp_path / name)!r}).write_text('started')\n"
+                "time.sleep(10)\n")
+
+    popen = sp.Popen
+
+    def popen_then_a_signal(*args, **kwargs):
+        proc = popen(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # Ctrl-C right after the first worker started
+        return proc
+
+    monkeypatch.setattr(launcher.subprocess, "Popen", popen_then_a_signal)
+    code = launcher.launch([_ScriptWorker("w0", script("w0")), _ScriptWorker("w1", script("w1"))], poll_s=0.05)
+    assert code == 0 and not (tmp_path / "w1").exists()

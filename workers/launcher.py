@@ -144,7 +144,10 @@ def launch(specs: list[WorkerSpec], loglevel: str = "INFO", poll_s: float = 0.5)
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         for i in range(len(specs)):
-            start(i)
+            if signals_seen:  # stopped while starting: the rest never start
+                codes[i] = 0
+            else:
+                start(i)
         while any(code is None for code in codes):
             time.sleep(poll_s)
             now = time.monotonic()
@@ -163,6 +166,8 @@ def launch(specs: list[WorkerSpec], loglevel: str = "INFO", poll_s: float = 0.5)
                 code = proc.poll()
                 if code is None:
                     continue
+                if code == -signal.SIGTERM and len(signals_seen) == 1:
+                    code = 0  # stopped before Celery took over SIGTERM: it held no run, a clean stop
                 crashes[i] = [t for t in crashes[i] if now - t < CRASH_WINDOW_S] + [now]
                 if signals_seen or code == 0 or len(crashes[i]) >= MAX_CRASHES:
                     codes[i] = code
