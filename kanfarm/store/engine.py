@@ -3,7 +3,8 @@
 SQLite: WAL once the file is migrated (readers never block the writer), a 30 s busy timeout,
 foreign keys on, and write transactions opened with ``BEGIN IMMEDIATE`` so two processes never
 both hold a read lock and then deadlock upgrading it (the cause of instant "database is locked"
-errors that busy_timeout cannot help). Read-only work goes through :func:`read_only` and opens a plain deferred ``BEGIN``.
+errors that busy_timeout cannot help). Read-only work goes through :func:`read_only` and opens a
+plain deferred ``BEGIN``.
 
 PostgreSQL: ``pool_pre_ping`` so connections dropped by the server or a network blip are replaced.
 """
