@@ -76,39 +76,17 @@ def test_a_packs_epoch_rows_go_in_one_transaction_and_a_member_taken_over_stops(
     assert all([r["epoch"] for r in store.epoch_metrics(i)] == [0, 1, 2, 3] for i in (ids[0], ids[2]))
 
 
-def test_a_failed_write_of_a_packs_rows_fails_every_member_whose_row_it_held(sqlite_store, tmp_path, monkeypatch):
+@pytest.mark.parametrize("lrs", [(0.01, 0.02, 0.03), (1e30, 0.02, 0.03)], ids=["healthy", "one-diverging"])
+def test_a_failed_write_of_a_packs_rows_fails_every_member_whose_row_it_held(sqlite_store, tmp_path, monkeypatch, lrs):
     """Not only the member that happened to flush the batch: the others would train on without
-    that epoch's row and end completed with a gap in their history."""
+    that epoch's row and end completed with a gap in their history. A member diverging in that
+    epoch had its row in the failed batch too: its outcome must say failed, as the store does."""
     from kanfarm.runner import execute_pack
 
     monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
     store = sqlite_store
     base = dict(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=3, optimizer="sgd")
-    ids = _grid(store, [RunConfig(lr=lr, **base) for lr in (0.01, 0.02, 0.03)])
-    write_many = store.write_epochs
-
-    def refuse_epoch_1(rows, worker):
-        if rows[0][1].epoch == 1:
-            raise sa.exc.IntegrityError("INSERT INTO epoch_metrics ...", {}, Exception("constraint failed"))
-        return write_many(rows, worker)
-
-    monkeypatch.setattr(store, "write_epochs", refuse_epoch_1)
-    outcomes = {o.run_id: o.status for o in execute_pack(store, ids, "w1")}
-    assert outcomes == dict.fromkeys(ids, "failed")
-    assert all("constraint failed" in store.run(i).error for i in ids)
-    assert all([r["epoch"] for r in store.epoch_metrics(i)] == [0] for i in ids)
-    # each member's error carries the write's own traceback, not one grown by every member before it
-    assert len({store.run(i).error for i in ids}) == 1
-
-
-def test_a_member_diverging_as_the_rows_write_fails_is_reported_failed(sqlite_store, tmp_path, monkeypatch):
-    """Its diverged row was in the failed batch: the outcome must say failed, as the store does."""
-    from kanfarm.runner import execute_pack
-
-    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
-    store = sqlite_store
-    base = dict(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=3, optimizer="sgd")
-    ids = _grid(store, [RunConfig(lr=lr, **base) for lr in (1e30, 0.02, 0.03)])
+    ids = _grid(store, [RunConfig(lr=lr, **base) for lr in lrs])
     write_many = store.write_epochs
 
     def refuse_epoch_1(rows, worker):
@@ -119,6 +97,10 @@ def test_a_member_diverging_as_the_rows_write_fails_is_reported_failed(sqlite_st
     monkeypatch.setattr(store, "write_epochs", refuse_epoch_1)
     outcomes = {o.run_id: o.status for o in execute_pack(store, ids, "w1")}
     assert outcomes == dict.fromkeys(ids, "failed") == {i: store.run(i).status for i in ids}
+    assert all("constraint failed" in store.run(i).error for i in ids)
+    assert all([r["epoch"] for r in store.epoch_metrics(i)] == [0] for i in ids)
+    # each member's error carries the write's own traceback, not one grown by every member before it
+    assert len({store.run(i).error for i in ids}) == 1
 
 
 def test_a_pack_that_crashes_keeps_the_results_of_members_that_had_ended(sqlite_store, tmp_path, monkeypatch):
