@@ -55,6 +55,8 @@ def linked_hashes(store, grid: str) -> dict[str, dict[str, Any]]:
 
 #: SQLite's words for a file that is not (or no longer) a database
 _NOT_A_DATABASE = ("file is not a database", "database disk image is malformed")
+#: how psycopg words libpq's refusal of a URL option's value (a port, an sslmode) before connecting
+_URL_REFUSED = ("connection is bad: invalid ",)
 
 
 def handles_errors(func: Callable) -> Callable:
@@ -78,12 +80,16 @@ def handles_errors(func: Callable) -> Callable:
             fail(str(exc), code=1)
         except OperationalError as exc:  # the driver's own words name no password
             first = str(exc.orig or exc).strip().splitlines()[0]
+            if first.startswith(_URL_REFUSED):
+                fail(f"{_url_text()}: the driver refused the URL: {first}", code=2)
             fail(f"database unavailable ({_url_text()}): {first}", code=1)
         except DatabaseError as exc:
             first = str(exc.orig or exc).strip().splitlines()[0]
-            if not any(words in first for words in _NOT_A_DATABASE):
-                raise  # a constraint or a bug: its traceback is the useful part
-            fail(f"{_url_text()}: not a usable kanfarm database: {first}", code=2)
+            if any(words in first for words in _NOT_A_DATABASE):
+                fail(f"{_url_text()}: not a usable kanfarm database: {first}", code=2)
+            if exc.statement is None:  # raised while connecting: an option the driver does not take
+                fail(f"{_url_text()}: the driver refused the URL: {first}", code=2)
+            raise  # a constraint or a bug: its traceback is the useful part
 
     return wrapper
 
@@ -106,14 +112,42 @@ def database_url():
 
     try:
         url = engine.database_url()
-    except ArgumentError:  # not echoed: an unparsable URL may still hold a password
+    except (ArgumentError, ValueError):  # not echoed: an unparsable URL may still hold a password
         fail(f"{engine.URL_ENV}: not a database URL (sqlite:///path/to.db or postgresql+psycopg://user@host/db)")
     if url.get_backend_name() not in ("sqlite", "postgresql"):
         fail(f"{engine.URL_ENV}: unsupported database {engine.masked(url)}: use sqlite or postgresql")
-    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
-        fail(f"{engine.URL_ENV}: an in-memory SQLite database keeps nothing between commands: "
-             "give a file (sqlite:///path/to.db)")
+    if url.port is not None and not 0 < url.port < 65536:
+        fail(f"{engine.URL_ENV}: port {url.port} is not a port number (1-65535)")
+    if url.get_backend_name() == "sqlite":
+        _check_sqlite_url(url)
     return url
+
+
+def _check_sqlite_url(url) -> None:
+    """A SQLite URL's file and options, refused here rather than as "database unavailable" or a
+    traceback at the first connection."""
+    import warnings
+
+    from sqlalchemy.exc import SAWarning
+
+    from kanfarm.store.engine import URL_ENV
+
+    if url.database in (None, "", ":memory:"):
+        fail(f"{URL_ENV}: an in-memory SQLite database keeps nothing between commands: "
+             "give a file (sqlite:///path/to.db)")
+    path = Path(url.database)
+    if path.is_dir():
+        fail(f"{URL_ENV}: {url.database} is a folder, not a database file")
+    if not path.absolute().parent.is_dir():
+        fail(f"{URL_ENV}: no folder {str(path.absolute().parent)!r} for the database file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SAWarning)  # an option the driver would ignore
+        try:
+            url.get_dialect()().create_connect_args(url)
+        except SAWarning as exc:
+            fail(f"{URL_ENV}: {str(exc).splitlines()[0]}")
+        except (ValueError, TypeError) as exc:
+            fail(f"{URL_ENV}: a query option's value: {str(exc).splitlines()[0]}")
 
 
 def missing_sqlite_file(url) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import sys
 from typing import Any, Optional
+from urllib.parse import urlsplit
 
 import typer
 from rich.text import Text
@@ -34,16 +35,51 @@ def _check_queue(queue: str) -> None:
     _check_broker_url()
 
 
+#: what Celery's ``--loglevel`` accepts (any case)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "FATAL")
+
+
 def _check_broker_url() -> None:
     """A broker URL of another scheme than Redis's is refused before anything is written (kombu
     would fail later with a long traceback). The URL is not echoed: it may hold a password."""
     from workers.celery_app import BROKER_ENV, broker_url
 
-    scheme, sep, _ = broker_url().partition("://")
+    url = broker_url()
+    scheme, sep, _ = url.partition("://")
     if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]{0,15}", scheme):  # echoing it could show a password
         fail(f"{BROKER_ENV}: not a URL: use redis://host:6379/0")
     if scheme.lower() not in ("redis", "rediss"):
         fail(f"{BROKER_ENV}: unsupported broker scheme {scheme.lower()!r}: use redis://host:6379/0")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError: not a number, or not 0-65535)
+    except ValueError:
+        fail(f"{BROKER_ENV}: malformed host or port: use redis://host:6379/0")
+    database = parts.path.strip("/")
+    if database and not (database.isascii() and database.isdigit()):
+        fail(f"{BROKER_ENV}: what follows the host must be a database number: use redis://host:6379/0")
+
+
+def _check_broker_answers() -> None:
+    """Refuse (exit 2, before anything is written) a broker that answers but turns the URL down:
+    a database number the server does not have, a wrong password. A broker that does not answer
+    is left to the publish step (its runs stay queued for ``kanfarm requeue``)."""
+    import redis
+
+    from workers.celery_app import BROKER_ENV, broker_url
+
+    try:
+        client = redis.Redis.from_url(broker_url(), socket_connect_timeout=2, socket_timeout=2)
+    except ValueError:
+        return  # an option redis-py does not know but kombu may: the publish step decides
+    try:
+        client.ping()
+    except (redis.AuthenticationError, redis.ResponseError) as exc:  # the server's words, no URL in them
+        fail(f"{BROKER_ENV}: the broker refused the URL: {str(exc).splitlines()[0]}")
+    except redis.RedisError:
+        return
+    finally:
+        client.close()
 
 
 def _publish(run_ids: list[int], queue: str) -> int:
@@ -113,6 +149,7 @@ def enqueue_grid(spec: str = typer.Argument(..., help="A TOML spec file or a pre
     size = parse_pack_size(pack_size)
     store = open_store()
     grid = read_spec(spec)
+    _check_broker_answers()
     if dry_run:
         hashes = {config.normalised().config_hash() for config, _, _ in sized_cells(grid)}
         known = {row["config_hash"]: row["status"]
@@ -159,6 +196,7 @@ def requeue(grid: Optional[str] = typer.Option(None, "--grid", help="Only runs o
     _check_broker_url()
     store = open_store()
     grid_exists(store, grid)
+    _check_broker_answers()
     with err_console.status(Text("finding the runs to publish")):
         queued = store.run_ids(grid, statuses=["queued"])
         stale_ids = store.stale_runs(grid) if stale else []
@@ -214,6 +252,8 @@ def worker(gpus: Optional[str] = typer.Option(None, "--gpus", help="GPU ids, e.g
     """Start Celery workers on this machine and wait; SIGTERM/Ctrl-C checkpoints and releases runs."""
     from workers.launcher import check_gpus, launch, parse_gpus, parse_queues, plan
 
+    if loglevel.upper() not in LOG_LEVELS:  # Celery's own refusal would come once per restart
+        fail(f"--loglevel: {loglevel!r} is not one of {', '.join(LOG_LEVELS)}")
     try:
         gpu_ids = parse_gpus(gpus)
         check_gpus(gpu_ids)
@@ -229,6 +269,7 @@ def worker(gpus: Optional[str] = typer.Option(None, "--gpus", help="GPU ids, e.g
     check_run_environment()
     lease_seconds(), max_attempts(), visibility_timeout()
     _check_broker_url()
+    _check_broker_answers()
     store = open_store()  # refuse to start against a database that was not migrated
     store.dispose(close=True)
     for spec in specs:

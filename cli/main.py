@@ -271,6 +271,8 @@ def report_efficiency(grid: Optional[str] = GridOpt, as_json: bool = JsonOpt, as
             fail(f"--intrinsic-dim: {item[:60]!r} is not DATASET=N with N a non-negative integer")
         if name not in DATASETS:
             fail(f"--intrinsic-dim: unknown dataset {name!r} (known: {', '.join(DATASETS)})")
+        if name in overrides:
+            fail(f"--intrinsic-dim: {name} given twice")
         overrides[name] = int(value)
     _report("efficiency", grid, as_json, as_csv, intrinsic_dim=overrides)
 

@@ -15,9 +15,12 @@ def register(report_app: typer.Typer) -> None:
     @report_app.command("plot")
     @handles_errors
     def report_plot(grid: Optional[str] = GridOpt,
-                    out: Path = typer.Option(..., "--out", help="Folder for name.png and name.svg.")) -> None:
+                    out: str = typer.Option(..., "--out", help="Folder for name.png and name.svg.")) -> None:
         """Figures (PNG and SVG) of every study question the grid has data for."""
         from kanfarm.reports.figures import build_figures, save_figures
+
+        if not out.strip():  # as a Path, "" would be the current folder
+            fail("--out: give a folder (. for the current one)")
 
         store = open_store()
         grid_exists(store, grid)
@@ -25,7 +28,7 @@ def register(report_app: typer.Typer) -> None:
         if built.note:
             err_console.print(built.note, highlight=False, soft_wrap=True)
         try:
-            paths = save_figures(built.figures, out)
+            paths = save_figures(built.figures, Path(out))
         except OSError as exc:
             fail(f"--out: cannot write to {out}: {exc.strerror or exc}")
         for name, reason in built.skipped.items():

@@ -3,17 +3,31 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 
 
 def atomic_write(path: str | os.PathLike, payload: bytes, durable: bool = False) -> None:
     """Write beside ``path``, then rename over it; on failure the temporary file is removed.
+    A ``path`` that is a device or a FIFO is written to directly; a symlink's target is replaced.
 
     ``durable``: fsync the file and its folder, so the rename survives a power cut (checkpoints)."""
     path = Path(path)
     if not path.name or path.is_dir():  # "", ".", "..", a folder: an OSError the callers report
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    try:
+        mode = os.stat(path).st_mode  # through symlinks
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        # a device, a FIFO, a terminal (/dev/null, /dev/stdout): written through, as a shell's
+        # ``>`` would; a rename would put a regular file in its place
+        with open(path, "wb") as f:
+            f.write(payload)
+        return
+    if path.is_symlink():  # the file it points to is replaced; the link stays
+        path = Path(os.path.realpath(path))
     # a fresh name (O_EXCL): a guessable one could be a planted symlink to another file
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 MODELS = ("kan", "mlp", "mlp_wide")
@@ -53,6 +54,24 @@ def env_flag(name: str, default: bool) -> bool:
     if value == "":
         return default
     raise ConfigError(name, f"{value!r}: use 1 (on) or 0 (off)")
+
+
+def check_widths_text(name: str, widths: tuple[int, ...]) -> None:
+    """Hidden widths written out as text (``64,32``) must fit the store's column."""
+    if len(",".join(map(str, widths))) > MAX_STORED_TEXT:
+        raise ConfigError(name, f"{len(widths)} layers: written out as text the widths "
+                          f"must fit {MAX_STORED_TEXT} characters (the store's column)")
+
+
+def check_folder(name: str, path: Path) -> None:
+    """``path`` (from variable ``name``) is a folder, or can become one: its nearest existing
+    ancestor is a folder. A ConfigError otherwise, before anything is written under it."""
+    for where in (path, *path.parents):
+        if where.exists():
+            if not where.is_dir():
+                what = "is" if where == path else f"lies below {str(where)!r}, which is"
+                raise ConfigError(name, f"{str(path)!r} {what} a file, not a folder")
+            return
 
 
 def canonical_dataset_options(dataset: str, options: Any, fld: str = "dataset_options") -> dict[str, int]:
@@ -171,9 +190,7 @@ class RunConfig:
             widths = tuple(int(w) for w in self.hidden_widths)
             if any(not 1 <= w <= MAX_STORED_INT for w in widths):
                 raise ConfigError("hidden_widths", f"{list(widths)} must be positive integers up to {MAX_STORED_INT}")
-            if len(",".join(map(str, widths))) > MAX_STORED_TEXT:
-                raise ConfigError("hidden_widths", f"{len(widths)} layers: written out as text the widths "
-                                  f"must fit {MAX_STORED_TEXT} characters (the store's column)")
+            check_widths_text("hidden_widths", widths)
             depth = self.depth if self.depth in DEPTHS else None
         else:
             choice("depth", self.depth, DEPTHS)

@@ -169,6 +169,7 @@ def run_grid_locally(store: Store, grid: str, *, workers: int = 1, device: str =
     if workers < 1:
         raise ValueError("workers must be at least 1")
     release_dead_holders(store, grid)
+    workers = min(workers, max(1, len(store.claimable_runs(grid))))  # an idle process still imports torch
     errors: list[BaseException] = []
     if workers == 1:
         shutdown: Any = threading.Event()

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Callable, Iterator
 
-from kanfarm.config import ConfigError, RunConfig
+from kanfarm.config import ConfigError, RunConfig, check_folder
 from kanfarm.data import DatasetFormatError, DatasetUnavailable, data_dir, load_dataset
 from kanfarm.data.dataset import Dataset
 from kanfarm.store import LeaseLost, Store
@@ -35,7 +35,8 @@ CHECKPOINT_S = 30.0
 
 
 def checkpoint_root() -> Path:
-    return Path(os.environ.get("KANFARM_CHECKPOINT_DIR", "kanfarm-checkpoints"))
+    """``KANFARM_CHECKPOINT_DIR``, else (unset or empty) ``./kanfarm-checkpoints``."""
+    return Path(os.environ.get("KANFARM_CHECKPOINT_DIR") or "kanfarm-checkpoints")
 
 
 def checkpoint_settings() -> tuple[int, int]:
@@ -48,9 +49,7 @@ def checkpoint_settings() -> tuple[int, int]:
         if not (value.isascii() and value.isdigit()) or int(value) < 1:
             raise ConfigError(name, f"{value!r} must be a positive integer")
         settings.append(int(value))
-    root = checkpoint_root()
-    if root.exists() and not root.is_dir():
-        raise ConfigError("KANFARM_CHECKPOINT_DIR", f"{str(root)!r} is a file, not a folder")
+    check_folder("KANFARM_CHECKPOINT_DIR", checkpoint_root())
     return settings[0], settings[1]
 
 
@@ -64,6 +63,7 @@ def check_run_environment() -> None:
     checkpoint_interval()
     triton_wanted()
     offline()
+    check_folder("KANFARM_DATA_DIR", data_dir())
 
 
 def checkpoint_interval() -> float:

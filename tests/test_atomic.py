@@ -48,3 +48,28 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["figure.png"]
     with pytest.raises(IsADirectoryError):
         atomic_write(tmp_path, b"x")
+
+
+def test_a_device_a_fifo_and_a_symlink_are_written_through_not_replaced(tmp_path):
+    """``--out /dev/null`` or ``/dev/stdout`` (a link to a pipe or a terminal): a rename would put a
+    regular file in their place. (Not tried on /dev/null itself: a regression would replace it.)"""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    stdout_like = tmp_path / "stdout"
+    stdout_like.symlink_to(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader, so the writer's open does not block
+    try:
+        atomic_write(fifo, b"through the pipe, ")
+        atomic_write(stdout_like, b"and through a link to it")
+        assert os.read(reader, 100) == b"through the pipe, and through a link to it"
+    finally:
+        os.close(reader)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and stdout_like.is_symlink()
+
+    real = tmp_path / "real.csv"
+    real.write_text("old")
+    link = tmp_path / "link.csv"
+    link.symlink_to(real)
+    atomic_write(link, b"new")
+    assert link.is_symlink() and real.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link.csv", "real.csv", "stdout"]

@@ -79,7 +79,12 @@ def test_a_bad_device_is_refused_before_anything_is_written(env):
 @pytest.mark.parametrize("url,code,message", [
     ("notaurl", 2, "not a database URL"),
     ("mysql://user:secret@127.0.0.1/db", 2, "unsupported database"),
-    ("sqlite:////nonexistent-folder/k.db", 1, "unable to open database file"),  # db upgrade creates
+    ("postgresql+psycopg://user:secret@127.0.0.1:abc/db", 2, "not a database URL"),
+    ("postgresql+psycopg://user:secret@127.0.0.1:99999/db", 2, "not a port number"),
+    ("sqlite:////nonexistent-folder/k.db", 2, "no folder '/nonexistent-folder'"),  # db upgrade creates files, not folders
+    ("sqlite:///.", 2, "is a folder"),
+    ("sqlite:///k.db?timeout=abc", 2, "a query option's value"),
+    ("sqlite:///k.db?bogus=1", 2, "'bogus' are not accepted"),
 ])
 def test_a_bad_database_url_is_one_line_naming_the_variable(env, monkeypatch, url, code, message):
     monkeypatch.setenv("KANFARM_DATABASE_URL", url)
@@ -87,6 +92,17 @@ def test_a_bad_database_url_is_one_line_naming_the_variable(env, monkeypatch, ur
     assert result.exit_code == code, result.output
     assert message in result.output and "KANFARM_DATABASE_URL" in result.output
     assert "Traceback" not in result.output and "secret" not in result.output
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("query,message", [("sslmode=bogus", 'invalid sslmode value: "bogus"'),
+                                           ("bogus=1", 'invalid connection option "bogus"')])
+def test_a_postgres_url_option_the_driver_refuses_exits_2(env, monkeypatch, postgres_url, query, message):
+    """Refused before any connection is tried: the URL is wrong, the database is not unavailable."""
+    monkeypatch.setenv("KANFARM_DATABASE_URL", f"{postgres_url}?{query}")
+    result = invoke("db", "upgrade")
+    assert result.exit_code == 2 and "the driver refused the URL" in result.output and message in result.output, \
+        result.output
 
 
 def test_export_to_a_path_it_cannot_write_exits_2_and_leaves_nothing(env):
@@ -141,6 +157,14 @@ def test_intrinsic_dim_option_is_checked(env):
                           ("svhn=3", "unknown dataset")):
         result = invoke("report", "efficiency", "--intrinsic-dim", item.encode().decode("unicode_escape"))
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_an_intrinsic_dim_given_twice_and_an_empty_plot_folder_are_refused(env):
+    assert invoke("db", "upgrade").exit_code == 0
+    result = invoke("report", "efficiency", "--intrinsic-dim", "digits=1", "--intrinsic-dim", "digits=2")
+    assert result.exit_code == 2 and "--intrinsic-dim: digits given twice" in result.output, result.output
+    result = invoke("report", "plot", "--out", "")
+    assert result.exit_code == 2 and "--out: give a folder" in result.output, result.output
 
 
 def test_invalid_spec_exits_2_names_the_field_and_writes_nothing(env):
@@ -414,7 +438,8 @@ def test_user_text_that_looks_like_rich_markup_is_printed_as_it_is(env):
 
 @pytest.mark.parametrize("variable, value", [("KANFARM_CHECKPOINT_EVERY", "abc"), ("KANFARM_CHECKPOINT_EVERY", "\u00b2"),
                                              ("KANFARM_CHECKPOINT_KEEP", "0"), ("KANFARM_CHECKPOINT_SECONDS", "-1"),
-                                             ("KANFARM_CHECKPOINT_DIR", "afile"), ("KANFARM_TRITON", "maybe"),
+                                             ("KANFARM_CHECKPOINT_DIR", "afile"), ("KANFARM_CHECKPOINT_DIR", "afile/sub"),
+                                             ("KANFARM_DATA_DIR", "afile"), ("KANFARM_TRITON", "maybe"),
                                              ("KANFARM_OFFLINE", "maybe")])
 def test_run_grid_checks_the_environment_before_writing_anything(env, monkeypatch, variable, value):
     (env / "afile").write_text("not a folder")
@@ -438,6 +463,35 @@ def test_crashed_worker_processes_are_an_error_not_done(env, monkeypatch):
     monkeypatch.setenv("KANFARM_CHECKPOINT_EVERY", "abc")  # each spawned worker fails on it at once
     with pytest.raises(WorkerCrashed, match="kanfarm-worker-0"):
         run_grid_locally(store, "tiny", workers=2)
+    store.dispose()
+
+
+def test_local_workers_are_no_more_than_the_runs_to_claim(env, monkeypatch):
+    """Every worker process imports torch: --workers beyond the grid's runs starts none of the rest."""
+    import multiprocessing as mp
+
+    from kanfarm import local
+    from kanfarm.grids import load_spec
+    from kanfarm.store import Store
+    from kanfarm.submission import submit
+
+    store = Store(f"sqlite:///{env / 'k.db'}")
+    store.upgrade()
+    submit(store, load_spec(str(env / "tiny.toml")))  # 4 runs
+    made = []
+
+    class Ctx:  # processes that are made, not started
+        Event = staticmethod(mp.get_context("spawn").Event)
+
+        @staticmethod
+        def Process(*args, **kwargs):
+            made.append(kwargs["name"])
+            return type("P", (), {"start": lambda self: None, "is_alive": lambda self: False,
+                                  "join": lambda self, timeout=None: None})()
+
+    monkeypatch.setattr(local.mp, "get_context", lambda method: Ctx)
+    local.run_grid_locally(store, "tiny", workers=10**12)
+    assert len(made) == 4
     store.dispose()
 
 
@@ -547,6 +601,29 @@ def test_worker_refuses_to_start_on_a_bad_setting(env, monkeypatch, variable, va
     monkeypatch.delitem(sys.modules, "workers.celery_app", raising=False)  # read at import
     result = invoke("worker", "--concurrency", "1")
     assert result.exit_code == 2 and variable in result.output, result.output
+
+
+@pytest.mark.parametrize("url,message", [("redis://:topsecret@127.0.0.1:abc/0", "malformed host or port"),
+                                         ("redis://:topsecret@127.0.0.1:70000/0", "malformed host or port"),
+                                         ("redis://:topsecret@[::1/0", "malformed host or port"),
+                                         ("redis://:topsecret@127.0.0.1:6379/abc", "what follows the host must be a database number")])
+def test_a_malformed_broker_url_is_refused_before_anything_is_written(env, monkeypatch, url, message):
+    assert invoke("db", "upgrade").exit_code == 0
+    monkeypatch.setenv("KANFARM_BROKER_URL", url)
+    for args in (["enqueue", "grid", "tiny.toml"], ["enqueue", "grid", "tiny.toml", "--dry-run"], ["requeue"],
+                 ["worker"]):
+        result = invoke(*args)
+        assert result.exit_code == 2 and f"KANFARM_BROKER_URL: {message}" in result.output, (args, result.output)
+        assert "topsecret" not in result.output
+    assert rows(env / "k.db", "SELECT COUNT(*) AS n FROM runs")[0]["n"] == 0
+
+
+def test_worker_refuses_an_unknown_log_level_before_starting_celery(env, monkeypatch):
+    from workers import launcher
+
+    monkeypatch.setattr(launcher, "launch", lambda *a, **k: pytest.fail("a worker was started"))
+    result = invoke("worker", "--loglevel", "BOGUS")
+    assert result.exit_code == 2 and "--loglevel: 'BOGUS' is not one of" in result.output, result.output
 
 
 def test_a_broker_url_of_another_scheme_is_one_line_without_the_password(env, monkeypatch):

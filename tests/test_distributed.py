@@ -24,6 +24,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
+from conftest import stored_grids_and_runs
+
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("KANFARM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 LEASE_S = 4  # short, so a killed worker's run is reclaimable within the test
@@ -557,6 +559,24 @@ def test_flushed_broker_is_recovered_by_requeue(env, store, fleet, redis_db, tmp
     assert out["published"] == 2
     wait_for(lambda: finished(store, "flush", 2), WAIT_S, "flushed grid to finish", fleet)
     assert store.status_counts("flush")["completed"] == 2
+
+
+@pytest.mark.services
+def test_a_broker_that_refuses_the_url_stops_enqueue_before_anything_is_written(redis_db, tmp_path):
+    """Redis answers, but has no database 99: exit 2 naming the variable, not "broker unreachable"
+    after the runs were stored as queued."""
+    from kanfarm.store import Store
+
+    db = tmp_path / "k.db"
+    environment = {**os.environ, "KANFARM_DATABASE_URL": f"sqlite:///{db}", "PYTHONPATH": str(ROOT),
+                   "KANFARM_BROKER_URL": REDIS_URL.rsplit("/", 1)[0] + "/99"}
+    Store(environment["KANFARM_DATABASE_URL"]).upgrade()
+    for args in (["enqueue", "grid", spec_file(tmp_path, spec("refused"))], ["requeue"], ["worker"]):
+        proc = subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, env=environment,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "KANFARM_BROKER_URL: the broker refused the URL: DB index is out of range" in proc.stderr
+    assert stored_grids_and_runs(db) == (0, 0)
 
 
 @pytest.mark.services

@@ -88,13 +88,23 @@ def test_bad_batch_norm_names_the_field(value, field):
 
 
 @pytest.mark.parametrize("change,field", [({"name": "g" * 201}, "name"),
-                                          ({"widths": [[8] * 101]}, "hidden_widths")])
+                                          ({"widths": [[8] * 101]}, "widths[0]")])
 def test_text_longer_than_the_store_holds_names_the_field(change, field):
     """SQLite would store it, PostgreSQL refuse it with a traceback: refused at the spec, on both."""
     with pytest.raises(ConfigError) as err:
         parse_spec({**BASE, **change}).expand()
     assert err.value.field == field
     parse_spec({**BASE, "name": "g" * 200, "widths": [[8] * 100]}).expand()  # 200 characters fit
+
+
+@pytest.mark.parametrize("change,field", [({"name": "a\nb"}, "name"), ({"name": "a\0b"}, "name"),
+                                          ({"name": "tab\there"}, "name"), ({"description": "x\0y"}, "description")])
+def test_a_control_character_in_the_name_or_a_nul_in_the_description_is_refused(change, field):
+    """A newline would split every message naming the grid; PostgreSQL's text holds no NUL."""
+    with pytest.raises(ConfigError) as err:
+        parse_spec({**BASE, **change})
+    assert err.value.field == field
+    parse_spec({**BASE, "name": "ünïcode grid", "description": "two\nlines\tand a tab"})
 
 
 @pytest.mark.parametrize("hsic,field", [({"sigma": 0}, "hsic.sigma"), ({"beta": -1.0}, "hsic.beta"),

@@ -442,3 +442,15 @@ def test_runs_held_by_dead_processes_of_this_host_are_released_at_once(sqlite_st
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_an_empty_checkpoint_folder_variable_means_the_default(monkeypatch):
+    """As every other variable: empty is unset, not the current folder."""
+    from pathlib import Path
+
+    from kanfarm.runner import checkpoint_root
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", "")
+    assert checkpoint_root() == Path("kanfarm-checkpoints")
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", "/somewhere/else")
+    assert checkpoint_root() == Path("/somewhere/else")

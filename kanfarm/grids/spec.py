@@ -10,6 +10,7 @@ import itertools
 import json
 import math
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from kanfarm.config import (
     ConfigError,
     RunConfig,
     canonical_dataset_options,
+    check_widths_text,
 )
 from kanfarm.reports.efficiency import KNOWN_INTRINSIC_DIM  # one table: d_int90 where known (FACTS.md)
 
@@ -128,7 +130,9 @@ def _element(fld: str, kind: str, allowed: tuple[str, ...] | None, value: Any) -
     # widths: one architecture, a non-empty list of positive hidden widths
     if not isinstance(value, (list, tuple)) or not value:
         raise ConfigError(fld, f"{value!r} must be a non-empty list of hidden widths, e.g. [64, 32]")
-    return tuple(_pos_int(f"{fld}[{j}]", w) for j, w in enumerate(value))
+    widths = tuple(_pos_int(f"{fld}[{j}]", w) for j, w in enumerate(value))
+    check_widths_text(fld, widths)
+    return widths
 
 
 def _axis(key: str, data: dict[str, Any]) -> tuple[Any, ...]:
@@ -409,9 +413,13 @@ def parse_spec(data: dict[str, Any], name: str | None = None) -> GridSpec:
         raise ConfigError("name", f"{spec_name!r}: give the grid a non-empty name")
     if len(spec_name) > MAX_STORED_TEXT:
         raise ConfigError("name", f"{len(spec_name)} characters: at most {MAX_STORED_TEXT}")
+    if any(unicodedata.category(ch) == "Cc" for ch in spec_name):  # a newline would split messages
+        raise ConfigError("name", f"{spec_name!r} holds a control character")
     description = data.get("description", "")
     if not isinstance(description, str):
         raise ConfigError("description", f"{description!r} must be a string")
+    if "\0" in description:  # PostgreSQL's text cannot hold it
+        raise ConfigError("description", "holds a NUL character")
     axes = {key: _axis(key, data) for key in _AXES}
     if not axes["depths"] and not axes["widths"]:
         raise ConfigError("depths", "give depths and/or widths (at least one architecture)")
