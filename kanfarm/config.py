@@ -202,16 +202,7 @@ class RunConfig:
                 raise ConfigError("wide_multiplier", f"{self.wide_multiplier!r} scales hidden width {max(widths)} "
                                   f"beyond {MAX_STORED_INT}")
         # Settings a cell does not use stay at their defaults, so one network has one hash.
-        base = self
-        if self.model == "mlp":
-            base = dataclasses.replace(base, spline_order=3, grid_size=5)
-        if self.model == "kan":  # the study's code applied dropout to MLPs only
-            base = dataclasses.replace(base, dropout=0.2)
-        if self.model != "mlp_wide":
-            base = dataclasses.replace(base, wide_multiplier=None)
-        if self.trainer != "hsic":
-            base = dataclasses.replace(base, hsic_beta=100.0, hsic_sigma=10.0, hsic_x_term=False,
-                                       hsic_format_epochs=None)
+        base = dataclasses.replace(self, **{name: _DEFAULT_FIELDS[name] for name in self.unused_fields()})
         return dataclasses.replace(
             base,
             activation=activation,
@@ -225,6 +216,20 @@ class RunConfig:
             dataset_options=dataset_options,
             extra=dict(sorted(self.extra.items())),
         )
+
+    def unused_fields(self) -> tuple[str, ...]:
+        """The fields this cell's model and trainer do not use: ``normalised`` keeps them at their
+        defaults (one network, one hash), reports show them empty."""
+        unused: list[str] = []
+        if self.model == "mlp" or (self.model == "mlp_wide" and self.wide_multiplier is not None):
+            unused += ["spline_order", "grid_size"]  # an MLP-Wide scaled by hand matches no KAN
+        if self.model == "kan":  # the study's code applied dropout to MLPs only
+            unused.append("dropout")
+        if self.model != "mlp_wide":
+            unused.append("wide_multiplier")
+        if self.trainer != "hsic":
+            unused += ["hsic_beta", "hsic_sigma", "hsic_x_term", "hsic_format_epochs"]
+        return tuple(unused)
 
     def check_new(self) -> None:
         """Rules for runs submitted from now on, beyond ``normalised`` (which runs stored by earlier
@@ -265,3 +270,7 @@ class RunConfig:
             del data["batch_norm"]
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+#: RunConfig's defaults, what ``normalised`` puts in the fields a cell does not use
+_DEFAULT_FIELDS = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}

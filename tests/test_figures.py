@@ -373,3 +373,28 @@ def test_sensitivity_rows_put_each_kan_next_to_its_mlp_wide(sqlite_url):
         assert [o[0] for o in order] == ["8"] * 8 + ["16"] * 8  # widths as numbers
     finally:
         store.dispose(close=True)
+
+
+def test_sensitivity_rows_pair_kans_with_mlp_wides_of_default_activations_and_leave_unused_settings_empty(sqlite_url):
+    """A KAN (gelu by default) and its MLP-Wide (relu) still stand side by side, per spline order;
+    a setting the model does not have (a KAN's dropout, an MLP's spline order, a backprop run's
+    HSIC beta) is shown empty, not as the default it is stored with."""
+    from kanfarm.reports import sensitivity_table
+
+    store = Store(sqlite_url)
+    store.upgrade()
+    try:
+        cells = [RunConfig(dataset="digits", model=m, spline_order=k, dropout=0.0) for m in ("kan", "mlp_wide")
+                 for k in (2, 3)] + [RunConfig(dataset="digits", model="mlp", dropout=0.0)]
+        store.submit_grid("g", {"name": "g"}, [(c, 1000, None) for c in cells])
+        for run_id in store.run_ids("g"):
+            _finish(store, run_id, [0.2, 0.5])
+        rows = sensitivity_table(store, "g")
+        assert [(r["model"], r["activation"], r["spline_order"]) for r in rows] == [
+            ("kan", "gelu", 2), ("mlp_wide", "relu", 2), ("kan", "gelu", 3), ("mlp_wide", "relu", 3),
+            ("mlp", "relu", None)]
+        assert [r["dropout"] for r in rows] == [None, 0.0, None, 0.0, 0.0]
+        assert [r["grid_size"] for r in rows] == [5, 5, 5, 5, None]
+        assert {r["hsic_beta"] for r in rows} == {None} and {r["wide_multiplier"] for r in rows} == {None}
+    finally:
+        store.dispose(close=True)

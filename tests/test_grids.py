@@ -456,3 +456,18 @@ def test_a_cell_error_names_the_per_dataset_entry_that_caused_it(changes, field)
     with pytest.raises(ConfigError) as err:
         spec(datasets=["digits"], **changes)
     assert err.value.field == field
+
+
+def test_an_mlp_wide_scaled_by_hand_is_one_cell_whatever_the_spline_settings():
+    """With a wide_multiplier the MLP-Wide matches no KAN: spline order and grid size change
+    nothing in it, so they must not make four identical runs."""
+    grid = parse_spec({**BASE, "models": ["mlp_wide", "kan"], "spline_orders": [2, 3], "grid_sizes": [4, 5],
+                       "wide_multiplier": 2.0, "inits": ["kaiming_normal"], "optimizers": ["adam"],
+                       "learning_rates": [0.01], "seeds": [0]})
+    cells = grid.expand()
+    wide = [c for c in cells if c.model == "mlp_wide"]
+    assert len(wide) == 1 and (wide[0].spline_order, wide[0].grid_size) == (3, 5)
+    assert len([c for c in cells if c.model == "kan"]) == 4 * len(grid.depths or [None])
+    shown = grid.describe(sample=len(cells))["sample"]
+    assert [(c["spline_order"], c["dropout"]) for c in shown if c["model"] == "mlp_wide"] == [(None, 0.2)]
+    assert {c["dropout"] for c in shown if c["model"] == "kan"} == {None}

@@ -292,7 +292,8 @@ class GridSpec:
         """Every cell, normalised, outermost axis first, duplicates (by config_hash) dropped.
 
         Plain MLPs have no splines: they get RunConfig's default spline order and grid size
-        once instead of one identical cell per spline_orders x grid_sizes value. Computed once per
+        once instead of one identical cell per spline_orders x grid_sizes value (an MLP-Wide with
+        a ``wide_multiplier`` too, through its hash: ``RunConfig.unused_fields``). Computed once per
         spec (validation, submission and the CLI all ask; a large grid takes seconds)."""
         return list(self._cells)
 
@@ -379,7 +380,7 @@ class GridSpec:
             "batch_size": {d: self.batch_size_for(d) for d in self.datasets},
             "intrinsic_dim": {d: self.intrinsic_dim(d) for d in self.datasets},
             "dataset_options": {d: self.dataset_options[d] for d in self.datasets if d in self.dataset_options},
-            "sample": [cells[i].to_dict() for i in picks],
+            "sample": [{**cells[i].to_dict(), **dict.fromkeys(cells[i].unused_fields())} for i in picks],
         }
 
 

@@ -155,6 +155,7 @@ def sensitivity_table(store: SummarySource, grid: str | None = None) -> list[dic
     rows = []
     for runs in groups.values():
         setting = {c: runs[0].get(c) for c in SETTING_COLUMNS}
+        setting.update(dict.fromkeys(_unused_settings(setting)))  # shown empty: this model has no such setting
         accs = sorted(r["best_test_acc"] for r in runs if r["best_test_acc"] is not None)
         row: dict[str, Any] = {**setting, "runs": len(runs), "count": len(accs),
                                "divergence_rate": sum(r["status"] == "diverged" for r in runs) / len(runs)}
@@ -166,12 +167,27 @@ def sensitivity_table(store: SummarySource, grid: str | None = None) -> list[dic
         else:
             row.update(mean=None, median=None, std=None, iqr=None, min=None, max=None)
         rows.append(row)
-    # the model last, so that each KAN stands next to its MLP-Wide of the same settings
+    # the model after the settings a KAN and its MLP-Wide share, so that they stand side by side;
+    # the activation among them when the grid gave both the same ones (by default they differ)
+    same_activations = bool({r["activation"] for r in rows if r["model"] == "kan"}
+                            & {r["activation"] for r in rows if r["model"] == "mlp_wide"})
+    shared = [c for c in SETTING_COLUMNS if c not in _SORTED_APART or (c == "activation" and same_activations)]
     rows.sort(key=lambda r: (r["dataset"], arch_order(r["depth"] or r["hidden_widths"]), r["trainer"],
-                             tuple(str(r[c]) for c in SETTING_COLUMNS if c not in ("dataset", "model", "depth",
-                                                                                     "hidden_widths", "trainer")),
-                             MODEL_ORDER.get(r["model"], 9)))
+                             tuple(str(r[c]) for c in shared), MODEL_ORDER.get(r["model"], 9),
+                             tuple(str(r[c]) for c in SETTING_COLUMNS)))
     return rows
+
+
+#: what the sort of sensitivity rows puts before or after the model: the leading columns, and what
+#: a KAN and its parameter-matched MLP-Wide may hold differently (activation and dropout by default)
+_SORTED_APART = ("dataset", "model", "depth", "hidden_widths", "trainer", "activation", "dropout", "wide_multiplier")
+
+
+def _unused_settings(setting: dict[str, Any]) -> tuple[str, ...]:
+    from kanfarm.config import RunConfig
+
+    return RunConfig(model=setting["model"], trainer=setting["trainer"],
+                     wide_multiplier=setting.get("wide_multiplier")).unused_fields()
 
 
 _DEPTH_ORDER = {"shallow": 0, "medium": 1, "deep": 2}
