@@ -28,8 +28,14 @@ _GRID_FILTER = "WHERE r.id IN (SELECT g.run_id FROM grid_runs g JOIN grids gr ON
 
 
 def long_rows(store: Store, grid: str | None = None) -> list[dict[str, Any]]:
+    """With ``grid``, ``intrinsic_dim`` is that grid's own (as its reports use), not what the last
+    grid to state one stored on a run they share."""
+    from kanfarm.reports.tables import intrinsic_dims
+
     rows = store.query(_SQL.format(grid_filter=_GRID_FILTER if grid else ""), {"grid": grid} if grid else {})
+    dims = intrinsic_dims(store, grid)
     for row in rows:
+        row["intrinsic_dim"] = dims.get(row["dataset"], row["intrinsic_dim"])
         for column in ("extra", "config"):
             if isinstance(row.get(column), str):
                 row[column] = json.loads(row[column])

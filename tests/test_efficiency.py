@@ -53,6 +53,10 @@ def test_a_grid_uses_its_own_intrinsic_dimension_for_runs_stored_before(sqlite_s
         assert summary_table(store, grid)[0]["efficiency"] == pytest.approx(expected[grid])
     assert efficiency_table(store, "second", intrinsic_dim={"digits": 0})[0]["efficiency"] == pytest.approx(
         0.8 / 2 / math.log(1001))
+    from kanfarm.export import long_rows
+
+    assert {grid: {r["intrinsic_dim"] for r in long_rows(store, grid)} for grid in ("first", "second")} == {
+        "first": {100}, "second": {40}}  # an export of a grid states what its reports used
 
 
 def test_a_grids_reports_use_its_own_intrinsic_dimensions_not_another_grids(tmp_path):
