@@ -142,7 +142,7 @@ def enqueue_grid(spec: str = typer.Argument(..., help="A TOML spec file or a pre
                  as_json: bool = JsonOpt,
                  pack_size: str = typer.Option("1", "--pack-size",
                                                help="Publish compatible runs as packs of up to N (trained as one stacked model), or auto (each worker fits its GPU).")) -> None:
-    """Write a grid's runs (idempotent), mark the unfinished ones queued, publish one message each."""
+    """Write a grid's runs (idempotent), mark the unfinished ones queued, publish one message per run (or pack)."""
     from kanfarm.submission import sized_cells
 
     _check_queue(queue)
@@ -210,11 +210,15 @@ def requeue(grid: Optional[str] = typer.Option(None, "--grid", help="Only runs o
                     (retried if row["attempts"] < bound else exhausted).append(row["id"])
             store.mark_queued(retried, fresh_attempts=False)  # the bound counts every earlier attempt
         run_ids = sorted(set(queued) | set(stale_ids) | set(retried))
-        if queue is not None:
-            store.assign_queue(run_ids, queue)
         by_queue: dict[str, list[int]] = {}
+        unnoted: dict[str, list[int]] = {}  # published to another queue than the one noted (or none)
         for run_id, stored in sorted(store.queues(run_ids).items()):
-            by_queue.setdefault(queue or stored or "cpu", []).append(run_id)
+            name = queue or stored or "cpu"
+            by_queue.setdefault(name, []).append(run_id)
+            if name != stored:
+                unnoted.setdefault(name, []).append(run_id)
+        for name, ids in unnoted.items():
+            store.assign_queue(ids, name)
     published = {name: _publish(ids, name) if size == 1 else _publish_packs(store, grid, ids, size, name)
                  for name, ids in sorted(by_queue.items())}
     info = {"grid": grid, "queue": queue, "queued": len(queued), "stale": len(stale_ids),
@@ -228,8 +232,8 @@ def requeue(grid: Optional[str] = typer.Option(None, "--grid", help="Only runs o
     _report(info, as_json, lines)
 
 
-def cancel(grid: str = typer.Option(..., "--grid", help="The grid to cancel.")) -> None:
-    """Queued runs become cancelled; running ones stop at their next epoch boundary."""
+def cancel(grid: str = typer.Option(..., "--grid", help="The grid to cancel."), as_json: bool = JsonOpt) -> None:
+    """Waiting (pending or queued) runs become cancelled; running ones stop at their next epoch boundary."""
     store = open_store()
     grid_exists(store, grid)
     shared = [row["name"] for row in store.query(
@@ -238,11 +242,11 @@ def cancel(grid: str = typer.Option(..., "--grid", help="The grid to cancel.")) 
         "JOIN runs r ON r.id = a.run_id WHERE g1.name = :grid AND g2.name <> :grid "
         "AND r.status IN ('pending', 'queued', 'running') ORDER BY g2.name", {"grid": grid})]
     waiting, running = store.cancel(grid)
-    console.print(f"grid {grid}: {waiting} waiting runs cancelled, {running} running runs "
-                  "will stop at their next epoch", highlight=False)
+    lines = [f"grid {grid}: {waiting} waiting runs cancelled, {running} running runs will stop at their next epoch"]
     if shared:  # a run is one cell of every grid that holds it
-        console.print(f"some of them are cells of other grids too, cancelled there as well: {', '.join(shared)}; "
-                      "`run grid` or `enqueue grid` of a grid takes its cancelled runs back", highlight=False)
+        lines.append(f"some of them are cells of other grids too, cancelled there as well: {', '.join(shared)}; "
+                     "`run grid` or `enqueue grid` of a grid takes its cancelled runs back")
+    _report({"grid": grid, "cancelled": waiting, "stopping": running, "other_grids": shared}, as_json, lines)
 
 
 def worker(gpus: Optional[str] = typer.Option(None, "--gpus", help="GPU ids, e.g. 0,1: one worker process per GPU."),

@@ -27,7 +27,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
 db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic migrations).")
 grid_app = typer.Typer(no_args_is_help=True, help="Inspect and submit grid specs.")
 run_app = typer.Typer(no_args_is_help=True, help="Run grids on this machine.")
-report_app = typer.Typer(no_args_is_help=True, help="Reports over finished runs.")
+report_app = typer.Typer(no_args_is_help=True, help="Reports over a grid's runs (or all runs).")
 app.add_typer(db_app, name="db")
 app.add_typer(grid_app, name="grid")
 app.add_typer(run_app, name="run")
@@ -199,7 +199,10 @@ def demo(workers: int = typer.Option(2, "--workers", min=1, help="Local worker p
 
     check_run_environment()
     store = open_store(check=False)
-    store.upgrade()
+    if store.schema_revision() is None:
+        store.upgrade()  # a new database: the demo creates it (one command on a fresh machine)
+    else:
+        store.check_schema()  # an existing one is migrated only by `kanfarm db upgrade`, as for every command
     grid, _ = _submit(store, "demo")
     store.mark_queued(store.run_ids(grid.name, statuses=["cancelled"]))  # as run grid does
     started = time.perf_counter()
@@ -287,7 +290,7 @@ def report_gap(grid: Optional[str] = GridOpt, as_json: bool = JsonOpt, as_csv: b
 @report_app.command("sensitivity")
 @handles_errors
 def report_sensitivity(grid: Optional[str] = GridOpt, as_json: bool = JsonOpt, as_csv: bool = CsvOpt) -> None:
-    """Spread of best test accuracy over training schemes, and divergence rate, per model."""
+    """Spread of best test accuracy over training schemes, and divergence rate, per setting (model, widths, trainer, ...)."""
     _report("sensitivity", grid, as_json, as_csv)
 
 

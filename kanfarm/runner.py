@@ -69,7 +69,7 @@ def check_run_environment() -> None:
 def checkpoint_interval() -> float:
     """Seconds between a run's (or a pack's) checkpoints, from ``KANFARM_CHECKPOINT_SECONDS``
     (default ``CHECKPOINT_S``; 0 = whenever ``KANFARM_CHECKPOINT_EVERY`` says). Read before a claim."""
-    if "KANFARM_PACK_CHECKPOINT_SECONDS" in os.environ:  # its old name: ignoring it would change the cadence unsaid
+    if os.environ.get("KANFARM_PACK_CHECKPOINT_SECONDS"):  # its old name: ignoring it would change the cadence unsaid
         raise ConfigError("KANFARM_PACK_CHECKPOINT_SECONDS", "renamed KANFARM_CHECKPOINT_SECONDS (it now applies to "
                           "single runs too): set that one instead")
     value = os.environ.get("KANFARM_CHECKPOINT_SECONDS", str(CHECKPOINT_S))

@@ -67,6 +67,18 @@ def test_commands_refuse_a_database_that_is_not_there_without_creating_it(env, m
     assert invoke("grid", "list").exit_code == 2 and not (env / "kanfarm.db").exists()
 
 
+def test_demo_creates_a_new_database_but_leaves_an_out_of_date_one_to_db_upgrade(env):
+    """A shared database is migrated on purpose, by `kanfarm db upgrade`, not by trying the demo."""
+    from kanfarm.store import Store, migrate
+
+    store = Store(f"sqlite:///{env / 'k.db'}")
+    migrate.upgrade(store.engine, "0002")
+    store.dispose(close=True)
+    result = invoke("demo")
+    assert result.exit_code == 2 and "kanfarm db upgrade" in result.output, result.output
+    assert rows(env / "k.db", "SELECT version_num FROM alembic_version") == [{"version_num": "0002"}]
+
+
 def test_a_bad_device_is_refused_before_anything_is_written(env):
     assert invoke("db", "upgrade").exit_code == 0
     for device in ("tpu", "cuda"):  # torch here sees no CUDA device
@@ -413,6 +425,8 @@ def test_cancel_names_the_other_grids_it_touches_and_run_grid_takes_cancelled_ru
     assert result.exit_code == 0, result.output
     assert "1 waiting runs cancelled" in result.output and "other grids too" in result.output
     assert "tiny" in result.output
+    assert json.loads(invoke("cancel", "--grid", "other", "--json").stdout) == {
+        "grid": "other", "cancelled": 0, "stopping": 0, "other_grids": []}  # cancelled already: tiny's run too
     assert [r["status"] for r in rows(env / "k.db", "SELECT status FROM runs ORDER BY id")].count("cancelled") == 1
     result = invoke("run", "grid", "tiny.toml")
     assert result.exit_code == 0, result.output

@@ -59,6 +59,8 @@ def test_workers_wait_for_services_and_migration(services):
         env = worker["environment"]
         for key in ("KANFARM_BROKER_URL", "KANFARM_DATABASE_URL", "KANFARM_CHECKPOINT_DIR"):
             assert key in env, (name, key)
+        # the renamed variable reaches the worker, which refuses it, instead of being dropped unsaid
+        assert env["KANFARM_PACK_CHECKPOINT_SECONDS"] == "${KANFARM_PACK_CHECKPOINT_SECONDS:-}", name
         assert env["KANFARM_DATABASE_URL"].startswith("postgresql+psycopg://")
         assert any(v.endswith(":" + env["KANFARM_CHECKPOINT_DIR"]) for v in worker["volumes"]), name
         assert worker["stop_signal"] == "SIGTERM"

@@ -874,6 +874,7 @@ def test_requeue_failed_respects_attempts(env, store, fleet):
     store.finish(spent, "crashed", "failed", error="out of memory")
     out = cli(env, "requeue", "--grid", "failed", "--failed", "--json")
     assert (out["failed_retried"], out["failed_exhausted"], out["published"]) == (1, 1, 1)
+    assert (store.run(retry).queue, store.run(spent).queue) == ("cpu", None)  # noted where it was published
     wait_for(lambda: store.run(retry).status == "completed", WAIT_S, "the retried run", fleet)
     assert store.run(retry).attempts == 2  # the failed attempt still counts towards the bound
     run = store.run(spent)

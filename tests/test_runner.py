@@ -402,6 +402,14 @@ def test_checkpoint_interval_from_the_environment(sqlite_store, tmp_path, monkey
     (solo,) = store.run_ids("solo2")
     assert execute_run(store, solo, "w").status == "completed"
     assert [c.epoch for c in store.checkpoints(solo)] == [2, 3]
+    from kanfarm.runner import checkpoint_interval
+
+    monkeypatch.setenv("KANFARM_PACK_CHECKPOINT_SECONDS", "")  # what compose passes when .env does not set it
+    assert checkpoint_interval() == 0
+    monkeypatch.setenv("KANFARM_PACK_CHECKPOINT_SECONDS", "10")
+    with pytest.raises(ConfigError, match="renamed KANFARM_CHECKPOINT_SECONDS"):
+        checkpoint_interval()
+    monkeypatch.delenv("KANFARM_PACK_CHECKPOINT_SECONDS")
     for bad in ("abc", "-1", "nan", "inf"):
         monkeypatch.setenv("KANFARM_CHECKPOINT_SECONDS", bad)
         store.submit_grid("bad", {}, [(RunConfig(lr=0.05, **base), 1000, None), (RunConfig(lr=0.06, **base), 1000, None)])
