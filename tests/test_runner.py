@@ -1,6 +1,8 @@
 """The runner's wiring of a claimed run to the store: a worker that lost its lease writes nothing more."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import sqlalchemy as sa
 
@@ -352,6 +354,28 @@ def test_rows_of_an_abandoned_attempt_past_the_final_epoch_are_deleted(sqlite_st
     assert all(r["test_acc"] != 0.5 for r in store.epoch_metrics(run_id))  # rewritten by w2
     (summary,) = [s for s in store.summary() if s["run_id"] == run_id]
     assert summary["epochs_run"] == 2
+
+
+def test_a_resume_puts_the_checkpoints_table_right_after_a_crash_between_write_and_record(sqlite_store, tmp_path,
+                                                                                            monkeypatch):
+    """The attempt wrote its final checkpoint (epoch 3) and crashed before recording it: the table
+    named epochs 1 and 2 while the folder held 2 and 3. The retry resumes at the final epoch, saves
+    nothing more, and must leave the table naming the files there are."""
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    monkeypatch.setenv("KANFARM_CHECKPOINT_SECONDS", "0")
+    store = sqlite_store
+    (run_id,) = _grid(store, [RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=3)])
+    assert execute_run(store, run_id, "w1").status == "completed"
+    assert [c.epoch for c in store.checkpoints(run_id)] == [2, 3]
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE runs SET status = 'running', worker = 'crashed', "
+                             "lease_expires_at = '2000-01-01 00:00:00' WHERE id = :i"), {"i": run_id})
+        conn.execute(sa.text("UPDATE checkpoints SET epoch = 1 WHERE run_id = :i AND epoch = 3"), {"i": run_id})
+    assert execute_run(store, run_id, "w2").status == "completed"
+    recorded = store.checkpoints(run_id)
+    assert [c.epoch for c in recorded] == [2, 3]
+    assert all(tmp_path.joinpath("ckpt", store.run(run_id).config_hash, f"epoch-{c.epoch:06d}.pt") == Path(c.path)
+               and Path(c.path).is_file() for c in recorded)
 
 
 def test_warm_shutdowns_do_not_use_up_attempts(sqlite_store, tmp_path, monkeypatch):

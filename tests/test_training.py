@@ -163,17 +163,40 @@ def test_checkpoints_of_another_config_are_refused(digits, tmp_path):
         run(config, digits, checkpoints=CheckpointManager(tmp_path, other.config_hash()))
 
 
-def test_a_save_removes_checkpoints_of_a_history_not_resumed(tmp_path):
+def test_a_resume_removes_checkpoints_of_a_history_not_resumed_and_a_save_only_older_ones(tmp_path):
     """Newer files that were not resumed from (corrupt, or refused by ``usable``) would otherwise
-    count towards ``keep`` and push out the checkpoint just written."""
+    count towards ``keep`` and push out the checkpoint just written; they go when the resume
+    passes them over. A save removes none that is newer than its own: it can be the checkpoint
+    of a worker that took the run over while this one was writing (and lost its lease)."""
     ckpt = CheckpointManager(tmp_path, "h", keep=2, usable=lambda epoch: epoch < 5)
     for epoch in (5, 6):
         ckpt.save(epoch, {"w": torch.full((2,), float(epoch))})
-    assert ckpt.load_latest() is None  # both refused: a fresh start
-    ckpt.save(0, {"w": torch.zeros(2)})
+    stale = CheckpointManager(tmp_path, "h", keep=2)
+    stale.save(0, {"w": torch.zeros(2)})
+    assert [e for e, _ in ckpt.paths()] == [6, 5, 0]
+    assert ckpt.load_latest()[0] == 0  # 6 and 5 refused
+    assert [e for e, _ in ckpt.paths()] == [0]
     ckpt.save(1, {"w": torch.ones(2)})
-    assert [e for e, _ in ckpt.paths()] == [1, 0]
-    assert ckpt.load_latest()[0] == 1
+    ckpt.save(2, {"w": torch.ones(2)})
+    assert [e for e, _ in ckpt.paths()] == [2, 1]
+    assert ckpt.load_latest()[0] == 2
+    refused = CheckpointManager(tmp_path, "h", usable=lambda epoch: False)
+    assert refused.load_latest() is None and refused.paths() == []  # a fresh start leaves none behind
+
+
+def test_a_resume_records_its_checkpoint_and_clears_what_killed_writes_left(tmp_path):
+    """A crash between a checkpoint's write and its record (or mid-write) must not leave the
+    store naming other files than the folder holds, nor temporaries that are never removed."""
+    ckpt = CheckpointManager(tmp_path, "h")
+    ckpt.save(3, {"w": torch.zeros(2)})
+    for name in (".epoch-000004.pt.i6goci8m.tmp", ".epoch-000004.pt.sha256.pwpqq3pb.tmp", ".notes.tmp"):
+        (tmp_path / name).write_bytes(b"half")
+    told = []
+    resumed = CheckpointManager(tmp_path, "h", on_save=lambda *args: told.append(args))
+    assert resumed.load_latest()[0] == 3
+    digest = (tmp_path / "epoch-000003.pt.sha256").read_text()
+    assert told == [(3, tmp_path / "epoch-000003.pt", digest)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.tmp", "epoch-000003.pt", "epoch-000003.pt.sha256"]
 
 
 def test_checkpoints_keep_last_n_and_verify_digest(tmp_path):

@@ -22,6 +22,8 @@ from kanfarm.atomic import atomic_write
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^epoch-(\d{6})\.pt$")
+#: ``atomic_write``'s temporary names for a checkpoint and its digest
+_TEMPORARY = re.compile(r"^\.epoch-\d{6}\.pt(\.sha256)?\.[A-Za-z0-9_]+\.tmp$")
 
 
 class CheckpointManager:
@@ -29,11 +31,12 @@ class CheckpointManager:
 
     ``every``: save after every N-th epoch (the final epoch is always saved); ``min_interval_s``:
     additionally skip saves closer together than this (0 = no time limit); ``on_save`` is told
-    (epoch, path, sha256) after each save, e.g. to record it in the store; ``allowed``, when given,
-    is asked before each save, and a save it refuses writes nothing (a worker that lost its run
-    must not write into the directory of the worker that took it over); ``usable``, when given, is
-    asked for each checkpoint's epoch on load, and one it refuses is skipped (the store may hold
-    no rows up to that epoch: a new database beside an old checkpoint folder).
+    (epoch, path, sha256) after each save and of the checkpoint a resume starts from, e.g. to
+    record it in the store; ``allowed``, when given, is asked before each save, and a save it
+    refuses writes nothing (a worker that lost its run must not write into the directory of the
+    worker that took it over); ``usable``, when given, is asked for each checkpoint's epoch on
+    load, and one it refuses is skipped (the store may hold no rows up to that epoch: a new
+    database beside an old checkpoint folder).
     """
 
     def __init__(self, directory: str | os.PathLike, config_hash: str, keep: int = 2, every: int = 1,
@@ -87,26 +90,25 @@ class CheckpointManager:
         atomic_write(path, payload, durable=True)
         atomic_write(path.with_name(path.name + ".sha256"), digest.encode(), durable=True)
         self._last_save = time.monotonic()
-        self._prune(epoch)
+        for _, older in [(e, p) for e, p in self.paths() if e <= epoch][self.keep:]:
+            _remove(older)
         if self.on_save is not None:
             self.on_save(epoch, path, digest)
         return path
-
-    def _prune(self, saved: int) -> None:
-        """Keep the newest ``keep`` checkpoints up to the one just ``saved``; any later one is from a
-        training history this run did not resume (unusable, or refused by ``usable``)."""
-        found = self.paths()
-        later = [path for epoch, path in found if epoch > saved]
-        for path in later + [path for epoch, path in found if epoch <= saved][self.keep:]:
-            for p in (path, path.with_name(path.name + ".sha256")):
-                p.unlink(missing_ok=True)
 
     def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[int, dict[str, Any]] | None:
         """(epoch, state) of the newest checkpoint that verifies, else None (a fresh start).
 
         An unreadable, corrupted or foreign checkpoint is skipped with a warning and the previous
-        one is tried.
+        one is tried. What a resume leaves behind goes: newer checkpoints, of a history this run
+        does not carry on (unusable, or refused by ``usable``), and the temporary files of writes
+        a crash cut short. ``on_save`` is told of the checkpoint resumed from: a crash may have
+        come between its write and its record. (A save removes only older checkpoints: a newer one
+        can be another worker's, which took the run over while this one was writing.)
         """
+        for leftover in self.directory.glob(".epoch-*.tmp"):
+            if _TEMPORARY.match(leftover.name):
+                leftover.unlink(missing_ok=True)
         for epoch, path in self.paths():
             if self.usable is not None and not self.usable(epoch):
                 log.warning("checkpoint %s skipped: the store does not hold the epochs up to it", path)
@@ -121,9 +123,25 @@ class CheckpointManager:
                     raise ValueError("checkpoint belongs to another config")
                 if blob.get("epoch") != epoch:
                     raise ValueError("epoch in file does not match its name")
-                return epoch, blob["state"]
             except Exception as exc:  # any failure means: do not trust this file
                 log.warning("checkpoint %s unusable (%s); trying an older one", path, exc)
+                continue
+            self._remove_after(epoch)
+            if self.on_save is not None:
+                self.on_save(epoch, path, expected)
+            return epoch, blob["state"]
         if self.paths():
             log.warning("no usable checkpoint in %s; starting fresh", self.directory)
+            self._remove_after(-1)
         return None
+
+    def _remove_after(self, epoch: int) -> None:
+        for later, path in self.paths():
+            if later > epoch:
+                _remove(path)
+
+
+def _remove(path: Path) -> None:
+    """A checkpoint file and its digest."""
+    for p in (path, path.with_name(path.name + ".sha256")):
+        p.unlink(missing_ok=True)
