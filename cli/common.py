@@ -120,33 +120,45 @@ def database_url():
         fail(f"{engine.URL_ENV}: port {url.port} is not a port number (1-65535)")
     if url.get_backend_name() == "sqlite":
         _check_sqlite_url(url)
+    _check_driver_options(url)
     return url
 
 
 def _check_sqlite_url(url) -> None:
-    """A SQLite URL's file and options, refused here rather than as "database unavailable" or a
-    traceback at the first connection."""
-    import warnings
-
-    from sqlalchemy.exc import SAWarning
-
+    """A SQLite URL's file, refused here rather than as "database unavailable"."""
     from kanfarm.store.engine import URL_ENV
 
     if url.database in (None, "", ":memory:"):
         fail(f"{URL_ENV}: an in-memory SQLite database keeps nothing between commands: "
              "give a file (sqlite:///path/to.db)")
+    if str(url.query.get("uri", "")).lower() in ("true", "1"):
+        fail(f"{URL_ENV}: SQLite URI filenames (uri=true) are not supported: give a path (sqlite:///path/to.db)")
     path = Path(url.database)
     if path.is_dir():
         fail(f"{URL_ENV}: {url.database} is a folder, not a database file")
     if not path.absolute().parent.is_dir():
         fail(f"{URL_ENV}: no folder {str(path.absolute().parent)!r} for the database file")
+
+
+def _check_driver_options(url) -> None:
+    """The URL's query options as the driver's dialect reads them (a port or timeout that is no
+    number, an option SQLite's driver would ignore), refused here rather than as a traceback at the
+    first connection. A driver that is not installed is left to ``open_store``."""
+    import warnings
+
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SAWarning
+
+    from kanfarm.store.engine import URL_ENV
+
     with warnings.catch_warnings():
         warnings.simplefilter("error", SAWarning)  # an option the driver would ignore
         try:
             url.get_dialect()().create_connect_args(url)
+        except (NoSuchModuleError, ImportError):
+            return
         except SAWarning as exc:
             fail(f"{URL_ENV}: {str(exc).splitlines()[0]}")
-        except (ValueError, TypeError) as exc:
+        except (ArgumentError, ValueError, TypeError) as exc:
             fail(f"{URL_ENV}: a query option's value: {str(exc).splitlines()[0]}")
 
 

@@ -39,46 +39,52 @@ def _check_queue(queue: str) -> None:
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "FATAL")
 
 
-def _check_broker_url() -> None:
-    """A broker URL of another scheme than Redis's is refused before anything is written (kombu
-    would fail later with a long traceback). The URL is not echoed: it may hold a password."""
-    from workers.celery_app import BROKER_ENV, broker_url
+def _broker_urls() -> list[str]:
+    """The broker URL, or each of a failover list (``redis://a;redis://b``, as kombu takes it)."""
+    from workers.celery_app import broker_url
 
-    url = broker_url()
-    scheme, sep, _ = url.partition("://")
-    if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]{0,15}", scheme):  # echoing it could show a password
-        fail(f"{BROKER_ENV}: not a URL: use redis://host:6379/0")
-    if scheme.lower() not in ("redis", "rediss"):
-        fail(f"{BROKER_ENV}: unsupported broker scheme {scheme.lower()!r}: use redis://host:6379/0")
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018  (raises ValueError: not a number, or not 0-65535)
-    except ValueError:
-        fail(f"{BROKER_ENV}: malformed host or port: use redis://host:6379/0")
-    database = parts.path.strip("/")
-    if database and not (database.isascii() and database.isdigit()):
-        fail(f"{BROKER_ENV}: what follows the host must be a database number: use redis://host:6379/0")
+    return [url.strip() for url in broker_url().split(";") if url.strip()] or [""]
+
+
+def _check_broker_url() -> None:
+    """A broker URL of another scheme than Redis's, or a malformed one, is refused before anything
+    is written (kombu would fail later with a long traceback). The URL is not echoed: it may hold
+    a password."""
+    from workers.celery_app import BROKER_ENV
+
+    for url in _broker_urls():
+        scheme, sep, _ = url.partition("://")
+        if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]{0,15}", scheme):  # echoing it could show a password
+            fail(f"{BROKER_ENV}: not a URL: use redis://host:6379/0")
+        if scheme.lower() not in ("redis", "rediss"):
+            fail(f"{BROKER_ENV}: unsupported broker scheme {scheme.lower()!r}: use redis://host:6379/0")
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018  (raises ValueError: not a number, or not 0-65535)
+        except ValueError:
+            fail(f"{BROKER_ENV}: malformed host or port: use redis://host:6379/0")
+        database = parts.path.strip("/")
+        if database and not (database.isascii() and database.isdigit()):
+            fail(f"{BROKER_ENV}: what follows the host must be a database number: use redis://host:6379/0")
 
 
 def _check_broker_answers() -> None:
     """Refuse (exit 2, before anything is written) a broker that answers but turns the URL down:
-    a database number the server does not have, a wrong password. A broker that does not answer
-    is left to the publish step (its runs stay queued for ``kanfarm requeue``)."""
+    a database number the server does not have, a wrong password. A broker that does not answer,
+    or a URL with options redis-py does not take (kombu's own), is left to the publish step (its
+    runs stay queued for ``kanfarm requeue``). Of a failover list, the first URL is asked."""
     import redis
 
-    from workers.celery_app import BROKER_ENV, broker_url
+    from workers.celery_app import BROKER_ENV
 
     try:
-        client = redis.Redis.from_url(broker_url(), socket_connect_timeout=2, socket_timeout=2)
-    except ValueError:
-        return  # an option redis-py does not know but kombu may: the publish step decides
-    try:
+        client = redis.Redis.from_url(_broker_urls()[0], socket_connect_timeout=2, socket_timeout=2)
         client.ping()
     except (redis.AuthenticationError, redis.ResponseError) as exc:  # the server's words, no URL in them
         fail(f"{BROKER_ENV}: the broker refused the URL: {str(exc).splitlines()[0]}")
-    except redis.RedisError:
+    except (redis.RedisError, ValueError, TypeError):
         return
-    finally:
+    else:
         client.close()
 
 

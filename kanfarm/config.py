@@ -201,8 +201,11 @@ class RunConfig:
             if max(widths) * float(self.wide_multiplier) > MAX_STORED_INT:
                 raise ConfigError("wide_multiplier", f"{self.wide_multiplier!r} scales hidden width {max(widths)} "
                                   f"beyond {MAX_STORED_INT}")
-        # Settings a cell does not use stay at their defaults, so one network has one hash.
-        base = dataclasses.replace(self, **{name: _DEFAULT_FIELDS[name] for name in self.unused_fields()})
+        # Settings a cell does not use stay at their defaults, so one network has one hash. An
+        # MLP-Wide scaled by hand keeps its spline settings in its hash (runs stored before they
+        # were known to be unused are hashed with them); a grid gives it one cell instead.
+        reset = [name for name in self.unused_fields() if self.model != "mlp_wide" or name not in _SPLINE_FIELDS]
+        base = dataclasses.replace(self, **{name: _DEFAULT_FIELDS[name] for name in reset})
         return dataclasses.replace(
             base,
             activation=activation,
@@ -219,10 +222,10 @@ class RunConfig:
 
     def unused_fields(self) -> tuple[str, ...]:
         """The fields this cell's model and trainer do not use: ``normalised`` keeps them at their
-        defaults (one network, one hash), reports show them empty."""
+        defaults (one network, one hash; but see there for an MLP-Wide), reports show them empty."""
         unused: list[str] = []
         if self.model == "mlp" or (self.model == "mlp_wide" and self.wide_multiplier is not None):
-            unused += ["spline_order", "grid_size"]  # an MLP-Wide scaled by hand matches no KAN
+            unused += _SPLINE_FIELDS  # an MLP-Wide scaled by hand matches no KAN
         if self.model == "kan":  # the study's code applied dropout to MLPs only
             unused.append("dropout")
         if self.model != "mlp_wide":
@@ -272,5 +275,7 @@ class RunConfig:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+#: the fields only a KAN (and the MLP-Wide matched to it) uses
+_SPLINE_FIELDS = ("spline_order", "grid_size")
 #: RunConfig's defaults, what ``normalised`` puts in the fields a cell does not use
 _DEFAULT_FIELDS = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}

@@ -97,6 +97,8 @@ def test_a_bad_device_is_refused_before_anything_is_written(env):
     ("sqlite:///.", 2, "is a folder"),
     ("sqlite:///k.db?timeout=abc", 2, "a query option's value"),
     ("sqlite:///k.db?bogus=1", 2, "'bogus' are not accepted"),
+    ("sqlite:///file:k.db?mode=ro&uri=true", 2, "URI filenames (uri=true) are not supported"),
+    ("postgresql+psycopg://user:secret@127.0.0.1/db?port=abc", 2, "a query option's value"),
 ])
 def test_a_bad_database_url_is_one_line_naming_the_variable(env, monkeypatch, url, code, message):
     monkeypatch.setenv("KANFARM_DATABASE_URL", url)
@@ -620,7 +622,8 @@ def test_worker_refuses_to_start_on_a_bad_setting(env, monkeypatch, variable, va
 @pytest.mark.parametrize("url,message", [("redis://:topsecret@127.0.0.1:abc/0", "malformed host or port"),
                                          ("redis://:topsecret@127.0.0.1:70000/0", "malformed host or port"),
                                          ("redis://:topsecret@[::1/0", "malformed host or port"),
-                                         ("redis://:topsecret@127.0.0.1:6379/abc", "what follows the host must be a database number")])
+                                         ("redis://:topsecret@127.0.0.1:6379/abc", "what follows the host must be a database number"),
+                                         ("redis://127.0.0.1:6379/0;redis://:topsecret@h:x/0", "malformed host or port")])
 def test_a_malformed_broker_url_is_refused_before_anything_is_written(env, monkeypatch, url, message):
     assert invoke("db", "upgrade").exit_code == 0
     monkeypatch.setenv("KANFARM_BROKER_URL", url)
@@ -630,6 +633,15 @@ def test_a_malformed_broker_url_is_refused_before_anything_is_written(env, monke
         assert result.exit_code == 2 and f"KANFARM_BROKER_URL: {message}" in result.output, (args, result.output)
         assert "topsecret" not in result.output
     assert rows(env / "k.db", "SELECT COUNT(*) AS n FROM runs")[0]["n"] == 0
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0?heartbeat=10",  # an option of kombu's, not redis-py's
+                                 "redis://127.0.0.1:6399/0;redis://127.0.0.1:6398/1"])  # a failover list
+def test_broker_urls_kombu_takes_are_not_refused(env, monkeypatch, url):
+    assert invoke("db", "upgrade").exit_code == 0
+    monkeypatch.setenv("KANFARM_BROKER_URL", url)
+    result = invoke("enqueue", "grid", "tiny.toml", "--dry-run", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["added"] == 4, result.output
 
 
 def test_worker_refuses_an_unknown_log_level_before_starting_celery(env, monkeypatch):

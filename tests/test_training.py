@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import time
 
 import pytest
 import torch
@@ -189,14 +191,18 @@ def test_a_resume_records_its_checkpoint_and_clears_what_killed_writes_left(tmp_
     store naming other files than the folder holds, nor temporaries that are never removed."""
     ckpt = CheckpointManager(tmp_path, "h")
     ckpt.save(3, {"w": torch.zeros(2)})
-    for name in (".epoch-000004.pt.i6goci8m.tmp", ".epoch-000004.pt.sha256.pwpqq3pb.tmp", ".notes.tmp"):
+    for name in (".epoch-000004.pt.i6goci8m.tmp", ".epoch-000004.pt.sha256.pwpqq3pb.tmp", ".notes.tmp",
+                 ".epoch-000005.pt.k2w9x0ab.tmp"):
         (tmp_path / name).write_bytes(b"half")
+        if name != ".epoch-000005.pt.k2w9x0ab.tmp":  # that one is being written now, by another process
+            os.utime(tmp_path / name, (time.time() - 7200, time.time() - 7200))
     told = []
     resumed = CheckpointManager(tmp_path, "h", on_save=lambda *args: told.append(args))
     assert resumed.load_latest()[0] == 3
     digest = (tmp_path / "epoch-000003.pt.sha256").read_text()
     assert told == [(3, tmp_path / "epoch-000003.pt", digest)]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.tmp", "epoch-000003.pt", "epoch-000003.pt.sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".epoch-000005.pt.k2w9x0ab.tmp", ".notes.tmp",
+                                                          "epoch-000003.pt", "epoch-000003.pt.sha256"]
 
 
 def test_checkpoints_keep_last_n_and_verify_digest(tmp_path):

@@ -292,8 +292,8 @@ class GridSpec:
         """Every cell, normalised, outermost axis first, duplicates (by config_hash) dropped.
 
         Plain MLPs have no splines: they get RunConfig's default spline order and grid size
-        once instead of one identical cell per spline_orders x grid_sizes value (an MLP-Wide with
-        a ``wide_multiplier`` too, through its hash: ``RunConfig.unused_fields``). Computed once per
+        once instead of one identical cell per spline_orders x grid_sizes value; so is an MLP-Wide
+        scaled by a ``wide_multiplier`` (it matches no KAN). Computed once per
         spec (validation, submission and the CLI all ask; a large grid takes seconds)."""
         return list(self._cells)
 
@@ -304,7 +304,7 @@ class GridSpec:
         for dataset, model, arch, trainer, activation in itertools.product(
             self.datasets, self.models, self._architectures(), self.trainers, self.activations or (None,)
         ):
-            if model == "mlp":
+            if model == "mlp" or (model == "mlp_wide" and self.wide_multiplier is not None):
                 orders, grids = (_RUN_DEFAULTS.spline_order,), (_RUN_DEFAULTS.grid_size,)
             else:
                 orders, grids = self.spline_orders, self.grid_sizes

@@ -22,6 +22,8 @@ from kanfarm.atomic import atomic_write
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^epoch-(\d{6})\.pt$")
+#: a checkpoint's temporary file older than this (seconds) was left by a killed write
+LEFTOVER_AGE_S = 3600.0
 #: ``atomic_write``'s temporary names for a checkpoint and its digest
 _TEMPORARY = re.compile(r"^\.epoch-\d{6}\.pt(\.sha256)?\.[A-Za-z0-9_]+\.tmp$")
 
@@ -102,13 +104,17 @@ class CheckpointManager:
         An unreadable, corrupted or foreign checkpoint is skipped with a warning and the previous
         one is tried. What a resume leaves behind goes: newer checkpoints, of a history this run
         does not carry on (unusable, or refused by ``usable``), and the temporary files of writes
-        a crash cut short. ``on_save`` is told of the checkpoint resumed from: a crash may have
+        a crash cut short (``LEFTOVER_AGE_S`` old). ``on_save`` is told of the checkpoint resumed from: a crash may have
         come between its write and its record. (A save removes only older checkpoints: a newer one
         can be another worker's, which took the run over while this one was writing.)
         """
+        now = time.time()
         for leftover in self.directory.glob(".epoch-*.tmp"):
-            if _TEMPORARY.match(leftover.name):
-                leftover.unlink(missing_ok=True)
+            try:  # an hour old: a write of another process (another database sharing the folder) takes seconds
+                if _TEMPORARY.match(leftover.name) and now - leftover.stat().st_mtime > LEFTOVER_AGE_S:
+                    leftover.unlink()
+            except FileNotFoundError:
+                pass
         for epoch, path in self.paths():
             if self.usable is not None and not self.usable(epoch):
                 log.warning("checkpoint %s skipped: the store does not hold the epochs up to it", path)
