@@ -386,15 +386,19 @@ def test_sensitivity_rows_pair_kans_with_mlp_wides_of_default_activations_and_le
     try:
         cells = [RunConfig(dataset="digits", model=m, spline_order=k, dropout=0.0) for m in ("kan", "mlp_wide")
                  for k in (2, 3)] + [RunConfig(dataset="digits", model="mlp", dropout=0.0)]
+        # one network stored twice (before a grid gave a hand-scaled MLP-Wide one cell): one setting
+        cells += [RunConfig(dataset="digits", model="mlp_wide", wide_multiplier=2.0, spline_order=k, dropout=0.0)
+                  for k in (2, 3)]
         store.submit_grid("g", {"name": "g"}, [(c, 1000, None) for c in cells])
         for run_id in store.run_ids("g"):
             _finish(store, run_id, [0.2, 0.5])
         rows = sensitivity_table(store, "g")
-        assert [(r["model"], r["activation"], r["spline_order"]) for r in rows] == [
-            ("kan", "gelu", 2), ("mlp_wide", "relu", 2), ("kan", "gelu", 3), ("mlp_wide", "relu", 3),
-            ("mlp", "relu", None)]
-        assert [r["dropout"] for r in rows] == [None, 0.0, None, 0.0, 0.0]
-        assert [r["grid_size"] for r in rows] == [5, 5, 5, 5, None]
-        assert {r["hsic_beta"] for r in rows} == {None} and {r["wide_multiplier"] for r in rows} == {None}
+        assert [(r["model"], r["activation"], r["spline_order"], r["runs"]) for r in rows] == [
+            ("kan", "gelu", 2, 1), ("mlp_wide", "relu", 2, 1), ("kan", "gelu", 3, 1), ("mlp_wide", "relu", 3, 1),
+            ("mlp_wide", "relu", None, 2), ("mlp", "relu", None, 1)]
+        assert [r["dropout"] for r in rows] == [None, 0.0, None, 0.0, 0.0, 0.0]
+        assert [r["grid_size"] for r in rows] == [5, 5, 5, 5, None, None]
+        assert {r["hsic_beta"] for r in rows} == {None}
+        assert [r["wide_multiplier"] for r in rows] == [None, None, None, None, 2.0, None]
     finally:
         store.dispose(close=True)

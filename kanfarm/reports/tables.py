@@ -150,8 +150,8 @@ def sensitivity_table(store: SummarySource, grid: str | None = None) -> list[dic
     diverging (if any) counts towards the spread like any other run's.
     """
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for r in _finished(with_settings(store, grid)):
-        groups[setting_of(r)].append(r)
+    for r in _finished(with_settings(store, grid)):  # a setting the model does not use sets nothing apart
+        groups[setting_of({**r, **dict.fromkeys(_unused_settings(r))})].append(r)
     rows = []
     for runs in groups.values():
         setting = {c: runs[0].get(c) for c in SETTING_COLUMNS}
