@@ -19,7 +19,7 @@ from cli.common import (CsvOpt, GridOpt, JsonOpt, database_url, grid_exists, han
                         read_spec, submit_spec,
                         open_store, parse_pack_size)
 from cli.distributed import register as register_distributed
-from cli.output import console, emit_rows, err_console, fail, to_csv, to_json
+from cli.output import console, emit_rows, err_console, fail, json_array_chunks, to_json, write_csv
 from cli.plots import register as register_plots
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -302,22 +302,40 @@ def export(grid: Optional[str] = GridOpt,
     """Runs and their epoch metrics in long format (one row per run and epoch)."""
     if fmt not in ("csv", "json"):
         fail(f"--format: {fmt!r} is not one of csv, json")
+    import io
+
+    from kanfarm.atomic import atomic_writer
     from kanfarm.export import COLUMNS, long_rows
 
     store = open_store()
     grid_exists(store, grid)
-    rows = long_rows(store, grid)
-    text = to_csv(rows, COLUMNS) if fmt == "csv" else to_json(rows) + "\n"
-    if out is None:
-        sys.stdout.write(text)
-        return
-    from kanfarm.atomic import atomic_write
+    written = 0
 
+    def rows():
+        nonlocal written
+        for row in long_rows(store, grid):
+            written += 1
+            yield row
+
+    def write(text_out) -> None:  # row by row: an export of millions of epoch rows is never one string
+        if fmt == "csv":
+            write_csv(text_out, rows(), COLUMNS)
+        else:
+            text_out.writelines(json_array_chunks(rows()))
+            text_out.write("\n")
+
+    if out is None:
+        write(sys.stdout)
+        return
     try:
-        atomic_write(out, text.encode("utf-8"))
+        with atomic_writer(out) as raw:
+            text_out = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+            write(text_out)
+            text_out.flush()
+            text_out.detach()  # the file is atomic_writer's to close
     except OSError as exc:
         fail(f"--out: cannot write {out}: {exc.strerror or exc}")
-    err_console.print(f"wrote {len(rows)} rows to {out}")
+    err_console.print(f"wrote {written} rows to {out}")
 
 
 register_distributed(app)

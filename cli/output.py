@@ -6,7 +6,7 @@ import io
 import json
 import math
 import sys
-from typing import Any, Iterable, NoReturn
+from typing import Any, Iterable, Iterator, NoReturn, TextIO
 
 import typer
 from rich.console import Console
@@ -47,16 +47,30 @@ def to_json(data: Any) -> str:
     return json.dumps(data, indent=2, default=_json_default)
 
 
+def json_array_chunks(rows: Iterable[Any]) -> Iterator[str]:
+    """``to_json(list(rows))`` in pieces, one row at a time: a long export is never one string."""
+    first = True
+    for row in rows:
+        yield ("[\n  " if first else ",\n  ") + to_json(row).replace("\n", "\n  ")
+        first = False
+    yield "[]" if first else "\n]"
+
+
 def to_csv(rows: list[dict[str, Any]], columns: Iterable[str] | None = None) -> str:
     """CSV with a header row: ``columns`` when given (so that no rows still give a header), else
     the first row's keys."""
     buffer = io.StringIO()
     columns = list(columns) if columns is not None else list(rows[0]) if rows else []
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    write_csv(buffer, rows, columns)
+    return buffer.getvalue()
+
+
+def write_csv(out: TextIO, rows: Iterable[dict[str, Any]], columns: Iterable[str]) -> None:
+    """CSV of ``rows`` (lists and dicts as JSON) under a header of ``columns``, row by row."""
+    writer = csv.DictWriter(out, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in row.items()})
-    return buffer.getvalue()
 
 
 def emit_rows(rows: list[dict[str, Any]], *, title: str, as_json: bool = False, as_csv: bool = False,

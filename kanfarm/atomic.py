@@ -5,11 +5,21 @@ import errno
 import os
 import stat
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 
 def atomic_write(path: str | os.PathLike, payload: bytes, durable: bool = False) -> None:
-    """Write beside ``path``, then rename over it; on failure the temporary file is removed.
+    """Write ``payload`` to ``path`` through ``atomic_writer``."""
+    with atomic_writer(path, durable) as f:
+        f.write(payload)
+
+
+@contextmanager
+def atomic_writer(path: str | os.PathLike, durable: bool = False) -> Iterator[BinaryIO]:
+    """A binary file to write in pieces, written beside ``path`` and renamed over it when the
+    block ends; on failure the temporary file is removed and ``path`` is left as it was.
     A ``path`` that is a device or a FIFO is written to directly; a symlink's target is replaced.
 
     ``durable``: fsync the file and its folder, so the rename survives a power cut (checkpoints)."""
@@ -24,7 +34,7 @@ def atomic_write(path: str | os.PathLike, payload: bytes, durable: bool = False)
         # a device, a FIFO, a terminal (/dev/null, /dev/stdout): written through, as a shell's
         # ``>`` would; a rename would put a regular file in its place
         with open(path, "wb") as f:
-            f.write(payload)
+            yield f
         return
     if path.is_symlink():  # the file it points to is replaced; the link stays
         path = Path(os.path.realpath(path))
@@ -34,7 +44,7 @@ def atomic_write(path: str | os.PathLike, payload: bytes, durable: bool = False)
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), _mode_for(path))
-            f.write(payload)
+            yield f
             if durable:
                 f.flush()
                 os.fsync(f.fileno())

@@ -6,7 +6,7 @@ dataset options...: what tells apart runs the other columns do not)."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Iterator
 
 from kanfarm.store import Store
 
@@ -27,22 +27,29 @@ COLUMNS = ("run_id", "config_hash", "dataset", "model", "depth", "hidden_widths"
 _GRID_FILTER = "WHERE r.id IN (SELECT g.run_id FROM grid_runs g JOIN grids gr ON gr.id = g.grid_id WHERE gr.name = :grid)"
 
 
-def long_rows(store: Store, grid: str | None = None) -> list[dict[str, Any]]:
-    """With ``grid``, ``intrinsic_dim`` is that grid's own (as its reports use), not what the last
-    grid to state one stored on a run they share."""
+def long_rows(store: Store, grid: str | None = None) -> Iterator[dict[str, Any]]:
+    """The rows, one at a time, by run and epoch. With ``grid``, ``intrinsic_dim`` is that grid's
+    own (as its reports use), not what the last grid to state one stored on a run they share.
+    A run's ``config`` is decoded once and shared by its rows."""
     from kanfarm.reports.tables import intrinsic_dims
 
-    rows = store.query(_SQL.format(grid_filter=_GRID_FILTER if grid else ""), {"grid": grid} if grid else {})
     dims = intrinsic_dims(store, grid)
-    for row in rows:
+    config_of: tuple[Any, Any] = (None, None)  # (run id, its decoded config)
+    for row in store.stream(_SQL.format(grid_filter=_GRID_FILTER if grid else ""), {"grid": grid} if grid else {}):
         row["intrinsic_dim"] = dims.get(row["dataset"], row["intrinsic_dim"])
-        for column in ("extra", "config"):
-            if isinstance(row.get(column), str):
-                row[column] = json.loads(row[column])
-            if isinstance(row.get(column), dict):  # PostgreSQL's JSONB reorders keys: one order on both
-                row[column] = dict(sorted(row[column].items()))
+        if config_of[0] != row["run_id"]:
+            config_of = (row["run_id"], _json_column(row["config"]))
+        row["config"] = config_of[1]
+        row["extra"] = _json_column(row["extra"])
         if isinstance(row.get("hidden_widths"), str) and row["hidden_widths"].startswith("["):
             row["hidden_widths"] = json.loads(row["hidden_widths"])
         if row.get("diverged") is not None:
             row["diverged"] = bool(row["diverged"])
-    return rows
+        yield row
+
+
+def _json_column(value: Any) -> Any:
+    """A JSON column as a dict with sorted keys (PostgreSQL's JSONB reorders them): one order on both."""
+    if isinstance(value, str):
+        value = json.loads(value)
+    return dict(sorted(value.items())) if isinstance(value, dict) else value

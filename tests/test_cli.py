@@ -252,6 +252,15 @@ def test_run_grid_then_reports_match_an_independent_calculation(env):
     assert invoke("export", "--format", "json", "--out", "long.json").exit_code == 0
     long = json.loads((env / "long.json").read_text())
     assert len(long) == 12 and {"config_hash", "epoch", "test_acc", "model"} <= set(long[0])
+    # written row by row, the same text as the whole list rendered at once, to a file and to stdout
+    assert (env / "long.json").read_text() == json.dumps(long, indent=2) + "\n" == invoke("export", "--format", "json").stdout
+    assert invoke("export", "--format", "csv", "--out", "long.csv").exit_code == 0
+    import csv as csv_module
+    import io
+
+    table = list(csv_module.DictReader(io.StringIO((env / "long.csv").read_text())))
+    assert [(int(r["run_id"]), int(r["epoch"])) for r in table] == [(r["run_id"], r["epoch"]) for r in long]
+    assert [json.loads(r["config"]) for r in table] == [r["config"] for r in long]
 
 
 def test_two_local_worker_processes_share_one_sqlite_file(env):

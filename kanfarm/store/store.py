@@ -549,6 +549,16 @@ class Store:
                     conn.exec_driver_sql("PRAGMA query_only = OFF")
 
 
+    def stream(self, sql: str, params: dict[str, Any] | None = None, batch: int = 2000) -> Iterator[dict[str, Any]]:
+        """The rows of kanfarm's own read query ``sql``, fetched ``batch`` at a time (a server-side
+        cursor on PostgreSQL): an export of millions of epoch rows never holds them all."""
+        with self._read() as conn:
+            result = conn.execution_options(stream_results=True, max_row_buffer=batch).execute(sa.text(sql),
+                                                                                                 params or {})
+            for row in result:
+                yield dict(row._mapping)
+
+
 _ONE_STATEMENT = "query takes one SQL statement; remove the ';' between statements"
 
 
