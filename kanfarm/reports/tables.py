@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections import defaultdict
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable, Protocol, Sequence
 
 from kanfarm.reports.efficiency import KNOWN_INTRINSIC_DIM, efficiency
 
@@ -36,7 +36,8 @@ class SummarySource(Protocol):
 
     def grid(self, name: str) -> Any: ...
 
-    def epoch_metrics(self, run_id: int | None = None, grid: str | None = None) -> list[dict[str, Any]]: ...
+    def epoch_metrics(self, run_id: int | None = None, grid: str | None = None,
+                      columns: Sequence[str] | None = None) -> list[dict[str, Any]]: ...
 
 
 def _finished(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -106,7 +107,7 @@ def gap_table(store: SummarySource, grid: str | None = None, tolerance: float = 
     """Generalisation gap (train - test accuracy) at the best epoch, mean and max over epochs, and
     the onset of overfitting."""
     curves: dict[int, list[tuple[int, float]]] = defaultdict(list)
-    for m in store.epoch_metrics(grid=grid):
+    for m in store.epoch_metrics(grid=grid, columns=("run_id", "epoch", "test_acc")):
         if m["test_acc"] is not None:
             curves[m["run_id"]].append((m["epoch"], m["test_acc"]))
     rows = []

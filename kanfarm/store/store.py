@@ -480,8 +480,12 @@ class Store:
         if row.status != "running" or row.worker != worker:
             raise LeaseLost(f"run {run_id} is {row.status} (worker {row.worker}), not held by {worker}")
 
-    def epoch_metrics(self, run_id: int | None = None, grid: str | None = None) -> list[dict[str, Any]]:
-        query = sa.select(epoch_metrics).order_by(epoch_metrics.c.run_id, epoch_metrics.c.epoch)
+    def epoch_metrics(self, run_id: int | None = None, grid: str | None = None,
+                      columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Epoch rows (of a run, or of a grid's runs) by run and epoch; only ``columns`` when given
+        (a grid of 100-epoch runs has millions of rows)."""
+        selected = [epoch_metrics.c[name] for name in columns] if columns else [epoch_metrics]
+        query = sa.select(*selected).order_by(epoch_metrics.c.run_id, epoch_metrics.c.epoch)
         if run_id is not None:
             query = query.where(epoch_metrics.c.run_id == run_id)
         if grid is not None:
