@@ -433,9 +433,14 @@ def work_loop(store: Store, worker: str, *, grid: str | None = None, device: str
             waiting = store.claimable_runs(grid)
             if not waiting:
                 return outcomes
-            pack = plan_packs(waiting, _pack_size(pack_size, waiting[0][1], device))[0]
-            outcomes += execute_pack(store, pack, worker, device=device, lease_s=lease_s, shutdown=shutdown,
-                                     max_attempts=max_attempts, on_epoch=on_epoch)
+            # one plan for all the runs waiting now (planning takes ~0.1 ms a run: once per pack it
+            # was quadratic in the grid); a pack whose members another worker took claims the rest
+            for pack in plan_packs(waiting, lambda config: _pack_size(pack_size, config, device)):
+                if shutdown is not None and shutdown.is_set():
+                    break
+                outcomes += [o for o in execute_pack(store, pack, worker, device=device, lease_s=lease_s,
+                                                     shutdown=shutdown, max_attempts=max_attempts, on_epoch=on_epoch)
+                             if o.status != "not-claimed"]
     while shutdown is None or not shutdown.is_set():
         with retried.database_errors():
             run = store.claim_next(worker, lease_s, grid=grid, max_attempts=max_attempts)

@@ -160,6 +160,14 @@ def test_planner_groups_runs_that_share_shapes_and_data_order():
     assert pack_key(wide) != pack_key(dataclasses.replace(wide, grid_size=8))  # other matched widths
 
 
+def test_a_pack_size_per_shape_when_auto_sizes_differ():
+    """``plan_packs`` with a callable: each pack key gets the size its first config asks for."""
+    kan = [(i, RunConfig(model="kan", lr=0.01 * (i + 1))) for i in range(5)]
+    mlp = [(10 + i, RunConfig(model="mlp", lr=0.01 * (i + 1))) for i in range(5)]
+    packs = plan_packs(kan + mlp, lambda config: 2 if config.model == "kan" else 4)
+    assert packs == [[0, 1], [2, 3], [4], [10, 11, 12, 13], [14]]
+
+
 def test_batch_norm_runs_train_alone(digits):
     """A stacked model keeps no per-member running statistics: batch-norm runs get packs of one,
     and train_pack refuses them rather than train them wrong."""

@@ -10,7 +10,7 @@ patience. Runs with batch norm train alone: the stacked model has no per-member 
 from __future__ import annotations
 
 import json
-from typing import Hashable, Sequence, TypeVar
+from typing import Callable, Hashable, Sequence, TypeVar
 
 from kanfarm.config import RunConfig
 
@@ -36,22 +36,27 @@ def pack_key(config: RunConfig) -> str:
     return json.dumps(shared, sort_keys=True)
 
 
-def plan_packs(runs: Sequence[tuple[Id, RunConfig]], pack_size: int) -> list[list[Id]]:
+def plan_packs(runs: Sequence[tuple[Id, RunConfig]], pack_size: int | Callable[[RunConfig], int]) -> list[list[Id]]:
     """Group ``(id, config)`` pairs into packs of at most ``pack_size`` members, in first-seen
-    order; ``pack_size`` 1 gives packs of one."""
-    if pack_size < 1:
+    order; ``pack_size`` 1 gives packs of one. A callable gives the size for the first config of
+    each pack key (``auto`` sizes differ between model shapes)."""
+    size_of = pack_size if callable(pack_size) else (lambda config: pack_size)
+    if not callable(pack_size) and pack_size < 1:
         raise ValueError("pack_size must be at least 1")
     if pack_size == 1:
         return [[run_id] for run_id, _ in runs]
     groups: dict[str, list[Id]] = {}
+    sizes: dict[str, int] = {}
     packs: list[list[Id]] = []
     for run_id, config in runs:
         key = pack_key(config)
+        if key not in sizes:
+            sizes[key] = max(1, size_of(config))
         group = groups.setdefault(key, [])
         if not group:
             packs.append(group)
         group.append(run_id)
-        if len(group) == pack_size:
+        if len(group) == sizes[key]:
             del groups[key]  # full: the next run of this key starts a new pack
     return packs
 
