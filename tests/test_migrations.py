@@ -180,3 +180,39 @@ def test_migrations_render_as_offline_sql(url):
     sql = config.output_buffer.getvalue()
     assert "CREATE TABLE runs" in sql and "CREATE VIEW run_summary" in sql
     assert ("RENAME CONSTRAINT" in sql) == url.startswith("postgresql")
+
+
+@backends
+def test_the_per_run_summary_view_gives_what_the_first_view_gave(url_fixture, request):
+    """0004 computes run_summary per run (a grid's report reads only its epoch rows); every value
+    must be what 0001's whole-table view gave: ties (the first epoch at the maximum), a diverged
+    epoch's NULL metrics (left out of the gaps and the best), a run with no rows, intrinsic
+    dimensions at and above the parameter count."""
+    from kanfarm.config import RunConfig
+    from kanfarm.training.records import EpochRecord
+
+    store = Store(request.getfixturevalue(url_fixture))
+    try:
+        store.upgrade()
+        cells = [(RunConfig(lr=lr), 1000, dim) for lr, dim in ((0.1, 100), (0.2, None), (0.3, 1000), (0.4, 10))]
+        store.submit_grid("g", {"name": "g"}, cells)
+        first, second, third, _ = store.run_ids("g")
+        curves = {first: [(0.5, 0.4), (0.9, 0.8), (0.95, 0.8), (0.7, 0.6)],  # tie at 0.8: epoch 1
+                  second: [(0.2, 0.1), (0.6, 0.3), (0.5, 0.3)],
+                  third: [(0.3, 0.2), (0.4, 0.25)]}
+        for run_id, curve in curves.items():
+            store.claim(run_id, "w", 600)
+            for epoch, (train, test) in enumerate(curve):
+                store.write_epoch(run_id, EpochRecord(epoch, 1.0, train, 1.0, test, 0.1), worker="w")
+            store.write_epoch(run_id, EpochRecord(len(curve), None, None, None, None, 0.1, diverged=True), worker="w")
+            store.finish(run_id, "w", "diverged" if run_id == third else "completed")
+        query = "SELECT * FROM run_summary ORDER BY run_id"
+        per_run = store.query(query)
+        assert [(r["best_test_acc"], r["best_epoch"], r["epochs_run"]) for r in per_run] == [
+            (0.8, 1, 4), (0.3, 1, 3), (0.25, 1, 2), (None, None, None)]
+        migrate.downgrade(store.engine, "0003")  # 0001's view
+        with store.engine.connect() as conn:
+            whole_table = [dict(row._mapping) for row in conn.execute(sa.text(query))]
+        assert whole_table == per_run
+    finally:
+        store.dispose(close=True)
