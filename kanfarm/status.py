@@ -16,7 +16,7 @@ GROUP BY r.id, r.dataset, r.model, r.depth, r.max_epochs, r.status
 _TIMED_SQL = """
 SELECT r.dataset, r.model, r.depth, AVG(e.seconds) AS mean_seconds, COUNT(*) AS n
 FROM epoch_metrics e JOIN runs r ON r.id = e.run_id
-WHERE e.epoch > 0 AND e.seconds IS NOT NULL
+WHERE e.epoch > 0 AND e.seconds IS NOT NULL AND r.dataset IN ({datasets})
 GROUP BY r.dataset, r.model, r.depth
 """
 _GRID_FILTER = "AND r.id IN (SELECT g.run_id FROM grid_runs g JOIN grids gr ON gr.id = g.grid_id WHERE gr.name = :grid)"
@@ -33,7 +33,9 @@ def grid_status(store: Store, grid: str | None = None) -> dict[str, Any]:
     done = sum(counts.get(s, 0) for s in FINISHED)
     params = {"grid": grid} if grid else {}
     remaining = store.query(_REMAINING_SQL.format(grid_filter=_GRID_FILTER if grid else ""), params)
-    timed = store.query(_TIMED_SQL, {})
+    # only the datasets still to train: the epoch rows of a study's other datasets are not read
+    datasets = {f"d{i}": name for i, name in enumerate(sorted({r["dataset"] for r in remaining}))}
+    timed = store.query(_TIMED_SQL.format(datasets=", ".join(f":{k}" for k in datasets)), datasets) if datasets else []
     by_group = {(t["dataset"], t["model"], t["depth"]): (t["mean_seconds"], t["n"]) for t in timed}
     by_dataset: dict[str, tuple[float, int]] = {}
     for t in timed:

@@ -487,6 +487,12 @@ def test_status_estimates_only_from_epochs_of_the_same_dataset(store):
     assert digits["eta_seconds"] == pytest.approx(2.0 * (8 + 10)) and digits["epochs_timed"] == 2
     assert grid_status(store, "m")["eta_seconds"] is None  # no mnist epoch timed: unknown, not digits' pace
     assert grid_status(store)["eta_seconds"] is None
+    asked = []
+    query = store.query
+    store.query = lambda sql, params=None: asked.append(sql) or query(sql, params)
+    store.cancel("m")  # nothing left to estimate: no epoch row is read for it
+    assert grid_status(store, "m")["eta_seconds"] == 0 and not any("AVG(e.seconds)" in sql for sql in asked)
+    assert grid_status(store, "d")["eta_seconds"] == pytest.approx(2.0 * (8 + 10))
 
 
 def test_resubmitting_a_grid_that_states_no_intrinsic_dim_keeps_another_grids_value(store):
