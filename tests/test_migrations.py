@@ -182,16 +182,15 @@ def test_migrations_render_as_offline_sql(url):
     assert ("RENAME CONSTRAINT" in sql) == url.startswith("postgresql")
 
 
-@backends
-def test_the_per_run_summary_view_gives_what_the_first_view_gave(url_fixture, request):
-    """0004 computes run_summary per run (a grid's report reads only its epoch rows); every value
-    must be what 0001's whole-table view gave: ties (the first epoch at the maximum), a diverged
+def test_the_per_run_summary_view_gives_what_the_first_view_gave(sqlite_url):
+    """0004 computes run_summary per run on SQLite (a grid's report reads only its epoch rows;
+    PostgreSQL keeps 0001's view); every value must be what 0001's whole-table view gave: ties (the first epoch at the maximum), a diverged
     epoch's NULL metrics (left out of the gaps and the best), a run with no rows, intrinsic
     dimensions at and above the parameter count."""
     from kanfarm.config import RunConfig
     from kanfarm.training.records import EpochRecord
 
-    store = Store(request.getfixturevalue(url_fixture))
+    store = Store(sqlite_url)
     try:
         store.upgrade()
         cells = [(RunConfig(lr=lr), 1000, dim) for lr, dim in ((0.1, 100), (0.2, None), (0.3, 1000), (0.4, 10))]
@@ -214,5 +213,22 @@ def test_the_per_run_summary_view_gives_what_the_first_view_gave(url_fixture, re
         with store.engine.connect() as conn:
             whole_table = [dict(row._mapping) for row in conn.execute(sa.text(query))]
         assert whole_table == per_run
+    finally:
+        store.dispose(close=True)
+
+
+@pytest.mark.services
+def test_postgres_keeps_the_first_summary_view(fresh_postgres_url):
+    """Its window functions beat per-run subqueries there (see 0004): 0004 leaves the view alone."""
+    store = Store(fresh_postgres_url)
+    try:
+        migrate.upgrade(store.engine, "0003")
+        definition = "SELECT pg_get_viewdef('run_summary'::regclass)"
+        with store.engine.connect() as conn:
+            before = conn.execute(sa.text(definition)).scalar()
+        store.upgrade()
+        with store.engine.connect() as conn:
+            assert conn.execute(sa.text(definition)).scalar() == before
+        assert "row_number()" in before.lower()
     finally:
         store.dispose(close=True)
