@@ -64,7 +64,7 @@ def handles_errors(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from sqlalchemy.exc import DatabaseError, OperationalError
+        from sqlalchemy.exc import DatabaseError, OperationalError, ProgrammingError
 
         from kanfarm.config import ConfigError
         from kanfarm.data import DatasetFormatError, DatasetUnavailable
@@ -87,8 +87,8 @@ def handles_errors(func: Callable) -> Callable:
             first = str(exc.orig or exc).strip().splitlines()[0]
             if any(words in first for words in _NOT_A_DATABASE):
                 fail(f"{_url_text()}: not a usable kanfarm database: {first}", code=2)
-            if exc.statement is None:  # raised while connecting: an option the driver does not take
-                fail(f"{_url_text()}: the driver refused the URL: {first}", code=2)
+            if isinstance(exc, ProgrammingError) and exc.statement is None:  # while connecting: an option
+                fail(f"{_url_text()}: the driver refused the URL: {first}", code=2)  # the driver does not take
             raise  # a constraint or a bug: its traceback is the useful part
 
     return wrapper

@@ -79,12 +79,15 @@ def _check_broker_answers() -> None:
 
     try:
         client = redis.Redis.from_url(_broker_urls()[0], socket_connect_timeout=2, socket_timeout=2)
+    except (ValueError, TypeError):
+        return
+    try:
         client.ping()
     except (redis.AuthenticationError, redis.ResponseError) as exc:  # the server's words, no URL in them
         fail(f"{BROKER_ENV}: the broker refused the URL: {str(exc).splitlines()[0]}")
     except (redis.RedisError, ValueError, TypeError):
         return
-    else:
+    finally:
         client.close()
 
 
