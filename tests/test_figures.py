@@ -7,6 +7,7 @@ pending and one running so the grid is partial. Grid "empty": nothing finished.
 from __future__ import annotations
 
 import base64
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -231,6 +232,19 @@ def test_cli_html_page_embeds_every_figure_and_the_tables(cli, tmp_path):
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; KAN &amp; MLP" in text
     assert "1 pending, 1 running" in text and "torch" in text and "cpu_count" in text
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_html_page_reads_the_summary_view_once_and_says_the_same(store, monkeypatch):
+    """Its figures and four tables all start from run_summary, which on a large database is the
+    slow part (it was read 8 times a page)."""
+    reads = []
+    summary = store.summary
+    plain = render_html(store, "g")
+    monkeypatch.setattr(store, "summary", lambda grid=None: reads.append(grid) or summary(grid))
+    once = render_html(store, "g")
+    assert reads == ["g"]
+    strip = lambda page: re.sub(r"generated [^;]*;", "", page)  # noqa: E731  (the page's own time)
+    assert strip(once) == strip(plain)
 
 
 def test_html_page_of_an_empty_grid_says_what_is_missing(store):

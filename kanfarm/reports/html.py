@@ -89,8 +89,32 @@ def _dl(info: dict[str, Any]) -> str:
     return "<dl>" + "".join(f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in info.items()) + "</dl>"
 
 
+class _ReadOnce:
+    """The store, with each grid's ``summary`` (the run_summary view) and ``run_configs`` read
+    once: the page's figures and its four tables all start from them, and on a large database the
+    view is what takes the time. The rows are shared: the reports copy what they change."""
+
+    def __init__(self, store):
+        self._store, self._read = store, {}
+
+    def _once(self, method: str, grid: str | None):
+        if (method, grid) not in self._read:
+            self._read[method, grid] = getattr(self._store, method)(grid)
+        return self._read[method, grid]
+
+    def summary(self, grid: str | None = None):
+        return self._once("summary", grid)
+
+    def run_configs(self, grid: str | None = None):
+        return self._once("run_configs", grid)
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+
 def render_html(store, grid: str | None = None) -> str:
     """The whole page as a string."""
+    store = _ReadOnce(store)
     built = build_figures(store, grid)
     title = f"kanfarm report: {grid or 'all grids'}"
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{escape(title)}</title>"
