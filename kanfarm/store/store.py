@@ -552,7 +552,6 @@ class Store:
                 if not postgres and not conn.invalidated:  # would replace the KeyboardInterrupt
                     conn.exec_driver_sql("PRAGMA query_only = OFF")
 
-
     def stream(self, sql: str, params: dict[str, Any] | None = None, batch: int = 2000) -> Iterator[dict[str, Any]]:
         """The rows of kanfarm's own read query ``sql``, fetched ``batch`` at a time (a server-side
         cursor on PostgreSQL): an export of millions of epoch rows never holds them all."""

@@ -104,9 +104,10 @@ class CheckpointManager:
         An unreadable, corrupted or foreign checkpoint is skipped with a warning and the previous
         one is tried. What a resume leaves behind goes: newer checkpoints, of a history this run
         does not carry on (unusable, or refused by ``usable``), and the temporary files of writes
-        a crash cut short (``LEFTOVER_AGE_S`` old). ``on_save`` is told of the checkpoint resumed from: a crash may have
-        come between its write and its record. (A save removes only older checkpoints: a newer one
-        can be another worker's, which took the run over while this one was writing.)
+        a crash cut short (``LEFTOVER_AGE_S`` old). ``on_save`` is told of the checkpoint resumed
+        from: a crash may have come between its write and its record. (A save removes only older
+        checkpoints: a newer one can be another worker's, which took the run over while this one
+        was writing.)
         """
         now = time.time()
         for leftover in self.directory.glob(".epoch-*.tmp"):
