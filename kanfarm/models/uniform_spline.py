@@ -154,16 +154,16 @@ class UniformSplineLinear(torch.autograd.Function):
 
 
 def _input_grad(grad_out: torch.Tensor, weight: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
-    """``sum_j (grad_out @ weight)[b, j, i] * slopes[b, j, i]``, a chunk of rows at a time, so the
-    full ``(batch, n_bases * in)`` gradient of the bases never exists (and never page-faults)."""
+    """``sum_j (grad_out @ weight_j) * slopes[:, j]``, one basis ``j`` (a ``(batch, in)`` block of
+    the products) at a time: the full ``(batch, n_bases * in)`` gradient of the bases never exists
+    (no fresh pages to fault in), and each product stays large (row chunks of it ran at half the
+    speed on 2 CPU threads)."""
     batch, n_bases, n_in = slopes.shape
-    result = slopes.new_empty(batch, n_in)
-    step = _chunk_rows(slopes[:, 0], n_bases)
-    buffer = slopes.new_empty(min(step, batch), n_bases * n_in)
-    for start in range(0, batch, step):
-        rows = slice(start, start + step)
-        grad_bases = torch.mm(grad_out[rows], weight, out=buffer[:min(step, batch - start)])
-        torch.sum(grad_bases.view(-1, n_bases, n_in).mul_(slopes[rows]), dim=1, out=result[rows])
+    result = torch.mm(grad_out, weight[:, :n_in]).mul_(slopes[:, 0])
+    buffer = torch.empty_like(result)
+    for j in range(1, n_bases):
+        torch.mm(grad_out, weight[:, j * n_in:(j + 1) * n_in], out=buffer)
+        result.addcmul_(buffer, slopes[:, j])
     return result
 
 
