@@ -25,6 +25,7 @@ from kanfarm.data.dataset import Dataset
 from kanfarm.store import LeaseLost, Store
 from kanfarm.store.rows import RunRow
 from kanfarm.training import CheckpointManager, EpochRecord, RunResult, train
+from kanfarm.training.host_memory import keep_freed_memory, keep_freed_memory_wanted
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ def check_run_environment() -> None:
     checkpoint_settings()
     checkpoint_interval()
     triton_wanted()
+    keep_freed_memory_wanted()
     offline()
     check_folder("KANFARM_DATA_DIR", data_dir())
 
@@ -276,6 +278,14 @@ def _error_text(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"[-4000:]
 
 
+def _settings_before_claim() -> float:
+    """Read (and check) the settings a claimed run needs, before claiming it; set up this process
+    for training (``host_memory``). Returns the checkpoint interval in seconds."""
+    checkpoint_settings()
+    keep_freed_memory()
+    return checkpoint_interval()
+
+
 def execute_run(store: Store, run_id: int, worker: str, *, device: str = "cpu",
                 lease_s: float = DEFAULT_LEASE_S, claimed: bool = False,
                 shutdown: threading.Event | None = None,
@@ -286,8 +296,7 @@ def execute_run(store: Store, run_id: int, worker: str, *, device: str = "cpu",
     ``shutdown`` set (warm shutdown, Ctrl-C): the run checkpoints at the next epoch boundary and is
     released back to ``queued``. A lost lease or a cancel stops it without touching its state.
     """
-    checkpoint_settings()
-    interval_s = checkpoint_interval()
+    interval_s = _settings_before_claim()
     if not claimed and store.claim(run_id, worker, lease_s, max_attempts=max_attempts) is None:
         log.info("run %s not claimed by %s (taken, finished or cancelled)", run_id, worker)
         return Outcome(run_id, "not-claimed")
@@ -328,8 +337,7 @@ def execute_pack(store: Store, run_ids: list[int], worker: str, *, device: str =
     keeps its own lease, epoch rows, checkpoints and final status."""
     from kanfarm.packing import Member, train_pack
 
-    checkpoint_settings()
-    interval_s = checkpoint_interval()
+    interval_s = _settings_before_claim()
     claimed = store.claim_many(run_ids, worker, lease_s, max_attempts=max_attempts)
     outcomes = [Outcome(i, "not-claimed") for i in run_ids if i not in {r.id for r in claimed}]
     if len(claimed) <= 1:

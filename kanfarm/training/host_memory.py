@@ -1,0 +1,44 @@
+"""Opt-in: a training process keeps the host memory it frees, for the next step (glibc malloc).
+
+Why: a training step on the CPU allocates the same large tensors every step (a KAN layer's bases
+are batch x (G + k) x in floats: 100 MB at batch 4096 and 784 inputs). glibc hands out blocks
+above its mmap threshold (which adapts up to 32 MiB) as fresh pages and unmaps them on free, so
+every step page-faults its working set in again. With higher mmap and trim thresholds freed blocks
+stay in the heap and later steps reuse them. Measured on a 2-core VM (benchmarks/RESULTS.md, "Host
+memory"): epochs 1.2-1.5x faster for the fast KAN layer and 3-4x for the Cox-de Boor reference,
+but the heap fragments (``posix_memalign`` requests do not fit the blocks just freed) and resident
+memory grew 1.5x (fast) to 4x (reference). Off by default for that reason.
+
+``KANFARM_KEEP_FREED_MEMORY=1`` turns it on for run-executing processes. Elsewhere than glibc: nothing.
+"""
+from __future__ import annotations
+
+import ctypes
+import platform
+
+from kanfarm.config import env_flag
+
+#: glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+#: blocks up to 1 GiB come from the heap; the heap's top is returned only beyond 2 GiB free
+MMAP_THRESHOLD = 1 << 30
+TRIM_THRESHOLD = (1 << 31) - 1
+
+_applied = False
+
+
+def keep_freed_memory_wanted() -> bool:
+    """``KANFARM_KEEP_FREED_MEMORY`` (default off; 1/true/yes/on turn it on, a typo is refused)."""
+    return env_flag("KANFARM_KEEP_FREED_MEMORY", False)
+
+
+def keep_freed_memory() -> bool:
+    """Raise glibc's mmap and trim thresholds for this process, once; True when they are set."""
+    global _applied
+    if _applied:
+        return True
+    if not keep_freed_memory_wanted() or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    _applied = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    return _applied
