@@ -18,6 +18,10 @@ ENV PYTHONUNBUFFERED=1 \
     KANFARM_CHECKPOINT_DIR=/checkpoints \
     KANFARM_DATA_DIR=/data
 
+# A C/C++ compiler: torch.compile builds the CPU bases loop with it (kanfarm/models/compiled_spline.py;
+# without it CPU workers warn once and run eager) and Triton its launchers on CUDA.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
+
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
 WORKDIR /app

@@ -3,7 +3,9 @@
 Rows per shape (batch, in -> out), G = 5, k = 3, float32 (TF32 off, PyTorch's default):
   reference   KANLinear(fast=False): autograd through the Cox-de Boor recursion
   fast        KANLinear(fast=True): closed-form uniform bases, hand-written backward (on CUDA the
-              bases and the input gradient come from the fused Triton kernels)
+              bases and the input gradient come from the fused Triton kernels, on the CPU the
+              bases and slopes of large blocks from one torch.compile'd loop)
+  fast-eager  the fast layer with both off (KANFARM_TRITON=0, KANFARM_CPU_COMPILE=0): eager closed form
   matmuls     the bare products of the layer: F.linear(x, base_weight) + F.linear(bases, spline weight)
               on bases computed beforehand (weight gradients only): a floor for any KAN layer
   matmuls-dx  the bare products plus the gradient of the bases (bases.requires_grad): the floor
@@ -11,18 +13,18 @@ Rows per shape (batch, in -> out), G = 5, k = 3, float32 (TF32 off, PyTorch's de
   mlp         nn.Linear(in, out) + GELU of the same shape
 The KAN and MLP rows also compute the input gradient (as every layer after the first must).
 CUDA adds rows that pair each KAN row with its own floor:
-  fast-eager  the fast layer with the Triton kernels off (KANFARM_TRITON=0): eager closed form
   fast-tf32   the fast layer with TF32 matrix products (what a run with matmul_precision = "tf32"
               gets; its error against the float32 reference is printed with the check)
   fast-nodx   the fast layer without the input gradient (a first layer: x is data)
   matmuls-dx-tf32  the same with TF32 products: the pair of ``fast-tf32``
-and checks, per shape, that ``fast`` gives the reference's output and gradients (max error
+and, per shape, checks that ``fast`` gives the reference's output and gradients (max error
 relative to each tensor's largest value).
 
 Time: median wall time of ``--repeats`` steps after two warm-up steps, the rows of a shape taking
 turns within every repeat (fair to all rows when other processes load the machine).
-Memory on CPU: every (row, shape) runs in a fresh process: a warm-up step at batch 8 loads the
-libraries, then peak RSS growth over one full-size step (VmHWM, reset through
+Memory on CPU: every (row, shape) runs in a fresh process: warm-up steps at batch 8 and at full
+size load the libraries (and compile what the row compiles), then peak RSS growth over one more
+full-size step (VmHWM, reset through
 /proc/self/clear_refs after malloc_trim just before, minus VmRSS at that moment),
 in MiB. It counts everything the step allocates (activations, saved tensors, gradients), at page
 granularity, as the OS sees it. On CUDA: ``torch.cuda.max_memory_allocated`` growth over one step.
@@ -48,7 +50,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from kanfarm.models import KANLinear  # noqa: E402
 from kanfarm.training.precision import matmul_precision  # noqa: E402
 
-ROWS = ("reference", "fast", "matmuls", "matmuls-dx", "mlp")
+ROWS = ("reference", "fast", "fast-eager", "matmuls", "matmuls-dx", "mlp")
 CUDA_ROWS = ("reference", "fast", "fast-eager", "fast-tf32", "fast-nodx", "matmuls", "matmuls-dx",
              "matmuls-dx-tf32", "mlp")
 CPU_SHAPES = [(256, 784, 256), (1024, 784, 256), (256, 256, 256), (1024, 256, 256)]
@@ -64,15 +66,16 @@ def make_step(row: str, batch: int, n_in: int, n_out: int, device: str):
         x.requires_grad_(row != "fast-nodx")
 
         def eager(inp):
-            before = os.environ.get("KANFARM_TRITON")
-            os.environ["KANFARM_TRITON"] = "0"
+            before = {name: os.environ.get(name) for name in ("KANFARM_TRITON", "KANFARM_CPU_COMPILE")}
+            os.environ.update(dict.fromkeys(before, "0"))
             try:
                 return layer(inp)
             finally:
-                if before is None:
-                    del os.environ["KANFARM_TRITON"]
-                else:
-                    os.environ["KANFARM_TRITON"] = before
+                for name, value in before.items():
+                    if value is None:
+                        del os.environ[name]
+                    else:
+                        os.environ[name] = value
         fn = eager if row == "fast-eager" else layer
     elif row == "mlp":
         layer = nn.Sequential(nn.Linear(n_in, n_out), nn.GELU()).to(device)
@@ -143,6 +146,7 @@ def measure_memory(row: str, batch: int, n_in: int, n_out: int, device: str) -> 
     """Peak memory growth of one step in MiB (this process must be fresh on CPU)."""
     make_step(row, 8, n_in, n_out, device)()
     step = make_step(row, batch, n_in, n_out, device)
+    step()
     if device == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -200,9 +204,10 @@ def main() -> None:
     print(f"{'batch':>6} {'in->out':>10} {'row':>10} {'ms':>9} {'x ref':>7} {'MiB':>8} {'x ref':>7}")
     results = []
     for shape in shapes:
+        tf32 = f"; fast-tf32 {check_fast(*shape, 'cuda', tf32=True):.2e}" if args.device == "cuda" else ""
+        print(f"check {shape}: fast vs reference, max relative error {check_fast(*shape, args.device):.2e}{tf32}",
+              flush=True)
         if args.device == "cuda":
-            print(f"check {shape}: fast vs reference, max relative error {check_fast(*shape, 'cuda'):.2e};"
-                  f" fast-tf32 {check_fast(*shape, 'cuda', tf32=True):.2e}", flush=True)
             mib = {row: measure_memory(row, *shape, "cuda") for row in rows_of}  # in-process: peak stats reset
         else:
             mib = {row: memory_in_subprocess(row, shape, args.device, args.threads) for row in rows_of}

@@ -58,11 +58,13 @@ def check_run_environment() -> None:
     """Every setting a run reads from the environment, checked (ConfigError) before a command
     writes anything: a bad value is one message, not a grid stored and then nothing trained."""
     from kanfarm.data.paths import offline
+    from kanfarm.models.compiled_spline import cpu_compile_wanted
     from kanfarm.models.uniform_spline import triton_wanted
 
     checkpoint_settings()
     checkpoint_interval()
     triton_wanted()
+    cpu_compile_wanted()
     keep_freed_memory_wanted()
     offline()
     check_folder("KANFARM_DATA_DIR", data_dir())

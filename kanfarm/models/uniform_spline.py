@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from kanfarm.models import compiled_spline
+
 #: elements of one ``(chunk, basis, in)`` block on CPU (4 MiB of float32): small enough to stay in
 #: cache, large enough to keep the number of parallel regions low on a busy machine.
 CHUNK_ELEMENTS = 1 << 20
@@ -99,11 +101,16 @@ def fused_kernels_apply(x: torch.Tensor) -> bool:
 def bases_for_training(x: torch.Tensor, t0: torch.Tensor, inv_h: torch.Tensor, n_bases: int, order: int,
                        input_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Bases ``(batch, n_bases, in)`` and what ``input_grad_from_bases`` needs later (None when no
-    input gradient is wanted): ``x`` itself on the fused CUDA path, the slopes otherwise."""
+    input gradient is wanted): ``x`` itself on the fused CUDA path, the slopes otherwise (from one
+    compiled loop for large CPU blocks, see ``compiled_spline``)."""
     if fused_kernels_apply(x):
         from kanfarm.models.triton_spline import fused_bases
 
         return fused_bases(x, t0, inv_h, n_bases, order), (x if input_grad else None)
+    if compiled_spline.applies(x, n_bases):
+        compiled = compiled_spline.compiled_bases(x, t0, inv_h, n_bases, order, with_slopes=input_grad)
+        if compiled is not None:
+            return compiled
     return uniform_basis(x, t0, inv_h, n_bases, order, with_slopes=input_grad)
 
 

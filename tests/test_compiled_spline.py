@@ -1,0 +1,97 @@
+"""The compiled CPU bases (kanfarm.models.compiled_spline): same values as eager, used only where
+it should be, and a failed compile falls back to eager once, for good."""
+import logging
+
+import pytest
+import torch
+
+import kanfarm.models.compiled_spline as cs
+from kanfarm.config import ConfigError
+from kanfarm.models import KANLinear
+from kanfarm.models.uniform_spline import bases_for_training, grid_origin_and_scale, uniform_basis
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """No compiled functions or failure carried over from another test; every block compiles."""
+    monkeypatch.setattr(cs, "_failed", False)
+    monkeypatch.setattr(cs, "MIN_ELEMENTS", 0)
+    monkeypatch.delenv("KANFARM_CPU_COMPILE", raising=False)
+    return cs
+
+
+def knots_and_points(n_in: int, grid_size: int, order: int, batch: int):
+    layer = KANLinear(n_in, 3, grid_size=grid_size, spline_order=order)
+    t0, inv_h = grid_origin_and_scale(layer.grid)
+    x = torch.rand(batch, n_in) * 3 - 1.5  # inside and outside [-1, 1]
+    x[:, 0] = layer.grid[0, torch.arange(batch) % layer.grid.shape[1]]  # exactly on knots
+    return x, t0, inv_h, grid_size + order
+
+
+@pytest.mark.parametrize("order, grid_size, with_slopes", [(3, 5, True), (3, 5, False), (5, 4, True)])
+def test_compiled_bases_and_slopes_equal_eager(fresh, order, grid_size, with_slopes):
+    x, t0, inv_h, n_bases = knots_and_points(37, grid_size, order, 101)
+    got = cs.compiled_bases(x, t0, inv_h, n_bases, order, with_slopes)
+    want = uniform_basis(x, t0, inv_h, n_bases, order, with_slopes)
+    assert got is not None and not cs._failed
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-6)
+    if with_slopes:
+        torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-5)  # slopes reach k/2 in size
+    else:
+        assert got[1] is None
+
+
+def test_layer_on_the_compiled_path_equals_the_reference(fresh, monkeypatch):
+    calls = []
+    real = cs.compiled_bases
+    monkeypatch.setattr(cs, "compiled_bases", lambda *a, **k: calls.append(a[3:]) or real(*a, **k))
+    torch.manual_seed(0)
+    ref = KANLinear(37, 11, fast=False)
+    with torch.no_grad():
+        ref.spline_weight.normal_()
+    fast = KANLinear(37, 11)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.rand(64, 37) * 2.4 - 1.2
+    results = []
+    for layer in (ref, fast):
+        xi = x.clone().requires_grad_(True)
+        out = layer(xi)
+        results.append([out, *torch.autograd.grad(out.square().sum(), [xi, layer.spline_weight, layer.spline_scaler])])
+    for a, b in zip(*results):
+        assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5
+    assert calls == [(8, 3)]  # the fast layer's bases came from the compiled loop
+
+
+def test_a_failed_compile_warns_once_and_stays_eager(fresh, monkeypatch, caplog):
+    attempts = []
+
+    def broken(fn, **kwargs):
+        def run(*args):
+            attempts.append(1)
+            raise RuntimeError("no C++ compiler")
+        return run
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(cs, "_compiled", {})
+    x, t0, inv_h, n_bases = knots_and_points(9, 5, 3, 40)
+    with caplog.at_level(logging.WARNING, logger=cs.__name__):
+        for _ in range(3):
+            bases, slopes = bases_for_training(x, t0, inv_h, n_bases, 3, input_grad=True)
+            want = uniform_basis(x, t0, inv_h, n_bases, 3, with_slopes=True)
+            assert torch.equal(bases, want[0]) and torch.equal(slopes, want[1])
+    assert len(attempts) == 1 and cs._failed
+    assert [r.getMessage() for r in caplog.records if "no C++ compiler" in r.getMessage()] != []
+    assert len(caplog.records) == 1
+
+
+def test_small_blocks_other_devices_and_the_setting_stay_eager(monkeypatch):
+    monkeypatch.setattr(cs, "_failed", False)
+    monkeypatch.delenv("KANFARM_CPU_COMPILE", raising=False)
+    big = torch.zeros(cs.MIN_ELEMENTS // 8, 1)
+    assert cs.applies(big, 8)
+    assert not cs.applies(big[:-1], 8)
+    assert not cs.applies(big.double(), 8)
+    monkeypatch.setenv("KANFARM_CPU_COMPILE", "0")
+    assert not cs.applies(big, 8)
+    monkeypatch.setenv("KANFARM_CPU_COMPILE", "sure")
+    with pytest.raises(ConfigError, match="KANFARM_CPU_COMPILE"):
+        cs.applies(big, 8)
