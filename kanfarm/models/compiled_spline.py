@@ -2,11 +2,11 @@
 
 Why: eager PyTorch builds the ``(batch, G + k, in)`` bases and slopes of ``uniform_spline`` in
 about 16 elementwise passes over memory; Inductor's C++ backend fuses them into one vectorised
-loop that writes each output once. At batch 1024, 784 -> 256 on 2 cores that is ~3 ms instead of
-~20 ms, a sixth of the layer's step (benchmarks/RESULTS.md).
+loop that writes each output once. At batch 1024, 784 -> 256 on 2 cores that is 3.6 ms instead of
+~20 ms in isolation; the layer's step went from 128 to 107 ms (benchmarks/RESULTS.md).
 
 Costs, hence the conditions: a C++ compiler, and a compile per (G + k, k, slopes or not) and
-process, 10-25 s on a fresh machine (~6 s once Inductor's on-disk cache holds it). So it is used
+process, up to ~25 s on a fresh machine (4-6 s once Inductor's on-disk cache holds it). So it is used
 only for blocks of at least ``MIN_ELEMENTS`` (a step large enough to pay that back within an epoch
 or two), and ``KANFARM_CPU_COMPILE=0`` turns it off. Any failure to compile (no compiler, an
 unsupported platform) turns it off for the process with one warning: the eager path computes the
@@ -45,7 +45,9 @@ def applies(x: torch.Tensor, n_bases: int) -> bool:
 def _bases_and_slopes(x: torch.Tensor, t0: torch.Tensor, inv_h: torch.Tensor, n_bases: int, order: int,
                       terms: list[tuple[float, float]], with_slopes: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What ``uniform_spline.uniform_basis`` computes (``terms``: its ``_terms(order)``), written
-    for the compiler to fuse."""
+    for the compiler to fuse. Not shared with that function: run eagerly, this functional form is
+    2-4x slower than its in-place row chunks (measured at batch 128 and 1024, 784 inputs); the
+    tests hold the two equal."""
     centres = torch.arange(n_bases, dtype=x.dtype, device=x.device).view(-1, 1) + (order + 1) / 2
     offset = ((x - t0) * inv_h).unsqueeze(1) - centres
     r = offset.abs()
