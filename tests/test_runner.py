@@ -508,3 +508,18 @@ def test_an_empty_checkpoint_folder_variable_means_the_default(monkeypatch):
     assert checkpoint_root() == Path("kanfarm-checkpoints")
     monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", "/somewhere/else")
     assert checkpoint_root() == Path("/somewhere/else")
+
+
+def test_runs_and_packs_set_up_host_memory_before_claiming(sqlite_store, tmp_path, monkeypatch):
+    """``KANFARM_KEEP_FREED_MEMORY`` applies to the processes that execute runs, single or packed
+    (the allocator settings themselves: tests/test_host_memory.py)."""
+    import kanfarm.runner as runner
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    calls = []
+    monkeypatch.setattr(runner, "keep_freed_memory", lambda: calls.append([sqlite_store.run(i).status for i in ids]))
+    base = dict(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=1, optimizer="sgd")
+    ids = _grid(sqlite_store, [RunConfig(lr=lr, **base) for lr in (0.01, 0.02, 0.03)])
+    assert execute_run(sqlite_store, ids[0], "w1").status == "completed"
+    assert runner.execute_pack(sqlite_store, ids[1:], "w1")[0].status == "completed"
+    assert calls == [["pending"] * 3, ["completed", "pending", "pending"]]  # each time before its claim
