@@ -34,8 +34,8 @@ RUN pip install ".[monitor]"
 
 # An unprivileged user; named volumes mounted on these paths inherit their ownership.
 RUN useradd --create-home --uid 1000 kanfarm \
-    && mkdir -p /checkpoints /data \
-    && chown kanfarm:kanfarm /checkpoints /data
+    && mkdir -p /checkpoints /data /compile-cache \
+    && chown kanfarm:kanfarm /checkpoints /data /compile-cache
 USER kanfarm
 WORKDIR /home/kanfarm
 

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from kanfarm.runner import DEFAULT_LEASE_S, work_loop, worker_name
 from kanfarm.store import Store
+from kanfarm.training.host_memory import keep_freed_memory
 
 ACTIVE_SQL = """
 SELECT r.id AS run_id, r.dataset, r.model, r.depth, r.max_epochs, MAX(e.epoch) AS epoch
@@ -181,6 +182,7 @@ def run_grid_locally(store: Store, grid: str, *, workers: int = 1, device: str =
             except BaseException as exc:  # surfaced in the parent thread below
                 errors.append(exc)
 
+        keep_freed_memory()  # before the training thread exists: it must share the main heap
         pool: list[Any] = [_ThreadWorker(target)]
     else:
         ctx = mp.get_context("spawn")

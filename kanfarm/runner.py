@@ -281,9 +281,13 @@ def _error_text(exc: Exception) -> str:
 
 
 def _settings_before_claim() -> float:
-    """Read (and check) the settings a claimed run needs, before claiming it; set up this process
-    for training (``host_memory``). Returns the checkpoint interval in seconds."""
+    """Read (and check) the settings a run needs, before a claim (``work_loop`` claims, then calls
+    ``execute_run``: it calls this first); set up this process for training (``host_memory``).
+    Returns the checkpoint interval in seconds."""
+    from kanfarm.models.compiled_spline import cpu_compile_wanted
+
     checkpoint_settings()
+    cpu_compile_wanted()
     keep_freed_memory()
     return checkpoint_interval()
 
@@ -432,8 +436,7 @@ def work_loop(store: Store, worker: str, *, grid: str | None = None, device: str
               pack_size: int | str = 1) -> list[Outcome]:
     """Claim and execute runs of ``grid`` until none is left (or shutdown). ``pack_size`` > 1 (or
     ``"auto"``): runs that can share a pack are trained together, up to that many at once."""
-    checkpoint_settings()
-    checkpoint_interval()
+    _settings_before_claim()
     outcomes = []
     retried = _DatabaseRetries()
     while pack_size != 1 and (shutdown is None or not shutdown.is_set()):

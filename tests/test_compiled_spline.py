@@ -1,14 +1,21 @@
 """The compiled CPU bases (kanfarm.models.compiled_spline): same values as eager, used only where
 it should be, and a failed compile falls back to eager once, for good."""
 import logging
+import os
+import shutil
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import kanfarm.models.compiled_spline as cs
 from kanfarm.config import ConfigError
 from kanfarm.models import KANLinear
 from kanfarm.models.uniform_spline import bases_for_training, grid_origin_and_scale, uniform_basis
+
+
+needs_compiler = pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")),
+                                    reason="torch.compile on the CPU needs a C++ compiler (g++ or $CXX)")
 
 
 @pytest.fixture
@@ -28,12 +35,14 @@ def knots_and_points(n_in: int, grid_size: int, order: int, batch: int):
     return x, t0, inv_h, grid_size + order
 
 
-@pytest.mark.parametrize("order, grid_size, with_slopes", [(3, 5, True), (3, 5, False), (5, 4, True)])
+@needs_compiler
+@pytest.mark.parametrize("order, grid_size, with_slopes", [(3, 5, True), (3, 5, False), (2, 6, True), (5, 4, True)])
 def test_compiled_bases_and_slopes_equal_eager(fresh, order, grid_size, with_slopes):
     x, t0, inv_h, n_bases = knots_and_points(37, grid_size, order, 101)
+    x = x.t().contiguous().t()  # column-major rows: the compiled loop is handed a contiguous copy
     got = cs.compiled_bases(x, t0, inv_h, n_bases, order, with_slopes)
     want = uniform_basis(x, t0, inv_h, n_bases, order, with_slopes)
-    assert got is not None and not cs._failed
+    assert not cs._failed and got[0].is_contiguous()
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-6)
     if with_slopes:
         torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-5)  # slopes reach k/2 in size
@@ -41,6 +50,7 @@ def test_compiled_bases_and_slopes_equal_eager(fresh, order, grid_size, with_slo
         assert got[1] is None
 
 
+@needs_compiler
 def test_layer_on_the_compiled_path_equals_the_reference(fresh, monkeypatch):
     calls = []
     real = cs.compiled_bases
@@ -62,7 +72,36 @@ def test_layer_on_the_compiled_path_equals_the_reference(fresh, monkeypatch):
     assert calls == [(8, 3)]  # the fast layer's bases came from the compiled loop
 
 
+@needs_compiler
+def test_warm_up_compiles_what_the_epochs_use_and_nothing_recompiles(fresh):
+    """A run compiles before its first timed epoch (``warm_up``); then the forward and backward
+    passes, any batch size, a batch as large as a layer's input, and a column-major batch
+    compile nothing more."""
+    from kanfarm.models import KAN
+
+    model = KAN([37, 11, 5])
+    cs.warm_up(model, 64)
+    assert {(8, 3, False), (8, 3, True)} <= set(cs._compiled)
+    graphs = counters["stats"]["unique_graphs"]
+    for x in (torch.rand(64, 37), torch.rand(11, 37), torch.rand(37, 37), torch.rand(50, 37).t().contiguous().t()):
+        model(x).square().sum().backward()
+    with torch.no_grad():
+        model(torch.rand(200, 37))
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_warm_up_leaves_small_runs_and_other_devices_alone(monkeypatch):
+    from kanfarm.models import KAN
+
+    monkeypatch.setattr(cs, "_failed", False)
+    monkeypatch.setattr(cs, "_compiled", {})
+    cs.warm_up(KAN([64, 16, 10]), 1024)  # 1024 x 8 x 64 = 2^19 elements: under MIN_ELEMENTS
+    cs.warm_up(KAN([64, 16, 10]).double(), 4096)
+    assert cs._compiled == {}
+
+
 def test_a_failed_compile_warns_once_and_stays_eager(fresh, monkeypatch, caplog):
+    """No C++ compiler (say): the eager path answers, once and for good, with one warning."""
     attempts = []
 
     def broken(fn, **kwargs):
@@ -95,3 +134,19 @@ def test_small_blocks_other_devices_and_the_setting_stay_eager(monkeypatch):
     monkeypatch.setenv("KANFARM_CPU_COMPILE", "sure")
     with pytest.raises(ConfigError, match="KANFARM_CPU_COMPILE"):
         cs.applies(big, 8)
+
+
+def test_when_eager_fails_too_its_error_is_raised_and_compiling_stays_on(fresh, monkeypatch):
+    """Out of memory (say) is the input's fault, not the compiler's: it is raised, and later
+    blocks are still compiled."""
+    import kanfarm.models.uniform_spline as us
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory")
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: out_of_memory)
+    monkeypatch.setattr(cs, "_compiled", {})
+    monkeypatch.setattr(us, "uniform_basis", out_of_memory)
+    x, t0, inv_h, n_bases = knots_and_points(9, 5, 3, 40)
+    with pytest.raises(RuntimeError, match="not enough memory"):
+        cs.compiled_bases(x, t0, inv_h, n_bases, 3, True)
+    assert not cs._failed

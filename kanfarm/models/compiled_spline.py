@@ -6,7 +6,7 @@ loop that writes each output once. At batch 1024, 784 -> 256 on 2 cores that is 
 ~20 ms in isolation; the layer's step went from 128 to 107 ms (benchmarks/RESULTS.md).
 
 Costs, hence the conditions: a C++ compiler, and a compile per (G + k, k, slopes or not) and
-process, up to ~25 s on a fresh machine (4-6 s once Inductor's on-disk cache holds it). It pays
+process (``warm_up`` does it before a run's first timed epoch), up to ~25 s on a fresh machine (4-6 s once Inductor's on-disk cache holds it). It pays
 back over a run (a shallow MNIST KAN's epoch at batch 4096 went from 2.41 to 1.79 s: ~60 s saved
 over 100 epochs) but not over a few small steps, so it is used only for blocks of at least
 ``MIN_ELEMENTS``, and ``KANFARM_CPU_COMPILE=0`` turns it off. Any failure to compile (no compiler, an
@@ -15,8 +15,10 @@ same values (within float32 rounding, ~2e-7).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from typing import Callable
 
 import torch
 
@@ -27,7 +29,7 @@ log = logging.getLogger(__name__)
 #: smallest ``batch * (G + k) * in`` compiled (4 MiB of float32: batch >= 168 at 784 inputs, G + k = 8)
 MIN_ELEMENTS = 1 << 20
 
-_compiled: dict[tuple[int, int, bool], object] = {}
+_compiled: dict[tuple[int, int, bool], Callable] = {}
 _lock = threading.Lock()
 _failed = False
 
@@ -39,16 +41,21 @@ def cpu_compile_wanted() -> bool:
 
 def applies(x: torch.Tensor, n_bases: int) -> bool:
     """True when ``compiled_bases`` should take ``x`` (2-D float32 CPU rows of one layer's input)."""
-    return (not _failed and x.device.type == "cpu" and x.dtype == torch.float32
-            and x.numel() * n_bases >= MIN_ELEMENTS and cpu_compile_wanted())
+    return _applies(x.device, x.dtype, x.numel() * n_bases)
 
 
-def _bases_and_slopes(x: torch.Tensor, t0: torch.Tensor, inv_h: torch.Tensor, n_bases: int, order: int,
-                      terms: list[tuple[float, float]], with_slopes: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _applies(device: torch.device, dtype: torch.dtype, elements: int) -> bool:
+    return (not _failed and device.type == "cpu" and dtype == torch.float32 and elements >= MIN_ELEMENTS
+            and cpu_compile_wanted())
+
+
+def _bases_and_slopes(x: torch.Tensor, t0: torch.Tensor, inv_h: torch.Tensor, n_bases: int,
+                      terms: list[tuple[float, float]], order: int,
+                      with_slopes: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What ``uniform_spline.uniform_basis`` computes (``terms``: its ``_terms(order)``), written
-    for the compiler to fuse. Not shared with that function: run eagerly, this functional form is
-    2-4x slower than its in-place row chunks (measured at batch 128 and 1024, 784 inputs); the
-    tests hold the two equal."""
+    for the compiler to fuse. Not
+    shared with that function: run eagerly, this functional form is 2-4x slower than its in-place
+    row chunks (measured at batch 128 and 1024, 784 inputs); the tests hold the two equal."""
     centres = torch.arange(n_bases, dtype=x.dtype, device=x.device).view(-1, 1) + (order + 1) / 2
     offset = ((x - t0) * inv_h).unsqueeze(1) - centres
     r = offset.abs()
@@ -64,7 +71,9 @@ def _bases_and_slopes(x: torch.Tensor, t0: torch.Tensor, inv_h: torch.Tensor, n_
     return bases, (slopes * offset.sign() if with_slopes else None)
 
 
-def _function(n_bases: int, order: int, with_slopes: bool):
+def _function(n_bases: int, order: int, with_slopes: bool) -> Callable:
+    """The compiled function of one (G + k, k, slopes or not), for any batch and input width (a
+    symbolic G + k made the loop 1.3 ms slower at batch 1024, 784 inputs: 4.9 vs 3.6 ms)."""
     key = (n_bases, order, with_slopes)
     with _lock:
         if key not in _compiled:
@@ -73,20 +82,69 @@ def _function(n_bases: int, order: int, with_slopes: bool):
             terms = _terms(order)
 
             def fn(x, t0, inv_h):
-                return _bases_and_slopes(x, t0, inv_h, n_bases, order, terms, with_slopes)
+                return _bases_and_slopes(x, t0, inv_h, n_bases, terms, order, with_slopes)
+            # a code object of its own: Dynamo keeps graphs, and counts recompiles, per code object
+            # (and would otherwise make n_bases, a closure value that differs between keys, symbolic)
+            fn.__code__ = fn.__code__.replace(co_name=f"kan_bases_{n_bases}_k{order}{'_slopes' if with_slopes else ''}")
             _compiled[key] = torch.compile(fn, dynamic=True)
         return _compiled[key]
 
 
+def _compile_settings() -> contextlib.ExitStack:
+    """No duck sizing (a first call with batch == in would tie the two sizes and the next call
+    recompile), and an error, not a silent run of the slow functional form, when a function
+    has recompiled ``recompile_limit`` times."""
+    import torch._dynamo.config as dynamo_config
+    import torch.fx.experimental._config as fx_config
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(dynamo_config.patch(fail_on_recompile_limit_hit=True))
+    stack.enter_context(fx_config.patch(use_duck_shape=False))
+    return stack
+
+
 def compiled_bases(x: torch.Tensor, t0: torch.Tensor, inv_h: torch.Tensor, n_bases: int, order: int,
-                   with_slopes: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """Bases (and slopes) as ``uniform_basis`` returns them, or None when compiling failed (then
-    never tried again in this process)."""
+                   with_slopes: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Bases (and slopes) as ``uniform_basis`` returns them, contiguous.
+
+    When the compiled function fails (no C++ compiler, an unsupported platform, ...), the eager
+    path computes them; if that succeeds, compiling is turned off for the process with one
+    warning. If eager fails too, its error is the one raised (the input, not the compiler, is at
+    fault: out of memory, say) and compiling stays on."""
     global _failed
     try:
-        return _function(n_bases, order, with_slopes)(x, t0, inv_h)
-    except Exception as exc:  # no compiler, unsupported platform, ...: eager computes the same
-        _failed = True
-        log.warning("compiling the KAN bases for the CPU failed (%s: %s); using eager PyTorch "
-                    "(set KANFARM_CPU_COMPILE=0 to skip the attempt)", type(exc).__name__, str(exc)[:300])
-        return None
+        with _compile_settings():
+            # detached, contiguous: one compiled graph for every call (Dynamo guards on both)
+            bases, slopes = _function(n_bases, order, with_slopes)(x.detach().contiguous(), t0.contiguous(),
+                                                                   inv_h.contiguous())
+        return bases.contiguous(), (slopes.contiguous() if with_slopes else None)
+    except Exception as exc:
+        failure = exc
+    from kanfarm.models.uniform_spline import uniform_basis
+
+    result = uniform_basis(x, t0, inv_h, n_bases, order, with_slopes)
+    _failed = True
+    log.warning("compiling the KAN bases for the CPU failed (%s: %s); using eager PyTorch from now on "
+                "(KANFARM_CPU_COMPILE=0 skips the attempt)", type(failure).__name__, str(failure)[:300],
+                exc_info=failure if log.isEnabledFor(logging.DEBUG) else None)
+    return result
+
+
+def warm_up(model: torch.nn.Module, rows: int) -> None:
+    """Compile now what ``model``'s fast KAN layers will compile for blocks of up to ``rows`` rows,
+    so that the compile (seconds, once per process) does not land in a timed epoch. The first
+    layer's input is data and never needs slopes."""
+    from kanfarm.models.kan import KANLinear
+    from kanfarm.models.uniform_spline import grid_origin_and_scale
+
+    layers = [m for m in model.modules() if isinstance(m, KANLinear) and m.uses_fast_path()]
+    for i, layer in enumerate(layers):
+        n_bases = layer.grid_size + layer.spline_order
+        if not _applies(layer.base_weight.device, layer.base_weight.dtype, rows * layer.in_features * n_bases):
+            continue
+        t0, inv_h = grid_origin_and_scale(layer.grid)
+        x = layer.base_weight.new_zeros(2, layer.in_features)
+        for with_slopes in (False, True) if i else (False,):
+            with torch.no_grad():  # as in the layer's forward: grad mode is part of what was compiled
+                compiled_bases(x, t0.to(x.dtype), inv_h.to(x.dtype), n_bases, layer.spline_order,
+                               with_slopes)

@@ -108,9 +108,7 @@ def bases_for_training(x: torch.Tensor, t0: torch.Tensor, inv_h: torch.Tensor, n
 
         return fused_bases(x, t0, inv_h, n_bases, order), (x if input_grad else None)
     if compiled_spline.applies(x, n_bases):
-        compiled = compiled_spline.compiled_bases(x, t0, inv_h, n_bases, order, with_slopes=input_grad)
-        if compiled is not None:
-            return compiled
+        return compiled_spline.compiled_bases(x, t0, inv_h, n_bases, order, with_slopes=input_grad)
     return uniform_basis(x, t0, inv_h, n_bases, order, with_slopes=input_grad)
 
 
@@ -153,18 +151,18 @@ class UniformSplineLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_weight = grad_out.t() @ bases.view(bases.shape[0], -1)
         if ctx.needs_input_grad[0]:
-            if saved.dim() == 2:  # fused CUDA path: saved is x
-                grad_x = input_grad_from_bases(grad_out @ weight, saved, t0, inv_h, ctx.order)
-            else:
+            if saved.is_cpu and saved.dim() == 3:
                 grad_x = _input_grad(grad_out, weight, saved).mul_(-inv_h)
+            else:  # saved is x on the fused CUDA path, slopes on other devices
+                grad_x = input_grad_from_bases(grad_out @ weight, saved, t0, inv_h, ctx.order)
         return grad_x, grad_weight, None, None, None
 
 
 def _input_grad(grad_out: torch.Tensor, weight: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
-    """``sum_j (grad_out @ weight_j) * slopes[:, j]``, one basis ``j`` (a ``(batch, in)`` block of
-    the products) at a time: the full ``(batch, n_bases * in)`` gradient of the bases never exists
-    (no fresh pages to fault in), and each product stays large (row chunks of it ran at half the
-    speed on 2 CPU threads)."""
+    """On the CPU: ``sum_j (grad_out @ weight_j) * slopes[:, j]``, one basis ``j`` (a ``(batch, in)``
+    block of the products) at a time: the full ``(batch, n_bases * in)`` gradient of the bases
+    never exists (no fresh pages to fault in), and each product stays large (row chunks of it ran
+    at half the speed on 2 CPU threads)."""
     batch, n_bases, n_in = slopes.shape
     result = torch.mm(grad_out, weight[:, :n_in]).mul_(slopes[:, 0])
     buffer = torch.empty_like(result)

@@ -27,7 +27,8 @@ from kanfarm.packing.stacked import StackedNet, stream_key
 from kanfarm.training import rng
 from kanfarm.training.checkpoint import CheckpointManager
 from kanfarm.training.hsic import HSICSettings, extra_rows, hsic_terms, layer_nhsic, phase
-from kanfarm.training.loop import _train_eval_subset, patience_exhausted, shuffled_batches
+from kanfarm.models.compiled_spline import warm_up
+from kanfarm.training.loop import EVAL_CHUNK, _train_eval_subset, largest_block_rows, patience_exhausted, shuffled_batches
 from kanfarm.training.precision import matmul_precision
 from kanfarm.training.records import EpochRecord, RunResult, ShouldStop, Sink
 
@@ -236,7 +237,7 @@ def _state(slot: _Slot, m: int, net: StackedNet, opt: StackedOptimizer, order: t
 
 
 @torch.no_grad()
-def _evaluate(net: StackedNet, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+def _evaluate(net: StackedNet, x: torch.Tensor, y: torch.Tensor, chunk: int = EVAL_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-member mean cross-entropy and accuracy (dropout off), as device tensors."""
     loss = torch.zeros(net.size, device=x.device)
     correct = torch.zeros(net.size, device=x.device, dtype=torch.long)
@@ -258,6 +259,8 @@ def _train_group(group: list[_Slot], data: Dataset, device: torch.device, start:
     if start > 0:
         order.set_state(group[0].saved["rng"]["order"].cpu())
     x_eval, y_eval = _train_eval_subset(data, config.train_eval_size, config.seed)
+    # later layers take every member's rows at once; compiles stay out of the epochs' seconds
+    warm_up(group[0].model, len(group) * largest_block_rows(config, data, x_eval))
     net = StackedNet(config.model, [s.model for s in group], [s.config.activation for s in group],
                      [s.config.dropout for s in group], device,
                      dropout_keys=[stream_key(s.config.config_hash()) for s in group])

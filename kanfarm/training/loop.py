@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from kanfarm.config import RunConfig
 from kanfarm.data.dataset import Dataset
 from kanfarm.models import build_model, count_params
+from kanfarm.models.compiled_spline import warm_up
 from kanfarm.training import rng
 from kanfarm.training.checkpoint import CheckpointManager
 from kanfarm.training.precision import matmul_precision
@@ -48,8 +49,12 @@ def shuffled_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int,
             yield x[idx], y[idx]
 
 
+#: rows of one evaluation pass
+EVAL_CHUNK = 8192
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> tuple[float, float]:
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = EVAL_CHUNK) -> tuple[float, float]:
     """Mean cross-entropy and accuracy in eval mode (dropout off); the ``.item()`` calls are the
     epoch's host sync, so the epoch's wall time is read after them."""
     model.eval()
@@ -62,6 +67,12 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: in
         correct += (logits.argmax(dim=1) == target).sum()
     n = x.shape[0]
     return (loss / n).item(), (correct.float() / n).item()
+
+
+def largest_block_rows(config: RunConfig, data: Dataset, x_eval: torch.Tensor) -> int:
+    """Most rows one forward pass of a run takes: a training batch or an evaluation chunk."""
+    return max(min(config.batch_size, data.x_train.shape[0]),
+               min(EVAL_CHUNK, max(x_eval.shape[0], data.x_test.shape[0])))
 
 
 def _train_eval_subset(data: Dataset, size: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,6 +120,7 @@ def _fit(config: RunConfig, data: Dataset, sink: Sink, method: Method, checkpoin
     order = torch.Generator().manual_seed(config.seed)
     data = data.to(device)
     x_eval, y_eval = _train_eval_subset(data, config.train_eval_size, config.seed)
+    warm_up(model, largest_block_rows(config, data, x_eval))  # compiles stay out of the epochs' seconds
     best_acc, best_epoch, epoch = -1.0, 0, 0
 
     def state() -> dict[str, Any]:
