@@ -6,11 +6,17 @@
   Unreachable server: the test is skipped, or fails when ``CI=true``.
 - ``fresh_postgres_url``: ``postgres_url`` with its public schema emptied before the test.
 - ``sqlite_store`` / ``postgres_store``: a migrated ``Store`` on the above.
+
+Triton's kernels are tested through its interpreter on this CPU-only suite: ``TRITON_INTERPRET=1``
+is set here, before any test module can import Triton (torch._dynamo imports it too), since Triton
+imported without it keeps compiled-mode helpers that interpreted kernels cannot call.
 """
 from __future__ import annotations
 
 import os
 import secrets
+
+os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 import sqlalchemy as sa

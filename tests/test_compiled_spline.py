@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
 
 import kanfarm.models.compiled_spline as cs
 from kanfarm.config import ConfigError
@@ -77,6 +76,8 @@ def test_warm_up_compiles_what_the_epochs_use_and_nothing_recompiles(fresh):
     """A run compiles before its first timed epoch (``warm_up``); then the forward and backward
     passes, any batch size, a batch as large as a layer's input, and a column-major batch
     compile nothing more."""
+    from torch._dynamo.utils import counters
+
     from kanfarm.models import KAN
 
     model = KAN([37, 11, 5])
