@@ -151,3 +151,31 @@ def test_when_eager_fails_too_its_error_is_raised_and_compiling_stays_on(fresh, 
     with pytest.raises(RuntimeError, match="not enough memory"):
         cs.compiled_bases(x, t0, inv_h, n_bases, 3, True)
     assert not cs._failed
+
+
+def test_runs_and_packs_warm_up_before_their_first_epoch(monkeypatch):
+    """What a run's passes will compile is compiled before epoch 0 is timed: ``warm_up`` gets the
+    model and the most rows one pass takes (a batch, an evaluation chunk; a pack's later layers
+    take every member's rows)."""
+    import dataclasses
+
+    import kanfarm.packing.trainer as pack_trainer
+    import kanfarm.training.loop as loop
+    from kanfarm.config import RunConfig
+    from kanfarm.data import load_dataset
+    from kanfarm.packing import Member, train_pack
+    from kanfarm.training import train
+
+    digits = load_dataset("digits")
+    records, calls = [], []
+
+    def spy(model, rows):
+        calls.append((type(model).__name__, rows, len(records)))
+    monkeypatch.setattr(loop, "warm_up", spy)
+    monkeypatch.setattr(pack_trainer, "warm_up", spy)
+    config = RunConfig(dataset="digits", model="kan", depth="shallow", batch_size=64, max_epochs=1)
+    train(config, digits, records.append)
+    evaluated = max(digits.x_train.shape[0], digits.x_test.shape[0])  # under one evaluation chunk
+    assert calls == [("KAN", evaluated, 0)]
+    train_pack([Member(dataclasses.replace(config, lr=lr), records.append) for lr in (0.01, 0.02)], digits)
+    assert calls[1:] == [("KAN", 2 * evaluated, 2)]  # before the pack's first rows

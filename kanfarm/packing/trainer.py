@@ -21,14 +21,15 @@ import torch.nn.functional as F
 from kanfarm.config import RunConfig
 from kanfarm.data.dataset import Dataset
 from kanfarm.models import build_model, count_params
+from kanfarm.models.compiled_spline import warm_up
 from kanfarm.packing.optim import _ORDER, StackedOptimizer, batches_per_epoch
 from kanfarm.packing.planner import pack_key, packable
 from kanfarm.packing.stacked import StackedNet, stream_key
 from kanfarm.training import rng
 from kanfarm.training.checkpoint import CheckpointManager
 from kanfarm.training.hsic import HSICSettings, extra_rows, hsic_terms, layer_nhsic, phase
-from kanfarm.models.compiled_spline import warm_up
-from kanfarm.training.loop import EVAL_CHUNK, _train_eval_subset, largest_block_rows, patience_exhausted, shuffled_batches
+from kanfarm.training.loop import (EVAL_CHUNK, _train_eval_subset, largest_block_rows, patience_exhausted,
+                                   shuffled_batches)
 from kanfarm.training.precision import matmul_precision
 from kanfarm.training.records import EpochRecord, RunResult, ShouldStop, Sink
 
