@@ -91,7 +91,7 @@ def test_warm_up_compiles_what_the_epochs_use_and_nothing_recompiles(fresh):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-def test_warm_up_leaves_small_runs_and_other_devices_alone(monkeypatch):
+def test_warm_up_leaves_small_runs_and_float64_alone(monkeypatch):
     from kanfarm.models import KAN
 
     monkeypatch.setattr(cs, "_failed", False)
@@ -123,7 +123,7 @@ def test_a_failed_compile_warns_once_and_stays_eager(fresh, monkeypatch, caplog)
     assert len(caplog.records) == 1
 
 
-def test_small_blocks_other_devices_and_the_setting_stay_eager(monkeypatch):
+def test_small_blocks_float64_and_the_setting_stay_eager(monkeypatch):
     monkeypatch.setattr(cs, "_failed", False)
     monkeypatch.delenv("KANFARM_CPU_COMPILE", raising=False)
     big = torch.zeros(cs.MIN_ELEMENTS // 8, 1)
