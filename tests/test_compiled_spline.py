@@ -72,7 +72,7 @@ def test_layer_on_the_compiled_path_equals_the_reference(fresh, monkeypatch):
 
 
 @needs_compiler
-def test_warm_up_compiles_what_the_epochs_use_and_nothing_recompiles(fresh):
+def test_warm_up_compiles_what_the_epochs_use_and_nothing_recompiles(fresh, monkeypatch):
     """A run compiles before its first timed epoch (``warm_up``); then the forward and backward
     passes, any batch size, a batch as large as a layer's input, and a column-major batch
     compile nothing more."""
@@ -81,8 +81,13 @@ def test_warm_up_compiles_what_the_epochs_use_and_nothing_recompiles(fresh):
     from kanfarm.models import KAN
 
     model = KAN([37, 11, 5])
+    warmed, real = [], cs.compiled_bases
+    monkeypatch.setattr(cs, "compiled_bases", lambda *a: warmed.append(a[3:]) or real(*a))
+    cs.warm_up(model, 64, input_grads=False)
+    assert warmed == [(8, 3, False)] * 2  # both layers, no slopes
     cs.warm_up(model, 64)
-    assert {(8, 3, False), (8, 3, True)} <= set(cs._compiled)
+    assert warmed[2:] == [(8, 3, False), (8, 3, False), (8, 3, True)]  # slopes: second layer only
+    monkeypatch.setattr(cs, "compiled_bases", real)
     graphs = counters["stats"]["unique_graphs"]
     for x in (torch.rand(64, 37), torch.rand(11, 37), torch.rand(37, 37), torch.rand(50, 37).t().contiguous().t()):
         model(x).square().sum().backward()
@@ -169,13 +174,17 @@ def test_runs_and_packs_warm_up_before_their_first_epoch(monkeypatch):
     digits = load_dataset("digits")
     records, calls = [], []
 
-    def spy(model, rows):
-        calls.append((type(model).__name__, rows, len(records)))
+    def spy(model, rows, input_grads):
+        calls.append((type(model).__name__, rows, input_grads, len(records)))
     monkeypatch.setattr(loop, "warm_up", spy)
     monkeypatch.setattr(pack_trainer, "warm_up", spy)
     config = RunConfig(dataset="digits", model="kan", depth="shallow", batch_size=64, max_epochs=1)
     train(config, digits, records.append)
     evaluated = max(digits.x_train.shape[0], digits.x_test.shape[0])  # under one evaluation chunk
-    assert calls == [("KAN", evaluated, 0)]
+    assert calls == [("KAN", evaluated, True, 0)]
     train_pack([Member(dataclasses.replace(config, lr=lr), records.append) for lr in (0.01, 0.02)], digits)
-    assert calls[1:] == [("KAN", 2 * evaluated, 2)]  # before the pack's first rows
+    assert calls[1:] == [("KAN", 2 * evaluated, True, 2)]  # before the pack's first rows
+    hsic = dataclasses.replace(config, trainer="hsic")
+    train(hsic, digits, records.append)
+    train_pack([Member(dataclasses.replace(hsic, lr=lr), records.append) for lr in (0.01, 0.02)], digits)
+    assert [c[2] for c in calls[2:]] == [False, False]  # HSIC detaches every layer's input

@@ -130,10 +130,11 @@ def compiled_bases(x: torch.Tensor, t0: torch.Tensor, inv_h: torch.Tensor, n_bas
     return result
 
 
-def warm_up(model: torch.nn.Module, rows: int) -> None:
+def warm_up(model: torch.nn.Module, rows: int, input_grads: bool = True) -> None:
     """Compile now what ``model``'s fast KAN layers will compile for blocks of up to ``rows`` rows,
-    so that the compile (seconds, once per process) does not land in a timed epoch. The first
-    layer's input is data and never needs slopes."""
+    so that the compile (seconds, once per process) does not land in a timed epoch. Slopes are
+    compiled only where a layer passes a gradient back: not for the first layer (its input is
+    data), nor at all without ``input_grads`` (HSIC detaches every layer's input)."""
     from kanfarm.models.kan import KANLinear
     from kanfarm.models.uniform_spline import grid_origin_and_scale
 
@@ -144,7 +145,7 @@ def warm_up(model: torch.nn.Module, rows: int) -> None:
             continue
         t0, inv_h = grid_origin_and_scale(layer.grid)
         x = layer.base_weight.new_zeros(2, layer.in_features)
-        for with_slopes in (False, True) if i else (False,):
+        for with_slopes in (False, True) if i and input_grads else (False,):
             with torch.no_grad():  # as in the layer's forward: grad mode is part of what was compiled
                 compiled_bases(x, t0.to(x.dtype), inv_h.to(x.dtype), n_bases, layer.spline_order,
                                with_slopes)

@@ -261,7 +261,8 @@ def _train_group(group: list[_Slot], data: Dataset, device: torch.device, start:
         order.set_state(group[0].saved["rng"]["order"].cpu())
     x_eval, y_eval = _train_eval_subset(data, config.train_eval_size, config.seed)
     # later layers take every member's rows at once; compiles stay out of the epochs' seconds
-    warm_up(group[0].model, len(group) * largest_block_rows(config, data, x_eval))
+    warm_up(group[0].model, len(group) * largest_block_rows(config, data, x_eval),
+            input_grads=config.trainer == "backprop")
     net = StackedNet(config.model, [s.model for s in group], [s.config.activation for s in group],
                      [s.config.dropout for s in group], device,
                      dropout_keys=[stream_key(s.config.config_hash()) for s in group])

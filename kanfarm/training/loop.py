@@ -120,7 +120,8 @@ def _fit(config: RunConfig, data: Dataset, sink: Sink, method: Method, checkpoin
     order = torch.Generator().manual_seed(config.seed)
     data = data.to(device)
     x_eval, y_eval = _train_eval_subset(data, config.train_eval_size, config.seed)
-    warm_up(model, largest_block_rows(config, data, x_eval))  # compiles stay out of the epochs' seconds
+    # compiles stay out of the epochs' seconds
+    warm_up(model, largest_block_rows(config, data, x_eval), input_grads=config.trainer == "backprop")
     best_acc, best_epoch, epoch = -1.0, 0, 0
 
     def state() -> dict[str, Any]:
