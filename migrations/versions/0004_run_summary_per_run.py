@@ -54,7 +54,8 @@ FROM (
 LEFT JOIN epoch_metrics b ON b.run_id = x.run_id AND b.epoch = x.best_epoch
 """
 
-# 0001's view, restored by a downgrade
+# 0001's view, restored by a downgrade: a copy, not an import (migrations are history and
+# self-contained, see 0001; this one must keep restoring what 0001 created)
 RUN_SUMMARY_0001 = """
 CREATE VIEW run_summary AS
 WITH ranked AS (
