@@ -16,6 +16,22 @@ def test_wide_table_is_not_squeezed(capsys):
     assert "value-2-19" in out and "…" not in out
 
 
+def test_table_lines_line_up_with_numbers_right_aligned_and_wide_characters_counted():
+    from rich.cells import cell_len
+
+    from cli.output import render_table
+    values = [[1, "kan [/red]", 0.9123456, None], [22, "日本", 1e5, 3]]
+    lines = render_table("t", ["run", "name", "acc", "x"], values).splitlines()
+    assert lines[0].strip() == "t"
+    body = lines[1:]
+    assert len({cell_len(line) for line in body}) == 1  # every line as wide on screen
+    assert body[1] == "┃ run ┃ name       ┃       acc ┃ x ┃"
+    assert body[3] == "│   1 │ kan [/red] │    0.9123 │ - │"
+    assert body[4] == "│  22 │ 日本       │ 1.000e+05 │ 3 │"
+    ascii_lines = render_table("t", ["run"], [[1]], unicode=False).splitlines()
+    assert ascii_lines[1:] == ["+=====+", "| run |", "+=====+", "|   1 |", "+-----+"]
+
+
 def test_reports_and_export_declare_their_columns_and_empty_csv_keeps_the_header(tmp_path):
     from cli.output import to_csv
     from kanfarm.config import RunConfig
