@@ -83,6 +83,44 @@ def test_update_grid_keeps_the_function_on_the_data():
     assert (stale(x).detach() - before).abs().max() / before.abs().max() > 10 * change
 
 
+@pytest.mark.parametrize("case", ["one row", "constant input", "binary input", "3 rows"])
+def test_update_grid_keeps_the_spline_when_an_input_has_fewer_values_than_bases(case):
+    """The refit is rank-deficient there (G + k = 8 bases, fewer distinct values): it must still
+    reproduce the old spline on x, not zero it (the default lstsq drivers did)."""
+    torch.manual_seed(1)
+    layer = KANLinear(3, 2)
+    with torch.no_grad():
+        layer.spline_weight.normal_()
+    x = torch.rand(256, 3) * 1.6 - 0.8
+    if case == "one row":
+        x = x[:1]
+    elif case == "3 rows":
+        x = x[:3]
+    elif case == "constant input":
+        x[:, 0] = 0.3
+    else:
+        x[:, 0] = (x[:, 0] > 0).float()
+    spline = lambda: torch.einsum("bij,oij->bio", layer.spline_bases(x), layer.scaled_spline_weight)
+    with torch.no_grad():
+        before = spline()
+        layer.update_grid(x)
+        after = spline()
+    # input 0 has fewer distinct values than bases in every case: its old spline is representable
+    # on the new knots, so the fit must keep it (the other inputs' fit is least squares, ~1e-2 off)
+    assert before[:, 0].abs().max() > 0.05  # there is a spline to lose
+    assert torch.allclose(after[:, 0], before[:, 0], rtol=0, atol=1e-6)
+
+
+def test_update_grid_refuses_knots_that_collapse_in_float32():
+    layer = KANLinear(2, 2)
+    x = torch.randn(64, 2)
+    x[:, 0] = 5000.0  # knot spacing 8e-5 there: below float32's resolution at 5000
+    grid, weight = layer.grid.clone(), layer.spline_weight.detach().clone()
+    with pytest.raises(ValueError, match="repeated knots in torch.float32"):
+        layer.update_grid(x)
+    assert torch.equal(layer.grid, grid) and torch.equal(layer.spline_weight, weight)  # untouched
+
+
 def widths_of(model: nn.Module) -> list[int]:
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, KANLinear))]
     return [layers[0].in_features, *(m.out_features for m in layers)]

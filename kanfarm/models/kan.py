@@ -109,10 +109,17 @@ class KANLinear(nn.Module):
         steps = torch.arange(-k, g + k + 1, dtype=torch.float64, device=x.device).unsqueeze(1)
         knots = grid_eps * (xs[0] - margin + steps[k:g + k + 1] * step) + (1 - grid_eps) * adaptive
         grid = torch.cat([knots[:1] + steps[:k] * step, knots, knots[-1:] + (steps[g + k + 1:] - g) * step]).t()
+        grid = grid.to(self.grid.dtype)  # the knots as stored: they must be increasing there
         if not bool((grid[:, 1:] > grid[:, :-1]).all()):
-            raise ValueError("update_grid produced repeated knots; use margin > 0 or grid_eps > 0")
-        new_bases = cox_de_boor_basis(x.double(), grid, k).transpose(0, 1)  # (in, batch, G+k)
-        coef = torch.linalg.lstsq(new_bases, old).solution.permute(2, 0, 1)  # (out, in, G+k)
+            raise ValueError(f"update_grid produced repeated knots in {self.grid.dtype} (inputs too far "
+                             "from 0 for the knots' spacing, or margin = grid_eps = 0)")
+        new_bases = cox_de_boor_basis(x.double(), grid.double(), k).transpose(0, 1)  # (in, batch, G+k)
+        # gelsd (SVD) on the CPU: the fit is rank-deficient whenever an input takes fewer distinct
+        # values than G + k (a small batch, a constant pixel, a binary feature), and the default
+        # drivers then return wrong or zero coefficients (CUDA's gels assumes full rank). gelsd
+        # gives the minimum-norm fit, which keeps the old spline's values on x exactly.
+        coef = torch.linalg.lstsq(new_bases.cpu(), old.cpu(), driver="gelsd").solution
+        coef = coef.to(x.device).permute(2, 0, 1)  # (out, in, G+k)
         scaler = self.spline_scaler.double().unsqueeze(-1)
         safe = torch.where(scaler == 0, torch.ones_like(scaler), scaler)
         self.grid.copy_(grid)
