@@ -119,7 +119,7 @@ def kernels() -> None:
         fused = fused_bases(x, t0, inv_h, n_bases, order)
         exact = cox_de_boor_basis(x.double(), grid.double(), order).transpose(1, 2)
         g = torch.randn(1000, n_bases * 300, device=DEVICE)
-        expected = (g.view(1000, n_bases, 300) * slopes).sum(dim=1) * -inv_h
+        expected = (g.view(1000, n_bases, 300) * slopes).sum(dim=1) * -inv_h.float()
         got = fused_input_grad(g, x, t0, inv_h, order)
         worst = max(worst, (fused - eager).abs().max().item(), (fused.double() - exact).abs().max().item(),
                     ((got - expected).abs().max() / expected.abs().max()).item())

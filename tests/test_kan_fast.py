@@ -49,8 +49,10 @@ def assert_same(fast_results, ref_results, tol=1e-5):
 
 
 @pytest.mark.parametrize("order", [1, 2, 3, 4, 5])
-@pytest.mark.parametrize("grid_size", [3, 5, 10])
+@pytest.mark.parametrize("grid_size", [3, 5, 10, 50, 100])
 def test_fast_equals_reference_float32(order, grid_size):
+    """At every grid size: the closed form's grid coordinate is split into cell and fraction, so its
+    rounding does not grow with G (it did: 2e-5 at G = 50)."""
     ref, fast = pair(7, 5, grid_size, order)
     assert fast.uses_fast_path() == (order >= 2)
     assert not ref.uses_fast_path()
@@ -123,3 +125,15 @@ def test_triton_switch_reads_the_usual_spellings_and_refuses_others(monkeypatch)
     monkeypatch.setenv("KANFARM_TRITON", "maybe")
     with pytest.raises(ConfigError, match="KANFARM_TRITON"):
         triton_wanted()
+
+
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")])
+def test_non_finite_inputs_give_nan_on_both_paths(value):
+    """An overflowed activation must not read as a finite output on one path only (with ELU,
+    whose base branch is finite at -inf, the closed form used to give every basis 0 there)."""
+    ref, fast = pair(2, 1, 5, 3)
+    ref.base_activation = fast.base_activation = torch.nn.ELU()
+    x = torch.tensor([[value, 0.3]])
+    for layer in (ref, fast):
+        out, grad_x = forward_backward(layer, x)[:2]
+        assert torch.isnan(out).all() and torch.isnan(grad_x[:, 0]).all() and torch.isfinite(grad_x[:, 1]).all()

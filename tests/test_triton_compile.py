@@ -40,7 +40,7 @@ def compile_all() -> list[str]:
         assert kernel.asm["cubin"], label
         done.append(label)
 
-    spline = {"x_ptr": "*fp32", "t0_ptr": "*fp32", "inv_h_ptr": "*fp32", "out_ptr": "*fp32",
+    spline = {"x_ptr": "*fp32", "t0_ptr": "*fp64", "inv_h_ptr": "*fp64", "out_ptr": "*fp32",
               "n_rows": "i32", "n_in": "i32"}
     grad = {"grad_ptr": "*fp32", **spline}
     for order in (2, 3, 4, 5):

@@ -46,7 +46,7 @@ def test_fused_bases_and_input_grad_match_eager_and_reference(order, grid_size, 
     torch.testing.assert_close(fused.double(), reference, rtol=0, atol=2e-6)
 
     grad_bases = torch.randn(batch, n_bases * n_in, generator=torch.Generator().manual_seed(1))
-    expected = (grad_bases.view(batch, n_bases, n_in) * slopes).sum(dim=1) * -inv_h
+    expected = (grad_bases.view(batch, n_bases, n_in) * slopes).sum(dim=1) * -inv_h.float()
     got = fused_input_grad(grad_bases, x, t0, inv_h, order)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())

@@ -53,17 +53,20 @@ def _basis_and_slope(t, ORDER: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
 
 @triton.jit
 def _tile(x_ptr, t0_ptr, inv_h_ptr, n_rows, n_in, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
-    """This program's ``(BLOCK_R, BLOCK_I)`` tile: grid coordinates ``u = (x - t0) * inv_h``, the
-    tile's ``inv_h``, its mask, and the row (int64) and column offsets."""
+    """This program's ``(BLOCK_R, BLOCK_I)`` tile: grid coordinates ``u = (x - t0) * inv_h`` split
+    as ``cell + frac`` in float64 (``uniform_spline.cell_coordinates``), the tile's ``inv_h``
+    (float32), its mask, and the row (int64) and column offsets."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     col_ok = cols < n_in
     mask = (rows < n_rows)[:, None] & col_ok[None, :]
     rows64 = rows.to(tl.int64)[:, None]
     x = tl.load(x_ptr + rows64 * n_in + cols[None, :], mask=mask, other=0.0)
-    t0 = tl.load(t0_ptr + cols, mask=col_ok, other=0.0)
-    inv_h = tl.load(inv_h_ptr + cols, mask=col_ok, other=0.0)
-    return (x - t0[None, :]) * inv_h[None, :], inv_h, mask, rows64, cols
+    t0 = tl.load(t0_ptr + cols, mask=col_ok, other=0.0)  # float64
+    inv_h = tl.load(inv_h_ptr + cols, mask=col_ok, other=0.0)  # float64
+    u = (x.to(tl.float64) - t0[None, :]) * inv_h[None, :]
+    cell = tl.floor(u)
+    return cell.to(tl.float32), (u - cell).to(tl.float32), inv_h.to(tl.float32), mask, rows64, cols
 
 
 @triton.jit
@@ -71,10 +74,10 @@ def _bases_kernel(x_ptr, t0_ptr, inv_h_ptr, out_ptr, n_rows, n_in,
                   N_BASES: tl.constexpr, ORDER: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
                   C2: tl.constexpr, N_TERMS: tl.constexpr, HALF: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
-    u, inv_h, mask, rows64, cols = _tile(x_ptr, t0_ptr, inv_h_ptr, n_rows, n_in, BLOCK_R, BLOCK_I)
+    cell, frac, inv_h, mask, rows64, cols = _tile(x_ptr, t0_ptr, inv_h_ptr, n_rows, n_in, BLOCK_R, BLOCK_I)
     out = out_ptr + rows64 * (N_BASES * n_in) + cols[None, :]
     for j in tl.static_range(N_BASES):
-        value, _ = _basis_and_slope(u - (j + HALF), ORDER, C0, C1, C2, N_TERMS, HALF, False)
+        value, _ = _basis_and_slope((cell - (j + HALF)) + frac, ORDER, C0, C1, C2, N_TERMS, HALF, False)
         tl.store(out + j * n_in, value, mask=mask)
 
 
@@ -83,11 +86,11 @@ def _input_grad_kernel(grad_ptr, x_ptr, t0_ptr, inv_h_ptr, out_ptr, n_rows, n_in
                        N_BASES: tl.constexpr, ORDER: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
                        C2: tl.constexpr, N_TERMS: tl.constexpr, HALF: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
-    u, inv_h, mask, rows64, cols = _tile(x_ptr, t0_ptr, inv_h_ptr, n_rows, n_in, BLOCK_R, BLOCK_I)
+    cell, frac, inv_h, mask, rows64, cols = _tile(x_ptr, t0_ptr, inv_h_ptr, n_rows, n_in, BLOCK_R, BLOCK_I)
     grad = grad_ptr + rows64 * (N_BASES * n_in) + cols[None, :]
     acc = tl.zeros((BLOCK_R, BLOCK_I), dtype=tl.float32)
     for j in tl.static_range(N_BASES):
-        _, slope = _basis_and_slope(u - (j + HALF), ORDER, C0, C1, C2, N_TERMS, HALF, True)
+        _, slope = _basis_and_slope((cell - (j + HALF)) + frac, ORDER, C0, C1, C2, N_TERMS, HALF, True)
         acc += tl.load(grad + j * n_in, mask=mask, other=0.0) * slope
     tl.store(out_ptr + rows64 * n_in + cols[None, :], acc * -inv_h[None, :], mask=mask)
 
@@ -103,13 +106,18 @@ def _constants(order: int) -> dict:
                 BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN)
 
 
+def _coordinates(t: torch.Tensor) -> torch.Tensor:
+    """``t0`` or ``inv_h`` as the kernels read them: contiguous float64."""
+    return t.to(torch.float64).contiguous()
+
+
 def _grid(n_rows: int, n_in: int) -> tuple[int, int]:
     return triton.cdiv(n_rows, BLOCK_ROWS), triton.cdiv(n_in, BLOCK_IN)
 
 
 def fused_bases(x: torch.Tensor, t0: torch.Tensor, inv_h: torch.Tensor, n_bases: int, order: int) -> torch.Tensor:
     """Bases ``(batch, n_bases, in)`` of 2-D float32 ``x``, as ``uniform_basis`` computes them."""
-    x, t0, inv_h = x.contiguous(), t0.contiguous(), inv_h.contiguous()
+    x, t0, inv_h = x.contiguous(), _coordinates(t0), _coordinates(inv_h)
     out = x.new_empty(x.shape[0], n_bases, x.shape[1])
     if x.numel():
         _bases_kernel[_grid(*x.shape)](x, t0, inv_h, out, x.shape[0], x.shape[1], N_BASES=n_bases,
@@ -125,6 +133,6 @@ def fused_input_grad(grad_bases: torch.Tensor, x: torch.Tensor, t0: torch.Tensor
     n_bases = grad_bases.shape[1] // x.shape[1]
     out = torch.empty_like(x)
     if x.numel():
-        _input_grad_kernel[_grid(*x.shape)](grad_bases, x, t0.contiguous(), inv_h.contiguous(), out, x.shape[0],
+        _input_grad_kernel[_grid(*x.shape)](grad_bases, x, _coordinates(t0), _coordinates(inv_h), out, x.shape[0],
                                             x.shape[1], N_BASES=n_bases, **_constants(order))
     return out

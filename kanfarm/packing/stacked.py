@@ -220,7 +220,7 @@ class StackedNet:
         if k >= 2 and self.uniform[f"blocks.{i}.grid"]:
             t0, inv_h = grid_origin_and_scale(grid)
             weight = scaled.transpose(2, 3).reshape(members, out_f, n_bases * in_f)
-            spline = StackedSpline.apply(x, weight, t0.to(x.dtype), inv_h.to(x.dtype), k)
+            spline = StackedSpline.apply(x, weight, t0, inv_h, k)
         else:  # the reference recursion, as KANLinear does off the fast path
             bases = cox_de_boor_basis(x.reshape(-1, in_f), grid, k)
             if x.dim() == 2:
