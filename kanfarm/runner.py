@@ -90,6 +90,16 @@ def worker_name(suffix: str = "") -> str:
     return f"{socket.gethostname()}:{os.getpid()}{suffix}"
 
 
+#: drawn once per process start: a restarted container keeps its hostname and often its pids, and
+#: a worker named as the dead one would take that one's run back as its own (no attempt counted)
+PROCESS_TOKEN = os.urandom(4).hex()
+
+
+def celery_worker_name() -> str:
+    """``host:pid:celery-<token>``: unique to this process, also across container restarts."""
+    return worker_name(f":celery-{PROCESS_TOKEN}")
+
+
 def _dataset(config: RunConfig) -> Dataset:
     """Loaded once per process per (dataset, options, data folder): a worker runs many cells of
     the same dataset; runs with other dataset options (an imdb vocabulary size) get their own."""
@@ -268,12 +278,19 @@ class _EpochRows:
             self.done.update({run_id: (record, run_id in lost) for run_id, record in pending})
 
 
-def database_unavailable(exc: BaseException) -> bool:
-    """A lost connection, a locked SQLite file, a server restart: errors of the database, not of
-    the run, which must not mark it failed (callers retry instead)."""
-    from sqlalchemy.exc import OperationalError
+def database_errors() -> tuple[type[Exception], ...]:
+    """What ``database_unavailable`` accepts, as a tuple for ``except`` clauses."""
+    from sqlalchemy.exc import InterfaceError, InternalError, OperationalError
 
-    return isinstance(exc, OperationalError)
+    return OperationalError, InternalError, InterfaceError
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """A lost connection, a locked SQLite file, a server restart, a failover onto a read-only
+    standby (PostgreSQL's ``InternalError``): errors of the database, not of the run, which must
+    not mark it failed (callers retry instead). Errors of the statement itself (``IntegrityError``,
+    ``DataError``, ``ProgrammingError``) are bugs and propagate."""
+    return isinstance(exc, database_errors())
 
 
 def _error_text(exc: Exception) -> str:

@@ -132,9 +132,10 @@ def test_a_message_for_a_run_that_does_not_exist_is_done(sqlite_store, monkeypat
     assert tasks._hand_back([987654]) == []
 
 
-def _outage(calls: int):
-    """A stand-in for a store method that raises a lost connection ``calls`` times, then works."""
-    from sqlalchemy.exc import OperationalError
+def _outage(calls: int, error: str = "OperationalError"):
+    """A stand-in for a store method that raises a database error ``calls`` times, then works:
+    a lost connection, or (``InternalError``) a write on a read-only standby after a failover."""
+    from sqlalchemy import exc
 
     def fail_then(method):
         left = [calls]
@@ -142,33 +143,34 @@ def _outage(calls: int):
         def wrapped(*args, **kwargs):
             if left[0] > 0:
                 left[0] -= 1
-                raise OperationalError("UPDATE runs ...", {}, Exception("connection refused"))
+                raise getattr(exc, error)("UPDATE runs ...", {}, Exception("connection refused"))
             return method(*args, **kwargs)
         return wrapped
     return fail_then
 
 
-def test_a_worker_without_its_database_gives_the_message_back_and_waits(sqlite_store, monkeypatch):
+@pytest.mark.parametrize("error", ["OperationalError", "InternalError"])
+def test_a_worker_without_its_database_gives_the_message_back_and_waits(sqlite_store, monkeypatch, error):
     """A retry with a countdown is an ETA message that the worker taking it keeps beyond the
     prefetch limit: a worker cut off from its database would gather every message while the others
     idle. It publishes a copy at once, takes nothing more until its database answers (solo pool),
     then hands back the run whose hand-back failed (attempt refunded) and publishes it again."""
     from kanfarm.grids import parse_spec
-    from kanfarm.runner import worker_name
+    from kanfarm.runner import celery_worker_name
     from kanfarm.submission import submit
     from workers import tasks
 
     submit(sqlite_store, parse_spec(spec("outage", lrs=(0.01, 0.005), epochs=2)))
     mine, other = sqlite_store.run_ids("outage")
-    sqlite_store.claim(mine, worker_name(":celery"), 600)  # an attempt whose hand-back failed
+    sqlite_store.claim(mine, celery_worker_name(), 600)  # an attempt whose hand-back failed
     events: list = []
 
     class Retried(Exception):
         pass
 
     monkeypatch.setattr(tasks, "store", lambda: sqlite_store)
-    monkeypatch.setattr(sqlite_store, "claim", _outage(1)(sqlite_store.claim))
-    monkeypatch.setattr(sqlite_store, "release", _outage(2)(sqlite_store.release))
+    monkeypatch.setattr(sqlite_store, "claim", _outage(1, error)(sqlite_store.claim))
+    monkeypatch.setattr(sqlite_store, "release", _outage(2, error)(sqlite_store.release))
     monkeypatch.setattr(tasks, "publish_packs", lambda packs, queue, app=None, fit=False: events.append(
         ("copy", [list(p) for p in packs], queue, fit)))
     monkeypatch.setattr(tasks.SHUTDOWN, "wait", lambda seconds: events.append(("wait", seconds)))
@@ -250,7 +252,7 @@ def test_a_run_this_worker_could_not_hand_back_is_handed_back_and_retried(sqlite
     from celery.exceptions import Retry
 
     from kanfarm.grids import parse_spec
-    from kanfarm.runner import worker_name
+    from kanfarm.runner import celery_worker_name
     from kanfarm.submission import submit
     from workers import tasks
 
@@ -259,7 +261,7 @@ def test_a_run_this_worker_could_not_hand_back_is_handed_back_and_retried(sqlite
     monkeypatch.setattr(tasks, "store", lambda: sqlite_store)
     monkeypatch.setenv(tasks.LEASE_ENV, "600")
     for task, args in ((tasks.execute_run_task, (mine,)), (tasks.execute_pack_task, ([theirs, mine],))):
-        sqlite_store.claim(mine, worker_name(":celery"), 600)
+        sqlite_store.claim(mine, celery_worker_name(), 600)
         sqlite_store.claim(theirs, "other-host:1:celery", 600)
         countdowns = []
         monkeypatch.setattr(task, "retry", lambda **kw: countdowns.append(kw["countdown"]) or Retry())
@@ -1094,3 +1096,18 @@ def test_a_stop_signal_while_starting_starts_no_further_worker(monkeypatch, tmp_
     monkeypatch.setattr(launcher.subprocess, "Popen", popen_then_a_signal)
     code = launcher.launch([_ScriptWorker("w0", script("w0")), _ScriptWorker("w1", script("w1"))], poll_s=0.05)
     assert code == 0 and not (tmp_path / "w1").exists()
+
+
+def test_celery_worker_names_differ_between_process_starts():
+    """A restarted container keeps its hostname and often its pids: without a token drawn at
+    start, the new worker would take the dead one's run back as its own, no attempt counted."""
+    import subprocess
+    import sys
+
+    from kanfarm.runner import PROCESS_TOKEN, celery_worker_name
+
+    code = "from kanfarm.runner import PROCESS_TOKEN; print(PROCESS_TOKEN)"
+    tokens = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+              for _ in range(2)}
+    assert len(tokens) == 2 and PROCESS_TOKEN not in tokens
+    assert celery_worker_name().endswith(f":celery-{PROCESS_TOKEN}")

@@ -150,9 +150,9 @@ def _hand_back(run_ids: list[int]) -> list[int]:
     name, and return them: a database error kept an earlier try of this task from handing them
     back. With the solo pool no run of this process is live while a task runs, so such a run is a
     leftover, and without this it would wait out its lease."""
-    from kanfarm.runner import worker_name
+    from kanfarm.runner import celery_worker_name
 
-    me = worker_name(":celery")
+    me = celery_worker_name()
     return [run_id for run_id in run_ids if store().release(run_id, me, refund=True)]
 
 
@@ -190,13 +190,13 @@ def _hand_back_when_reachable(run_ids: list[int]) -> list[int]:
     """Wait until the database answers (probing every 5 s, doubling to a minute), then release
     the runs of ``run_ids`` that this process still holds, attempt refunded; returns those. On a
     warm shutdown it stops waiting and returns none (their leases expire; see docs/distributed.md)."""
-    from sqlalchemy.exc import OperationalError
+    from kanfarm.runner import database_errors
 
     delay, waited = 5.0, 0.0
     while not SHUTDOWN.is_set():
         try:
             return _hand_back(run_ids)
-        except OperationalError as exc:
+        except database_errors() as exc:
             log.warning("database still unavailable after %.0f s (%s); this worker takes no message until "
                         "it answers", waited, type(exc).__name__)
         SHUTDOWN.wait(delay)
@@ -211,9 +211,7 @@ def execute_pack_task(self, run_ids: list[int], fit: bool = False) -> str:
     """Claim the claimable runs of ``run_ids`` and train them as packs sized for this worker's
     device: on a GPU at most what fits its free memory, on a CPU its ``auto`` size (8) when
     ``fit`` (published by ``--pack-size auto``); taken or finished runs are skipped."""
-    from sqlalchemy.exc import OperationalError
-
-    from kanfarm.runner import execute_pack, fitting_pack_size, worker_name
+    from kanfarm.runner import celery_worker_name, database_errors, execute_pack, fitting_pack_size
 
     if not isinstance(run_ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in run_ids):
         log.error("ignoring pack message %r: not a list of run ids", run_ids)
@@ -231,13 +229,13 @@ def execute_pack_task(self, run_ids: list[int], fit: bool = False) -> str:
             if SHUTDOWN.is_set():  # stopping: claim no further chunk (a claim costs an attempt);
                 released += run_ids[start:]  # its runs stay unclaimed and are re-published below
                 break
-            outcomes = execute_pack(store(), run_ids[start:start + size], worker_name(":celery"), device=device(),
+            outcomes = execute_pack(store(), run_ids[start:start + size], celery_worker_name(), device=device(),
                                     lease_s=lease_seconds(), shutdown=SHUTDOWN, max_attempts=max_attempts())
             released += [o.run_id for o in outcomes if o.status == "released"]
             skipped += [o.run_id for o in outcomes if o.status == "not-claimed"]
         if skipped and _hand_back(skipped):
             raise self.retry(countdown=0)
-    except OperationalError as exc:
+    except database_errors() as exc:
         return _ride_out_outage(self, run_ids, fit is True, exc)
     if released:
         publish_packs([released], _queue_of(self), self.app, fit=fit is True)
@@ -248,9 +246,7 @@ def execute_pack_task(self, run_ids: list[int], fit: bool = False) -> str:
 @app.task(name=TASK_NAME, bind=True, ignore_result=True, acks_late=True, max_retries=None)
 def execute_run_task(self, run_id: int) -> str:
     """Claim and train run ``run_id``; a failed claim (taken, finished, cancelled) is a no-op."""
-    from sqlalchemy.exc import OperationalError
-
-    from kanfarm.runner import execute_run, worker_name
+    from kanfarm.runner import celery_worker_name, database_errors, execute_run
 
     if isinstance(run_id, bool) or not isinstance(run_id, int):
         log.error("ignoring message with run id %r: not an integer", run_id)
@@ -258,11 +254,11 @@ def execute_run_task(self, run_id: int) -> str:
     if SHUTDOWN.is_set():  # delivered while stopping: leave it to the next worker
         self.retry(countdown=0)
     try:
-        outcome = execute_run(store(), run_id, worker_name(":celery"), device=device(),
+        outcome = execute_run(store(), run_id, celery_worker_name(), device=device(),
                               lease_s=lease_seconds(), shutdown=SHUTDOWN, max_attempts=max_attempts())
         if outcome.status == "not-claimed" and _hand_back([run_id]):
             raise self.retry(countdown=0)
-    except OperationalError as exc:
+    except database_errors() as exc:
         return _ride_out_outage(self, [run_id], False, exc)
     if outcome.status == "released":
         publish([run_id], _queue_of(self), self.app)
