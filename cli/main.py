@@ -6,6 +6,7 @@ input has been validated.
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 import time
@@ -116,7 +117,7 @@ def grid_submit(spec: str = typer.Argument(..., help="A TOML spec file or a pres
 def _run_locally(store, grid_name: str, workers: int, device: str, pack_size: int | str = 1) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from kanfarm.local import WorkerCrashed, run_grid_locally
+    from kanfarm.local import RunsAbandoned, WorkerCrashed, run_grid_locally
 
     with Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("{task.fields[active]}", markup=False), console=err_console,
@@ -128,9 +129,22 @@ def _run_locally(store, grid_name: str, workers: int, device: str, pack_size: in
                                for a in snap.active[:4])
             progress.update(task, total=snap.total, completed=snap.done, active=active)
 
+        def on_interrupt() -> None:
+            progress.stop()
+            err_console.print("stopping: the runs in progress finish their epoch, checkpoint and are handed back "
+                              "(Ctrl-C again to quit without waiting)")
+
         try:
             return run_grid_locally(store, grid_name, workers=workers, device=device, on_poll=on_poll,
-                                    pack_size=pack_size)
+                                    pack_size=pack_size, on_interrupt=on_interrupt)
+        except RunsAbandoned:
+            err_console.print("quit without waiting: the runs in progress were not handed back; the same command "
+                              "takes them over and finishes the grid")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # now, without the interpreter's shutdown: a training thread still inside torch would
+            # abort the process ("terminate called without an active exception")
+            os._exit(130)
         except KeyboardInterrupt:
             err_console.print("interrupted: runs were checkpointed and released; run the same command to finish")
             raise typer.Exit(130)
@@ -154,7 +168,9 @@ def run_grid(spec: str = typer.Argument(..., help="A TOML spec file or a preset 
              workers: int = typer.Option(1, "--workers", min=1, help="Local worker processes."),
              device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
              pack_size: str = typer.Option("1", "--pack-size",
-                                           help="Train up to N compatible runs at once as one stacked model, or auto (fit free GPU memory).")) -> None:
+                                           help="Train up to N compatible runs at once as one stacked model, or auto (fit free GPU memory)."),
+             retry_failed: bool = typer.Option(False, "--retry-failed",
+                                               help="Run the grid's failed runs again too (from their last checkpoint).")) -> None:
     """Write a grid's runs, then execute them with local workers (resumable: run again to finish)."""
     from kanfarm.runner import check_run_environment
 
@@ -168,6 +184,9 @@ def run_grid(spec: str = typer.Argument(..., help="A TOML spec file or a preset 
     resumed = store.mark_queued(store.run_ids(grid.name, statuses=["cancelled"]))
     if resumed:
         err_console.print(f"{resumed} cancelled runs of the grid are run again")
+    if retry_failed:
+        retried = store.mark_queued(store.run_ids(grid.name, statuses=["failed"]))
+        err_console.print(f"{retried} failed runs of the grid are run again")
     final = _run_locally(store, grid.name, workers, device, size)
     err_console.print(f"done: {final.counts}")
     if final.counts.get("running"):
@@ -177,7 +196,8 @@ def run_grid(spec: str = typer.Argument(..., help="A TOML spec file or a preset 
                           "finish them")
     if final.counts.get("failed"):
         fail(f"{final.counts['failed']} runs failed; their errors are in the runs table "
-             "(SELECT id, error FROM runs WHERE status = 'failed')", code=1)
+             "(SELECT id, error FROM runs WHERE status = 'failed'); once fixed, add --retry-failed to run "
+             "them again", code=1)
 
 
 def _prepare_data(grid) -> None:

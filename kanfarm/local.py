@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kanfarm.runner import DEFAULT_LEASE_S, work_loop, worker_name
+from kanfarm.runner import DEFAULT_LEASE_S, database_errors, work_loop, worker_name
 from kanfarm.store import Store
 from kanfarm.training.host_memory import keep_freed_memory
 
@@ -30,6 +30,12 @@ WHERE r.status = 'running' AND gr.name = :grid
 GROUP BY r.id, r.dataset, r.model, r.depth, r.max_epochs
 ORDER BY r.id
 """
+
+
+class RunsAbandoned(KeyboardInterrupt):
+    """A second Ctrl-C: the process stops without waiting for its workers to checkpoint and hand
+    their runs back. Those runs stay ``running`` until the next ``run grid`` of this host takes
+    them over (``release_dead_holders``) or their lease expires."""
 
 
 class WorkerCrashed(RuntimeError):
@@ -158,12 +164,14 @@ class _ThreadWorker:
 def run_grid_locally(store: Store, grid: str, *, workers: int = 1, device: str = "cpu",
                      lease_s: float = DEFAULT_LEASE_S, max_attempts: int | None = None,
                      on_poll: Callable[[Snapshot], None] | None = None, poll_s: float = 0.5,
-                     pack_size: int | str = 1) -> Snapshot:
+                     pack_size: int | str = 1, on_interrupt: Callable[[], None] | None = None) -> Snapshot:
     """Execute every claimable run of ``grid``; returns the final snapshot. ``pack_size`` > 1 or
-    ``"auto"``: compatible runs train together as packs (``kanfarm.packing``).
+    ``"auto"``: compatible runs train together as packs (``kanfarm.packing``). ``on_poll`` sees
+    progress (skipped while the database is unreachable: the workers ride that out themselves).
 
-    Ctrl-C (KeyboardInterrupt) sets the shutdown flag: each worker checkpoints at its next epoch
-    boundary and puts its run back to ``queued``, then the interrupt is re-raised. Running the same
+    Ctrl-C (KeyboardInterrupt) sets the shutdown flag and calls ``on_interrupt``: each worker
+    checkpoints at its next epoch boundary and puts its run back to ``queued``, then the interrupt
+    is re-raised. A second Ctrl-C while waiting raises ``RunsAbandoned`` at once. Running the same
     grid again finishes it, also after a kill -9: runs held by dead processes of this host are
     taken over at once (``release_dead_holders``); runs held elsewhere wait for their lease.
     """
@@ -196,14 +204,22 @@ def run_grid_locally(store: Store, grid: str, *, workers: int = 1, device: str =
             p.start()
         while any(p.is_alive() for p in pool):
             if on_poll is not None:
-                on_poll(snapshot(store, grid))
+                try:
+                    on_poll(snapshot(store, grid))
+                except database_errors():  # progress only; the workers pause and carry on
+                    pass
             for p in pool:
                 p.join(timeout=poll_s / len(pool))
     except KeyboardInterrupt:
         shutdown.set()
-        for p in pool:
-            if p.is_alive():
-                p.join()
+        if on_interrupt is not None:
+            on_interrupt()
+        try:
+            for p in pool:
+                if p.is_alive():
+                    p.join()
+        except KeyboardInterrupt:
+            raise RunsAbandoned() from None
         raise
     if errors:
         raise errors[0]

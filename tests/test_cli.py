@@ -336,6 +336,7 @@ def test_ctrl_c_leaves_the_grid_resumable(env):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
+    assert "stopping: the runs in progress finish their epoch" in err  # said at once, not after the epoch
     assert "run the same command to finish" in err
     statuses = [r["status"] for r in rows(db, "SELECT status FROM runs ORDER BY id")]
     assert "running" not in statuses and statuses.count("completed") < 2, statuses
@@ -358,6 +359,50 @@ def test_ctrl_c_leaves_the_grid_resumable(env):
     straight = rows(env / "straight.db", "SELECT r.config_hash, e.epoch, e.test_acc, e.train_loss FROM "
                                          "epoch_metrics e JOIN runs r ON r.id = e.run_id ORDER BY r.config_hash, e.epoch")
     assert resumed == straight and len(resumed) == 2 * 13
+
+
+def test_a_second_ctrl_c_quits_at_once_and_says_the_runs_were_not_handed_back(env):
+    """The second Ctrl-C used to end in "terminate called without an active exception" (SIGABRT,
+    a training thread inside torch at interpreter shutdown) after claiming the runs were released."""
+    import signal
+    import time
+
+    cmd, environ, db = kan_grid_as_a_subprocess(env, epochs=4)
+    (env / "tiny.toml").write_text((env / "tiny.toml").read_text().replace("batch_size = 128", "batch_size = 4"))
+    proc = subprocess.Popen(cmd + ["run", "grid", "tiny.toml"], env=environ, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        if db.exists() and rows(db, "SELECT COUNT(*) AS n FROM epoch_metrics WHERE epoch >= 1")[0]["n"]:
+            break
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)  # an epoch at batch 4 takes seconds: the first Ctrl-C is still waiting for it
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "quit without waiting" in err and "terminate called" not in err
+    assert "checkpointed and released" not in err
+    done = subprocess.run(cmd + ["run", "grid", "tiny.toml"], env=environ, capture_output=True, text=True,
+                          timeout=300)  # takes over the run the dead process held
+    assert done.returncode == 0, done.stderr
+    assert {r["status"] for r in rows(db, "SELECT status FROM runs")} == {"completed"}
+
+
+def test_failed_runs_run_again_only_with_retry_failed(env):
+    assert invoke("db", "upgrade").exit_code == 0
+    assert invoke("run", "grid", "tiny.toml").exit_code == 0
+    con = sqlite3.connect(env / "k.db")
+    with con:
+        con.execute("UPDATE runs SET status = 'failed', error = 'simulated' WHERE id = 1")
+    con.close()
+    result = invoke("run", "grid", "tiny.toml")
+    assert result.exit_code == 1 and "--retry-failed" in result.output
+    assert rows(env / "k.db", "SELECT status FROM runs WHERE id = 1") == [{"status": "failed"}]
+    result = invoke("run", "grid", "tiny.toml", "--retry-failed")
+    assert result.exit_code == 0, result.output
+    assert "1 failed runs of the grid are run again" in result.output
+    assert {r["status"] for r in rows(env / "k.db", "SELECT status FROM runs")} == {"completed"}
 
 
 def test_checkpoint_cadence_from_the_environment(env, monkeypatch):
@@ -489,6 +534,33 @@ def test_crashed_worker_processes_are_an_error_not_done(env, monkeypatch):
     monkeypatch.setenv("KANFARM_CHECKPOINT_EVERY", "abc")  # each spawned worker fails on it at once
     with pytest.raises(WorkerCrashed, match="kanfarm-worker-0"):
         run_grid_locally(store, "tiny", workers=2)
+    store.dispose()
+
+
+def test_the_progress_poll_rides_out_a_database_outage(env, monkeypatch):
+    """`run grid` ended (exit 1, its run left `running`) when the progress poll's query met a
+    database blip that the worker itself would have waited out."""
+    from sqlalchemy.exc import OperationalError
+
+    from kanfarm import local
+    from kanfarm.grids import load_spec
+    from kanfarm.store import Store
+    from kanfarm.submission import submit
+
+    store = Store(f"sqlite:///{env / 'k.db'}")
+    store.upgrade()
+    submit(store, load_spec(str(env / "tiny.toml")))
+    real, failures = local.snapshot, []
+
+    def flaky(store_, grid):
+        if len(failures) < 3:
+            failures.append(1)
+            raise OperationalError("SELECT ...", {}, Exception("server closed the connection"))
+        return real(store_, grid)
+
+    monkeypatch.setattr(local, "snapshot", flaky)
+    final = local.run_grid_locally(store, "tiny", on_poll=lambda snap: None, poll_s=0.05)
+    assert len(failures) == 3 and final.counts["completed"] == 4
     store.dispose()
 
 
