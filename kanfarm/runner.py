@@ -170,7 +170,8 @@ class _ClaimedRun:
         """Asked before each checkpoint write: renew the lease, which fails once another worker
         has taken the run (its checkpoint folder is then theirs)."""
         if not self.beat.lost.is_set() and not self.store.heartbeat(self.run.id, self.worker, self.beat.lease_s):
-            log.warning("run %s: lease lost, no checkpoint written; stopping", self.run.id)
+            log.warning("run %s: no longer held by this worker (cancelled, or its lease lapsed); no checkpoint "
+                        "written, stopping", self.run.id)
             self.beat.lost.set()
         return not self.beat.lost.is_set()
 
@@ -191,8 +192,8 @@ class _ClaimedRun:
             return
         try:
             self.store.write_epoch(self.run.id, record, worker=self.worker)
-        except LeaseLost:
-            self.lost(record.epoch)
+        except LeaseLost as exc:
+            self.lost(record.epoch, exc)
             return
         self.written(record)
 
@@ -209,8 +210,10 @@ class _ClaimedRun:
             else:
                 self.written(record)
 
-    def lost(self, epoch: int) -> None:
-        log.warning("run %s: lease lost, epoch %s not written; stopping", self.run.id, epoch)
+    def lost(self, epoch: int, why: Exception | None = None) -> None:
+        """The run is no longer this worker's: cancelled, or taken over after its lease lapsed."""
+        log.warning("run %s: %s; epoch %s not written, stopping", self.run.id,
+                    why or "no longer held by this worker (cancelled, or its lease lapsed)", epoch)
         self.beat.lost.set()
 
     def written(self, record: EpochRecord) -> None:

@@ -186,6 +186,35 @@ def test_cancel_stops_running_and_waiting_runs(store):
     assert (requeued.status, requeued.attempts, requeued.finished_at) == ("queued", 0, None)
 
 
+def test_cancel_catches_a_run_handed_back_while_it_runs(postgres_store):
+    """PostgreSQL: a hand-back (running -> queued) committing while cancel works must not slip
+    between its checks (two UPDATEs by status once missed it: queued in neither's snapshot)."""
+    import threading
+    import time
+
+    store = postgres_store
+    store.submit_grid("g", {}, cells(1))
+    run_id = store.claim_next("w1", 60, grid="g").id
+    holding, results = threading.Event(), []
+
+    def slow_release():
+        with store.engine.begin() as conn:  # Store.release's statement, its commit held back
+            conn.exec_driver_sql("UPDATE runs SET status = 'queued', lease_expires_at = NULL "
+                                 "WHERE id = %(id)s AND status = 'running' AND worker = 'w1'", {"id": run_id})
+            holding.set()
+            time.sleep(1.0)
+
+    releaser = threading.Thread(target=slow_release)
+    releaser.start()
+    holding.wait(10)
+    canceller = threading.Thread(target=lambda: results.append(store.cancel("g")))
+    canceller.start()
+    releaser.join()
+    canceller.join(10)
+    assert results == [(1, 0)]  # seen as the waiting run it had become
+    assert store.run(run_id).status == "cancelled"
+
+
 def test_release_requeues_and_max_attempts_fails_the_run(store):
     store.submit_grid("g", {}, cells(1))
     run_id = store.run_ids()[0]

@@ -394,15 +394,18 @@ class Store:
         """Cancel the grid's waiting and running runs (a run shared with other grids is cancelled
         for them too). Running workers see it at their next heartbeat. Returns (waiting, running)."""
         now = utcnow()
-        counts = []
+        states = (*CLAIMABLE, "running")
         with self._write() as conn:
-            for states in (CLAIMABLE, ("running",)):
-                counts.append(conn.execute(
-                    sa.update(runs)
-                    .where(runs.c.status.in_(states), _grid_ids(grid))
-                    .values(status="cancelled", lease_expires_at=None, finished_at=_at(now))
-                ).rowcount)
-        return counts[0], counts[1]
+            # The rows are locked first, then updated by id: two UPDATEs by status (waiting, then
+            # running) each took their own snapshot on PostgreSQL, and a run handed back from
+            # running to queued in between matched neither and kept training (its worker re-published it).
+            found = conn.execute(sa.select(runs.c.id, runs.c.status).where(runs.c.status.in_(states), _grid_ids(grid))
+                                 .with_for_update(of=runs)).all()
+            for chunk in _chunks([run_id for run_id, _ in found]):
+                conn.execute(sa.update(runs).where(runs.c.id.in_(chunk), runs.c.status.in_(states))
+                             .values(status="cancelled", lease_expires_at=None, finished_at=_at(now)))
+        running = sum(status == "running" for _, status in found)
+        return len(found) - running, running
 
     def holders(self, grid: str | None = None) -> list[tuple[int, str]]:
         """(run id, worker) of each running run."""
