@@ -7,17 +7,22 @@ from kanfarm.store import Store
 
 FINISHED = ("completed", "diverged", "failed", "cancelled")
 
-_REMAINING_SQL = """
-SELECT r.id, r.dataset, r.model, r.depth, r.max_epochs, r.status, MAX(e.epoch) AS epoch
+#: what sets an epoch's time, as columns of ``runs``: runs alike in all of them are timed together.
+#: ``depth`` is NULL for grids that give widths, so the widths themselves are part of it.
+SHAPE = ("dataset", "model", "depth", "hidden_widths", "batch_size", "spline_order", "grid_size")
+_SHAPE_SQL = ", ".join(f"r.{c}" for c in SHAPE)
+
+_REMAINING_SQL = f"""
+SELECT r.id, {_SHAPE_SQL}, r.max_epochs, r.status, MAX(e.epoch) AS epoch
 FROM runs r LEFT JOIN epoch_metrics e ON e.run_id = r.id
-WHERE r.status IN ('pending', 'queued', 'running') {grid_filter}
-GROUP BY r.id, r.dataset, r.model, r.depth, r.max_epochs, r.status
+WHERE r.status IN ('pending', 'queued', 'running') {{grid_filter}}
+GROUP BY r.id, {_SHAPE_SQL}, r.max_epochs, r.status
 """
-_TIMED_SQL = """
-SELECT r.dataset, r.model, r.depth, AVG(e.seconds) AS mean_seconds, COUNT(*) AS n
+_TIMED_SQL = f"""
+SELECT {_SHAPE_SQL}, AVG(e.seconds) AS mean_seconds, COUNT(*) AS n
 FROM epoch_metrics e JOIN runs r ON r.id = e.run_id
-WHERE e.epoch > 0 AND e.seconds IS NOT NULL AND r.dataset IN ({datasets})
-GROUP BY r.dataset, r.model, r.depth
+WHERE e.epoch > 0 AND e.seconds IS NOT NULL AND r.dataset IN ({{datasets}})
+GROUP BY {_SHAPE_SQL}
 """
 _GRID_FILTER = "AND r.id IN (SELECT g.run_id FROM grid_runs g JOIN grids gr ON gr.id = g.grid_id WHERE gr.name = :grid)"
 
@@ -25,7 +30,8 @@ _GRID_FILTER = "AND r.id IN (SELECT g.run_id FROM grid_runs g JOIN grids gr ON g
 def grid_status(store: Store, grid: str | None = None) -> dict[str, Any]:
     """Counts per status, ``done`` (runs that ended: completed, diverged, failed or cancelled) and
     ``eta_seconds``: remaining epochs times the mean epoch time of runs (of any grid) of the same
-    dataset, model and depth, else of the same dataset; unknown (None) when a remaining run's
+    shape (``SHAPE``: dataset, model, widths, batch size, spline settings), else of the same
+    dataset; unknown (None) when a remaining run's
     dataset has no timed epoch, rather than a guess from another dataset. ``epochs_timed``: the
     timed epochs the estimate rests on. For one worker."""
     counts = store.status_counts(grid)
@@ -36,7 +42,7 @@ def grid_status(store: Store, grid: str | None = None) -> dict[str, Any]:
     # only the datasets still to train: the epoch rows of a study's other datasets are not read
     datasets = {f"d{i}": name for i, name in enumerate(sorted({r["dataset"] for r in remaining}))}
     timed = store.query(_TIMED_SQL.format(datasets=", ".join(f":{k}" for k in datasets)), datasets) if datasets else []
-    by_group = {(t["dataset"], t["model"], t["depth"]): (t["mean_seconds"], t["n"]) for t in timed}
+    by_group = {tuple(t[c] for c in SHAPE): (t["mean_seconds"], t["n"]) for t in timed}
     by_dataset: dict[str, tuple[float, int]] = {}
     for t in timed:
         seconds, n = by_dataset.get(t["dataset"], (0.0, 0))
@@ -45,16 +51,15 @@ def grid_status(store: Store, grid: str | None = None) -> dict[str, Any]:
     eta: float | None = 0.0
     used: set[tuple] = set()
     for r in remaining:
-        key = (r["dataset"], r["model"], r["depth"])
+        key = tuple(r[c] for c in SHAPE)
         source = key if key in by_group else (r["dataset"],) if r["dataset"] in by_dataset else None
         if source is None:
             eta = None
             break
         used.add(source)
-        per_epoch = (by_group[key] if len(source) == 3 else by_dataset[r["dataset"]])[0]
+        per_epoch = (by_group[key] if len(source) > 1 else by_dataset[r["dataset"]])[0]
         eta += per_epoch * (r["max_epochs"] - (r["epoch"] or 0))
-    n_timed = sum(by_group[s][1] for s in used if len(s) == 3)
-    n_timed += sum(by_dataset[s[0]][1] for s in used if len(s) == 1)
+    n_timed = sum(by_group[s][1] if len(s) > 1 else by_dataset[s[0]][1] for s in used)
     return {"grid": grid, "counts": counts, "total": total, "done": done,
             "progress": done / total if total else 0.0, "eta_seconds": eta,
             "epochs_timed": n_timed if eta is not None else 0}

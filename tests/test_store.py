@@ -524,6 +524,29 @@ def test_status_estimates_only_from_epochs_of_the_same_dataset(store):
     assert grid_status(store, "d")["eta_seconds"] == pytest.approx(2.0 * (8 + 10))
 
 
+def test_status_times_grids_of_explicit_widths_by_their_own_widths_and_batch_size(store):
+    """Grids that give widths store no depth: every such architecture was pooled into one mean
+    (a 1024-wide KAN's 21 s epochs estimated from 8-wide ones: "about 2 s" left)."""
+    from kanfarm.status import grid_status
+    from kanfarm.training import EpochRecord
+
+    def grid(name, widths, batch_size, seconds, epochs_done, seed=0, max_epochs=5):
+        store.submit_grid(name, {}, [(RunConfig(dataset="digits", depth=None, hidden_widths=widths, seed=seed,
+                                                batch_size=batch_size, max_epochs=max_epochs), 100, None)])
+        (run_id,) = store.run_ids(name)
+        store.claim(run_id, "w", 60)
+        for epoch in range(epochs_done + 1):
+            store.write_epoch(run_id, EpochRecord(epoch, 1.0, 0.5, 1.0, 0.5, seconds), worker="w")
+        return run_id
+
+    for i in range(20):
+        store.finish(grid(f"small{i}", (8,), 64, 0.01, 5, seed=i), "w", "completed")
+    grid("big", (1024, 1024), 64, 20.0, 1)
+    assert grid_status(store, "big")["eta_seconds"] == pytest.approx(4 * 20.0)
+    grid("small-batch", (8,), 4, 0.3, 1)  # same widths, a smaller batch: its own pace
+    assert grid_status(store, "small-batch")["eta_seconds"] == pytest.approx(4 * 0.3)
+
+
 def test_resubmitting_a_grid_that_states_no_intrinsic_dim_keeps_another_grids_value(store):
     from kanfarm.grids import parse_spec
     from kanfarm.submission import submit
