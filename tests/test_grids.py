@@ -471,3 +471,16 @@ def test_an_mlp_wide_scaled_by_hand_is_one_cell_whatever_the_spline_settings():
     shown = grid.describe(sample=len(cells))["sample"]
     assert [(c["spline_order"], c["dropout"]) for c in shown if c["model"] == "mlp_wide"] == [(None, 0.2)]
     assert {c["dropout"] for c in shown if c["model"] == "kan"} == {None}
+
+
+def test_the_cell_cap_counts_the_cells_there_are():
+    """MLPs have no splines: 5 orders x 20 grid sizes of an MLP grid are one cell each, and the cap
+    (100,000 cells) and its message count them so (it said 800,000 for an 8,000-cell grid)."""
+    many = {"models": ["mlp"], "spline_orders": [1, 2, 3, 4, 5], "grid_sizes": list(range(1, 21)),
+            "seeds": list(range(8000))}
+    assert len(spec(**many).expand()) == 8000
+    assert spec(**many).cell_count_bound() == 8000
+    over = {**many, "models": ["mlp", "mlp_wide"], "grid_sizes": [5], "spline_orders": [3, 4],
+            "seeds": list(range(33367))}  # 1 + 2 cells per seed: 100,101
+    with pytest.raises(ConfigError, match="100101 cells is more than 100000"):
+        spec(**over)

@@ -261,11 +261,18 @@ class GridSpec:
         return [(d, ()) for d in self.depths] + [(None, w) for w in self.widths]
 
     def cell_count_bound(self) -> int:
-        """Cells before the mlp collapse and deduplication: an upper bound, cheap to compute."""
-        sizes = [len(self.datasets), len(self.models), len(self._architectures()), len(self.trainers),
-                 max(1, len(self.activations)), len(self.spline_orders), len(self.grid_sizes),
-                 len(self.inits), len(self.optimizers), len(self.learning_rates), len(self.seeds)]
+        """Cells as ``expand`` makes them, before deduplication: an upper bound (exact unless two
+        cells are the same run), cheap to compute. Models without splines count one spline setting."""
+        splines = len(self.spline_orders) * len(self.grid_sizes)
+        per_model = sum(1 if self._splineless(model) else splines for model in self.models)
+        sizes = [len(self.datasets), per_model, len(self._architectures()), len(self.trainers),
+                 max(1, len(self.activations)), len(self.inits), len(self.optimizers), len(self.learning_rates),
+                 len(self.seeds)]
         return math.prod(sizes)
+
+    def _splineless(self, model: str) -> bool:
+        """A plain MLP, or an MLP-Wide scaled by ``wide_multiplier`` (it matches no KAN)."""
+        return model == "mlp" or (model == "mlp_wide" and self.wide_multiplier is not None)
 
     def _cell(self, dataset, model, arch, trainer, activation, order, grid, init, opt, lr, seed) -> RunConfig:
         """One cell. Fields that cannot affect this cell keep RunConfig's defaults, so the same
@@ -304,7 +311,7 @@ class GridSpec:
         for dataset, model, arch, trainer, activation in itertools.product(
             self.datasets, self.models, self._architectures(), self.trainers, self.activations or (None,)
         ):
-            if model == "mlp" or (model == "mlp_wide" and self.wide_multiplier is not None):
+            if self._splineless(model):
                 orders, grids = (_RUN_DEFAULTS.spline_order,), (_RUN_DEFAULTS.grid_size,)
             else:
                 orders, grids = self.spline_orders, self.grid_sizes
