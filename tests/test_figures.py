@@ -416,3 +416,25 @@ def test_sensitivity_rows_pair_kans_with_mlp_wides_of_default_activations_and_le
         assert [r["wide_multiplier"] for r in rows] == [None, None, None, None, 2.0, None]
     finally:
         store.dispose(close=True)
+
+
+@pytest.mark.parametrize("lo,hi,expected", [(23680, 25400, None), (2410, 23710, None), (2410, 5e6, "10^{4}")])
+def test_a_log_axis_within_a_decade_still_has_numbers(lo, hi, expected):
+    """Parameter counts within one decade left the log axis without a single label."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from kanfarm.reports.figures import _log_x
+
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot([lo, hi], [0.9, 0.95], "o")
+    _log_x(ax)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in [*ax.get_xticklabels(), *ax.get_xticklabels(minor=True)] if t.get_text()]
+    assert 2 <= len(labels) <= 6, labels
+    if expected:
+        assert any(expected in label for label in labels), labels
+    else:
+        assert all(label[-1] == "k" for label in labels), labels

@@ -8,6 +8,7 @@ needed, and a caller's own backend (say, a notebook's) is left alone.
 from __future__ import annotations
 
 import io
+import math
 import statistics
 import textwrap
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any, Callable, Iterable
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator, NullFormatter
+from matplotlib.ticker import Formatter, LogFormatterSciNotation, MaxNLocator
 
 from kanfarm.atomic import atomic_write
 from kanfarm.reports import _plotdata as plotdata
@@ -95,9 +96,47 @@ def _grouped_bars(rows: list[Row], value: str, height: Callable[[list[float]], f
 
 
 def _log_x(ax) -> None:
-    """Log x axis with labels at the decades only (minor labels overlap on narrow ranges)."""
+    """Log x axis labelled at the decades when two or more are in view, else at a few of the
+    minor ticks (parameter counts within one decade had no number on the axis at all)."""
     ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_major_formatter(_LogAxisLabels(major=True))
+    ax.xaxis.set_minor_formatter(_LogAxisLabels(major=False))
+
+
+class _LogAxisLabels(Formatter):
+    """Decades as powers of ten, or, with fewer than two decades in view, ticks as short numbers
+    ("3k", "25.4k"), thinned to about five spread along the axis (all of them would overlap)."""
+
+    def __init__(self, major: bool):
+        self.major = major
+        self._decades = LogFormatterSciNotation()
+
+    def set_axis(self, axis) -> None:
+        super().set_axis(axis)
+        self._decades.set_axis(axis)
+
+    def __call__(self, x, pos=None) -> str:
+        return self.format_ticks([x])[0]
+
+    def format_ticks(self, values) -> list[str]:
+        lo, hi = sorted(self.axis.get_view_interval())
+        decades = [v for v in self.axis.get_majorticklocs() if lo <= v <= hi]
+        if len(decades) >= 2:
+            return self._decades.format_ticks(values) if self.major else [""] * len(values)
+        ticks = sorted(v for v in [*decades, *self.axis.get_minorticklocs()] if lo <= v <= hi)
+        gap, keep, last = math.log10(hi / lo) / 5, set(), None
+        for v in ticks:  # greedy, left to right: each label at least a fifth of the axis after the last
+            if last is None or math.log10(v / last) >= gap:
+                keep.add(v)
+                last = v
+        return [_short_number(v) if v in keep else "" for v in values]
+
+
+def _short_number(value: float) -> str:
+    for unit, scale in (("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
 
 
 def _series_key(label: str) -> tuple:
