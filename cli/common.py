@@ -41,7 +41,7 @@ def submit_spec(store, grid):
     others = len(set(linked_hashes(store, grid.name)) - {c.config_hash() for c in grid.expand()})
     if others:  # a spec (or preset) changed under the same name: its old cells stay in the grid
         err_console.print(f"warning: grid {grid.name} also holds {others} runs that are not cells of this "
-                          f"spec (an earlier version of it); its reports include them. Submit under "
+                          f"spec (an earlier version of it); its reports include them and `run grid` trains them. Submit under "
                           f"another name to keep them apart.", highlight=False, soft_wrap=True)
     return result
 

@@ -179,7 +179,7 @@ def run_grid(spec: str = typer.Argument(..., help="A TOML spec file or a preset 
     check_run_environment()  # every check before anything is written
     store = open_store()
     grid = read_spec(spec)
-    _prepare_data(grid)
+    _prepare_data(grid, store, ("cancelled", "failed") if retry_failed else ("cancelled",))
     _submit(store, grid)
     resumed = store.mark_queued(store.run_ids(grid.name, statuses=["cancelled"]))
     if resumed:
@@ -200,12 +200,19 @@ def run_grid(spec: str = typer.Argument(..., help="A TOML spec file or a preset 
              "them again", code=1)
 
 
-def _prepare_data(grid) -> None:
+def _prepare_data(grid, store=None, statuses: tuple[str, ...] = ()) -> None:
     """Load (and download, once) every dataset of the grid before a worker claims a run: a dataset
-    that cannot be had is one message here, not a failed run per cell."""
+    that cannot be had is one message here, not a failed run per cell. With ``store``: also those
+    of the runs stored under the grid's name that will be claimed (waiting ones, and those of
+    ``statuses``): cells of an earlier version of the spec, which `run grid` trains too."""
     from kanfarm.data import load_dataset
 
-    wanted = {(c.dataset, tuple(sorted(c.dataset_options.items()))) for c in grid.expand()}
+    configs = list(grid.expand())
+    if store is not None:
+        configs += [config for _, config in store.claimable_runs(grid.name)]
+        if statuses:
+            configs += [store.run(run_id).config for run_id in store.run_ids(grid.name, statuses=statuses)]
+    wanted = {(c.dataset, tuple(sorted(c.dataset_options.items()))) for c in configs}
     for name, options in sorted(wanted):
         err_console.print(f"dataset {name}: ready ({load_dataset(name, **dict(options)).x_train.shape[0]} training rows)")
 

@@ -142,6 +142,20 @@ def test_a_grid_whose_dataset_cannot_be_had_stops_before_any_run(env, monkeypatc
     assert rows(env / "k.db", "SELECT COUNT(*) AS n FROM runs")[0]["n"] == 0
 
 
+def test_run_grid_checks_the_datasets_of_earlier_cells_of_the_grid_too(env, monkeypatch):
+    """Cells of an earlier version of a spec stay in the grid and `run grid` trains them: their
+    dataset is checked before anything is trained or written (it failed one run per cell)."""
+    monkeypatch.setenv("KANFARM_OFFLINE", "1")
+    monkeypatch.setenv("KANFARM_DATA_DIR", str(env / "data"))
+    assert invoke("db", "upgrade").exit_code == 0
+    (env / "old.toml").write_text(TINY.replace('["digits"]', '["mnist"]'))
+    assert invoke("grid", "submit", "old.toml").exit_code == 0  # grid "tiny", mnist cells
+    result = invoke("run", "grid", "tiny.toml")  # grid "tiny", digits cells
+    assert result.exit_code == 1 and "'mnist' is unavailable" in result.output
+    assert rows(env / "k.db", "SELECT COUNT(*) AS n FROM runs")[0]["n"] == 4  # digits cells not even written
+    assert rows(env / "k.db", "SELECT COUNT(*) AS n FROM epoch_metrics")[0]["n"] == 0
+
+
 def test_a_damaged_dataset_file_is_one_line_naming_it(env, monkeypatch):
     monkeypatch.setenv("KANFARM_OFFLINE", "1")
     monkeypatch.setenv("KANFARM_DATA_DIR", str(env / "data"))
