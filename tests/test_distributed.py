@@ -106,8 +106,10 @@ def test_pack_task_claims_no_further_chunk_after_warm_shutdown(sqlite_store, mon
         assert tasks.execute_pack_task.run(ids) == "done"
     finally:
         tasks.SHUTDOWN.clear()
-    assert chunks == [ids[:2]]  # the chunks after the shutdown were never claimed
-    assert published == [([ids[1:]], "cpu")]  # released and unclaimed runs keep a message
+    assert chunks == [ids[:2]]  # the chunks that do not fit were never claimed here
+    # they went back to the queue before training (packs of the size that fits), and the run
+    # released by the shutdown after it
+    assert published == [([ids[2:4], ids[4:]], "cpu"), ([ids[1:2]], "cpu")]
 
 
 @pytest.mark.parametrize("task_name,args", [("execute_run_task", (True,)), ("execute_run_task", ("1",)),
@@ -277,10 +279,11 @@ def test_a_run_this_worker_could_not_hand_back_is_handed_back_and_retried(sqlite
     assert sqlite_store.run(theirs).status == "running"
 
 
-@pytest.mark.parametrize("fit,expected", [(True, [2, 2, 1]), (False, [5])])
-def test_cpu_worker_splits_only_packs_published_to_fit(sqlite_store, monkeypatch, fit, expected):
-    """``--pack-size auto`` publishes the largest packs for workers to split: a CPU worker splits
-    those to its size too, but trains an explicitly sized pack as it came."""
+@pytest.mark.parametrize("fit,expected,published", [(True, [2], [[2, 1]]), (False, [5], [])])
+def test_cpu_worker_splits_only_packs_published_to_fit(sqlite_store, monkeypatch, fit, expected, published):
+    """``--pack-size auto`` publishes the largest packs for workers to split: a CPU worker trains
+    its size and publishes the rest again at once, as packs of that size for idle workers, but
+    trains an explicitly sized pack as it came. With the broker down it trains them all in turn."""
     import kanfarm.packing
     import kanfarm.runner
     from kanfarm.grids import parse_spec
@@ -296,8 +299,25 @@ def test_cpu_worker_splits_only_packs_published_to_fit(sqlite_store, monkeypatch
     monkeypatch.setattr(kanfarm.packing, "auto_pack_size", lambda *args, **kwargs: 2)
     monkeypatch.setattr(kanfarm.runner, "execute_pack", lambda store, run_ids, worker, **kw: chunks.append(
         list(run_ids)) or [Outcome(i, "completed", 2) for i in run_ids])
+    sent: list = []
+    monkeypatch.setattr(tasks, "publish_packs", lambda packs, queue, app=None, fit=False: sent.append(
+        ([list(p) for p in packs], queue, fit)))
     assert tasks.execute_pack_task.run(ids, fit) == "done"
-    assert [len(c) for c in chunks] == expected and sum(chunks, []) == ids
+    assert [len(c) for c in chunks] == expected
+    assert [[len(p) for p in packs] for packs, _, _ in sent] == published
+    assert sum(chunks, []) + sum((sum(packs, []) for packs, _, _ in sent), []) == ids
+    assert all(queue == "cpu" and sent_fit is True for _, queue, sent_fit in sent)
+
+    if fit:  # the broker refuses: every chunk is trained here, one after another
+        chunks.clear()
+        for run_id in ids:
+            sqlite_store.mark_queued([run_id])
+
+        def refuse(*args, **kwargs):
+            raise ConnectionError("broker down")
+        monkeypatch.setattr(tasks, "publish_packs", refuse)
+        assert tasks.execute_pack_task.run(ids, fit) == "done"
+        assert [len(c) for c in chunks] == [2, 2, 1] and sum(chunks, []) == ids
 
 
 def test_auto_packs_are_published_for_workers_to_fit(monkeypatch):

@@ -208,9 +208,11 @@ def _hand_back_when_reachable(run_ids: list[int]) -> list[int]:
 # limit would drop the message and leave its runs queued with nothing to run them.
 @app.task(name=PACK_TASK_NAME, bind=True, ignore_result=True, acks_late=True, max_retries=None)
 def execute_pack_task(self, run_ids: list[int], fit: bool = False) -> str:
-    """Claim the claimable runs of ``run_ids`` and train them as packs sized for this worker's
+    """Claim the claimable runs of ``run_ids`` and train them as a pack sized for this worker's
     device: on a GPU at most what fits its free memory, on a CPU its ``auto`` size (8) when
-    ``fit`` (published by ``--pack-size auto``); taken or finished runs are skipped."""
+    ``fit`` (published by ``--pack-size auto``); taken or finished runs are skipped. What does not
+    fit goes back to the queue at once as packs of that size, for idle workers (it used to wait
+    here, chunk after chunk); only if the broker refuses them are they trained here in turn."""
     from kanfarm.runner import celery_worker_name, database_errors, execute_pack, fitting_pack_size
 
     if not isinstance(run_ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in run_ids):
@@ -225,6 +227,15 @@ def execute_pack_task(self, run_ids: list[int], fit: bool = False) -> str:
         size = len(run_ids)  # as enqueued; on a GPU at most what fits in its free memory
         if fit is True or device() != "cpu":
             size = min(size, fitting_pack_size(config, device()))
+        if size < len(run_ids):
+            rest = [run_ids[i:i + size] for i in range(size, len(run_ids), size)]
+            try:
+                publish_packs(rest, _queue_of(self), self.app, fit=fit is True)
+                log.info("pack: runs %s do not fit here; published again as %d packs", run_ids[size:], len(rest))
+                run_ids = run_ids[:size]
+            except Exception as publish_error:
+                log.warning("pack: could not publish the runs that do not fit (%s); training them here in turn",
+                            type(publish_error).__name__)
         for start in range(0, len(run_ids), size):
             if SHUTDOWN.is_set():  # stopping: claim no further chunk (a claim costs an attempt);
                 released += run_ids[start:]  # its runs stay unclaimed and are re-published below
