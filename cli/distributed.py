@@ -211,12 +211,15 @@ def requeue(grid: Optional[str] = typer.Option(None, "--grid", help="Only runs o
         stale_ids = store.stale_runs(grid) if stale else []
         retried: list[int] = []
         exhausted: list[int] = []
+        beyond_workers: list[int] = []  # retried under --max-attempts, but out of the workers' own bound
         if failed:
             bound = _max_attempts(max_attempts)
             ids = set(store.run_ids(grid, statuses=["failed"]))
             for row in store.query("SELECT id, attempts FROM runs WHERE status = 'failed' ORDER BY id"):
                 if row["id"] in ids:
                     (retried if row["attempts"] < bound else exhausted).append(row["id"])
+                    if row["attempts"] < bound and row["attempts"] >= _max_attempts(None):
+                        beyond_workers.append(row["id"])
             store.mark_queued(retried, fresh_attempts=False)  # the bound counts every earlier attempt
         run_ids = sorted(set(queued) | set(stale_ids) | set(retried))
         by_queue: dict[str, list[int]] = {}
@@ -238,6 +241,11 @@ def requeue(grid: Optional[str] = typer.Option(None, "--grid", help="Only runs o
              f"{len(stale_ids)} stale" + (f", {len(retried)} failed retried" if failed else "")]
     if exhausted:
         lines.append(f"{len(exhausted)} failed runs used all their attempts and stay failed")
+    info["failed_beyond_worker_attempts"] = len(beyond_workers)
+    if beyond_workers:
+        lines.append(f"warning: {len(beyond_workers)} of the retried runs have used {_max_attempts(None)} attempts "
+                     "or more: workers with that KANFARM_MAX_ATTEMPTS fail them again at their claim; start the "
+                     "workers with a larger KANFARM_MAX_ATTEMPTS")
     _report(info, as_json, lines)
 
 

@@ -901,6 +901,9 @@ def test_requeue_failed_respects_attempts(env, store, fleet):
     assert store.run(retry).attempts == 2  # the failed attempt still counts towards the bound
     run = store.run(spent)
     assert (run.status, run.attempts, run.error) == ("failed", 3, "out of memory")
+    # A larger bound here retries it, but the workers keep theirs (3): said, not only done
+    out = cli(env, "requeue", "--grid", "failed", "--failed", "--max-attempts", "5", "--json")
+    assert (out["failed_retried"], out["failed_beyond_worker_attempts"]) == (1, 1)
 
 
 @pytest.mark.services
