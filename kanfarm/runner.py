@@ -230,8 +230,9 @@ class _ClaimedRun:
         run's fault, and must not exhaust ``max_attempts``."""
         self.beat.stop()
         if result.status != "stopped":
-            self.store.finish(self.run.id, self.worker, result.status, last_epoch=result.epochs_run)
-            return Outcome(self.run.id, result.status, result.epochs_run)
+            if self.store.finish(self.run.id, self.worker, result.status, last_epoch=result.epochs_run):
+                return Outcome(self.run.id, result.status, result.epochs_run)
+            return Outcome(self.run.id, "stopped", result.epochs_run)  # cancelled or taken over meanwhile
         if self.beat.lost.is_set():
             return Outcome(self.run.id, "stopped", result.epochs_run)
         self.store.release(self.run.id, self.worker, refund=True)

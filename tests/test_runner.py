@@ -37,6 +37,21 @@ def test_worker_whose_run_was_taken_over_writes_no_more_rows(sqlite_store, tmp_p
     assert sorted(p.name for p in (tmp_path / "ckpt" / run.config_hash).glob("*.pt")) == ["epoch-000000.pt"]
 
 
+def test_a_run_cancelled_in_its_last_epoch_is_not_reported_completed(sqlite_store, tmp_path, monkeypatch):
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    store = sqlite_store
+    config = RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=2)
+    store.submit_grid("g", {}, [(config, 1000, None)])
+    run_id = store.run_ids()[0]
+
+    def cancel_at_the_end(rid, record):
+        if record.epoch == 2:
+            store.cancel("g")
+
+    outcome = execute_run(store, run_id, "w1", lease_s=600, on_epoch=cancel_at_the_end)
+    assert (outcome.status, store.run(run_id).status) == ("stopped", "cancelled")
+
+
 def _grid(store, configs):
     store.submit_grid("g", {}, [(c, 1000, None) for c in configs])
     return store.run_ids()
