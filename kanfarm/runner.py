@@ -112,20 +112,28 @@ def _load(name: str, options: tuple[tuple[str, int], ...], folder: str) -> Datas
 
 
 class _Heartbeat(threading.Thread):
-    """Extends the run's lease every ``interval`` seconds; notes when the lease is lost."""
+    """Extends the run's lease every ``interval`` seconds; notes when the run is cancelled (it
+    stops at the epoch boundary, that epoch and a checkpoint written) or lost to another worker."""
 
     def __init__(self, store: Store, run_id: int, worker: str, lease_s: float):
         super().__init__(daemon=True, name=f"heartbeat-{run_id}")
         self.store, self.run_id, self.worker, self.lease_s = store, run_id, worker, lease_s
         self.interval = max(0.05, lease_s / 3)
         self.lost = threading.Event()
+        self.cancelled = threading.Event()
         self._done = threading.Event()
+
+    def beat(self) -> bool:
+        """Extend the lease; False (and ``cancelled`` or ``lost`` set) when the run no longer runs."""
+        if self.store.heartbeat(self.run_id, self.worker, self.lease_s):
+            return True
+        (self.cancelled if self.store.cancelled_while_held(self.run_id, self.worker) else self.lost).set()
+        return False
 
     def run(self) -> None:
         while not self._done.wait(self.interval):
             try:
-                if not self.store.heartbeat(self.run_id, self.worker, self.lease_s):
-                    self.lost.set()
+                if not self.beat():
                     return
             except Exception as exc:  # a database hiccup is not a lost lease; the next beat retries
                 log.warning("heartbeat for run %s failed: %s", self.run_id, exc)
@@ -168,11 +176,12 @@ class _ClaimedRun:
 
     def _still_held(self) -> bool:
         """Asked before each checkpoint write: renew the lease, which fails once another worker
-        has taken the run (its checkpoint folder is then theirs)."""
-        if not self.beat.lost.is_set() and not self.store.heartbeat(self.run.id, self.worker, self.beat.lease_s):
-            log.warning("run %s: no longer held by this worker (cancelled, or its lease lapsed); no checkpoint "
-                        "written, stopping", self.run.id)
-            self.beat.lost.set()
+        has taken the run (its checkpoint folder is then theirs). A cancelled run still writes its
+        stop checkpoint."""
+        if not (self.beat.lost.is_set() or self.beat.cancelled.is_set()) and not self.beat.beat():
+            if self.beat.lost.is_set():
+                log.warning("run %s: no longer held by this worker (its lease lapsed and another worker took "
+                            "it); no checkpoint written, stopping", self.run.id)
         return not self.beat.lost.is_set()
 
     def _record_checkpoint(self, epoch: int, path: Path, digest: str) -> None:
@@ -191,7 +200,8 @@ class _ClaimedRun:
             self.rows.add(self.run.id, record)
             return
         try:
-            self.store.write_epoch(self.run.id, record, worker=self.worker)
+            if self.store.write_epoch(self.run.id, record, worker=self.worker):
+                self.beat.cancelled.set()  # written; the run stops before its next epoch
         except LeaseLost as exc:
             self.lost(record.epoch, exc)
             return
@@ -204,10 +214,12 @@ class _ClaimedRun:
             exc, traceback_ = self.rows.errors.pop(self.run.id)
             raise exc.with_traceback(traceback_)
         if self.run.id in self.rows.done:
-            record, lost = self.rows.done.pop(self.run.id)
+            record, lost, cancelled = self.rows.done.pop(self.run.id)
             if lost:
                 self.lost(record.epoch)
             else:
+                if cancelled:
+                    self.beat.cancelled.set()
                 self.written(record)
 
     def lost(self, epoch: int, why: Exception | None = None) -> None:
@@ -221,7 +233,8 @@ class _ClaimedRun:
             self.on_epoch(self.run.id, record)
 
     def should_stop(self) -> bool:
-        return self.beat.lost.is_set() or (self.shutdown is not None and self.shutdown.is_set())
+        return (self.beat.lost.is_set() or self.beat.cancelled.is_set()
+                or (self.shutdown is not None and self.shutdown.is_set()))
 
     def settle(self, result: RunResult) -> Outcome:
         """Finish the run, or release it after a warm shutdown; a lost lease touches nothing.
@@ -233,7 +246,7 @@ class _ClaimedRun:
             if self.store.finish(self.run.id, self.worker, result.status, last_epoch=result.epochs_run):
                 return Outcome(self.run.id, result.status, result.epochs_run)
             return Outcome(self.run.id, "stopped", result.epochs_run)  # cancelled or taken over meanwhile
-        if self.beat.lost.is_set():
+        if self.beat.lost.is_set() or self.beat.cancelled.is_set():
             return Outcome(self.run.id, "stopped", result.epochs_run)
         self.store.release(self.run.id, self.worker, refund=True)
         return Outcome(self.run.id, "released", result.epochs_run)
@@ -262,7 +275,7 @@ class _EpochRows:
     def __init__(self, store: Store, worker: str):
         self.store, self.worker = store, worker
         self.pending: list[tuple[int, EpochRecord]] = []
-        self.done: dict[int, tuple[EpochRecord, bool]] = {}  # run id -> (record, lease lost)
+        self.done: dict[int, tuple[EpochRecord, bool, bool]] = {}  # run id -> (record, lost, cancelled)
         self.errors: dict[int, tuple[Exception, TracebackType | None]] = {}  # run id -> (the write's error, its traceback)
 
     def add(self, run_id: int, record: EpochRecord) -> None:
@@ -275,11 +288,11 @@ class _EpochRows:
         if self.pending:
             pending, self.pending = self.pending, []
             try:
-                lost = self.store.write_epochs(pending, self.worker)
+                lost, cancelled = self.store.write_epochs(pending, self.worker)
             except Exception as exc:
                 self.errors.update({run_id: (exc, exc.__traceback__) for run_id, _ in pending})
                 return
-            self.done.update({run_id: (record, run_id in lost) for run_id, record in pending})
+            self.done.update({run_id: (record, run_id in lost, run_id in cancelled) for run_id, record in pending})
 
 
 def database_errors() -> tuple[type[Exception], ...]:

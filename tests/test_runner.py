@@ -52,6 +52,31 @@ def test_a_run_cancelled_in_its_last_epoch_is_not_reported_completed(sqlite_stor
     assert (outcome.status, store.run(run_id).status) == ("stopped", "cancelled")
 
 
+def test_a_cancelled_run_writes_the_epoch_in_progress_and_a_checkpoint_then_stops(sqlite_store, tmp_path, monkeypatch):
+    """`cancel` says running runs stop at the next epoch boundary: the epoch that was training is
+    kept with a checkpoint, so a run taken back resumes there (it was dropped, with no checkpoint
+    since the last timed one, and retrained)."""
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    monkeypatch.setenv("KANFARM_CHECKPOINT_SECONDS", "3600")  # only epoch 0's and the stop's
+    store = sqlite_store
+    config = RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=6)
+    store.submit_grid("g", {}, [(config, 1000, None)])
+    run_id = store.run_ids()[0]
+
+    def cancel_during_epoch_2(rid, record):
+        if record.epoch == 1:
+            store.cancel("g")  # arrives while epoch 2 trains
+
+    outcome = execute_run(store, run_id, "w1", lease_s=600, on_epoch=cancel_during_epoch_2)
+    assert (outcome.status, store.run(run_id).status) == ("stopped", "cancelled")
+    assert [row["epoch"] for row in store.epoch_metrics(run_id)] == [0, 1, 2]
+    assert [c.epoch for c in store.checkpoints(run_id)] == [0, 2]
+    assert store.mark_queued([run_id]) == 1
+    resumed = []
+    assert execute_run(store, run_id, "w2", on_epoch=lambda rid, rec: resumed.append(rec.epoch)).status == "completed"
+    assert resumed == [3, 4, 5, 6]  # from the stop's checkpoint, nothing trained twice
+
+
 def _grid(store, configs):
     store.submit_grid("g", {}, [(c, 1000, None) for c in configs])
     return store.run_ids()
@@ -91,6 +116,28 @@ def test_a_packs_epoch_rows_go_in_one_transaction_and_a_member_taken_over_stops(
     assert [r["epoch"] for r in store.epoch_metrics(taken)] == [0, 1]
     assert (store.run(taken).status, store.run(taken).worker) == ("running", "w2")
     assert all([r["epoch"] for r in store.epoch_metrics(i)] == [0, 1, 2, 3] for i in (ids[0], ids[2]))
+
+
+def test_a_pack_member_cancelled_mid_epoch_keeps_that_epoch_and_stops_alone(sqlite_store, tmp_path, monkeypatch):
+    from kanfarm.runner import execute_pack
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    monkeypatch.setenv("KANFARM_CHECKPOINT_SECONDS", "3600")
+    store = sqlite_store
+    base = dict(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=4, optimizer="sgd")
+    ids = _grid(store, [RunConfig(lr=lr, **base) for lr in (0.01, 0.02, 0.03)])
+    store.submit_grid("just-one", {}, [(RunConfig(lr=0.02, **base), 1000, None)])  # ids[1] alone
+
+    def cancel_after_epoch_1(rid, record):
+        if rid == ids[1] and record.epoch == 1:
+            store.cancel("just-one")
+
+    outcomes = {o.run_id: o.status for o in execute_pack(store, ids, "w1", lease_s=600, on_epoch=cancel_after_epoch_1)}
+    assert outcomes == {ids[0]: "completed", ids[1]: "stopped", ids[2]: "completed"}
+    assert store.run(ids[1]).status == "cancelled"
+    assert [r["epoch"] for r in store.epoch_metrics(ids[1])] == [0, 1, 2]  # the epoch under way kept
+    assert [c.epoch for c in store.checkpoints(ids[1])] == [0, 2]
+    assert all([r["epoch"] for r in store.epoch_metrics(i)] == [0, 1, 2, 3, 4] for i in (ids[0], ids[2]))
 
 
 @pytest.mark.parametrize("lrs", [(0.01, 0.02, 0.03), (1e30, 0.02, 0.03)], ids=["healthy", "one-diverging"])

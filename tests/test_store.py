@@ -318,13 +318,16 @@ def test_write_epochs_writes_the_held_runs_rows_in_one_go(store):
     store.write_epoch(mine, record(0, 0.1, 0.1), worker="w")
     lost = store.write_epochs([(mine, record(0, 0.2, 0.25)), (also_mine, record(0, 0.3, 0.35)),
                                (taken, record(0, 0.4, 0.45))], "w")
-    assert lost == {taken}
+    assert lost == ({taken}, set())
     rows = store.epoch_metrics(grid="g")
     assert [(r["run_id"], r["epoch"], r["test_acc"]) for r in rows] == [(mine, 0, 0.25), (also_mine, 0, 0.35)]
     with pytest.raises(ValueError, match="outside"):
         store.write_epochs([(mine, record(1, 0.5, 0.5)), (also_mine, record(1, 0.5, 1.5))], "w")
     assert len(store.epoch_metrics(grid="g")) == 2
-    assert store.write_epochs([], "w") == set()
+    assert store.write_epochs([], "w") == (set(), set())
+    store.cancel("g")  # cancelled while running: still written, and said so
+    assert store.write_epochs([(mine, record(1, 0.5, 0.5)), (taken, record(1, 0.5, 0.5))], "w") == ({taken}, {mine})
+    assert store.write_epoch(also_mine, record(1, 0.5, 0.5), worker="w") is True
 
 
 def test_write_epoch_is_idempotent_and_a_rewrite_replaces(store):

@@ -437,31 +437,32 @@ class Store:
 
     # -- metrics and checkpoints ----------------------------------------------------------------
 
-    def write_epoch(self, run_id: int, record, worker: str | None = None) -> None:
+    def write_epoch(self, run_id: int, record, worker: str | None = None) -> bool:
         """Store one EpochRecord; a repeat of (run, epoch) replaces the row (resumed runs).
-        With ``worker``, raise :class:`LeaseLost` unless that worker holds the run."""
+        With ``worker``, raise :class:`LeaseLost` unless that worker holds the run (``HELD``).
+        Returns True when the run was cancelled meanwhile: written, and its worker should stop."""
         values = _epoch_values(run_id, record)
         with self._write() as conn:
-            if worker is not None:
-                self._require_holder(conn, run_id, worker)
+            status = self._require_holder(conn, run_id, worker) if worker is not None else None
             conn.execute(self._epoch_upsert(), [values])
+        return status == "cancelled"
 
-    def write_epochs(self, rows: Sequence[tuple[int, Any]], worker: str) -> set[int]:
+    def write_epochs(self, rows: Sequence[tuple[int, Any]], worker: str) -> tuple[set[int], set[int]]:
         """Store the ``(run_id, EpochRecord)`` rows of runs that ``worker`` holds, in one
         transaction (a pack's epoch: one transaction per row cost more than a tiny pack's epoch on
-        a GPU); returns the run ids it does not hold, whose rows were not written. A bad record
-        raises before anything is written."""
+        a GPU). Returns (the run ids it does not hold, whose rows were not written; those written
+        but cancelled meanwhile, which should stop). A bad record raises before anything is written."""
         if not rows:
-            return set()
+            return set(), set()
         values = [_epoch_values(run_id, record) for run_id, record in rows]
         ids = sorted({run_id for run_id, _ in rows})
         with self._write() as conn:  # the held rows stay locked until the write commits (_require_holder)
-            held = set(conn.scalars(sa.select(runs.c.id).where(
-                runs.c.id.in_(ids), runs.c.status == "running", runs.c.worker == worker).with_for_update()))
+            held = dict(conn.execute(sa.select(runs.c.id, runs.c.status).where(
+                runs.c.id.in_(ids), runs.c.status.in_(HELD), runs.c.worker == worker).with_for_update()).all())
             kept = [v for v in values if v["run_id"] in held]
             if kept:
                 conn.execute(self._epoch_upsert(), kept)
-        return set(ids) - held
+        return set(ids) - set(held), {run_id for run_id, status in held.items() if status == "cancelled"}
 
     def _epoch_upsert(self):
         """INSERT of an epoch row that replaces the row of the same (run, epoch); built once."""
@@ -472,7 +473,7 @@ class Store:
         return self._upsert
 
     @staticmethod
-    def _require_holder(conn: Connection, run_id: int, worker: str) -> None:
+    def _require_holder(conn: Connection, run_id: int, worker: str) -> str:
         """Raise LeaseLost unless ``worker`` holds the run. The row stays locked until the caller's
         write commits (FOR UPDATE on PostgreSQL; SQLite's write transactions are serial), so a claim
         by another worker cannot slip in between this check and the write."""
@@ -480,8 +481,16 @@ class Store:
                            .where(runs.c.id == run_id).with_for_update()).one_or_none()
         if row is None:
             raise RunNotFound(f"no run with id {run_id}")
-        if row.status != "running" or row.worker != worker:
+        if row.status not in HELD or row.worker != worker:
             raise LeaseLost(f"run {run_id} is {row.status} (worker {row.worker}), not held by {worker}")
+        return row.status
+
+    def cancelled_while_held(self, run_id: int, worker: str) -> bool:
+        """True when the run was cancelled while ``worker`` ran it: it still writes the epoch in
+        progress and its checkpoint, then stops (``HELD``)."""
+        with self._read() as conn:
+            row = conn.execute(sa.select(runs.c.status, runs.c.worker).where(runs.c.id == run_id)).one_or_none()
+        return row is not None and row.status == "cancelled" and row.worker == worker
 
     def epoch_metrics(self, run_id: int | None = None, grid: str | None = None,
                       columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -594,6 +603,12 @@ def _prepared_rows(conn: Connection, sql: str, params: dict[str, Any]) -> list[d
 def _grid_run_ids(grid: str) -> sa.Select:
     return (sa.select(grid_runs.c.run_id).join(grids, grids.c.id == grid_runs.c.grid_id)
             .where(grids.c.name == grid))
+
+
+#: states in which a run's ``worker`` may still write its rows and checkpoints: running, and
+#: cancelled while running (it stops at the epoch boundary, writing that epoch and a checkpoint).
+#: Taken back (queued) or claimed by another worker, the run is no longer its.
+HELD = ("running", "cancelled")
 
 
 def _grid_ids(grid: str | None) -> sa.ColumnElement[bool]:
