@@ -307,6 +307,20 @@ def kan_grid_as_a_subprocess(env: Path, epochs: int):
     return cmd, environ, env / "k.db"
 
 
+def run_grid_until_epoch(cmd: list[str], environ: dict, db: Path, epoch: int) -> subprocess.Popen:
+    """`run grid tiny.toml` started as a subprocess, returned once some run has written ``epoch``."""
+    import time
+
+    proc = subprocess.Popen(cmd + ["run", "grid", "tiny.toml"], env=environ, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        if db.exists() and rows(db, "SELECT COUNT(*) AS n FROM epoch_metrics WHERE epoch >= ?", (epoch,))[0]["n"]:
+            break
+    return proc
+
+
 def test_an_interrupt_during_a_query_stays_an_interrupt(tmp_path):
     """Ctrl-C landing in the progress poll's query: SQLAlchemy invalidates the connection, and
     resetting it afterwards raised an error that replaced the KeyboardInterrupt, so `run grid`
@@ -337,16 +351,9 @@ def test_ctrl_c_leaves_the_grid_resumable(env):
     """SIGINT mid-grid: runs are checkpointed and released, and the same command finishes the grid
     with epoch rows equal to an uninterrupted run's."""
     import signal
-    import time
 
     cmd, environ, db = kan_grid_as_a_subprocess(env, epochs=12)
-    proc = subprocess.Popen(cmd + ["run", "grid", "tiny.toml"], env=environ, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
-        if db.exists() and rows(db, "SELECT COUNT(*) AS n FROM epoch_metrics WHERE epoch >= 2")[0]["n"]:
-            break
+    proc = run_grid_until_epoch(cmd, environ, db, 2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
@@ -383,13 +390,7 @@ def test_a_second_ctrl_c_quits_at_once_and_says_the_runs_were_not_handed_back(en
 
     cmd, environ, db = kan_grid_as_a_subprocess(env, epochs=4)
     (env / "tiny.toml").write_text((env / "tiny.toml").read_text().replace("batch_size = 128", "batch_size = 4"))
-    proc = subprocess.Popen(cmd + ["run", "grid", "tiny.toml"], env=environ, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
-        if db.exists() and rows(db, "SELECT COUNT(*) AS n FROM epoch_metrics WHERE epoch >= 1")[0]["n"]:
-            break
+    proc = run_grid_until_epoch(cmd, environ, db, 1)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.2)  # an epoch at batch 4 takes seconds: the first Ctrl-C is still waiting for it
     proc.send_signal(signal.SIGINT)

@@ -37,37 +37,33 @@ def test_worker_whose_run_was_taken_over_writes_no_more_rows(sqlite_store, tmp_p
     assert sorted(p.name for p in (tmp_path / "ckpt" / run.config_hash).glob("*.pt")) == ["epoch-000000.pt"]
 
 
-def test_a_run_cancelled_in_its_last_epoch_is_not_reported_completed(sqlite_store, tmp_path, monkeypatch):
+def _run_cancelled_after(store, tmp_path, monkeypatch, max_epochs: int, epoch: int):
+    """One digits MLP run of ``max_epochs``, trained by w1 and cancelled once ``epoch`` is written
+    (so during the next one); checkpoints only at epoch 0 and at the stop. Returns (id, outcome)."""
     monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
-    store = sqlite_store
-    config = RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=2)
+    monkeypatch.setenv("KANFARM_CHECKPOINT_SECONDS", "3600")
+    config = RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=max_epochs)
     store.submit_grid("g", {}, [(config, 1000, None)])
     run_id = store.run_ids()[0]
 
-    def cancel_at_the_end(rid, record):
-        if record.epoch == 2:
+    def cancel(rid, record):
+        if record.epoch == epoch:
             store.cancel("g")
 
-    outcome = execute_run(store, run_id, "w1", lease_s=600, on_epoch=cancel_at_the_end)
-    assert (outcome.status, store.run(run_id).status) == ("stopped", "cancelled")
+    return run_id, execute_run(store, run_id, "w1", lease_s=600, on_epoch=cancel)
+
+
+def test_a_run_cancelled_in_its_last_epoch_is_not_reported_completed(sqlite_store, tmp_path, monkeypatch):
+    run_id, outcome = _run_cancelled_after(sqlite_store, tmp_path, monkeypatch, max_epochs=2, epoch=2)
+    assert (outcome.status, sqlite_store.run(run_id).status) == ("stopped", "cancelled")
 
 
 def test_a_cancelled_run_writes_the_epoch_in_progress_and_a_checkpoint_then_stops(sqlite_store, tmp_path, monkeypatch):
     """`cancel` says running runs stop at the next epoch boundary: the epoch that was training is
     kept with a checkpoint, so a run taken back resumes there (it was dropped, with no checkpoint
     since the last timed one, and retrained)."""
-    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
-    monkeypatch.setenv("KANFARM_CHECKPOINT_SECONDS", "3600")  # only epoch 0's and the stop's
     store = sqlite_store
-    config = RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=6)
-    store.submit_grid("g", {}, [(config, 1000, None)])
-    run_id = store.run_ids()[0]
-
-    def cancel_during_epoch_2(rid, record):
-        if record.epoch == 1:
-            store.cancel("g")  # arrives while epoch 2 trains
-
-    outcome = execute_run(store, run_id, "w1", lease_s=600, on_epoch=cancel_during_epoch_2)
+    run_id, outcome = _run_cancelled_after(store, tmp_path, monkeypatch, max_epochs=6, epoch=1)
     assert (outcome.status, store.run(run_id).status) == ("stopped", "cancelled")
     assert [row["epoch"] for row in store.epoch_metrics(run_id)] == [0, 1, 2]
     assert [c.epoch for c in store.checkpoints(run_id)] == [0, 2]
