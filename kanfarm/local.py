@@ -211,14 +211,15 @@ def run_grid_locally(store: Store, grid: str, *, workers: int = 1, device: str =
             for p in pool:
                 p.join(timeout=poll_s / len(pool))
     except KeyboardInterrupt:
-        shutdown.set()
-        if on_interrupt is not None:
-            on_interrupt()
-        try:
+        try:  # a second Ctrl-C anywhere in here, even before the message is out, abandons the wait
+            shutdown.set()
+            if on_interrupt is not None:
+                on_interrupt()
             for p in pool:
                 if p.is_alive():
                     p.join()
         except KeyboardInterrupt:
+            shutdown.set()
             raise RunsAbandoned() from None
         raise
     if errors:
