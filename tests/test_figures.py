@@ -347,8 +347,22 @@ def test_every_setting_beyond_model_widths_and_trainer_has_a_label():
 
     labelled = set(SETTING_COLUMNS) - {"dataset", "model", "depth", "hidden_widths", "trainer"}
     assert set(_plotdata._SETTING_NAMES) == labelled
-    row = {"dataset_options": {"vocab_size": 2000}, "patience": 3}
+    row = {"model": "kan", "trainer": "backprop", "dataset_options": {"vocab_size": 2000}, "patience": 3}
     assert _plotdata.settings_label(row, ("dataset_options", "patience")) == "\nvocab_size=2000\npatience 3"
+
+
+def test_a_setting_a_model_does_not_use_is_not_in_its_label():
+    """Spline orders vary among the KANs: the plain MLP's bar was grouped under "k=3" (its stored
+    default), as if it had one."""
+    from kanfarm.reports import _plotdata
+
+    columns = ("spline_order", "dropout")
+    kan = {"model": "kan", "trainer": "backprop", "spline_order": 3, "dropout": 0.2}
+    mlp = {"model": "mlp", "trainer": "backprop", "spline_order": 3, "dropout": 0.2}
+    wide = {"model": "mlp_wide", "trainer": "backprop", "spline_order": 3, "dropout": 0.2}
+    assert _plotdata.settings_label(kan, columns) == "\nk=3"
+    assert _plotdata.settings_label(mlp, columns) == "\ndropout 0.2"
+    assert _plotdata.settings_label(wide, columns) == "\nk=3\ndropout 0.2"  # matched to the KAN of that k
 
 
 def test_setting_values_sort_as_numbers():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
-from kanfarm.reports.tables import FINISHED, MODEL_ORDER, SETTING_COLUMNS
+from kanfarm.reports.tables import FINISHED, MODEL_ORDER, SETTING_COLUMNS, unused_settings
 
 Row = dict[str, Any]
 
@@ -53,8 +53,10 @@ def order_key(value: Any) -> tuple:
 
 
 def settings_label(row: Row, columns: tuple[str, ...]) -> str:
-    """``row``'s values of ``columns`` as a label suffix ("" when none vary)."""
-    return "".join(f"\n{_SETTING_NAMES[c]}{text(row.get(c))}" for c in columns)
+    """``row``'s values of ``columns`` as a label suffix ("" when none vary), without those its
+    model and trainer do not use (a plain MLP's bar is not labelled with a spline order)."""
+    unused = unused_settings(row)
+    return "".join(f"\n{_SETTING_NAMES[c]}{text(row.get(c))}" for c in columns if c not in unused)
 
 
 def model_key(model: str) -> tuple:

@@ -152,11 +152,11 @@ def sensitivity_table(store: SummarySource, grid: str | None = None) -> list[dic
     """
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in _finished(with_settings(store, grid)):  # a setting the model does not use sets nothing apart
-        groups[setting_of({**r, **dict.fromkeys(_unused_settings(r))})].append(r)
+        groups[setting_of({**r, **dict.fromkeys(unused_settings(r))})].append(r)
     rows = []
     for runs in groups.values():
         setting = {c: runs[0].get(c) for c in SETTING_COLUMNS}
-        setting.update(dict.fromkeys(_unused_settings(setting)))  # shown empty: this model has no such setting
+        setting.update(dict.fromkeys(unused_settings(setting)))  # shown empty: this model has no such setting
         accs = sorted(r["best_test_acc"] for r in runs if r["best_test_acc"] is not None)
         row: dict[str, Any] = {**setting, "runs": len(runs), "count": len(accs),
                                "divergence_rate": sum(r["status"] == "diverged" for r in runs) / len(runs)}
@@ -184,7 +184,8 @@ def sensitivity_table(store: SummarySource, grid: str | None = None) -> list[dic
 _SORTED_APART = ("dataset", "model", "depth", "hidden_widths", "trainer", "activation", "dropout", "wide_multiplier")
 
 
-def _unused_settings(setting: dict[str, Any]) -> tuple[str, ...]:
+def unused_settings(setting: dict[str, Any]) -> tuple[str, ...]:
+    """The settings a row's model and trainer do not use (``RunConfig.unused_fields``)."""
     from kanfarm.config import RunConfig
 
     return RunConfig(model=setting["model"], trainer=setting["trainer"],
