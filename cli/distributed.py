@@ -213,12 +213,12 @@ def requeue(grid: Optional[str] = typer.Option(None, "--grid", help="Only runs o
         exhausted: list[int] = []
         beyond_workers: list[int] = []  # retried under --max-attempts, but out of the workers' own bound
         if failed:
-            bound = _max_attempts(max_attempts)
+            bound, workers_bound = _max_attempts(max_attempts), _max_attempts(None)
             ids = set(store.run_ids(grid, statuses=["failed"]))
             for row in store.query("SELECT id, attempts FROM runs WHERE status = 'failed' ORDER BY id"):
                 if row["id"] in ids:
                     (retried if row["attempts"] < bound else exhausted).append(row["id"])
-                    if row["attempts"] < bound and row["attempts"] >= _max_attempts(None):
+                    if workers_bound <= row["attempts"] < bound:
                         beyond_workers.append(row["id"])
             store.mark_queued(retried, fresh_attempts=False)  # the bound counts every earlier attempt
         run_ids = sorted(set(queued) | set(stale_ids) | set(retried))
@@ -243,7 +243,7 @@ def requeue(grid: Optional[str] = typer.Option(None, "--grid", help="Only runs o
         lines.append(f"{len(exhausted)} failed runs used all their attempts and stay failed")
     info["failed_beyond_worker_attempts"] = len(beyond_workers)
     if beyond_workers:
-        lines.append(f"warning: {len(beyond_workers)} of the retried runs have used {_max_attempts(None)} attempts "
+        lines.append(f"warning: {len(beyond_workers)} of the retried runs have used {workers_bound} attempts "
                      "or more: workers with that KANFARM_MAX_ATTEMPTS fail them again at their claim; start the "
                      "workers with a larger KANFARM_MAX_ATTEMPTS")
     _report(info, as_json, lines)

@@ -392,7 +392,9 @@ class Store:
 
     def cancel(self, grid: str) -> tuple[int, int]:
         """Cancel the grid's waiting and running runs (a run shared with other grids is cancelled
-        for them too). Running workers see it at their next heartbeat. Returns (waiting, running)."""
+        for them too). A running run's worker sees it when it writes the epoch under way (or at its
+        next heartbeat), writes that epoch and a checkpoint, and stops (``HELD``). Returns (waiting,
+        running)."""
         now = utcnow()
         states = (*CLAIMABLE, "running")
         with self._write() as conn:
