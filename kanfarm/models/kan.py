@@ -117,7 +117,8 @@ class KANLinear(nn.Module):
         # gelsd (SVD) on the CPU: the fit is rank-deficient whenever an input takes fewer distinct
         # values than G + k (a small batch, a constant pixel, a binary feature), and the default
         # drivers then return wrong or zero coefficients (CUDA's gels assumes full rank). gelsd
-        # gives the minimum-norm fit, which keeps the old spline's values on x exactly.
+        # gives the minimum-norm least-squares fit: exact on such an input (its few values can be
+        # matched), the closest the new knots allow on the others.
         coef = torch.linalg.lstsq(new_bases.cpu(), old.cpu(), driver="gelsd").solution
         coef = coef.to(x.device).permute(2, 0, 1)  # (out, in, G+k)
         scaler = self.spline_scaler.double().unsqueeze(-1)
