@@ -271,8 +271,10 @@ class GridSpec:
         return math.prod(sizes)
 
     def _splineless(self, model: str) -> bool:
-        """A plain MLP, or an MLP-Wide scaled by ``wide_multiplier`` (it matches no KAN)."""
-        return model == "mlp" or (model == "mlp_wide" and self.wide_multiplier is not None)
+        """A plain MLP, or an MLP-Wide scaled by ``wide_multiplier`` (it matches no KAN): the rule
+        of ``RunConfig.unused_fields``, asked of a cell of this model."""
+        wide = self.wide_multiplier if model == "mlp_wide" else None
+        return "spline_order" in RunConfig(model=model, wide_multiplier=wide).unused_fields()
 
     def _cell(self, dataset, model, arch, trainer, activation, order, grid, init, opt, lr, seed) -> RunConfig:
         """One cell. Fields that cannot affect this cell keep RunConfig's defaults, so the same
