@@ -134,6 +134,31 @@ def test_a_message_for_a_run_that_does_not_exist_is_done(sqlite_store, monkeypat
     assert tasks._hand_back([987654]) == []
 
 
+@pytest.mark.parametrize("task_name,args", [("execute_run_task", (1,)), ("execute_pack_task", ([1, 2],))])
+def test_a_released_run_the_broker_refuses_is_named_with_the_remedy(sqlite_store, monkeypatch, caplog,
+                                                                     task_name, args):
+    """Warm shutdown with Redis down: the released runs are ``queued`` with no message. The worker
+    says which and that ``kanfarm requeue`` publishes them, instead of failing with a traceback."""
+    import kanfarm.runner
+    from kanfarm.runner import Outcome
+    from workers import tasks
+
+    def broker_down(*args, **kwargs):
+        raise ConnectionError("broker unreachable")
+
+    monkeypatch.setattr(tasks, "store", lambda: sqlite_store)
+    monkeypatch.setattr(kanfarm.runner, "execute_run", lambda store, run_id, worker, **kw: Outcome(run_id, "released", 1))
+    monkeypatch.setattr(kanfarm.runner, "execute_pack",
+                        lambda store, ids, worker, **kw: [Outcome(i, "released", 1) for i in ids])
+    monkeypatch.setattr(sqlite_store, "run", lambda run_id: type("R", (), {"config": None})())
+    monkeypatch.setattr(tasks, "publish_packs", broker_down)
+    with caplog.at_level("ERROR", logger=tasks.log.name):
+        assert getattr(tasks, task_name).run(*args) in ("released", "done")
+    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert str(list(args[0]) if isinstance(args[0], list) else [args[0]]) in record.getMessage()
+    assert "kanfarm requeue" in record.getMessage()
+
+
 def _outage(calls: int, error: str = "OperationalError"):
     """A stand-in for a store method that raises a database error ``calls`` times, then works:
     a lost connection, or (``InternalError``) a write on a read-only standby after a failover."""

@@ -186,6 +186,20 @@ def _ride_out_outage(task, run_ids: list[int], fit: bool, exc: Exception) -> str
     return "database-unavailable"
 
 
+def _publish_released(task, run_ids: list[int], fit: bool) -> None:
+    """Publish again the runs this task released (warm shutdown) or left unclaimed, so another
+    worker resumes them. With the broker down too, they stay ``queued`` in the database with no
+    message: say so, naming them and the remedy, rather than failing the task with a traceback."""
+    queue = _queue_of(task)
+    try:
+        publish_packs([run_ids], queue, task.app, fit=fit)
+    except Exception as exc:
+        log.error("runs %s are queued but could not be re-published to %s (%s): run `kanfarm requeue` "
+                  "once the broker answers", run_ids, queue, type(exc).__name__)
+        return
+    log.info("runs %s released or left unclaimed, re-published to %s", run_ids, queue)
+
+
 def _hand_back_when_reachable(run_ids: list[int]) -> list[int]:
     """Wait until the database answers (probing every 5 s, doubling to a minute), then release
     the runs of ``run_ids`` that this process still holds, attempt refunded; returns those. On a
@@ -249,8 +263,7 @@ def execute_pack_task(self, run_ids: list[int], fit: bool = False) -> str:
     except database_errors() as exc:
         return _ride_out_outage(self, run_ids, fit is True, exc)
     if released:
-        publish_packs([released], _queue_of(self), self.app, fit=fit is True)
-        log.info("pack: runs %s released or left unclaimed, re-published to %s", released, _queue_of(self))
+        _publish_released(self, released, fit is True)
     return "done"
 
 
@@ -272,8 +285,7 @@ def execute_run_task(self, run_id: int) -> str:
     except database_errors() as exc:
         return _ride_out_outage(self, [run_id], False, exc)
     if outcome.status == "released":
-        publish([run_id], _queue_of(self), self.app)
-        log.info("run %s released at epoch %s and re-published to %s", run_id, outcome.epochs_run, _queue_of(self))
+        _publish_released(self, [run_id], False)
     else:
         log.info("run %s: %s after %s epochs", run_id, outcome.status, outcome.epochs_run)
     return outcome.status
