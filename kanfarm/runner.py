@@ -159,6 +159,8 @@ class _ClaimedRun:
         self.store, self.run, self.worker = store, run, worker
         self.shutdown, self.on_epoch = shutdown, on_epoch
         self.rows: _EpochRows | None = None  # a pack member's: see sink
+        #: the last epoch of this attempt's trajectory: its resume checkpoint, then each row it wrote
+        self.reached: int | None = None
         every, keep = checkpoint_settings()
         self.beat = _Heartbeat(store, run.id, worker, lease_s)
         self.checkpoints = CheckpointManager(
@@ -185,6 +187,7 @@ class _ClaimedRun:
         return not self.beat.lost.is_set()
 
     def _record_checkpoint(self, epoch: int, path: Path, digest: str) -> None:
+        self._reach(epoch)
         try:
             self.store.record_checkpoint(self.run.id, epoch, str(path), digest, worker=self.worker,
                                          kept=[e for e, _ in self.checkpoints.paths()])
@@ -228,7 +231,11 @@ class _ClaimedRun:
                     why or "no longer held by this worker (cancelled, or its lease lapsed)", epoch)
         self.beat.lost.set()
 
+    def _reach(self, epoch: int) -> None:
+        self.reached = epoch if self.reached is None else max(self.reached, epoch)
+
     def written(self, record: EpochRecord) -> None:
+        self._reach(record.epoch)
         if self.on_epoch is not None:
             self.on_epoch(self.run.id, record)
 
@@ -252,8 +259,11 @@ class _ClaimedRun:
         return Outcome(self.run.id, "released", result.epochs_run)
 
     def fail(self, error: str) -> Outcome:
+        """Mark the run failed. Rows an earlier attempt wrote past where this one got go (as when a
+        run finishes), so a report never shows epochs or accuracies the failed trajectory did not
+        reach; a failure before this attempt resumed or wrote anything deletes nothing."""
         self.beat.stop()
-        self.store.finish(self.run.id, self.worker, "failed", error=error)
+        self.store.finish(self.run.id, self.worker, "failed", error=error, last_epoch=self.reached)
         return Outcome(self.run.id, "failed")
 
     def abandon(self) -> None:

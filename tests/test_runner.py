@@ -314,11 +314,11 @@ def test_a_pack_that_crashes_while_the_database_fails_leaves_no_run_held(sqlite_
     ids = _grid(store, [RunConfig(lr=lr, **base) for lr in (0.01, 0.02, 0.03)])
     finish, calls = store.finish, []
 
-    def finish_fails_once(run_id, worker, status, error=None):
+    def finish_fails_once(run_id, worker, status, error=None, last_epoch=None):
         calls.append(run_id)
         if len(calls) == 1:
             raise OperationalError("UPDATE runs ...", {}, Exception("server closed the connection"))
-        return finish(run_id, worker, status, error=error)
+        return finish(run_id, worker, status, error=error, last_epoch=last_epoch)
 
     def crash(rid, record):
         if record.epoch == 1:
@@ -434,6 +434,43 @@ def test_rows_of_an_abandoned_attempt_past_the_final_epoch_are_deleted(sqlite_st
     assert all(r["test_acc"] != 0.5 for r in store.epoch_metrics(run_id))  # rewritten by w2
     (summary,) = [s for s in store.summary() if s["run_id"] == run_id]
     assert summary["epochs_run"] == 2
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_failed_resume_drops_rows_an_earlier_attempt_wrote_past_its_failure(sqlite_store, tmp_path, monkeypatch,
+                                                                              packed):
+    """Attempt 1 checkpointed epoch 2, wrote rows up to 5 and was killed. Attempt 2 resumes at 2 and
+    fails after writing epoch 3: rows 4-5 are not of the failed run's trajectory, and reports
+    (epochs run, best accuracy) must not count them. Alone and as a pack member."""
+    from kanfarm.runner import execute_pack
+    from kanfarm.training import EpochRecord
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    monkeypatch.setenv("KANFARM_CHECKPOINT_SECONDS", "0")
+    store = sqlite_store
+    base = dict(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=6, optimizer="sgd")
+    ids = _grid(store, [RunConfig(lr=lr, **base) for lr in (0.01, 0.02)])
+    for run_id in ids:  # attempt 1, for real up to its epoch-2 checkpoint ...
+        assert execute_run(store, run_id, "w1", on_epoch=lambda rid, rec: rec.epoch == 2 and store.cancel(run_ids=[rid]))
+        with store.engine.begin() as conn:  # ... then rows 3-5 written and killed: a lapsed lease
+            conn.execute(sa.text("UPDATE runs SET status = 'running', worker = 'crashed', "
+                                 "lease_expires_at = '2000-01-01 00:00:00' WHERE id = :i"), {"i": run_id})
+        for epoch in (3, 4, 5):
+            store.write_epoch(run_id, EpochRecord(epoch, 1.0, 0.99, 1.0, 0.99, 0.1, {}), worker="crashed")
+    failing = ids[0]
+
+    def fail_after_epoch_3(rid, record):
+        if rid == failing and record.epoch == 3:
+            raise OSError(28, "No space left on device")
+
+    if packed:
+        outcomes = {o.run_id: o.status for o in execute_pack(store, ids, "w2", on_epoch=fail_after_epoch_3)}
+        assert outcomes == {ids[0]: "failed", ids[1]: "completed"}
+    else:
+        assert execute_run(store, failing, "w2", on_epoch=fail_after_epoch_3).status == "failed"
+    assert [r["epoch"] for r in store.epoch_metrics(failing)] == [0, 1, 2, 3]
+    (summary,) = [s for s in store.summary() if s["run_id"] == failing]
+    assert summary["epochs_run"] == 3 and summary["best_test_acc"] < 0.99
 
 
 def test_a_resume_puts_the_checkpoints_table_right_after_a_crash_between_write_and_record(sqlite_store, tmp_path,

@@ -355,8 +355,9 @@ class Store:
         """running (by ``worker``) -> completed | diverged | failed. False if not its run.
 
         ``last_epoch``: the run's final epoch; rows after it, left by an earlier attempt whose
-        trajectory went further before a crash (a resume that now stops earlier, by patience or
-        divergence), are deleted in the same transaction, so the rows end where the run ended."""
+        trajectory went further before a crash (a resume that now stops earlier, by patience,
+        divergence or an error), are deleted in the same transaction, so the rows end where the
+        run ended."""
         if status not in FINISHED:
             raise ValueError(f"finish status {status!r} is not one of {', '.join(FINISHED)}")
         with self._write() as conn:
