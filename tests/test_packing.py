@@ -138,6 +138,36 @@ def test_member_checkpoints_resume_alone_or_in_a_pack(digits, tmp_path):
         assert_same_records(head + tail, solo(config, digits)[1])
 
 
+def test_a_member_with_its_own_knots_trains_on_them_in_a_pack(digits, tmp_path):
+    """The stack holds one set of buffers. A member whose checkpoint carries moved knots
+    (``update_grid``) must train on its own, as when resumed alone, and keep them in its next
+    checkpoint, not take the first member's."""
+    import shutil
+
+    from kanfarm.models import build_model
+
+    configs = [dataclasses.replace(c, max_epochs=2) for c in members("kan")[:2]]
+    ckpts = [CheckpointManager(tmp_path / f"m{i}", c.config_hash()) for i, c in enumerate(configs)]
+    for config, ckpt in zip(configs, ckpts):  # both stop after epoch 1, checkpointed
+        asked = iter([False, True])
+        solo(config, digits, checkpoints=ckpt, should_stop=lambda: next(asked, True))
+    epoch, state = ckpts[1].load_latest()
+    model = build_model(configs[1], digits.n_features, digits.n_classes)
+    model.load_state_dict(state["model"])
+    model.blocks[0].update_grid(digits.x_train[:512])
+    state["model"] = model.state_dict()
+    ckpts[1].save(epoch, state)
+    shutil.copytree(tmp_path / "m1", tmp_path / "alone")
+    alone = solo(configs[1], digits, checkpoints=CheckpointManager(tmp_path / "alone", configs[1].config_hash()))[1]
+
+    results, records = packed(configs, digits, ckpts)
+    assert [r.status for r in results] == ["completed", "completed"]
+    assert_same_records(records[1], alone)
+    knots = ckpts[1].load_latest()[1]["model"]["blocks.0.grid"]
+    assert torch.equal(knots, state["model"]["blocks.0.grid"])
+    assert not torch.equal(knots, ckpts[0].load_latest()[1]["model"]["blocks.0.grid"])
+
+
 def test_planner_groups_runs_that_share_shapes_and_data_order():
     base = RunConfig(dataset="digits", model="kan", depth="shallow", max_epochs=3)
     runs = [

@@ -83,6 +83,7 @@ class StackedNet:
     """Stacked parameters of ``templates`` (one built model per member, same architecture).
 
     ``activations``: per-member activation names; ``dropouts``: per-member dropout p (MLP).
+    Buffers (a KAN's knots) are the first template's, one set for all: templates must share them.
     On the CPU, dropout masks come from per-member generators, drawn exactly as ``nn.Dropout``
     draws them, so each member continues the random stream its solo run would use. On CUDA (the
     ``triton_pack`` kernels apply) all members' masks are drawn in one launch from counter-based

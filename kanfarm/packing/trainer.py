@@ -10,6 +10,7 @@ factorised as one batch, and its optimisers keep the single run's names, ``hidde
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -112,17 +113,28 @@ def _train_pack(members: list[Member], configs: list[RunConfig], data: Dataset,
             if not _member_failed(m, exc):
                 raise
             results[i] = RunResult("failed", 0, 0)
-    by_epoch: dict[int, list[_Slot]] = {}
+    # a sub-pack per resume epoch and per buffers (a KAN's knots): the stack holds one set of them
+    by_start: dict[tuple[int, str], list[_Slot]] = {}
     for slot in slots:
-        by_epoch.setdefault(slot.epoch, []).append(slot)
+        by_start.setdefault((slot.epoch, _buffers_digest(slot.model)), []).append(slot)
     data = data.to(device)
-    for start in sorted(by_epoch):
-        group = sorted(by_epoch[start], key=lambda s: (_ORDER.index(s.config.optimizer), s.config.activation, s.index))
+    for (start, _), same in sorted(by_start.items(), key=lambda item: item[0]):
+        group = sorted(same, key=lambda s: (_ORDER.index(s.config.optimizer), s.config.activation, s.index))
         for slot, result in _train_group(group, data, device, start):
             results[slot.index] = result
             if slot.member.on_end is not None and result.status != "failed":
                 slot.member.on_end(result)
     return results  # type: ignore[return-value]
+
+
+def _buffers_digest(model: torch.nn.Module) -> str:
+    """What a member's buffers hold. Under kanfarm's trainers every member of a pack has the same
+    (knots never move), but a checkpoint from ``update_grid`` would carry its own."""
+    digest = hashlib.sha256()
+    for name, buffer in model.named_buffers():
+        digest.update(name.encode())
+        digest.update(buffer.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def pack_step(net: StackedNet, opt: StackedOptimizer, x: torch.Tensor, y: torch.Tensor,
