@@ -168,6 +168,28 @@ def test_a_member_with_its_own_knots_trains_on_them_in_a_pack(digits, tmp_path):
     assert not torch.equal(knots, ckpts[0].load_latest()[1]["model"]["blocks.0.grid"])
 
 
+def test_a_bad_record_fails_its_member_alone(digits, monkeypatch):
+    """A record that fails validation with finite losses (here a NaN in ``extra``) is its member's
+    error, as a solo run's is its run's: that member is failed and the pack trains on."""
+    from kanfarm.packing import trainer
+
+    configs = [dataclasses.replace(c, max_epochs=2) for c in members("mlp")[:3]]
+    extras, calls = trainer._extras, []  # the second member's record of epoch 1 holds a NaN
+
+    def bad_extras(net, data, config):
+        calls.append(1)
+        return [{"x": float("nan")} if (m, len(calls)) == (1, 2) else e for m, e in enumerate(extras(net, data, config))]
+    monkeypatch.setattr(trainer, "_extras", bad_extras)
+    errors = []
+    records = [[] for _ in configs]
+    results = train_pack([Member(c, records[i].append, on_error=lambda exc: errors.append(exc) or True)
+                          for i, c in enumerate(configs)], digits)
+    assert sorted(r.status for r in results) == ["completed", "completed", "failed"]
+    [bad] = [i for i, r in enumerate(results) if r.status == "failed"]
+    assert len(errors) == 1 and isinstance(errors[0], ValueError)
+    assert [len(r) for r in records] == [1 if i == bad else 3 for i in range(3)]
+
+
 def test_planner_groups_runs_that_share_shapes_and_data_order():
     base = RunConfig(dataset="digits", model="kan", depth="shallow", max_epochs=3)
     runs = [

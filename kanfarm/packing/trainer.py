@@ -336,8 +336,7 @@ def _train_group(group: list[_Slot], data: Dataset, device: torch.device, start:
                     diverged.append(slot)
                 continue
             rec = EpochRecord(epoch, v[0], v[1], v[2], v[3], seconds, extra)
-            rec.validate()
-            guarded(slot, lambda: slot.member.sink(rec))
+            guarded(slot, lambda: (rec.validate(), slot.member.sink(rec)))  # a bad record is its member's
             if v[3] > slot.best_acc:
                 slot.best_acc, slot.best_epoch = v[3], epoch
         for slot in active:
