@@ -48,7 +48,7 @@ def assert_same(fast_results, ref_results, tol=1e-5):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("order", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("order", [1, 2, 3, 4, 5, 6, 7])
 @pytest.mark.parametrize("grid_size", [3, 5, 10, 50, 100])
 def test_fast_equals_reference_float32(order, grid_size):
     """At every grid size: the closed form's grid coordinate is split into cell and fraction, so its
@@ -58,6 +58,21 @@ def test_fast_equals_reference_float32(order, grid_size):
     assert not ref.uses_fast_path()
     x = inputs(ref, 96)
     assert_same(forward_backward(fast, x), forward_backward(ref, x))
+
+
+@pytest.mark.parametrize("order", [8, 32])
+def test_high_orders_take_the_reference_recursion(order):
+    """The closed form's alternating sum loses float32 digits as the order grows (NaN from 32):
+    above MAX_ORDER the layer computes the reference's bases, finite and equal to it."""
+    from kanfarm.models.uniform_spline import MAX_ORDER
+
+    assert MAX_ORDER < order
+    ref, fast = pair(7, 5, 5, order)
+    assert not fast.uses_fast_path()
+    x = inputs(ref, 96)
+    results = forward_backward(fast, x)
+    assert all(bool(torch.isfinite(r).all()) for r in results)
+    assert_same(results, forward_backward(ref, x))
 
 
 def test_fast_equals_reference_float64_tightly():

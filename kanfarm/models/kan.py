@@ -16,14 +16,14 @@ from torch import nn
 
 from kanfarm.models.activations import make_activation
 from kanfarm.models.bspline import cox_de_boor_basis, is_uniform, uniform_knots
-from kanfarm.models.uniform_spline import uniform_spline_linear
+from kanfarm.models.uniform_spline import closed_form_applies, uniform_spline_linear
 
 
 class KANLinear(nn.Module):
     """``(..., in_features) -> (..., out_features)``.
 
     ``fast=True`` (default) evaluates the spline branch with closed-form bases and a hand-written
-    backward when the grid is uniform and ``spline_order >= 2`` (see ``uniform_spline``); otherwise,
+    backward when the grid is uniform and ``2 <= spline_order <= 7`` (see ``uniform_spline``); otherwise,
     and always with ``fast=False``, autograd runs through the Cox-de Boor recursion (the reference).
     Both compute the same function; ``fast`` is a plain attribute and can be flipped at any time.
     """
@@ -63,7 +63,7 @@ class KANLinear(nn.Module):
         return self.spline_weight * self.spline_scaler.unsqueeze(-1)
 
     def uses_fast_path(self) -> bool:
-        return self.fast and self.spline_order >= 2 and self._grid_is_uniform()
+        return self.fast and closed_form_applies(self.spline_order) and self._grid_is_uniform()
 
     def _grid_is_uniform(self) -> bool:
         key = (self.grid.data_ptr(), self.grid._version, self.grid.device, self.grid.dtype)

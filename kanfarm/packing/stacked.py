@@ -14,7 +14,8 @@ from torch import nn
 
 from kanfarm.models.activations import make_activation
 from kanfarm.models.bspline import cox_de_boor_basis, is_uniform
-from kanfarm.models.uniform_spline import bases_for_training, grid_origin_and_scale, input_grad_from_bases
+from kanfarm.models.uniform_spline import (bases_for_training, closed_form_applies, grid_origin_and_scale,
+                                           input_grad_from_bases)
 
 
 def _fused_applies(p: torch.Tensor) -> bool:
@@ -218,7 +219,7 @@ class StackedNet:
         members, out_f, in_f, n_bases = spline_w.shape
         scaled = spline_w * scaler.unsqueeze(-1)
         k = self.spline_order
-        if k >= 2 and self.uniform[f"blocks.{i}.grid"]:
+        if closed_form_applies(k) and self.uniform[f"blocks.{i}.grid"]:
             t0, inv_h = grid_origin_and_scale(grid)
             weight = scaled.transpose(2, 3).reshape(members, out_f, n_bases * in_f)
             spline = StackedSpline.apply(x, weight, t0, inv_h, k)
