@@ -30,6 +30,9 @@ DEFAULT_ACTIVATION = {"kan": "gelu", "mlp": "relu", "mlp_wide": "relu"}
 MAX_STORED_INT = 2**31 - 1
 #: the longest grid name, and widths written as text ("64,32"), the store's columns hold
 MAX_STORED_TEXT = 200
+#: the HSIC kernel width's range: sigma^2 times a feature count stays a normal float64 inside it
+#: (1e-200 made sigma^2 underflow to 0, failing every run; 1e300 made every kernel 1, no signal).
+HSIC_SIGMA_RANGE = (1e-6, 1e6)
 #: largest parameter count the store can hold (``n_params`` is a 64-bit ``bigint``).
 MAX_PARAMS = 2**63 - 1
 
@@ -40,6 +43,14 @@ class ConfigError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+def check_hsic_sigma(name: str, value: float) -> float:
+    """``value`` if it lies in ``HSIC_SIGMA_RANGE``, else a ConfigError naming ``name``."""
+    low, high = HSIC_SIGMA_RANGE
+    if not low <= value <= high:
+        raise ConfigError(name, f"{value!r} must lie in [{low:g}, {high:g}]")
+    return value
 
 
 def env_flag(name: str, default: bool) -> bool:
@@ -175,6 +186,7 @@ class RunConfig:
                 if not (isinstance(value, (int, float)) and not isinstance(value, bool)
                         and 0 < float(value) < float("inf")):
                     raise ConfigError(name, f"{value!r} must be a positive number")
+            check_hsic_sigma("hsic_sigma", float(self.hsic_sigma))
             if not isinstance(self.hsic_x_term, bool):
                 raise ConfigError("hsic_x_term", f"{self.hsic_x_term!r} must be true or false")
         if not isinstance(self.batch_norm, bool):

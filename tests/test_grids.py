@@ -108,6 +108,7 @@ def test_a_control_character_in_the_name_or_a_nul_in_the_description_is_refused(
 
 
 @pytest.mark.parametrize("hsic,field", [({"sigma": 0}, "hsic.sigma"), ({"beta": -1.0}, "hsic.beta"),
+                                        ({"sigma": 1e-200}, "hsic.sigma"), ({"sigma": 1e300}, "hsic.sigma"),
                                         ({"sigma": "wide"}, "hsic.sigma"), ({"format_epochs": 0}, "hsic.format_epochs"),
                                         ({"x_term": "yes"}, "hsic.x_term"), ({"gamma": 1}, "hsic.gamma")])
 def test_bad_hsic_settings_name_the_spec_field(hsic, field):

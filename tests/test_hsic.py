@@ -133,6 +133,7 @@ def test_kernel_keeps_precision_when_features_share_a_large_offset():
     ({"hsic_format_epochs": 0}, "hsic_format_epochs"),             # the output layer would never train
     ({"hsic_sigma": 0.0}, "hsic_sigma"), ({"hsic_sigma": float("nan")}, "hsic_sigma"),
     ({"hsic_sigma": -10.0}, "hsic_sigma"), ({"hsic_beta": -100.0}, "hsic_beta"),
+    ({"hsic_sigma": 1e-200}, "hsic_sigma"), ({"hsic_sigma": 1e300}, "hsic_sigma"),
     ({"hsic_beta": True}, "hsic_beta"), ({"hsic_x_term": "no"}, "hsic_x_term"),
 ])
 def test_run_config_refuses_bad_hsic_settings(changes, field):

@@ -33,6 +33,7 @@ from kanfarm.config import (
     ConfigError,
     RunConfig,
     canonical_dataset_options,
+    check_hsic_sigma,
     check_widths_text,
 )
 from kanfarm.reports.efficiency import KNOWN_INTRINSIC_DIM  # one table: d_int90 where known (FACTS.md)
@@ -478,7 +479,7 @@ def parse_spec(data: dict[str, Any], name: str | None = None) -> GridSpec:
         train_eval_size=_pos_int("train_eval_size", data.get("train_eval_size"), allow_none=True),
         intrinsic_dims=_dataset_table("intrinsic_dim", data.get("intrinsic_dim", {}), False, _non_negative_int),
         hsic_beta=_pos_float("hsic.beta", hsic.get("beta", _RUN_DEFAULTS.hsic_beta)),
-        hsic_sigma=_pos_float("hsic.sigma", hsic.get("sigma", _RUN_DEFAULTS.hsic_sigma)),
+        hsic_sigma=check_hsic_sigma("hsic.sigma", _pos_float("hsic.sigma", hsic.get("sigma", _RUN_DEFAULTS.hsic_sigma))),
         hsic_x_term=x_term,
         hsic_format_epochs=_pos_int("hsic.format_epochs", hsic.get("format_epochs"), allow_none=True),
         dataset_options=_dataset_options(data.get("dataset_options", {})),
