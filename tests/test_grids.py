@@ -118,6 +118,21 @@ def test_bad_hsic_settings_name_the_spec_field(hsic, field):
     assert err.value.field == field
 
 
+def test_a_width_equal_to_a_listed_depth_is_that_depth_s_cell():
+    """digits' shallow preset is [32]: ``widths = [[32]]`` next to ``depths = ["shallow"]`` names the
+    same network, which must train once (under the depth's label), for every model."""
+    spec = parse_spec({**BASE, "datasets": ["digits"], "models": ["kan", "mlp", "mlp_wide"],
+                       "depths": ["shallow"], "widths": [[32], [16]]})
+    cells = [(c.model, c.depth, c.hidden_widths) for c in spec.expand()]
+    assert [(model, depth) for model, depth, _ in cells] == [
+        ("kan", "shallow"), ("kan", None), ("mlp", "shallow"), ("mlp", None), ("mlp_wide", "shallow"),
+        ("mlp_wide", None)]
+    assert [widths for model, depth, widths in cells if model == "kan"] == [(32,), (16,)]
+    assert len({c.config_hash() for c in spec.expand()}) == 6
+    alone = parse_spec({**BASE, "datasets": ["digits"], "models": ["kan"], "depths": [], "widths": [[32]]})
+    assert [c.depth for c in alone.expand()] == [None]  # without the depth, the width cell stays
+
+
 def test_paper_intrinsic_dims():
     assert load_spec("paper-mnist").intrinsic_dim("mnist") == 750
     assert load_spec("paper-cifar10").intrinsic_dim("cifar10") == 9000

@@ -5,6 +5,7 @@ field's name instead of hours later in a worker. See docs/grid-spec.md for the f
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -311,6 +312,10 @@ class GridSpec:
     def _cells(self) -> tuple[RunConfig, ...]:
         cells: list[RunConfig] = []
         seen: set[str] = set()
+        # a `widths` entry equal to a listed depth's widths is that depth's network: one cell, the
+        # depth's (depth cells come first), not a second run of the same network under another label
+        overlap = bool(self.depths and self.widths)
+        networks: set[str] = set()
         for dataset, model, arch, trainer, activation in itertools.product(
             self.datasets, self.models, self._architectures(), self.trainers, self.activations or (None,)
         ):
@@ -329,6 +334,10 @@ class GridSpec:
                         raise ConfigError(f"{exc.field}.{entry}", str(exc).split(": ", 1)[1]) from None
                     raise
                 key = cell.config_hash()
+                if overlap and cell.depth is not None:
+                    networks.add(dataclasses.replace(cell, depth=None).config_hash())
+                elif overlap and key in networks:
+                    continue
                 if key not in seen:
                     seen.add(key)
                     cells.append(cell)
