@@ -13,7 +13,14 @@ from rich.text import Text
 
 from cli.output import fail
 
-GridOpt = typer.Option(None, "--grid", help="Only runs of this grid (default: all).")
+def grid_name(value: str | None) -> str | None:
+    """``--grid``'s value as grid names are stored (``kanfarm.grids.spec.grid_name``)."""
+    from kanfarm.grids.spec import grid_name as stored_form
+
+    return None if value is None else stored_form(value)
+
+
+GridOpt = typer.Option(None, "--grid", help="Only runs of this grid (default: all).", callback=grid_name)
 JsonOpt = typer.Option(False, "--json", help="Machine-readable JSON on stdout.")
 CsvOpt = typer.Option(False, "--csv", help="CSV on stdout.")
 

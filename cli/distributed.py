@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 import typer
 from rich.text import Text
 
-from cli.common import (grid_exists, handles_errors, linked_hashes, open_store, parse_pack_size, read_spec,
-                        submit_spec)
+from cli.common import (GridOpt, grid_exists, grid_name, handles_errors, linked_hashes, open_store, parse_pack_size,
+                        read_spec, submit_spec)
 from cli.output import console, err_console, fail, to_json
 
 enqueue_app = typer.Typer(no_args_is_help=True, help="Put runs on the Redis queue for Celery workers.")
@@ -183,7 +183,7 @@ def enqueue_grid(spec: str = typer.Argument(..., help="A TOML spec file or a pre
         f"(finished or running ones are skipped), {info['published']} {verb}published to queue {queue}"])
 
 
-def requeue(grid: Optional[str] = typer.Option(None, "--grid", help="Only runs of this grid (default: all)."),
+def requeue(grid: Optional[str] = GridOpt,
             stale: bool = typer.Option(False, "--stale", help="Also runs whose lease expired (dead worker)."),
             failed: bool = typer.Option(False, "--failed", help="Also failed runs with attempts left."),
             queue: Optional[str] = typer.Option(
@@ -249,7 +249,8 @@ def requeue(grid: Optional[str] = typer.Option(None, "--grid", help="Only runs o
     _report(info, as_json, lines)
 
 
-def cancel(grid: str = typer.Option(..., "--grid", help="The grid to cancel."), as_json: bool = JsonOpt) -> None:
+def cancel(grid: str = typer.Option(..., "--grid", help="The grid to cancel.", callback=grid_name),
+           as_json: bool = JsonOpt) -> None:
     """Waiting (pending or queued) runs become cancelled; running ones stop at their next epoch boundary."""
     store = open_store()
     grid_exists(store, grid)

@@ -505,6 +505,18 @@ def test_cancel_names_the_other_grids_it_touches_and_run_grid_takes_cancelled_ru
     assert {r["status"] for r in rows(env / "k.db", "SELECT status FROM runs")} == {"completed"}
 
 
+def test_a_grid_name_typed_with_a_combining_accent_finds_the_grid(env):
+    """Names are stored NFC; ``--grid`` is read the same way, so "café" typed either way is one grid."""
+    (env / "c.toml").write_text(TINY.replace('name = "tiny"', 'name = "cafe\u0301"'))
+    assert invoke("db", "upgrade").exit_code == 0
+    assert invoke("grid", "submit", "c.toml").exit_code == 0
+    assert [r["name"] for r in rows(env / "k.db", "SELECT name FROM grids")] == ["caf\u00e9"]
+    for typed in ("cafe\u0301", "caf\u00e9"):
+        for args in (["status", "--grid", typed, "--json"], ["cancel", "--grid", typed, "--json"]):
+            result = invoke(*args)
+            assert result.exit_code == 0, (args, result.output)
+
+
 def test_user_text_that_looks_like_rich_markup_is_printed_as_it_is(env):
     """A grid named "study [/]" crashed Rich after the grid was stored, and every later `grid list`."""
     (env / "s.toml").write_text(TINY.replace('name = "tiny"', 'name = "study [/] [red]x"'))

@@ -98,13 +98,20 @@ def test_text_longer_than_the_store_holds_names_the_field(change, field):
 
 
 @pytest.mark.parametrize("change,field", [({"name": "a\nb"}, "name"), ({"name": "a\0b"}, "name"),
-                                          ({"name": "tab\there"}, "name"), ({"description": "x\0y"}, "description")])
+                                          ({"name": "tab\there"}, "name"), ({"description": "x\0y"}, "description"),
+                                          ({"name": "\u200b"}, "name"), ({"name": "abc\u202edef"}, "name"),
+                                          ({"name": "a\u2028b"}, "name")])
 def test_a_control_character_in_the_name_or_a_nul_in_the_description_is_refused(change, field):
     """A newline would split every message naming the grid; PostgreSQL's text holds no NUL."""
     with pytest.raises(ConfigError) as err:
         parse_spec({**BASE, **change})
     assert err.value.field == field
     parse_spec({**BASE, "name": "ünïcode grid", "description": "two\nlines\tand a tab"})
+
+
+def test_a_name_with_a_combining_accent_is_the_precomposed_name():
+    """"café" from a macOS file name (e + combining acute) and typed precomposed: one grid."""
+    assert parse_spec({**BASE, "name": "cafe\u0301"}).name == "caf\u00e9"
 
 
 @pytest.mark.parametrize("hsic,field", [({"sigma": 0}, "hsic.sigma"), ({"beta": -1.0}, "hsic.beta"),
@@ -283,8 +290,10 @@ def test_to_dict_json_and_toml_round_trips():
         again = parse_spec(tomllib.loads(s.to_toml()))
         assert again == s and hashes(again) == hashes(s)
     odd = spec(patience=3, train_eval_size=500, wide_multiplier=1.5, intrinsic_dim={"digits": 40},
-               hsic={"format_epochs": 4, "x_term": True}, description='quote " here')
+               hsic={"format_epochs": 4, "x_term": True}, description='quote " here, DEL \x7f, emoji \U0001f600')
     assert parse_spec(tomllib.loads(odd.to_toml())) == odd
+    beyond = parse_spec({**BASE, "name": "emoji \U0001f600"})  # JSON would write a surrogate pair
+    assert parse_spec(tomllib.loads(beyond.to_toml())) == beyond
 
 
 def test_describe():

@@ -406,8 +406,25 @@ class GridSpec:
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
+#: Unicode categories a grid name may not hold: control, format (zero-width, bidi), line and
+#: paragraph separators
+_UNSEEN = ("Cc", "Cf", "Zl", "Zp")
+
+
+def grid_name(name: str) -> str:
+    """A grid name as stored and looked up: NFC, so "café" typed precomposed or with a combining
+    accent (a macOS file name) is one grid."""
+    return unicodedata.normalize("NFC", name)
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string: JSON's escapes are TOML's, but characters beyond the BMP stay as they
+    are (JSON would write surrogate pairs, which TOML refuses) and DEL is escaped (TOML refuses it raw)."""
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 def _toml_key(key: str) -> str:
-    return key if _BARE_KEY.match(key) else json.dumps(key)
+    return key if _BARE_KEY.match(key) else _toml_string(key)
 
 
 def _toml_value(value: Any) -> str:
@@ -416,7 +433,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)  # finite by validation; repr of a float is valid TOML
     if isinstance(value, str):
-        return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
+        return _toml_string(value)
     return "[" + ", ".join(_toml_value(v) for v in value) + "]"
 
 
@@ -429,12 +446,16 @@ def parse_spec(data: dict[str, Any], name: str | None = None) -> GridSpec:
         raise ConfigError(str(unknown[0]), f"unknown key (allowed: {', '.join(ALLOWED_KEYS)})")
 
     spec_name = data.get("name", name)
+    if isinstance(spec_name, str):
+        spec_name = grid_name(spec_name)
     if not isinstance(spec_name, str) or not spec_name.strip():
         raise ConfigError("name", f"{spec_name!r}: give the grid a non-empty name")
     if len(spec_name) > MAX_STORED_TEXT:
         raise ConfigError("name", f"{len(spec_name)} characters: at most {MAX_STORED_TEXT}")
-    if any(unicodedata.category(ch) == "Cc" for ch in spec_name):  # a newline would split messages
-        raise ConfigError("name", f"{spec_name!r} holds a control character")
+    # a newline would split messages; invisible ones (zero-width, bidi controls) make two grids
+    # that print alike, or a name that prints as nothing
+    if any(unicodedata.category(ch) in _UNSEEN for ch in spec_name):
+        raise ConfigError("name", f"{spec_name!r} holds a control, format or line-separator character")
     description = data.get("description", "")
     if not isinstance(description, str):
         raise ConfigError("description", f"{description!r} must be a string")
