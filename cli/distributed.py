@@ -200,6 +200,8 @@ def requeue(grid: Optional[str] = GridOpt,
     no-op claim, while reading the broker's internals to find the missing ones would be fragile.
     """
     size = parse_pack_size(pack_size)
+    if max_attempts is not None and not failed:
+        fail("--max-attempts: bounds the failed runs retried, so it needs --failed")
     if queue is not None:
         _check_queue(queue)
     _check_broker_url()

@@ -60,7 +60,12 @@ def db_current() -> None:
         console.print(f"database {masked(url)} at revision none (no file yet)")
         return
     store = open_store(check=False)
-    console.print(f"database {masked(store.url)} at revision {store.schema_revision() or 'none (empty)'}")
+    revision = store.schema_revision()
+    if revision is None:
+        foreign = store.foreign_tables()
+        revision = (f"none, with tables {', '.join(foreign[:5])} (another application's: kanfarm will not "
+                    "migrate it)") if foreign else "none (empty)"
+    console.print(f"database {masked(store.url)} at revision {revision}")
 
 
 # --- grids ------------------------------------------------------------------------------------

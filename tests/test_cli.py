@@ -662,6 +662,13 @@ def test_bad_worker_settings_are_one_line_naming_the_variable(env, monkeypatch, 
     assert rows(env / "k.db", "SELECT COUNT(*) AS n FROM runs")[0]["n"] == 0
 
 
+def test_requeue_max_attempts_without_failed_is_refused(env):
+    """It bounds the failed runs retried; alone it used to be ignored without a word."""
+    assert invoke("db", "upgrade").exit_code == 0
+    result = invoke("requeue", "--max-attempts", "5")
+    assert result.exit_code == 2 and "--max-attempts" in result.output and "--failed" in result.output
+
+
 def test_out_naming_a_folder_is_one_line_and_an_empty_plot_makes_no_folder(env):
     assert invoke("db", "upgrade").exit_code == 0
     for args in (["export", "--format", "csv", "--out", ""], ["export", "--format", "json", "--out", "."],
@@ -683,6 +690,8 @@ def test_db_upgrade_leaves_another_applications_database_alone(env, monkeypatch)
     for args in (("db", "upgrade"), ("status",), ("report", "summary"), ("export", "--format", "csv")):
         result = invoke(*args)
         assert result.exit_code == 2 and "with tables notes" in result.output, (args, result.output)
+    current = invoke("db", "current")  # it said "none (empty)"
+    assert current.exit_code == 0 and "with tables notes" in current.output and "empty" not in current.output
     assert [r["name"] for r in rows(env / "other.db", "SELECT name FROM sqlite_master WHERE type = 'table'")] == ["notes"]
     con = sqlite3.connect(env / "other.db")  # nor switched to WAL, a lasting change of the file
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"

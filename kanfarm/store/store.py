@@ -104,10 +104,17 @@ class Store:
         with self._reader.connect() as conn:
             return migrate.current_revision(conn)
 
+    def foreign_tables(self, conn: Connection | None = None) -> list[str]:
+        """Tables of a database without a kanfarm revision (another application's), by name."""
+        if conn is None:
+            with self._reader.connect() as conn:
+                return self.foreign_tables(conn)
+        return sorted(set(sa.inspect(conn).get_table_names()) - {"alembic_version"})
+
     def _refuse_foreign(self, conn: Connection) -> None:
         """SchemaOutOfDate (unknown) when a database without a kanfarm revision has tables: another
         application's database, which kanfarm neither migrates nor calls empty."""
-        foreign = sorted(set(sa.inspect(conn).get_table_names()) - {"alembic_version"})
+        foreign = self.foreign_tables(conn)
         if foreign:
             raise SchemaOutOfDate(masked(self.url), f"none, with tables {', '.join(foreign[:5])}",
                                   migrate.head_revision(), known=False)
