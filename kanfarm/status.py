@@ -9,7 +9,7 @@ FINISHED = ("completed", "diverged", "failed", "cancelled")
 
 #: what sets an epoch's time, as columns of ``runs``: runs alike in all of them are timed together.
 #: ``depth`` is NULL for grids that give widths, so the widths themselves are part of it.
-SHAPE = ("dataset", "model", "depth", "hidden_widths", "batch_size", "spline_order", "grid_size")
+SHAPE = ("dataset", "model", "depth", "hidden_widths", "batch_size", "spline_order", "grid_size", "trainer")
 _SHAPE_SQL = ", ".join(f"r.{c}" for c in SHAPE)
 
 _REMAINING_SQL = f"""
@@ -30,7 +30,7 @@ _GRID_FILTER = "AND r.id IN (SELECT g.run_id FROM grid_runs g JOIN grids gr ON g
 def grid_status(store: Store, grid: str | None = None) -> dict[str, Any]:
     """Counts per status, ``done`` (runs that ended: completed, diverged, failed or cancelled) and
     ``eta_seconds``: remaining epochs times the mean epoch time of runs (of any grid) of the same
-    shape (``SHAPE``: dataset, model, widths, batch size, spline settings), else of the same
+    shape (``SHAPE``: dataset, model, widths, batch size, spline settings, trainer), else of the same
     dataset; unknown (None) when a remaining run's
     dataset has no timed epoch, rather than a guess from another dataset. ``epochs_timed``: the
     timed epochs the estimate rests on. For one worker."""
