@@ -533,9 +533,10 @@ def test_status_times_grids_of_explicit_widths_by_their_own_widths_and_batch_siz
     from kanfarm.status import grid_status
     from kanfarm.training import EpochRecord
 
-    def grid(name, widths, batch_size, seconds, epochs_done, seed=0, max_epochs=5):
+    def grid(name, widths, batch_size, seconds, epochs_done, seed=0, max_epochs=5, trainer="backprop"):
         store.submit_grid(name, {}, [(RunConfig(dataset="digits", depth=None, hidden_widths=widths, seed=seed,
-                                                batch_size=batch_size, max_epochs=max_epochs), 100, None)])
+                                                batch_size=batch_size, max_epochs=max_epochs, trainer=trainer),
+                                      100, None)])
         (run_id,) = store.run_ids(name)
         store.claim(run_id, "w", 60)
         for epoch in range(epochs_done + 1):
@@ -548,6 +549,8 @@ def test_status_times_grids_of_explicit_widths_by_their_own_widths_and_batch_siz
     assert grid_status(store, "big")["eta_seconds"] == pytest.approx(4 * 20.0)
     grid("small-batch", (8,), 4, 0.3, 1)  # same widths, a smaller batch: its own pace
     assert grid_status(store, "small-batch")["eta_seconds"] == pytest.approx(4 * 0.3)
+    grid("hsic", (8,), 64, 0.5, 1, trainer="hsic")  # same network and batch, another trainer's pace
+    assert grid_status(store, "hsic")["eta_seconds"] == pytest.approx(4 * 0.5)
 
 
 def test_resubmitting_a_grid_that_states_no_intrinsic_dim_keeps_another_grids_value(store):
@@ -609,3 +612,31 @@ def test_the_readmes_queries_run_on_both_backends(store):
                            "ORDER BY best_test_acc DESC NULLS LAST")
     assert [row["run_id"] for row in portable][:2] == [ids[1], ids[0]] and portable[0]["dropout"] == 0.2
     assert store.query("SELECT COUNT(*) AS n FROM epoch_metrics WHERE diverged") == [{"n": 1}]
+
+
+def test_sqlite_without_math_functions_gets_ln_from_python():
+    """The run_summary view's efficiency calls LN, which some Python builds' SQLite lack: the
+    connection then gets a Python LN with SQLite's own results (NULL outside its domain)."""
+    import sqlite3
+
+    from kanfarm.store.engine import _ln, _provide_ln
+
+    builtin = sqlite3.connect(":memory:")
+    for x in (2.5, 1, 7, 0, -1.0, None, "abc", 10 ** 400 // 10 ** 390):
+        got, want = builtin.execute("SELECT ln(?)", (x,)).fetchone()[0], _ln(x)
+        assert (got is None and want is None) or got == pytest.approx(want), (x, got, want)
+
+    registered = []
+
+    class NoMath:
+        def execute(self, sql):
+            raise sqlite3.OperationalError("no such function: ln")
+
+    class Connection:
+        def create_function(self, name, n_args, function, deterministic):
+            registered.append((name, n_args, function))
+
+    _provide_ln(Connection(), NoMath())
+    assert registered == [("ln", 1, _ln)]
+    _provide_ln(Connection(), builtin.cursor())  # built in: left alone
+    assert len(registered) == 1

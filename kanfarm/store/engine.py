@@ -10,7 +10,9 @@ PostgreSQL: ``pool_pre_ping`` so connections dropped by the server or a network 
 """
 from __future__ import annotations
 
+import math
 import os
+import sqlite3
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine, make_url
@@ -64,6 +66,7 @@ def _configure_sqlite(engine: Engine) -> None:
         try:
             cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS:d}")
             cursor.execute("PRAGMA foreign_keys = ON")
+            _provide_ln(dbapi_connection, cursor)
             if engine.url.database not in (None, "", ":memory:") and _migrated(cursor):
                 # only in a database kanfarm has migrated (WAL is a lasting property of the file):
                 # a read-only command never changes a file it goes on to refuse
@@ -78,6 +81,23 @@ def _configure_sqlite(engine: Engine) -> None:
             connection.exec_driver_sql("BEGIN")
         else:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _provide_ln(dbapi_connection, cursor) -> None:
+    """``LN``, which the ``run_summary`` view's efficiency uses, is built into SQLite only when it
+    was compiled with its math functions (3.35+, an option some Python builds leave out): where it
+    is missing, the same function in Python (NULL outside its domain, as SQLite's)."""
+    try:
+        cursor.execute("SELECT ln(1)")
+    except sqlite3.OperationalError:
+        dbapi_connection.create_function("ln", 1, _ln, deterministic=True)
+
+
+def _ln(x):
+    try:
+        return math.log(x) if x is not None and x > 0 else None
+    except (TypeError, OverflowError):
+        return None
 
 
 def _migrated(cursor) -> bool:
