@@ -179,12 +179,19 @@ class _ClaimedRun:
     def _still_held(self) -> bool:
         """Asked before each checkpoint write: renew the lease, which fails once another worker
         has taken the run (its checkpoint folder is then theirs). A cancelled run still writes its
-        stop checkpoint."""
-        if not (self.beat.lost.is_set() or self.beat.cancelled.is_set()) and not self.beat.beat():
-            if self.beat.lost.is_set():
-                log.warning("run %s: no longer held by this worker (its lease lapsed and another worker took "
-                            "it); no checkpoint written, stopping", self.run.id)
-        return not self.beat.lost.is_set()
+        stop checkpoint while it stays cancelled under this worker's name; taken back meanwhile
+        (``enqueue grid``, ``run grid``), it may be another worker's already."""
+        if self.beat.lost.is_set():
+            return False
+        if self.beat.cancelled.is_set():
+            held = self.store.cancelled_while_held(self.run.id, self.worker)
+        else:
+            held = self.beat.beat() or self.beat.cancelled.is_set()
+        if not held:
+            self.beat.lost.set()
+            log.warning("run %s: no longer held by this worker (taken back, or its lease lapsed and another "
+                        "worker took it); no checkpoint written, stopping", self.run.id)
+        return held
 
     def _record_checkpoint(self, epoch: int, path: Path, digest: str) -> None:
         self._reach(epoch)

@@ -73,6 +73,27 @@ def test_a_cancelled_run_writes_the_epoch_in_progress_and_a_checkpoint_then_stop
     assert resumed == [3, 4, 5, 6]  # from the stop's checkpoint, nothing trained twice
 
 
+def test_a_cancelled_run_taken_back_before_its_stop_checkpoint_writes_none(sqlite_store, tmp_path, monkeypatch):
+    """Cancelled during epoch 2, then taken back and claimed by w2 before w1 checkpoints its stop:
+    the folder is w2's now, and w1 writes (and prunes) nothing there."""
+    store = sqlite_store
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    monkeypatch.setenv("KANFARM_CHECKPOINT_SECONDS", "3600")
+    config = RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=6)
+    store.submit_grid("g", {}, [(config, 1000, None)])
+    run_id = store.run_ids()[0]
+
+    def cancel_then_take_back(rid, record):
+        if record.epoch == 1:
+            store.cancel("g")
+        elif record.epoch == 2:  # written as w1's last epoch; its stop checkpoint comes next
+            assert store.mark_queued([run_id]) == 1 and store.claim(run_id, "w2", 600) is not None
+
+    assert execute_run(store, run_id, "w1", lease_s=600, on_epoch=cancel_then_take_back).status == "stopped"
+    assert sorted(p.name for p in (tmp_path / "ckpt" / config.config_hash()).glob("*.pt")) == ["epoch-000000.pt"]
+    assert store.run(run_id).worker == "w2" and [c.epoch for c in store.checkpoints(run_id)] == [0]
+
+
 def _grid(store, configs):
     store.submit_grid("g", {}, [(c, 1000, None) for c in configs])
     return store.run_ids()
