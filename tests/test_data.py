@@ -221,6 +221,20 @@ def test_idx_larger_than_declared_or_declaring_too_much_is_refused_unread(tmp_pa
     with pytest.raises(DatasetFormatError, match="declare 15680 bytes"):  # 20 training images
         idx.read_idx(folder / "train-images-idx3-ubyte.gz", 3, max_bytes=15679)
     assert idx.read_idx(folder / "train-images-idx3-ubyte.gz", 3, max_bytes=15680).shape == (20, 28, 28)
+    # dims whose product wraps to -2 in int64 (the size check passed and the whole stream was read)
+    with gzip.open(folder / "t10k-images-idx3-ubyte.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + struct.pack(">III", 649657 * 49 * 127, 92737 * 337 * 73, 2) + bytes(784))
+    with pytest.raises(DatasetFormatError, match="t10k-images.*declare"):
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+
+
+def test_an_empty_mnist_split_is_a_format_error(tmp_path):
+    folder = tmp_path / "mnist"
+    write_mnist(folder)
+    write_idx(folder / "t10k-images-idx3-ubyte.gz", np.zeros((0, 28, 28), np.uint8))
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.zeros(0, np.uint8))
+    with pytest.raises(DatasetFormatError, match="t10k-images.*no images"):
+        load_dataset("mnist", data_dir=tmp_path, download=False)
 
 
 # ---- CIFAR-10

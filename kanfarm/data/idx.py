@@ -7,6 +7,7 @@ mislabelled file fails with its name in the message instead of yielding garbage.
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def read_idx(path: Path, ndim: int, max_bytes: int = MAX_DATA_BYTES) -> np.ndarr
             if len(head) < header:
                 raise DatasetFormatError(f"{path}: IDX header truncated")
             shape = tuple(int(d) for d in np.frombuffer(head, dtype=">u4", count=ndim, offset=4))
-            expected = int(np.prod(shape, dtype=np.int64))
+            expected = math.prod(shape)  # exact: numpy's int64 product wraps for crafted dims
             if expected > max_bytes:
                 raise DatasetFormatError(f"{path}: IDX dims {shape} declare {expected} bytes, more than "
                                          f"this dataset's files hold ({max_bytes})")

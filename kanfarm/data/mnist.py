@@ -34,11 +34,13 @@ def build(folder: Path, options: dict[str, Any]) -> dict[str, torch.Tensor]:
         labels = read_idx(folder / labels_name, ndim=1)
         if images.shape[1:] != (SIDE, SIDE):
             raise DatasetFormatError(f"{folder / images_name}: images are {images.shape[1:]}, expected 28x28")
+        if len(images) == 0:
+            raise DatasetFormatError(f"{folder / images_name}: no images")
         if len(images) != len(labels):
             raise DatasetFormatError(f"{folder}: {images_name} has {len(images)} images but"
                                      f" {labels_name} has {len(labels)} labels")
         if labels.size and labels.max() >= N_CLASSES:
             raise DatasetFormatError(f"{folder / labels_name}: label {labels.max()} outside 0..9")
-        out[f"x_{split}"] = torch.from_numpy(to_grid(images.reshape(len(images), -1), 255))
+        out[f"x_{split}"] = torch.from_numpy(to_grid(images.reshape(len(images), SIDE * SIDE), 255))
         out[f"y_{split}"] = torch.from_numpy(labels.astype(np.int64))
     return out
