@@ -467,8 +467,10 @@ def _higgs_lines(n_rows=8):
     return [",".join(["1.0"] + [f"{0.1 * j + i:.3f}" for j in range(28)]) + "\n" for i in range(n_rows)]
 
 
-@pytest.mark.parametrize("damage", ["deflate", "utf8", "nan", "inf"])
+@pytest.mark.parametrize("damage", ["deflate", "utf8", "nan", "inf", "blank", "comment", "long", "huge"])
 def test_higgs_damaged_file_is_a_format_error_naming_it(tmp_path, damage):
+    """A blank or "#" line was skipped by loadtxt (the test split came out a row short); a line
+    without end was read whole (1 GiB of one digit gzips to 1 MB); 1e200 made its column 0."""
     path = tmp_path / "higgs" / "HIGGS.csv.gz"
     path.parent.mkdir()
     lines = _higgs_lines()
@@ -477,6 +479,14 @@ def test_higgs_damaged_file_is_a_format_error_naming_it(tmp_path, damage):
         _flip(path)  # an invalid deflate code within the first rows
     elif damage == "utf8":
         path.write_bytes(gzip.compress(b"\xff\xfe\x00\x80" * 400))
+    elif damage in ("blank", "comment"):
+        lines.insert(4, "\n" if damage == "blank" else "# a note\n")
+        path.write_bytes(gzip.compress("".join(lines).encode()))
+    elif damage == "long":
+        path.write_bytes(gzip.compress("".join(lines[:4]).encode() + b"0" * (1 << 20)))
+    elif damage == "huge":
+        lines[1] = ",".join(["1.0", "1e200"] + lines[1].split(",")[2:])  # a training row, feature 1
+        path.write_bytes(gzip.compress("".join(lines).encode()))
     else:
         fields = lines[4].split(",")
         fields[2] = damage  # row 5, feature 2
@@ -484,8 +494,10 @@ def test_higgs_damaged_file_is_a_format_error_naming_it(tmp_path, damage):
         path.write_bytes(gzip.compress("".join(lines).encode()))
     with pytest.raises(DatasetFormatError, match=re.escape(str(path))) as err:
         load_dataset("higgs", data_dir=tmp_path, n_train=4, n_test=4, download=False)
-    if damage in ("nan", "inf"):
+    if damage in ("nan", "inf", "blank", "long"):
         assert "row 5" in str(err.value)
+    if damage == "huge":
+        assert "feature 1 has values too large" in str(err.value)
 
 
 def test_idx_with_damaged_deflate_stream_is_a_format_error(tmp_path):
