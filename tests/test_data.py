@@ -452,6 +452,70 @@ def test_corrupt_cache_is_rebuilt(tmp_path):
     assert torch.equal(first.x_test, again.x_test)
 
 
+@pytest.mark.parametrize("damage", ["bytes", "shapes", "labels"])
+def test_a_cache_with_damaged_contents_is_rebuilt(tmp_path, damage):
+    """A mapped cache's zip CRCs are never checked: a disk's flipped bytes (a float of 3.4e38),
+    or tensors of another shape or labels, were served as they were."""
+    from kanfarm.data.cache import SOURCES_KEY
+
+    write_mnist(tmp_path / "mnist")
+    first = load_dataset("mnist", data_dir=tmp_path, download=False)
+    (cache_file,) = (tmp_path / "mnist").glob("cache-*.pt")
+    tensors = {k: v.clone() for k, v in torch.load(cache_file, weights_only=True).items() if k != SOURCES_KEY}
+    stamps = torch.load(cache_file, weights_only=True)[SOURCES_KEY]
+    if damage == "bytes":
+        tensors["x_train"][3, 100] = 3.4e38
+    elif damage == "shapes":
+        tensors["x_test"] = tensors["x_test"][:, :10].contiguous()
+    else:
+        tensors["y_train"][0] = 99
+    torch.save({**tensors, SOURCES_KEY: stamps}, cache_file)
+    with pytest.warns(UserWarning, match="ignoring dataset cache"):
+        again = load_dataset("mnist", data_dir=tmp_path, download=False)
+    assert torch.equal(first.x_train, again.x_train) and torch.equal(first.y_train, again.y_train)
+    assert torch.equal(first.x_test, again.x_test)
+
+
+def test_a_cache_that_cannot_be_written_costs_only_the_cache(tmp_path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError: the load failed, leaving its temporary file."""
+    from kanfarm.data import cache
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos")
+
+    write_mnist(tmp_path / "mnist")
+    monkeypatch.setattr(cache.torch, "save", disk_full)
+    with pytest.warns(UserWarning, match="cannot write dataset cache"):
+        ds = load_dataset("mnist", data_dir=tmp_path, download=False)
+    check_tensors(ds, 20, 10, 784, 10)
+    assert [p.name for p in (tmp_path / "mnist").iterdir() if not p.name.endswith(".gz")] == []
+
+
+def test_temporary_files_of_killed_cache_writes_are_removed(tmp_path):
+    import os
+    import time
+
+    from kanfarm.data.cache import LEFTOVER_AGE_S
+
+    folder = tmp_path / "mnist"
+    write_mnist(folder)
+    old, recent = folder / ".cache-old.tmp", folder / ".cache-recent.tmp"  # recent: maybe a live write
+    for path in (old, recent):
+        path.write_bytes(b"x" * 100)
+    os.utime(old, (time.time() - LEFTOVER_AGE_S - 60,) * 2)
+    load_dataset("mnist", data_dir=tmp_path, download=False)
+    assert not old.exists() and recent.exists()
+
+
+def test_a_dataset_built_empty_is_a_format_error(tmp_path):
+    """CIFAR-10 batches of no records were "ready (0 training rows)"; the run then diverged."""
+    folder = tmp_path / "cifar10"
+    write_cifar(folder, per_batch=0)
+    with pytest.raises(DatasetFormatError, match="train split has no rows"):
+        load_dataset("cifar10", data_dir=tmp_path, download=False)
+
+
 # ---- damaged raw files and replaced raw files
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from kanfarm.data import cache, cifar10, digits, download, higgs, imdb, mnist, paths
 from kanfarm.data.dataset import Dataset
-from kanfarm.data.errors import OptionError
+from kanfarm.data.errors import DatasetFormatError, OptionError
 from kanfarm.data.sources import SOURCES
 
 #: dataset name -> loader module (N_CLASSES, FORMAT_VERSION, DEFAULTS, n_features(), build(), and
@@ -82,11 +82,15 @@ def load_dataset(name: str, data_dir: str | Path | None = None, **options: Any) 
     folder = Path(data_dir if data_dir is not None else paths.data_dir()).expanduser() / name
     path = cache.cache_path(folder, name, loader.FORMAT_VERSION, resolved)
     filenames = [f.filename for f in SOURCES[name]]
-    tensors = cache.read(path, cache.source_stamps(folder, filenames))
+    shape = (loader.n_features(resolved), loader.N_CLASSES)
+    tensors = cache.read(path, cache.source_stamps(folder, filenames), *shape)
     if tensors is None:
         download.ensure_files(name, folder, SOURCES[name], allow_download)
         stamps = cache.source_stamps(folder, filenames)  # before the build: a file replaced meanwhile is stale
         tensors = loader.build(folder, resolved)
+        why = cache.problem(tensors, *shape)
+        if why is not None:  # e.g. an archive of empty batches: say so rather than train on nothing
+            raise DatasetFormatError(f"{folder}: dataset {name!r} built from these files is unusable: {why}")
         cache.write(path, tensors, stamps)
     return Dataset(name, tensors["x_train"], tensors["y_train"], tensors["x_test"], tensors["y_test"],
                    loader.N_CLASSES)
