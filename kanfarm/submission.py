@@ -21,8 +21,6 @@ def checked_param_count(config: RunConfig, n_features: int, n_classes: int) -> i
         return n_params
     if config.model == "mlp_wide" and config.wide_multiplier is not None:
         fld = "wide_multiplier"
-    elif config.dataset_options and param_count(config, *dataset_shape(config.dataset)) <= MAX_PARAMS:
-        fld = f"dataset_options.{config.dataset}"  # the dataset's default options would fit
     elif param_count(dataclasses.replace(config, grid_size=1, spline_order=1), n_features, n_classes) <= MAX_PARAMS:
         # The widths alone fit with the smallest spline grid: the grid size or spline order is too large.
         fld = "grid_sizes" if config.grid_size >= config.spline_order else "spline_orders"

@@ -105,6 +105,7 @@ def test_non_default_options_are_canonical_and_change_the_hash():
     ("imdb", {"vocab_size": 2.5}, "dataset_options.vocab_size"),
     ("imdb", {"vocab_size": "2000"}, "dataset_options.vocab_size"),
     ("imdb", {"vocab_size": 2**31}, "dataset_options.vocab_size"),  # beyond the stored integers
+    ("imdb", {"vocab_size": 200_001}, "dataset_options.vocab_size"),  # dense: 25,000 x 200,001 floats a split
     ("digits", {"vocab_size": 10}, "dataset_options.vocab_size"),  # digits has no options
     ("higgs", {"n_train": 10_000_000, "n_test": 2_000_000}, "dataset_options.n_train"),  # file has 11M rows
     ("imdb", 5000, "dataset_options"),

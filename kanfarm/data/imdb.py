@@ -4,11 +4,14 @@ training words.
 Reviews: ``aclImdb/{train,test}/{neg,pos}/*.txt`` (label neg = 0, pos = 1; the unlabelled
 ``train/unsup`` reviews are skipped), 25,000 train / 25,000 test, ordered by split, label, file name;
 each split must hold reviews of both labels.
-Tokens: lowercase, ``<br />`` removed, runs of letters/digits (inner apostrophes kept: "don't");
-everything else is a separator. Vocabulary: the ``vocab_size`` tokens with the highest total count
+Tokens: lowercase, ``<br />`` removed, runs of ASCII letters/digits (inner ASCII apostrophes kept:
+"don't"); everything else is a separator, accented letters and curly apostrophes included
+("amélie" gives "am" and "lie"). Vocabulary: the ``vocab_size`` tokens with the highest total count
 in the *training* reviews, ties broken alphabetically; column j is the j-th most frequent word.
 Features: binary presence scaled to the grid, +1 if the word occurs in the review, -1 otherwise.
 When the training text has fewer distinct words than ``vocab_size``, the extra columns are all -1.
+``vocab_size`` is at most ``MAX_VOCAB``: features are dense, 25,000 x ``vocab_size`` float32 per
+split (0.5 GB at the default 5,000), and aclImdb's own vocabulary file lists under 90,000 words.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import numpy as np
 import torch
 
 from kanfarm.data.archive import read_files
-from kanfarm.data.errors import DatasetFormatError
+from kanfarm.data.errors import DatasetFormatError, OptionError
 
 N_CLASSES = 2
 FORMAT_VERSION = 1
@@ -36,8 +39,19 @@ MAX_REVIEW_BYTES = 1 << 20
 MAX_REVIEWS_BYTES = 256 << 20
 
 
+#: the largest ``vocab_size``: 2 x 25,000 x 200,000 float32 features are 40 GB already
+MAX_VOCAB = 200_000
+
+
 def n_features(options: dict[str, Any]) -> int:
     return int(options["vocab_size"])
+
+
+def check_options(options: dict[str, Any]) -> None:
+    """Refuse a vocabulary no machine could hold before any review is read (at submission)."""
+    if int(options["vocab_size"]) > MAX_VOCAB:
+        raise OptionError("vocab_size", f"dataset 'imdb': vocab_size {options['vocab_size']:,} is more than "
+                                        f"{MAX_VOCAB:,} (dense features: 25,000 x vocab_size floats per split)")
 
 
 def tokenize(text: str) -> list[str]:
