@@ -478,6 +478,57 @@ def test_eight_threads_on_postgres_claim_every_run_once(postgres_store):
     assert_each_claimed_once(postgres_store, claims)
 
 
+@pytest.mark.services
+@pytest.mark.parametrize("writer", ["cancel", "mark_queued", "write_epochs", "restated_intrinsic_dim"])
+def test_writes_to_many_runs_lock_them_in_id_order_and_never_deadlock_with_a_pack_claim(postgres_store, writer):
+    """A pack's claim locks its runs in id order. The other writes to many runs locked them in the
+    table's physical order, which updates shuffle: with the claim holding run 1 and the writer
+    holding 2-4, each waited on the other and PostgreSQL aborted one (a cancel that failed, or a
+    pack handed back as if the database were down)."""
+    import time
+
+    store = postgres_store
+    store.submit_grid("g", {}, cells(4))
+    ids = store.run_ids("g")
+    held = {"cancel": "running", "write_epochs": "running"}.get(writer, "failed")
+    with store.engine.begin() as conn:  # rewritten 3, then 1: the table now holds 2, 4, 3, 1
+        for run_id in (ids[2], ids[0]):
+            conn.execute(sa.text("UPDATE runs SET status = 'failed' WHERE id = :i"), {"i": run_id})
+        conn.execute(sa.text("UPDATE runs SET status = :s, worker = 'w' WHERE id IN (:a, :b, :c, :d)"),
+                     {"s": held, "a": ids[0], "b": ids[1], "c": ids[2], "d": ids[3]})
+    write = {"cancel": lambda: store.cancel("g"),
+             "mark_queued": lambda: store.mark_queued(ids),
+             "write_epochs": lambda: store.write_epochs([(i, record(1, 0.5, 0.5)) for i in ids], "w"),
+             "restated_intrinsic_dim": lambda: store.submit_grid("g", {}, cells(4), stated_intrinsic_dims={"mnist": 9})}
+    errors: list[BaseException] = []
+
+    def run_writer():
+        try:
+            write[writer]()
+        except BaseException as exc:
+            errors.append(exc)
+
+    claim = store.engine.connect()
+    watch = store.engine.connect()
+    try:
+        with claim.begin():
+            claim.execute(sa.text("SELECT id FROM runs WHERE id = :i FOR UPDATE"), {"i": ids[0]})  # lowest id first
+            thread = threading.Thread(target=run_writer)
+            thread.start()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not watch.execute(sa.text(
+                    "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database()")).scalar():
+                time.sleep(0.02)
+            claim.execute(sa.text("SELECT id FROM runs WHERE id IN (:b, :c, :d) ORDER BY id FOR UPDATE"),
+                          {"b": ids[1], "c": ids[2], "d": ids[3]})  # the claim takes the rest of its pack
+        thread.join(timeout=20)
+    finally:
+        claim.close()
+        watch.close()
+    assert not thread.is_alive() and errors == []
+
+
 def test_processes_on_one_sqlite_file_claim_every_run_once(sqlite_store):
     sqlite_store.submit_grid("g", {}, cells(40))
     sqlite_store.dispose(close=True)  # no open SQLite connection may cross a fork

@@ -186,8 +186,9 @@ class Store:
                 dim = (stated_intrinsic_dims or {}).get(values[h]["dataset"])
                 if dim is not None:
                     restated.setdefault(dim, []).append(run_id)
+            _lock_in_id_order(conn, [run_id for ids in restated.values() for run_id in ids])
             for dim, ids in sorted(restated.items()):
-                for chunk in _chunks(sorted(ids)):  # sorted ids; a claim locks one run, or one pack of one dataset
+                for chunk in _chunks(ids):
                     conn.execute(sa.update(runs)
                                  .where(runs.c.id.in_(chunk), runs.c.intrinsic_dim.is_distinct_from(dim))
                                  .values(intrinsic_dim=dim))
@@ -251,6 +252,7 @@ class Store:
         attempts = (sa.case((runs.c.status == "pending", runs.c.attempts), else_=0) if fresh_attempts
                     else runs.c.attempts)
         with self._write() as conn:
+            _lock_in_id_order(conn, ids)
             for chunk in _chunks(ids):
                 changed += conn.execute(
                     sa.update(runs)
@@ -263,6 +265,7 @@ class Store:
         """Note the broker queue these runs are published to (``requeue`` sends them back there)."""
         ids = list(run_ids)
         with self._write() as conn:
+            _lock_in_id_order(conn, ids)
             for chunk in _chunks(ids):
                 conn.execute(sa.update(runs).where(runs.c.id.in_(chunk)).values(queue=queue))
 
@@ -410,7 +413,7 @@ class Store:
             # running) each took their own snapshot on PostgreSQL, and a run handed back from
             # running to queued in between matched neither and kept training (its worker re-published it).
             found = conn.execute(sa.select(runs.c.id, runs.c.status).where(runs.c.status.in_(states), _grid_ids(grid))
-                                 .with_for_update(of=runs)).all()
+                                 .order_by(runs.c.id).with_for_update(of=runs)).all()
             for chunk in _chunks([run_id for run_id, _ in found]):
                 conn.execute(sa.update(runs).where(runs.c.id.in_(chunk), runs.c.status.in_(states))
                              .values(status="cancelled", lease_expires_at=None, finished_at=_at(now)))
@@ -468,7 +471,8 @@ class Store:
         ids = sorted({run_id for run_id, _ in rows})
         with self._write() as conn:  # the held rows stay locked until the write commits (_require_holder)
             held = dict(conn.execute(sa.select(runs.c.id, runs.c.status).where(
-                runs.c.id.in_(ids), runs.c.status.in_(HELD), runs.c.worker == worker).with_for_update()).all())
+                runs.c.id.in_(ids), runs.c.status.in_(HELD), runs.c.worker == worker)
+                .order_by(runs.c.id).with_for_update()).all())
             kept = [v for v in values if v["run_id"] in held]
             if kept:
                 conn.execute(self._epoch_upsert(), kept)
@@ -616,6 +620,17 @@ def _grid_run_ids(grid: str) -> sa.Select:
 
 
 #: states in which a run's ``worker`` may still write its rows and checkpoints: running, and
+def _lock_in_id_order(conn: Connection, run_ids: Iterable[int]) -> None:
+    """Lock these runs' rows in id order before an UPDATE of many: every transaction that locks
+    several runs takes them in that order (claims of packs, cancel, pack epoch rows), so none
+    waits in a cycle. An UPDATE ... WHERE id IN (...) locks in the table's physical order, which
+    updates shuffle, and deadlocked on PostgreSQL. SQLite takes the whole database (BEGIN IMMEDIATE)."""
+    if conn.dialect.name == "sqlite":
+        return
+    for chunk in _chunks(sorted(set(run_ids))):
+        conn.execute(sa.select(runs.c.id).where(runs.c.id.in_(chunk)).order_by(runs.c.id).with_for_update())
+
+
 #: cancelled while running (it stops at the epoch boundary, writing that epoch and a checkpoint).
 #: Taken back (queued) or claimed by another worker, the run is no longer its.
 HELD = ("running", "cancelled")
