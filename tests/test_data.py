@@ -295,6 +295,24 @@ def test_archive_members_beyond_the_datasets_sizes_are_refused_unread(tmp_path):
         read_files(sparse, lambda n: True, max_member_bytes=1 << 31, max_total_bytes=1 << 31)
 
 
+@pytest.mark.parametrize("tar_format", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["gnu", "pax"])
+def test_archive_extended_header_larger_than_a_long_name_is_refused(tmp_path, tar_format):
+    """tarfile reads a GNU long-name or pax header into memory whole, before any member limit
+    applies: a long member name loads, a header declaring far more is refused."""
+    from kanfarm.data.archive import read_files
+
+    path = tmp_path / "names.tar.gz"
+    long_name = "d/" + "n" * 300 + ".bin"  # over 100 characters: written as an extended header
+    with tarfile.open(path, "w:gz", format=tar_format) as tar:
+        add_member(tar, long_name, b"data")
+    loaded = read_files(path, lambda n: True, max_member_bytes=10, max_total_bytes=10)
+    assert loaded == {long_name: b"data"}
+    with tarfile.open(path, "w:gz", format=tar_format) as tar:
+        add_member(tar, "n" * (1 << 20), b"data")
+    with pytest.raises(DatasetFormatError, match=r"names.tar.gz.*extended tar header declares \d+ bytes"):
+        read_files(path, lambda n: True, max_member_bytes=10, max_total_bytes=10)
+
+
 # ---- IMDB
 
 

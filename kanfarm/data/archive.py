@@ -15,6 +15,20 @@ from typing import Callable
 from kanfarm.data.errors import DatasetFormatError
 
 CHUNK = 1 << 20
+EXTENDED_HEADER_BYTES = 1 << 16  # a long name or a few pax records; real archives need under 1 KiB
+EXTENDED_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK,
+                  tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+
+
+class _GuardedTarInfo(tarfile.TarInfo):
+    """tarfile reads an extended header (GNU long name, pax records) into memory whole, before any
+    member limit applies: one larger than a long name needs is refused here."""
+
+    def _proc_member(self, tar):
+        if self.type in EXTENDED_TYPES and self.size > EXTENDED_HEADER_BYTES:
+            raise tarfile.ReadError(f"an extended tar header declares {self.size} bytes,"
+                                    f" more than {EXTENDED_HEADER_BYTES}")
+        return super()._proc_member(tar)
 
 
 def read_files(path: Path, wanted: Callable[[str], object], max_member_bytes: int,
@@ -24,12 +38,13 @@ def read_files(path: Path, wanted: Callable[[str], object], max_member_bytes: in
 
     A wanted member larger than ``max_member_bytes``, or members adding up to more than
     ``max_total_bytes``, or a sparse member (a few bytes in the archive that declare gigabytes)
-    raise DatasetFormatError before being read: a crafted file in a shared data folder must not
-    exhaust a worker's memory."""
+    raise DatasetFormatError before being read, as does an extended header larger than
+    ``EXTENDED_HEADER_BYTES``: a crafted file in a shared data folder must not exhaust a worker's
+    memory."""
     blobs: dict[str, bytes] = {}
     total = 0
     try:
-        with tarfile.open(path, "r:gz") as tar:
+        with tarfile.open(path, "r:gz", tarinfo=_GuardedTarInfo) as tar:
             for member in tar:  # stream: nothing is extracted to disk
                 if not (member.isfile() and wanted(member.name)):
                     continue
