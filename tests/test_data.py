@@ -313,6 +313,26 @@ def test_archive_extended_header_larger_than_a_long_name_is_refused(tmp_path, ta
         read_files(path, lambda n: True, max_member_bytes=10, max_total_bytes=10)
 
 
+@pytest.mark.parametrize("extra", [0, 100], ids=["at a member boundary", "inside a header"])
+def test_archive_cut_before_its_end_block_is_rejected(tmp_path, extra):
+    """A tar cut short and then gzipped whole is a valid gzip stream: tarfile would end the member
+    list where the data ends, and the archive would load with members missing."""
+    from kanfarm.data.archive import read_files
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        add_member(tar, "a.bin", b"a")
+        cut = buf.tell()
+        add_member(tar, "b.bin", b"b")
+    path = tmp_path / "cut.tar.gz"
+    path.write_bytes(gzip.compress(buf.getvalue()))
+    loaded = read_files(path, lambda n: True, max_member_bytes=1, max_total_bytes=2)
+    assert loaded == {"a.bin": b"a", "b.bin": b"b"}
+    path.write_bytes(gzip.compress(buf.getvalue()[:cut + extra]))
+    with pytest.raises(DatasetFormatError, match="cut.tar.gz.*without its end-of-archive block"):
+        read_files(path, lambda n: True, max_member_bytes=1, max_total_bytes=2)
+
+
 # ---- IMDB
 
 

@@ -2,8 +2,8 @@
 
 Iterating a tar stops silently at a damaged header, and gzip checks its CRC and length only at the
 end of the stream, which a loader that stops after its last member never reaches: either way a
-damaged archive could load as wrong or missing data. So the stream is always read to its end, and
-what follows the tar's end-of-archive block must be zero padding.
+damaged archive could load as wrong or missing data. So the stream is always read to its end, it
+must hold the tar's end-of-archive block, and what follows that block must be zero padding.
 """
 from __future__ import annotations
 
@@ -22,7 +22,14 @@ EXTENDED_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK,
 
 class _GuardedTarInfo(tarfile.TarInfo):
     """tarfile reads an extended header (GNU long name, pax records) into memory whole, before any
-    member limit applies: one larger than a long name needs is refused here."""
+    member limit applies, and ends the member list silently where the data ends, as if the archive
+    were complete: both are refused here."""
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        if len(buf) < tarfile.BLOCKSIZE:  # the data ended where a header or the end block should be
+            raise tarfile.ReadError("the tar stream ends without its end-of-archive block (truncated)")
+        return super().frombuf(buf, encoding, errors)
 
     def _proc_member(self, tar):
         if self.type in EXTENDED_TYPES and self.size > EXTENDED_HEADER_BYTES:
