@@ -459,6 +459,48 @@ def test_download_with_wrong_checksum_is_rejected(tmp_path, monkeypatch):
     assert list((tmp_path / "data/higgs").glob("*")) == []  # no partial or unverified file left
 
 
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_download_cut_short_is_rejected_and_leaves_no_file(tmp_path, monkeypatch, framing):
+    """A server closing the connection half-way: with a Content-Length, urllib's reads just return
+    nothing; a cut chunked body raises http.client.IncompleteRead, which is no OSError."""
+    import http.server
+    import threading
+    import urllib.request
+
+    write_higgs(tmp_path / "remote", n_rows=200)
+    body = (tmp_path / "remote/HIGGS.csv.gz").read_bytes()
+    half = body[:len(body) // 2]  # holds more rows than the load below needs
+
+    class HalfBody(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            if framing == "chunked":
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(half), half))  # no final zero-size chunk
+            else:
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(half)
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), HalfBody)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/HIGGS.csv.gz"
+    monkeypatch.setitem(sources.SOURCES, "higgs", (sources.RemoteFile("HIGGS.csv.gz", url, None),))
+    monkeypatch.setattr(download, "opener", urllib.request.build_opener(urllib.request.ProxyHandler({})).open)
+    try:
+        with pytest.raises(DatasetUnavailable, match="HIGGS.csv.gz"):
+            load_dataset("higgs", data_dir=tmp_path / "data", n_train=10, n_test=5)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert list((tmp_path / "data/higgs").glob("*")) == []
+
+
 def test_data_dir_follows_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("KANFARM_DATA_DIR", str(tmp_path))
     assert data.data_dir() == tmp_path

@@ -6,6 +6,7 @@ renamed into place, so a crash or a concurrent worker never leaves a half file u
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import tempfile
 import urllib.request
@@ -37,25 +38,31 @@ def ensure_files(dataset: str, folder: Path, files: tuple[RemoteFile, ...], allo
     for remote in missing:
         try:
             fetch(remote, folder)
-        except (OSError, ValueError) as exc:  # URLError and socket timeouts are OSErrors
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            # URLError and socket timeouts are OSErrors; a cut chunked response is an IncompleteRead
             raise DatasetUnavailable(_message(dataset, folder, missing_files(folder, files),
                                               f"downloading {remote.url} failed: {exc}")) from exc
 
 
 def fetch(remote: RemoteFile, folder: Path) -> Path:
-    """Download one file to ``folder/remote.filename``; raises ValueError on a checksum mismatch."""
+    """Download one file to ``folder/remote.filename``; raises ValueError on a checksum mismatch or
+    when fewer bytes arrive than the response's Content-Length announced (a read that returns
+    nothing is all a closed connection shows)."""
     folder.mkdir(parents=True, exist_ok=True)
     dest = folder / remote.filename
     fd, tmp = tempfile.mkstemp(prefix=f".{remote.filename}.", suffix=".part", dir=folder)
     try:
         digest, size = hashlib.sha256(), 0
         with os.fdopen(fd, "wb") as out, opener(remote.url, timeout=TIMEOUT_S) as response:
+            announced = response.headers.get("Content-Length")
             while chunk := response.read(CHUNK):
                 out.write(chunk)
                 digest.update(chunk)
                 size += len(chunk)
             out.flush()
             os.fsync(out.fileno())
+        if announced is not None and announced.isdigit() and size < int(announced):
+            raise ValueError(f"{remote.url} sent {size} of its {announced} bytes (connection closed early)")
         if size == 0:
             raise ValueError(f"{remote.url} returned an empty file")
         if remote.sha256 is not None and digest.hexdigest() != remote.sha256:
