@@ -35,7 +35,17 @@ class _GuardedTarInfo(tarfile.TarInfo):
         if self.type in EXTENDED_TYPES and self.size > EXTENDED_HEADER_BYTES:
             raise tarfile.ReadError(f"an extended tar header declares {self.size} bytes,"
                                     f" more than {EXTENDED_HEADER_BYTES}")
+        if self.type == tarfile.GNUTYPE_SPARSE:  # its map is read block by block into a list, unbounded
+            raise _sparse(self.name)
         return super()._proc_member(tar)
+
+    def _proc_gnusparse_10(self, next, pax_headers, *rest):  # pax sparse 1.0: a map read from the data alike
+        raise _sparse(pax_headers.get("GNU.sparse.name", next.name))
+
+
+def _sparse(name: str) -> tarfile.ReadError:
+    return tarfile.ReadError(f"member {name} is a sparse file (its map would be read whole; "
+                             "no dataset archive has one)")
 
 
 def read_files(path: Path, wanted: Callable[[str], object], max_member_bytes: int,
@@ -67,4 +77,6 @@ def read_files(path: Path, wanted: Callable[[str], object], max_member_bytes: in
                                              " (data follows where the member list ended)")
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         raise DatasetFormatError(f"{path}: not a readable tar.gz archive ({exc})") from exc
+    except RecursionError as exc:  # tarfile recurses once per chained long-name header
+        raise DatasetFormatError(f"{path}: not a readable tar.gz archive (too many chained headers)") from exc
     return blobs
