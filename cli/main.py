@@ -65,6 +65,8 @@ def db_current() -> None:
         foreign = store.foreign_tables()
         revision = (f"none, with tables {', '.join(foreign[:5])} (another application's: kanfarm will not "
                     "migrate it)") if foreign else "none (empty)"
+    elif not store.holds_kanfarm_tables():
+        revision += " but without kanfarm's tables (another application's: kanfarm will not migrate it)"
     console.print(f"database {masked(store.url)} at revision {revision}")
 
 

@@ -698,19 +698,27 @@ def test_db_upgrade_leaves_another_applications_database_alone(env, monkeypatch)
     con.close()
 
 
-def test_another_alembic_applications_database_is_not_switched_to_wal(env, monkeypatch):
+@pytest.mark.parametrize("revision", ["deadbeef", "0003"])  # 0003: an id kanfarm has too (alembic --rev-id)
+def test_another_alembic_applications_database_is_not_switched_to_wal(env, monkeypatch, revision):
     con = sqlite3.connect(env / "other.db")
     with con:
         con.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)")
-        con.execute("INSERT INTO alembic_version VALUES ('deadbeef')")
+        con.execute("INSERT INTO alembic_version VALUES (?)", (revision,))
         con.execute("CREATE TABLE users (id INTEGER PRIMARY KEY)")
     con.close()
     monkeypatch.setenv("KANFARM_DATABASE_URL", f"sqlite:///{env / 'other.db'}")
+    current = invoke("db", "current")
+    assert current.exit_code == 0 and f"revision {revision}" in current.output
+    if revision == "0003":
+        assert "another application's" in current.output
     for args in (("db", "upgrade"), ("status",)):
         result = invoke(*args)
-        assert result.exit_code == 2 and "deadbeef" in result.output, (args, result.output)
+        assert result.exit_code == 2 and f"revision {revision}" in result.output, (args, result.output)
     con = sqlite3.connect(env / "other.db")
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert con.execute("SELECT version_num FROM alembic_version").fetchall() == [(revision,)]
+    assert [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view') "
+                                      "ORDER BY name")] == ["alembic_version", "users"]  # no view made
     con.close()
 
 

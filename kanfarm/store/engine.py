@@ -104,10 +104,13 @@ def _migrated(cursor) -> bool:
     """Whether this SQLite database is at a kanfarm revision (another Alembic-managed application
     has an ``alembic_version`` table too). ``Store.upgrade`` reconnects after migrating, so a new
     database is switched to WAL as soon as it has one."""
-    from kanfarm.store.migrate import known_revisions
+    from kanfarm.store.migrate import KANFARM_TABLES, known_revisions
 
     cursor.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'")
     if cursor.fetchone() is None:
         return False
     cursor.execute("SELECT version_num FROM alembic_version")
-    return any(version in known_revisions() for (version,) in cursor.fetchall())
+    if not any(version in known_revisions() for (version,) in cursor.fetchall()):
+        return False
+    cursor.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    return KANFARM_TABLES <= {name for (name,) in cursor.fetchall()}  # not another application's "0003"

@@ -38,6 +38,15 @@ def current_revision(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
 
+#: tables every kanfarm revision has (0001 made them): a database at a revision id we know but
+#: without them is another Alembic application's whose ids ("0003") collide with ours
+KANFARM_TABLES = frozenset({"runs", "grids", "grid_runs", "epoch_metrics"})
+
+
+def holds_kanfarm_tables(connection: Connection) -> bool:
+    return KANFARM_TABLES <= set(sa.inspect(connection).get_table_names())
+
+
 #: PostgreSQL advisory lock held by a migration: two ``db upgrade`` at once (two machines, two
 #: demos) would both create the same tables; the second waits, then finds the database at head.
 MIGRATION_LOCK_KEY = 0x6B616E6661726D  # "kanfarm"

@@ -96,7 +96,7 @@ class Store:
         current = migrate.current_revision(conn)
         if current is None:
             self._refuse_foreign(conn)
-        elif current not in migrate.known_revisions():
+        elif current not in migrate.known_revisions() or not migrate.holds_kanfarm_tables(conn):
             raise SchemaOutOfDate(masked(self.url), current, migrate.head_revision(), known=False)
 
     def schema_revision(self) -> str | None:
@@ -110,6 +110,11 @@ class Store:
             with self._reader.connect() as conn:
                 return self.foreign_tables(conn)
         return sorted(set(sa.inspect(conn).get_table_names()) - {"alembic_version"})
+
+    def holds_kanfarm_tables(self) -> bool:
+        """Whether kanfarm's tables are there (a known revision without them is another application's)."""
+        with self._reader.connect() as conn:
+            return migrate.holds_kanfarm_tables(conn)
 
     def _refuse_foreign(self, conn: Connection) -> None:
         """SchemaOutOfDate (unknown) when a database without a kanfarm revision has tables: another
@@ -127,6 +132,8 @@ class Store:
             current, head = migrate.current_revision(conn), migrate.head_revision()
             if current is None:
                 self._refuse_foreign(conn)
+            elif not migrate.holds_kanfarm_tables(conn):  # another application's revision ids can be ours
+                raise SchemaOutOfDate(masked(self.url), current, head, known=False)
         if current != head:
             raise SchemaOutOfDate(masked(self.url), current, head,
                                   known=current is None or current in migrate.known_revisions())
