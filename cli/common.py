@@ -121,6 +121,8 @@ def database_url():
         url = engine.database_url()
     except (ArgumentError, ValueError):  # not echoed: an unparsable URL may still hold a password
         fail(f"{engine.URL_ENV}: not a database URL (sqlite:///path/to.db or postgresql+psycopg://user@host/db)")
+    if url.host and "@" in url.host:  # not echoed: the host holds part of the password
+        fail(f"{engine.URL_ENV}: the host part holds '@': write an '@' in the password as %40")
     if url.get_backend_name() not in ("sqlite", "postgresql"):
         fail(f"{engine.URL_ENV}: unsupported database {engine.masked(url)}: use sqlite or postgresql")
     if url.port is not None and not 0 < url.port < 65536:

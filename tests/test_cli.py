@@ -99,13 +99,14 @@ def test_a_bad_device_is_refused_before_anything_is_written(env):
     ("sqlite:///k.db?bogus=1", 2, "'bogus' are not accepted"),
     ("sqlite:///file:k.db?mode=ro&uri=true", 2, "URI filenames (uri=true) are not supported"),
     ("postgresql+psycopg://user:secret@127.0.0.1/db?port=abc", 2, "a query option's value"),
+    ("postgresql+psycopg://user:sec@ret@127.0.0.1/db", 2, "write an '@' in the password as %40"),
 ])
 def test_a_bad_database_url_is_one_line_naming_the_variable(env, monkeypatch, url, code, message):
     monkeypatch.setenv("KANFARM_DATABASE_URL", url)
     result = invoke("db", "upgrade")
     assert result.exit_code == code, result.output
     assert message in result.output and "KANFARM_DATABASE_URL" in result.output
-    assert "Traceback" not in result.output and "secret" not in result.output
+    assert "Traceback" not in result.output and "secret" not in result.output and "ret@" not in result.output
 
 
 @pytest.mark.services

@@ -141,6 +141,8 @@ def test_a_password_in_the_query_string_is_masked_too():
     assert "s3cret" not in shown and "k3y" not in shown
     assert shown == "postgresql+psycopg://kan@db.example:5432/farm?password=***&sslmode=require&sslpassword=***"
     assert masked("sqlite:///kanfarm.db") == "sqlite:///kanfarm.db"
+    # an unencoded "@" in the password: the URL splits at the first, the rest reads as the host
+    assert masked("postgresql+psycopg://kan:S3C@RETPW@db.example/farm") == "postgresql+psycopg://kan:***@***/farm"
 
 
 @pytest.mark.services

@@ -37,6 +37,8 @@ def masked(url: str | URL) -> str:
     """The URL as text with any password replaced by ``***`` (safe to print or log): the one
     before the host and any query value whose key names a secret."""
     url = make_url(url)
+    if url.host and "@" in url.host:  # a password's unencoded "@": the URL splits at the first one,
+        url = url.set(host="***")     # and the host holds the rest of the password
     hidden = {key: "***" for key in url.query if any(word in key.lower() for word in SECRET_QUERY_WORDS)}
     if hidden:
         url = url.update_query_dict(hidden)
