@@ -358,8 +358,8 @@ class Store:
 
     def heartbeat(self, run_id: int, worker: str, lease_seconds: float) -> bool:
         """Extend ``worker``'s lease; False means the run is no longer its own: stop."""
-        now = utcnow()
-        with self._write() as conn:
+        with self._write() as conn:  # the time once the write lock is ours: SQLite may wait up to 30 s for it
+            now = utcnow()
             return conn.execute(
                 sa.update(runs)
                 .where(runs.c.id == run_id, runs.c.status == "running", runs.c.worker == worker)
@@ -413,9 +413,9 @@ class Store:
         for them too). A running run's worker sees it when it writes the epoch under way (or at its
         next heartbeat), writes that epoch and a checkpoint, and stops (``HELD``). Returns (waiting,
         running)."""
-        now = utcnow()
         states = (*CLAIMABLE, "running")
         with self._write() as conn:
+            now = utcnow()
             # The rows are locked first, then updated by id: two UPDATEs by status (waiting, then
             # running) each took their own snapshot on PostgreSQL, and a run handed back from
             # running to queued in between matched neither and kept training (its worker re-published it).
