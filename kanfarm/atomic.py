@@ -5,9 +5,10 @@ import errno
 import os
 import stat
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 
 def atomic_write(path: str | os.PathLike, payload: bytes, durable: bool = False) -> None:
@@ -58,6 +59,24 @@ def atomic_writer(path: str | os.PathLike, durable: bool = False) -> Iterator[Bi
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+#: a temporary file this old (seconds since its last write) was left by a killed writer: a live
+#: one is written to every few seconds at most (a checkpoint, a cache, a download's chunks)
+LEFTOVER_AGE_S = 3600.0
+
+
+def remove_leftovers(folder: Path, pattern: str, matches: Callable[[str], object] | None = None,
+                     age_s: float = LEFTOVER_AGE_S) -> None:
+    """Remove the files of ``folder`` named by the glob ``pattern`` (and ``matches``, when given)
+    that nobody has written to for ``age_s``: temporary files of writes a kill cut short."""
+    now = time.time()
+    for leftover in folder.glob(pattern):
+        try:
+            if (matches is None or matches(leftover.name)) and now - leftover.stat().st_mtime > age_s:
+                leftover.unlink()
+        except FileNotFoundError:  # another process's, finished or removed meanwhile
+            pass
 
 
 def _mode_for(path: Path) -> int:

@@ -459,9 +459,18 @@ def _serve_from(tmp_path, monkeypatch, name, checksums):
 
 
 def test_download_from_file_url_verifies_checksum(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from kanfarm.atomic import LEFTOVER_AGE_S
+
     write_higgs(tmp_path / "remote", n_rows=30)
     sha = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
     _serve_from(tmp_path, monkeypatch, "higgs", sha)
+    killed = tmp_path / "data/higgs/.HIGGS.csv.gz.x1y2z3.part"  # what a download killed an hour ago left
+    killed.parent.mkdir(parents=True)
+    killed.write_bytes(b"x" * 1000)
+    os.utime(killed, (time.time() - LEFTOVER_AGE_S - 60,) * 2)
     ds = load_dataset("higgs", data_dir=tmp_path / "data", n_train=20, n_test=10)
     assert len(ds.y_train) == 20
     assert (tmp_path / "data/higgs/HIGGS.csv.gz").read_bytes() == (tmp_path / "remote/HIGGS.csv.gz").read_bytes()
@@ -593,7 +602,7 @@ def test_temporary_files_of_killed_cache_writes_are_removed(tmp_path):
     import os
     import time
 
-    from kanfarm.data.cache import LEFTOVER_AGE_S
+    from kanfarm.atomic import LEFTOVER_AGE_S
 
     folder = tmp_path / "mnist"
     write_mnist(folder)

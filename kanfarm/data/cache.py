@@ -19,17 +19,16 @@ import hashlib
 import json
 import os
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
+from kanfarm.atomic import remove_leftovers
+
 SOURCES_KEY = "raw_files"  # entry of the saved dict: file name -> [size, mtime_ns, ctime_ns]
 REQUIRED = {"x_train": torch.float32, "y_train": torch.int64, "x_test": torch.float32, "y_test": torch.int64}
-#: a temporary file this old is what a killed write left (a cache is written in seconds)
-LEFTOVER_AGE_S = 3600.0
 
 
 def problem(tensors: Any, n_features: int, n_classes: int) -> str | None:
@@ -107,7 +106,7 @@ def write(path: Path, tensors: dict[str, torch.Tensor], sources: dict[str, list[
     as a RuntimeError). Temporary files a killed write left (an hour old) go first."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_leftovers(path.parent)
+        remove_leftovers(path.parent, ".cache-*.tmp")
         fd, tmp = tempfile.mkstemp(prefix=".cache-", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         warnings.warn(f"cannot write dataset cache {path}: {exc}", stacklevel=3)
@@ -125,12 +124,3 @@ def write(path: Path, tensors: dict[str, torch.Tensor], sources: dict[str, list[
         Path(tmp).unlink(missing_ok=True)
         raise
 
-
-def _remove_leftovers(folder: Path) -> None:
-    now = time.time()
-    for leftover in folder.glob(".cache-*.tmp"):
-        try:
-            if now - leftover.stat().st_mtime > LEFTOVER_AGE_S:
-                leftover.unlink()
-        except FileNotFoundError:  # another process's, removed meanwhile
-            pass

@@ -5,6 +5,7 @@ renamed into place, so a crash or a concurrent worker never leaves a half file u
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import http.client
 import os
@@ -13,6 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Iterable
 
+from kanfarm.atomic import remove_leftovers
 from kanfarm.data.errors import DatasetUnavailable
 from kanfarm.data.sources import RemoteFile
 
@@ -50,6 +52,7 @@ def fetch(remote: RemoteFile, folder: Path) -> Path:
     nothing is all a closed connection shows)."""
     folder.mkdir(parents=True, exist_ok=True)
     dest = folder / remote.filename
+    remove_leftovers(folder, f".{glob.escape(remote.filename)}.*.part")  # of downloads a kill cut short
     fd, tmp = tempfile.mkstemp(prefix=f".{remote.filename}.", suffix=".part", dir=folder)
     try:
         digest, size = hashlib.sha256(), 0

@@ -17,13 +17,11 @@ from typing import Any, Callable
 
 import torch
 
-from kanfarm.atomic import atomic_write
+from kanfarm.atomic import atomic_write, remove_leftovers
 
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^epoch-(\d{6})\.pt$")
-#: a checkpoint's temporary file older than this (seconds) was left by a killed write
-LEFTOVER_AGE_S = 3600.0
 #: ``atomic_write``'s temporary names for a checkpoint and its digest
 _TEMPORARY = re.compile(r"^\.epoch-\d{6}\.pt(\.sha256)?\.[A-Za-z0-9_]+\.tmp$")
 
@@ -109,13 +107,8 @@ class CheckpointManager:
         checkpoints: a newer one can be another worker's, which took the run over while this one
         was writing.)
         """
-        now = time.time()
-        for leftover in self.directory.glob(".epoch-*.tmp"):
-            try:  # an hour old: a write of another process (another database sharing the folder) takes seconds
-                if _TEMPORARY.match(leftover.name) and now - leftover.stat().st_mtime > LEFTOVER_AGE_S:
-                    leftover.unlink()
-            except FileNotFoundError:
-                pass
+        # an hour old: a write of another process (another database sharing the folder) takes seconds
+        remove_leftovers(self.directory, ".epoch-*.tmp", _TEMPORARY.match)
         for epoch, path in self.paths():
             if self.usable is not None and not self.usable(epoch):
                 log.warning("checkpoint %s skipped: the store does not hold the epochs up to it", path)
