@@ -22,6 +22,7 @@ import dataclasses
 import os
 import sys
 import tempfile
+import traceback
 
 import torch
 
@@ -193,12 +194,22 @@ def no_host_sync() -> None:
         report(f"host syncs in one {name} step on CUDA", float(len(syncs)), 0)
 
 
+def guarded(check, *args) -> None:
+    """Run one check; its crash is reported as a failure and the later checks still run (a crash
+    used to end the script, and the checks after it went unmeasured)."""
+    try:
+        check(*args)
+    except Exception:
+        traceback.print_exc()
+        report(f"{check.__name__} crashed", 1.0, 0)
+
+
 if __name__ == "__main__":
     d = data()
     if DEVICE == "cuda":
-        kernels()
-        fused_optimiser()
-        no_host_sync()
-    pack_vs_solo(d)
-    resume(d)
+        guarded(kernels)
+        guarded(fused_optimiser)
+        guarded(no_host_sync)
+    guarded(pack_vs_solo, d)
+    guarded(resume, d)
     sys.exit(1 if failed else 0)

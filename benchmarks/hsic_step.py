@@ -20,17 +20,20 @@ Usage: python benchmarks/hsic_step.py [--batch 2048] [--reps 5] [--threads 2] [-
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from kanfarm.config import RunConfig
-from kanfarm.models import build_model
-from kanfarm.training.backprop import backprop_step
-from kanfarm.training.hsic import HSICBottleneck, HSICSettings, hsic_step
-from kanfarm.training.hsic_kernels import WORK_DTYPE, _cholesky_ex, gaussian_kernel
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from kanfarm.config import RunConfig  # noqa: E402
+from kanfarm.models import build_model  # noqa: E402
+from kanfarm.training.backprop import backprop_step  # noqa: E402
+from kanfarm.training.hsic import HSICBottleneck, HSICSettings, hsic_step  # noqa: E402
+from kanfarm.training.hsic_kernels import WORK_DTYPE, _cholesky_ex, gaussian_kernel  # noqa: E402
 
 BETA, SIGMA, EPS = 100.0, 10.0, 1e-5
 
@@ -159,6 +162,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch sees no CUDA device")  # not an empty table that looks like a pass
     devices = [torch.device(d) for d in (["cpu", "cuda"] if args.device == "all" else [args.device])
                if d == "cpu" or torch.cuda.is_available()]
     print("| device | model | backprop ms | plain HSIC ms | eigh HSIC ms | fast HSIC ms | plain/bp | eigh/bp | fast/bp | eigh-vs-chol grad rel. diff |")

@@ -82,6 +82,8 @@ def main() -> None:
     args = ap.parse_args()
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kanfarm-paper-mnist-"))
+    if (work / "kanfarm.db").exists():  # a second run would time only what the first left (2.4 s for "the grid")
+        sys.exit(f"{work / 'kanfarm.db'} exists: the grid's wall time needs a fresh database (remove the folder)")
     work.mkdir(parents=True, exist_ok=True)
     data_dir = Path(args.data_dir) if args.data_dir else work / "data"
     if not args.data_dir:
@@ -119,8 +121,11 @@ def main() -> None:
     print(f"| {spec if args.epochs == 100 else f'paper-mnist, {args.epochs} epochs'}, {args.train_rows} train rows "
           f"| {args.device} | {args.pack_size} | {args.workers} | {seconds:.1f} | {status} | {rows} | {checkpoints} "
           f"| {code} |")
-    print(f"per-run training seconds (sum of epoch seconds in a pack member): min {per_run[0]:.1f}, "
-          f"max {per_run[1]:.1f}; diverged runs: {diverged}")
+    if per_run[0] is None:  # stopped before any epoch row
+        print(f"no epoch rows; diverged runs: {diverged}")
+    else:
+        print(f"per-run training seconds (sum of epoch seconds in a pack member): min {per_run[0]:.1f}, "
+              f"max {per_run[1]:.1f}; diverged runs: {diverged}")
 
 
 if __name__ == "__main__":
