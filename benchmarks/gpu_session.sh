@@ -4,7 +4,8 @@
 #                                     # 2 min on an H200 before the profiles and the eager packing run
 #                                     # were added; the steps' limits add up to 570 s, under a 600 s call
 #   benchmarks/gpu_session.sh grid    # paper_mnist: the whole 243-run grid through the CLI
-# Logs go to $OUT (default ./gpu-out). Wheels of packages the machine lacks (sqlalchemy, greenlet,
+# Logs go to $OUT (default ./gpu-out): micro writes 8 files there, the most the device tool brings
+# back (a ninth would be dropped). grid needs the wheels below (carry [".whl"]); micro does not. Wheels of packages the machine lacks (sqlalchemy, greenlet,
 # alembic, mako) may be put in .whl/; they are installed to /tmp/site first. To fetch them for the
 # device image (Python 3.12):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
