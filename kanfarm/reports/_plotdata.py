@@ -80,9 +80,13 @@ def group(rows: Iterable[Row], key: Callable[[Row], Any]) -> dict[Any, list[Row]
 
 
 def extremes(rows: Iterable[Row]) -> dict[tuple[str, str], tuple[Row, Row]]:
-    """(dataset, model) -> (best run, worst run) by best test accuracy; ties go to the lower id."""
+    """(dataset, series) -> (best run, worst run) by best test accuracy; ties go to the lower id.
+    A series is the model, with its trainer when the rows mix trainers (``series_label``): an
+    HSIC run is not the "best" of the backprop ones."""
+    rows = with_value(rows, "best_test_acc")
+    trainers = several(rows, "trainer")
     picks = {}
-    for key, runs in group(with_value(rows, "best_test_acc"), lambda r: (r["dataset"], r["model"])).items():
+    for key, runs in group(rows, lambda r: (r["dataset"], series_label(r, trainers))).items():
         best = max(runs, key=lambda r: (r["best_test_acc"], -r["run_id"]))
         worst = min(runs, key=lambda r: (r["best_test_acc"], r["run_id"]))
         picks[key] = (best, worst)

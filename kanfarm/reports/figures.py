@@ -129,14 +129,21 @@ class _LogAxisLabels(Formatter):
             if last is None or math.log10(v / last) >= gap:
                 keep.add(v)
                 last = v
-        return [_short_number(v) if v in keep else "" for v in values]
+        kept = sorted(keep)
+        digits = 3  # more where 3 would give two ticks one label ("23.7k" for 23,680 and 23,710)
+        while digits < 7 and len({_short_number(v, digits) for v in kept}) < len(kept):
+            digits += 1
+        return [_short_number(v, digits) if v in keep else "" for v in values]
 
 
-def _short_number(value: float) -> str:
-    for unit, scale in (("M", 1e6), ("k", 1e3)):
-        if value >= scale:
-            return f"{value / scale:.3g}{unit}"
-    return f"{value:.3g}"
+def _short_number(value: float, digits: int = 3) -> str:
+    """``value`` to ``digits`` significant digits, in k, M or G; the unit is chosen after rounding, so
+    999,999 is "1M", not "1e+03k"."""
+    rounded = float(f"{value:.{digits}g}")
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if rounded >= scale:
+            return f"{rounded / scale:.{digits}g}{unit}"
+    return f"{rounded:.{digits}g}"
 
 
 def _series_key(label: str) -> tuple:
@@ -237,14 +244,15 @@ def efficiency_scatter(rows: Iterable[Row]) -> Figure:
 
 
 def learning_curves(rows: Iterable[Row], epoch_rows: Iterable[Row]) -> Figure:
-    """Train and test accuracy per epoch of the best and the worst run of each model (per dataset):
-    one panel per dataset x model. ``epoch_rows`` may hold other runs too; they are ignored."""
+    """Train and test accuracy per epoch of the best and the worst run of each model (and trainer,
+    when they are mixed) per dataset: one panel per dataset x series, each run labelled with its
+    architecture and scheme. ``epoch_rows`` may hold other runs too; they are ignored."""
     picks = plotdata.extremes(rows)
     if not picks:
         raise NoData("no finished run has a test accuracy")
     curves = plotdata.group((m for m in epoch_rows), lambda m: m["run_id"])
     datasets = sorted({d for d, _ in picks})
-    models = sorted({m for _, m in picks}, key=plotdata.model_key)
+    models = sorted({m for _, m in picks}, key=_series_key)
     fig, axes = _figure(len(datasets), len(models))
     for row_axes, dataset in zip(axes, datasets):
         for ax, model in zip(row_axes, models):
@@ -254,9 +262,12 @@ def learning_curves(rows: Iterable[Row], epoch_rows: Iterable[Row]) -> Figure:
                 continue
             best, worst = picks[(dataset, model)]
             runs = [("best", best, "C2")] + ([("worst", worst, "C3")] if worst is not best else [])
+            last = 0
             for tag, run, colour in runs:
                 points = sorted(curves.get(run["run_id"], []), key=lambda m: m["epoch"])
-                label = f"{tag}: #{run['run_id']} {run['optimizer']} lr={run['lr']:g} {run['init']}"
+                last = max([last] + [m["epoch"] for m in points])
+                label = (f"{tag}: #{run['run_id']} {plotdata.arch_label(run)} {run['optimizer']} lr={run['lr']:g} "
+                         f"{run['init']}")
                 if run.get("status") == "diverged":
                     label += " (diverged)"
                 for column, style in (("train_acc", "--"), ("test_acc", "-")):
@@ -264,6 +275,7 @@ def learning_curves(rows: Iterable[Row], epoch_rows: Iterable[Row]) -> Figure:
                     # markers: a run that diverged after epoch 0 has a single point, no line
                     ax.plot([p[0] for p in xy], [p[1] for p in xy], style, color=colour, marker="o",
                             markersize=2.5, label=label if column == "test_acc" else None)
+            ax.set_xlim(-0.5, max(last, 1) + 0.5)  # runs of epoch 0 alone had ticks at -0.045 ... 0.045
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_title(f"{dataset} / {model}", fontsize="medium")
             ax.set_xlabel("epoch")
