@@ -474,3 +474,19 @@ def test_learning_curves_of_runs_with_only_epoch_0_have_integer_epochs():
     (ax,) = fig.axes
     ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
     assert 0 in ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_bar_figures_are_as_wide_as_their_fullest_panel_and_no_wider_than_the_cap():
+    """Widths came from every group of every dataset times every series (9,870 px for the paper
+    presets together, when the fullest panel needed a fifth of that), with no upper bound."""
+    def run(i, dataset, model, widths):
+        return {"run_id": i, "dataset": dataset, "model": model, "trainer": "backprop", "depth": None,
+                "hidden_widths": widths, "best_test_acc": 0.5, "status": "completed"}
+
+    rows = [run(i, "a", "kan", str(i + 1)) for i in range(12)] + [run(i, "b", "mlp", str(i + 1)) for i in range(12, 24)]
+    assert F.accuracy_bars(rows).get_figwidth() == pytest.approx(1.5 + 0.45 * 12)  # not 0.45 x 24 groups x 2 models
+    many = [run(i, "a", "kan", str(i + 1)) for i in range(100)]
+    with pytest.raises(F.NoData, match="100 bars in one panel"):
+        F.accuracy_bars(many)
+    with pytest.raises(F.NoData, match="100 boxes in one panel"):
+        F.sensitivity_boxes(many)

@@ -29,10 +29,22 @@ MODEL_COLOURS = {"kan": "C0", "mlp_wide": "C1", "mlp": "C2"}
 MODEL_MARKERS = {"kan": "o", "mlp_wide": "^", "mlp": "s"}
 TRAINER_COLOURS = {"backprop": "C0", "hsic": "C3"}
 PANEL_SIZE = (4.8, 3.6)
+#: the widest figure drawn (inches); one that needs more is left out, with the reason: a panel of
+#: 2,400 bars was 135,000 pixels wide, took a minute and 1.3 GB, and could not be read anyway
+MAX_WIDTH_IN = 40.0
 
 
 class NoData(ValueError):
     """A figure has nothing to show; the message says what is missing."""
+
+
+def _panel_width(items: int, per_item: float, what: str) -> float:
+    """Width for a panel of ``items`` bars or boxes; NoData when it would exceed ``MAX_WIDTH_IN``."""
+    width = max(6.4, 1.5 + per_item * items)
+    if width > MAX_WIDTH_IN:
+        raise NoData(f"{items} {what} in one panel, too many to draw readably (figures stop at "
+                     f"{MAX_WIDTH_IN:g} in): narrow it with --grid")
+    return width
 
 
 def _figure(nrows: int = 1, ncols: int = 1, width: float | None = None) -> tuple[Figure, list[list[Any]]]:
@@ -70,7 +82,9 @@ def _grouped_bars(rows: list[Row], value: str, height: Callable[[list[float]], f
     datasets = sorted({r["dataset"] for r in rows})
     groups = sorted(sort_keys, key=sort_keys.__getitem__)
     names = sorted({series_of(r) for r in rows}, key=_series_key)
-    fig, axes = _figure(len(datasets), 1, width=max(6.4, 1.5 + 0.45 * len(groups) * len(names)))
+    # as wide as the fullest panel's bars (not every group of every dataset times every series)
+    bars = max(len({(group_of(r), series_of(r)) for r in rows if r["dataset"] == d}) for d in datasets)
+    fig, axes = _figure(len(datasets), 1, width=_panel_width(bars, 0.45, "bars"))
     for (ax,), dataset in zip(axes, datasets):
         cells = plotdata.group([r for r in rows if r["dataset"] == dataset], lambda r: (group_of(r), series_of(r)))
         here = [g for g in groups if any((g, s) in cells for s in names)]
@@ -194,7 +208,7 @@ def sensitivity_boxes(rows: Iterable[Row]) -> Figure:
     datasets = sorted({r["dataset"] for r in rows})
     cells = plotdata.group(rows, setting_of)  # dataset first
     most = max(sum(1 for c in cells if c[0] == d) for d in datasets)
-    fig, axes = _figure(len(datasets), 1, width=max(6.4, 1.5 + 0.75 * most))
+    fig, axes = _figure(len(datasets), 1, width=_panel_width(most, 0.75, "boxes"))
     for (ax,), dataset in zip(axes, datasets):
         boxes = [runs for key, runs in cells.items() if key[0] == dataset]
         extras = plotdata.varying_settings(r for runs in boxes for r in runs)
