@@ -14,8 +14,8 @@ from rich.text import Text
 from cli.output import fail
 
 def grid_name(value: str | None) -> str | None:
-    """``--grid``'s value as grid names are stored (``kanfarm.grids.spec.grid_name``)."""
-    from kanfarm.grids.spec import grid_name as stored_form
+    """``--grid``'s value as grid names are stored (``kanfarm.config.grid_name``)."""
+    from kanfarm.config import grid_name as stored_form
 
     return None if value is None else stored_form(value)
 

@@ -20,11 +20,19 @@ from cli.common import (CsvOpt, GridOpt, JsonOpt, database_url, grid_exists, han
                         read_spec, submit_spec,
                         open_store, parse_pack_size)
 from cli.distributed import register as register_distributed
-from cli.output import console, emit_rows, err_console, fail, json_array_chunks, to_json, write_csv
+from cli.output import (console, emit_rows, err_console, fail, json_array_chunks, to_json,
+                        use_escapes_where_unencodable, write_csv)
 from cli.plots import register as register_plots
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Batch benchmarking of KANs against MLPs: grids of runs, workers, per-epoch metrics, reports.")
+
+
+@app.callback()
+def _start() -> None:
+    use_escapes_where_unencodable()
+
+
 db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic migrations).")
 grid_app = typer.Typer(no_args_is_help=True, help="Inspect and submit grid specs.")
 run_app = typer.Typer(no_args_is_help=True, help="Run grids on this machine.")

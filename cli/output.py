@@ -6,6 +6,7 @@ import io
 import json
 import math
 import sys
+import unicodedata
 from typing import Any, Iterable, Iterator, NoReturn, TextIO
 
 import typer
@@ -21,8 +22,32 @@ err_console = Console(stderr=True, markup=False)
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """Exit with ``code`` (2: bad input) and a one-line message on stderr."""
-    err_console.print(Text("error: ", style="bold red") + Text(message), highlight=False, soft_wrap=True)
+    err_console.print(Text("error: ", style="bold red") + Text(visible(message, keep="\n\t")), highlight=False,
+                      soft_wrap=True)
     raise typer.Exit(code)
+
+
+#: Unicode categories written as escapes: control (an ESC starts a terminal command: a window
+#: title, colours), format (zero-width, bidi overrides) and line/paragraph separators
+_UNSEEN = frozenset(("Cc", "Cf", "Zl", "Zp"))
+
+
+def visible(text: str, keep: str = "") -> str:
+    r"""``text`` with its unseen characters, but those in ``keep``, as escapes (``\x1b``): stored
+    text (a grid name written through the library, not the CLI) reaches the terminal inert."""
+    if text.isprintable():
+        return text
+    return "".join(ch.encode("unicode_escape").decode("ascii")
+                   if unicodedata.category(ch) in _UNSEEN and ch not in keep else ch for ch in text)
+
+
+def use_escapes_where_unencodable() -> None:
+    """On a terminal or pipe whose encoding lacks a character (ASCII, Latin-1), write it as an
+    escape rather than fail with UnicodeEncodeError after half the output."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None and getattr(stream, "errors", None) == "strict":
+            reconfigure(errors="backslashreplace")
 
 
 def _cell(value: Any) -> str:
@@ -33,8 +58,8 @@ def _cell(value: Any) -> str:
             return "nan"
         return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
     if isinstance(value, (list, tuple)):
-        return ",".join(str(v) for v in value)
-    return str(value)
+        return ",".join(visible(str(v)) for v in value)
+    return visible(str(value))
 
 
 def _json_default(value: Any) -> Any:
@@ -117,7 +142,7 @@ def render_table(title: str, columns: list[str], values: list[list[Any]], unicod
 
     b = _BOX[unicode]
     total = sum(w + 3 for w in widths) + 1
-    out = [title.center(total).rstrip() + "\n", rule(b[0], b[1], b[2], b[3]),
+    out = [visible(title).center(total).rstrip() + "\n", rule(b[0], b[1], b[2], b[3]),
            row(list(columns), b[4], right), rule(b[5], b[6], b[7], b[3])]
     out.extend(row(line, b[8], right) for line in cells)
     out.append(rule(b[9], b[10], b[11], b[12]))

@@ -518,6 +518,40 @@ def test_a_grid_name_typed_with_a_combining_accent_finds_the_grid(env):
             assert result.exit_code == 0, (args, result.output)
 
 
+def test_stored_text_reaches_the_terminal_inert(env):
+    """A grid name holding terminal commands (an ESC sets the window title, colours the rest) is
+    refused by the store too, not only by the spec parser; one already stored, say by an older
+    kanfarm, is printed with its escapes spelled out, in tables and in error messages."""
+    from kanfarm.config import ConfigError
+    from kanfarm.store import Store
+
+    evil = "evil\x1b]0;TITLE\x07\x1b[31mred\nline"
+    assert invoke("db", "upgrade").exit_code == 0
+    store = Store(f"sqlite:///{env / 'k.db'}")
+    with pytest.raises(ConfigError, match="name"):
+        store.submit_grid(evil, {}, [])
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO grids (name, spec, created_at) VALUES (?, '{}', '2026-01-01')", (evil,))
+    store.dispose(close=True)
+    for args in (["grid", "list"], ["status", "--grid", "nope"]):
+        result = invoke(*args)
+        assert "\x1b" not in result.output and "\x07" not in result.output, (args, result.output)
+        assert "evil\\x1b]0;TITLE\\x07\\x1b[31mred" in result.output, (args, result.output)  # an error keeps newlines
+
+
+def test_a_terminal_without_utf8_gets_escapes_not_a_traceback(env):
+    """An ASCII or Latin-1 stdout crashed with UnicodeEncodeError on a non-ASCII grid name."""
+    (env / "e.toml").write_text(TINY.replace('name = "tiny"', 'name = "party \U0001f389"'))
+    assert invoke("db", "upgrade").exit_code == 0
+    assert invoke("grid", "submit", "e.toml").exit_code == 0
+    for args in (["grid", "list"], ["status", "--grid", "party \U0001f389"]):
+        result = subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, cwd=env,
+                                env={**os.environ, "PYTHONIOENCODING": "ascii",
+                                     "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        assert result.returncode == 0 and b"Traceback" not in result.stderr, (args, result.stderr)
+        assert b"party \\U0001f389" in result.stdout, (args, result.stdout)
+
+
 def test_user_text_that_looks_like_rich_markup_is_printed_as_it_is(env):
     """A grid named "study [/]" crashed Rich after the grid was stored, and every later `grid list`."""
     (env / "s.toml").write_text(TINY.replace('name = "tiny"', 'name = "study [/] [red]x"'))

@@ -11,7 +11,6 @@ import itertools
 import json
 import math
 import re
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,13 +26,13 @@ from kanfarm.config import (
     INITS,
     MATMUL_PRECISIONS,
     MAX_STORED_INT,
-    MAX_STORED_TEXT,
     MODELS,
     OPTIMIZERS,
     TRAINERS,
     ConfigError,
     RunConfig,
     canonical_dataset_options,
+    check_grid_name,
     check_hsic_sigma,
     check_widths_text,
 )
@@ -406,17 +405,6 @@ class GridSpec:
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
-#: Unicode categories a grid name may not hold: control, format (zero-width, bidi), line and
-#: paragraph separators
-_UNSEEN = ("Cc", "Cf", "Zl", "Zp")
-
-
-def grid_name(name: str) -> str:
-    """A grid name as stored and looked up: NFC, so "café" typed precomposed or with a combining
-    accent (a macOS file name) is one grid."""
-    return unicodedata.normalize("NFC", name)
-
-
 def _toml_string(text: str) -> str:
     """A TOML basic string: JSON's escapes are TOML's, but characters beyond the BMP stay as they
     are (JSON would write surrogate pairs, which TOML refuses) and DEL is escaped (TOML refuses it raw)."""
@@ -445,17 +433,7 @@ def parse_spec(data: dict[str, Any], name: str | None = None) -> GridSpec:
     if unknown:
         raise ConfigError(str(unknown[0]), f"unknown key (allowed: {', '.join(ALLOWED_KEYS)})")
 
-    spec_name = data.get("name", name)
-    if isinstance(spec_name, str):
-        spec_name = grid_name(spec_name)
-    if not isinstance(spec_name, str) or not spec_name.strip():
-        raise ConfigError("name", f"{spec_name!r}: give the grid a non-empty name")
-    if len(spec_name) > MAX_STORED_TEXT:
-        raise ConfigError("name", f"{len(spec_name)} characters: at most {MAX_STORED_TEXT}")
-    # a newline would split messages; invisible ones (zero-width, bidi controls) make two grids
-    # that print alike, or a name that prints as nothing
-    if any(unicodedata.category(ch) in _UNSEEN for ch in spec_name):
-        raise ConfigError("name", f"{spec_name!r} holds a control, format or line-separator character")
+    spec_name = check_grid_name(data.get("name", name))
     description = data.get("description", "")
     if not isinstance(description, str):
         raise ConfigError("description", f"{description!r} must be a string")

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection
 
-from kanfarm.config import RunConfig
+from kanfarm.config import RunConfig, check_grid_name
 from kanfarm.store import migrate
 from kanfarm.store.engine import database_url, make_engine, masked, read_only
 from kanfarm.store.errors import LeaseLost, RunNotFound, SchemaOutOfDate
@@ -170,7 +170,9 @@ class Store:
         take the value of ``stated_intrinsic_dims`` (dataset -> the spec's own ``[intrinsic_dim]``
         entries, not the known defaults) for their dataset: the latest grid to state one wins, so
         the ``run_summary`` view agrees with that grid's reports. A changed spec replaces the
-        stored one; cells already in the grid stay."""
+        stored one; cells already in the grid stay. ``name`` must pass ``check_grid_name``, as a
+        spec's does."""
+        name = check_grid_name(name)
         now = utcnow()
         values: dict[str, dict[str, Any]] = {}
         for config, n_params, intrinsic_dim in cells:
