@@ -367,7 +367,14 @@ def export(grid: Optional[str] = GridOpt,
             text_out.write("\n")
 
     if out is None:
-        write(sys.stdout)
+        try:
+            write(sys.stdout)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `| head`: the reader has what it wanted; no traceback at exit either
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(1)
+        except OSError as exc:  # a full disk behind a redirect
+            fail(f"cannot write to stdout: {exc.strerror or exc}", code=1)
         return
     try:
         with atomic_writer(out) as raw:

@@ -552,6 +552,17 @@ def test_a_terminal_without_utf8_gets_escapes_not_a_traceback(env):
         assert b"party \\U0001f389" in result.stdout, (args, result.stdout)
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_export_to_a_full_stdout_is_one_line_not_a_traceback(env):
+    assert invoke("db", "upgrade").exit_code == 0
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "cli.main", "export", "--format", "csv"], stdout=full,
+                                stderr=subprocess.PIPE, cwd=env, text=True,
+                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert result.returncode == 1 and "cannot write to stdout" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+
 def test_user_text_that_looks_like_rich_markup_is_printed_as_it_is(env):
     """A grid named "study [/]" crashed Rich after the grid was stored, and every later `grid list`."""
     (env / "s.toml").write_text(TINY.replace('name = "tiny"', 'name = "study [/] [red]x"'))
