@@ -32,7 +32,9 @@ def register(report_app: typer.Typer) -> None:
         except OSError as exc:
             fail(f"--out: cannot write to {out}: {exc.strerror or exc}")
         for name, reason in built.skipped.items():
-            err_console.print(f"skipped {name}: {reason}", highlight=False, soft_wrap=True)
+            older = [p.name for p in (Path(out) / f"{name}.png", Path(out) / f"{name}.svg") if p.is_file()]
+            left = f" ({' and '.join(older)} in {out} are from an earlier plot, left as they were)" if older else ""
+            err_console.print(f"skipped {name}: {reason}{left}", highlight=False, soft_wrap=True)
         for path in paths:
             console.print(str(path), highlight=False, soft_wrap=True)
         if not paths:

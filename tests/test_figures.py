@@ -281,6 +281,11 @@ def test_cli_plot_writes_png_and_svg(cli, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}.{ext}" for n in FIGURES for ext in ("png", "svg"))
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     assert "<svg" in (out / "degree.svg").read_text()
+    # the same folder for a grid with less to show: the figures it skips are still there, from the
+    # earlier plot, and it says so
+    result = cli("plot", "--grid", "empty", "--out", str(out))
+    assert "skipped accuracy: no finished run has a test accuracy (accuracy.png and accuracy.svg in" \
+        in result.output.replace("\n", " ") and "earlier plot" in result.output
 
 
 def test_cli_plot_and_html_on_an_empty_grid(cli, tmp_path):
