@@ -279,8 +279,11 @@ def status(grid: Optional[str] = GridOpt, as_json: bool = JsonOpt) -> None:
     for name, count in info["counts"].items():
         console.print(f"  {name:<10} {count}")
     eta = info["eta_seconds"]
-    console.print(f"  time left: {'unknown' if eta is None else f'about {eta:.0f} s'}"
-                  f" (one worker, from {info['epochs_timed']} timed epochs)")
+    if info["done"] == info["total"]:
+        console.print("  time left: none, every run has ended")
+    else:
+        console.print(f"  time left: {'unknown' if eta is None else f'about {eta:.0f} s'}"
+                      f" (one worker, from {info['epochs_timed']} timed epochs)")
 
 
 def _report(kind: str, grid: str | None, as_json: bool, as_csv: bool, **kwargs: Any) -> None:

@@ -7,6 +7,7 @@ import json
 import math
 import sys
 import unicodedata
+from decimal import Decimal
 from typing import Any, Iterable, Iterator, NoReturn, TextIO
 
 import typer
@@ -65,6 +66,8 @@ def _cell(value: Any) -> str:
 def _json_default(value: Any) -> Any:
     if hasattr(value, "isoformat"):
         return value.isoformat()
+    if isinstance(value, Decimal):  # PostgreSQL's numeric (an AVG of integers): a number, not a string
+        return float(value)
     return str(value)
 
 

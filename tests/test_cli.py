@@ -263,6 +263,7 @@ def test_run_grid_then_reports_match_an_independent_calculation(env):
 
     status = json.loads(invoke("status", "--grid", "tiny", "--json").output)
     assert {k: v for k, v in status["counts"].items() if v} == {"completed": 4} and status["progress"] == 1.0 and status["eta_seconds"] == 0
+    assert "time left: none, every run has ended" in invoke("status", "--grid", "tiny").output  # not "about 0 s"
 
     assert invoke("export", "--format", "json", "--out", "long.json").exit_code == 0
     long = json.loads((env / "long.json").read_text())

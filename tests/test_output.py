@@ -1,6 +1,8 @@
 """Tables for people keep every header and value whole, however many columns a report has."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from cli.output import emit_rows
@@ -85,3 +87,12 @@ def test_export_gives_json_columns_one_key_order_on_both_backends(backend, reque
     (row,) = long_rows(store, "g")
     assert list(row["config"]) == sorted(RunConfig(dataset="digits").to_dict())
     assert list(row["extra"]) == ["nhsic_x", "nhsic_y"]
+
+
+def test_json_writes_postgresqls_numeric_as_a_number():
+    """AVG of integers is a Decimal on PostgreSQL; it came out as a string in --json."""
+    from decimal import Decimal
+
+    from cli.output import to_json
+
+    assert json.loads(to_json({"rate": Decimal("0.25")})) == {"rate": 0.25}
