@@ -628,7 +628,6 @@ def _grid_run_ids(grid: str) -> sa.Select:
             .where(grids.c.name == grid))
 
 
-#: states in which a run's ``worker`` may still write its rows and checkpoints: running, and
 def _lock_in_id_order(conn: Connection, run_ids: Iterable[int]) -> None:
     """Lock these runs' rows in id order before an UPDATE of many: every transaction that locks
     several runs takes them in that order (claims of packs, cancel, pack epoch rows), so none
@@ -640,6 +639,7 @@ def _lock_in_id_order(conn: Connection, run_ids: Iterable[int]) -> None:
         conn.execute(sa.select(runs.c.id).where(runs.c.id.in_(chunk)).order_by(runs.c.id).with_for_update())
 
 
+#: states in which a run's ``worker`` may still write its rows and checkpoints: running, and
 #: cancelled while running (it stops at the epoch boundary, writing that epoch and a checkpoint).
 #: Taken back (queued) or claimed by another worker, the run is no longer its.
 HELD = ("running", "cancelled")
