@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import stat
 import tempfile
@@ -39,6 +40,7 @@ def atomic_writer(path: str | os.PathLike, durable: bool = False) -> Iterator[Bi
         return
     if path.is_symlink():  # the file it points to is replaced; the link stays
         path = Path(os.path.realpath(path))
+    remove_leftovers(path.parent, f".{glob.escape(path.name)}.*.tmp")  # of earlier writes of it a kill cut short
     # a fresh name (O_EXCL): a guessable one could be a planted symlink to another file
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)

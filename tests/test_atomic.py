@@ -73,3 +73,20 @@ def test_a_device_a_fifo_and_a_symlink_are_written_through_not_replaced(tmp_path
     atomic_write(link, b"new")
     assert link.is_symlink() and real.read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link.csv", "real.csv", "stdout"]
+
+
+def test_temporaries_a_killed_write_left_go_at_the_next_write_of_that_file(tmp_path):
+    """A kill -9 during `export --out long.csv` left .long.csv.XXXX.tmp for good."""
+    import time
+
+    from kanfarm.atomic import LEFTOVER_AGE_S
+
+    old, recent, other = (tmp_path / ".long.csv.ab12cd.tmp", tmp_path / ".long.csv.ef34gh.tmp",
+                          tmp_path / ".other.csv.ij56kl.tmp")
+    for path in (old, recent, other):
+        path.write_bytes(b"partial")
+    for path in (old, other):
+        os.utime(path, (time.time() - LEFTOVER_AGE_S - 60,) * 2)
+    atomic_write(tmp_path / "long.csv", b"a,b\n")
+    assert (tmp_path / "long.csv").read_bytes() == b"a,b\n"
+    assert not old.exists() and recent.exists() and other.exists()  # a live write, another file's
