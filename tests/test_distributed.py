@@ -710,6 +710,34 @@ def test_message_delivered_twice_runs_once(env, store, fleet, redis_db):
     assert_contiguous_epochs(store, run_id, 3)
 
 
+def test_a_malformed_message_is_dropped_and_the_workers_go_on(env, store, fleet, redis_db):
+    """JSON that is not [args, kwargs, embed] made Celery's unpacking raise before the task ran:
+    the worker died, and died again on the redelivered message at every restart."""
+    import uuid
+
+    from kombu import Connection, Producer, Queue
+
+    from kanfarm.grids import parse_spec
+    from kanfarm.submission import submit
+    from workers.celery_app import make_app
+    from workers.tasks import PACK_TASK_NAME, TASK_NAME, publish
+
+    with Connection(REDIS_URL) as conn:
+        producer = Producer(conn.channel(), routing_key="cpu")
+        for task, body in ((TASK_NAME, "just a string"), (TASK_NAME, [1, 2]), (TASK_NAME, {"a": 1}),
+                           (PACK_TASK_NAME, [[1], {}, {}, 4])):
+            producer.publish(json.dumps(body), routing_key="cpu", serializer=None, content_type="application/json",
+                             content_encoding="utf-8", declare=[Queue("cpu", routing_key="cpu")],
+                             headers={"lang": "py", "task": task, "id": str(uuid.uuid4()), "retries": 0})
+    submit(store, parse_spec(spec("after-bad", lrs=(0.002,), epochs=2)))
+    [run_id] = store.run_ids("after-bad")
+    store.mark_queued([run_id])
+    publish([run_id], "cpu", celery_app=make_app(REDIS_URL))
+    wait_for(lambda: finished(store, "after-bad", 1), WAIT_S, "the run after the bad messages", fleet)
+    assert all(proc.poll() is None for proc in fleet.procs.values()), fleet.tail()
+    assert "malformed kanfarm.execute_run message" in fleet.tail()
+
+
 def pack_tasks_done(fleet: Fleet) -> int:
     """Pack tasks the fleet's workers have finished without an error, from their logs."""
     return sum(line.count("kanfarm.execute_pack[") for log in fleet.logs.values()

@@ -13,12 +13,34 @@ import sys
 import threading
 from typing import Iterable
 
-from celery import signals
+from celery import Task, signals
+from celery.exceptions import InvalidTaskError
 from celery.utils.log import get_task_logger
 
 from workers.celery_app import DEFAULT_QUEUE, QUEUES, TASK_NAME, app
 
 log = get_task_logger(__name__)
+
+
+def malformed_messages_rejected(task, app, consumer, **kwargs):
+    """Celery's default task strategy, except that a message body it cannot even take apart (JSON
+    that is not ``[args, kwargs, embed]``) is an InvalidTaskError, which the worker logs and drops.
+    Celery unpacks the body before our task runs and let the ValueError end the worker, which
+    then met the same redelivered message at every restart: one bad message stopped the farm."""
+    from celery.worker.strategy import default
+
+    handle = default(task, app, consumer, **kwargs)
+
+    def guarded(message, body, *args, **more):
+        try:
+            return handle(message, body, *args, **more)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise InvalidTaskError(f"malformed {task.name} message: {exc}") from exc
+    return guarded
+
+
+class GuardedTask(Task):
+    Strategy = "workers.tasks:malformed_messages_rejected"
 
 DEVICE_ENV = "KANFARM_DEVICE"
 LEASE_ENV = "KANFARM_LEASE_SECONDS"
@@ -220,7 +242,7 @@ def _hand_back_when_reachable(run_ids: list[int]) -> list[int]:
 
 # max_retries=None: no retry limit (retry(max_retries=None) would mean the task's own limit); a
 # limit would drop the message and leave its runs queued with nothing to run them.
-@app.task(name=PACK_TASK_NAME, bind=True, ignore_result=True, acks_late=True, max_retries=None)
+@app.task(name=PACK_TASK_NAME, base=GuardedTask, bind=True, ignore_result=True, acks_late=True, max_retries=None)
 def execute_pack_task(self, run_ids: list[int], fit: bool = False) -> str:
     """Claim the claimable runs of ``run_ids`` and train them as a pack sized for this worker's
     device: on a GPU at most what fits its free memory, on a CPU its ``auto`` size (8) when
@@ -267,7 +289,7 @@ def execute_pack_task(self, run_ids: list[int], fit: bool = False) -> str:
     return "done"
 
 
-@app.task(name=TASK_NAME, bind=True, ignore_result=True, acks_late=True, max_retries=None)
+@app.task(name=TASK_NAME, base=GuardedTask, bind=True, ignore_result=True, acks_late=True, max_retries=None)
 def execute_run_task(self, run_id: int) -> str:
     """Claim and train run ``run_id``; a failed claim (taken, finished, cancelled) is a no-op."""
     from kanfarm.runner import celery_worker_name, database_errors, execute_run
