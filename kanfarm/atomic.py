@@ -12,24 +12,28 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 
-def atomic_write(path: str | os.PathLike, payload: bytes, durable: bool = False) -> None:
+def atomic_write(path: str | os.PathLike, payload: bytes, durable: bool = False, follow: bool = True) -> None:
     """Write ``payload`` to ``path`` through ``atomic_writer``."""
-    with atomic_writer(path, durable) as f:
+    with atomic_writer(path, durable, follow) as f:
         f.write(payload)
 
 
 @contextmanager
-def atomic_writer(path: str | os.PathLike, durable: bool = False) -> Iterator[BinaryIO]:
+def atomic_writer(path: str | os.PathLike, durable: bool = False, follow: bool = True) -> Iterator[BinaryIO]:
     """A binary file to write in pieces, written beside ``path`` and renamed over it when the
     block ends; on failure the temporary file is removed and ``path`` is left as it was.
-    A ``path`` that is a device or a FIFO is written to directly; a symlink's target is replaced.
+    A ``path`` that is a device or a FIFO is written to directly; a symlink's target is replaced:
+    what a user's ``--out /dev/stdout`` or link means. ``follow=False`` (files kanfarm names
+    itself in a shared folder: checkpoints) replaces whatever is at ``path``, the link itself or
+    a FIFO: a link planted there must not make a worker overwrite the file it points to.
 
     ``durable``: fsync the file and its folder, so the rename survives a power cut (checkpoints)."""
     path = Path(path)
-    if not path.name or path.is_dir():  # "", ".", "..", a folder: an OSError the callers report
+    is_dir = path.is_dir() and (follow or not path.is_symlink())
+    if not path.name or is_dir:  # "", ".", "..", a folder: an OSError the callers report
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     try:
-        mode = os.stat(path).st_mode  # through symlinks
+        mode = os.stat(path).st_mode if follow else None  # through symlinks
     except FileNotFoundError:
         mode = None
     if mode is not None and not stat.S_ISREG(mode):
@@ -38,7 +42,7 @@ def atomic_writer(path: str | os.PathLike, durable: bool = False) -> Iterator[Bi
         with open(path, "wb") as f:
             yield f
         return
-    if path.is_symlink():  # the file it points to is replaced; the link stays
+    if follow and path.is_symlink():  # the file it points to is replaced; the link stays
         path = Path(os.path.realpath(path))
     remove_leftovers(path.parent, f".{glob.escape(path.name)}.*.tmp")  # of earlier writes of it a kill cut short
     # a fresh name (O_EXCL): a guessable one could be a planted symlink to another file
@@ -82,10 +86,13 @@ def remove_leftovers(folder: Path, pattern: str, matches: Callable[[str], object
 
 
 def _mode_for(path: Path) -> int:
-    """The permissions the file ends with: those of the file it replaces, else what a plain
-    ``open`` would give it (0666 less the umask; ``mkstemp`` alone would make it 0600)."""
+    """The permissions the file ends with: those of the regular file it replaces (without setuid,
+    setgid or sticky bits), else what a plain ``open`` would give it (0666 less the umask;
+    ``mkstemp`` alone would make it 0600)."""
     try:
-        return path.stat().st_mode & 0o7777
+        st = path.lstat()
+        if stat.S_ISREG(st.st_mode):
+            return st.st_mode & 0o777
     except FileNotFoundError:
         pass
     try:

@@ -215,6 +215,32 @@ def test_checkpoints_keep_last_n_and_verify_digest(tmp_path):
     assert epoch == 2 and torch.equal(state["w"], torch.full((2,), 2.0))
 
 
+def test_a_link_or_fifo_planted_in_a_checkpoint_folder_is_replaced_not_followed(tmp_path):
+    """Checkpoint folders are named by config hash, which anyone can compute. A link planted at
+    the next checkpoint's name made the worker overwrite the file it pointed to; a FIFO there
+    blocked the worker for good (saving or loading) while its heartbeat kept the lease."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    folder = tmp_path / "ck"
+    ckpt = CheckpointManager(folder, "h", keep=3)
+    ckpt.save(0, {"w": torch.zeros(2)})
+    (folder / "epoch-000001.pt").symlink_to(victim)
+    (folder / "epoch-000001.pt.sha256").symlink_to(victim)
+    os.mkfifo(folder / "epoch-000002.pt")
+    ckpt.save(1, {"w": torch.ones(2)})
+    ckpt.save(2, {"w": torch.full((2,), 2.0)})
+    assert victim.read_text() == "precious"
+    assert not (folder / "epoch-000001.pt").is_symlink() and (folder / "epoch-000002.pt").is_file()
+    assert torch.equal(ckpt.load_latest()[1]["w"], torch.full((2,), 2.0))
+    # planted after the save: skipped on load (not read, not waited on), the previous one used
+    (folder / "epoch-000002.pt").unlink()
+    os.mkfifo(folder / "epoch-000002.pt")
+    (folder / "epoch-000001.pt").unlink()
+    (folder / "epoch-000001.pt").symlink_to("/dev/zero")
+    epoch, state = ckpt.load_latest()
+    assert epoch == 0 and torch.equal(state["w"], torch.zeros(2))
+
+
 def test_batch_norm_run_skips_a_last_batch_of_one_row(digits):
     """BatchNorm1d cannot train on one row: such a final batch is left out, not a crash."""
     n = digits.x_train.shape[0]

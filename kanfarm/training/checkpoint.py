@@ -11,6 +11,7 @@ import io
 import logging
 import os
 import re
+import stat
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -87,8 +88,9 @@ class CheckpointManager:
         payload = buffer.getvalue()
         digest = hashlib.sha256(payload).hexdigest()
         path = self.directory / f"epoch-{epoch:06d}.pt"
-        atomic_write(path, payload, durable=True)
-        atomic_write(path.with_name(path.name + ".sha256"), digest.encode(), durable=True)
+        # follow=False: a link planted at these names is replaced, never the file it points to
+        atomic_write(path, payload, durable=True, follow=False)
+        atomic_write(path.with_name(path.name + ".sha256"), digest.encode(), durable=True, follow=False)
         self._last_save = time.monotonic()
         for _, older in [(e, p) for e, p in self.paths() if e <= epoch][self.keep:]:
             _remove(older)
@@ -114,8 +116,8 @@ class CheckpointManager:
                 log.warning("checkpoint %s skipped: the store does not hold the epochs up to it", path)
                 continue
             try:
-                payload = path.read_bytes()
-                expected = path.with_name(path.name + ".sha256").read_text().strip()
+                payload = _read_regular(path)
+                expected = _read_regular(path.with_name(path.name + ".sha256")).decode().strip()
                 if hashlib.sha256(payload).hexdigest() != expected:
                     raise ValueError("sha256 mismatch")
                 blob = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
@@ -139,6 +141,20 @@ class CheckpointManager:
         for later, path in self.paths():
             if later > epoch:
                 _remove(path)
+
+
+def _read_regular(path: Path) -> bytes:
+    """The bytes of ``path`` if it is a regular file; OSError or ValueError otherwise (a FIFO
+    there would block the worker for good, holding its lease; a link to /dev/zero would fill
+    its memory)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path.name} is not a regular file")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read()
+    finally:
+        os.close(fd)
 
 
 def _remove(path: Path) -> None:
