@@ -637,7 +637,7 @@ def _higgs_lines(n_rows=8):
     return [",".join(["1.0"] + [f"{0.1 * j + i:.3f}" for j in range(28)]) + "\n" for i in range(n_rows)]
 
 
-@pytest.mark.parametrize("damage", ["deflate", "utf8", "nan", "inf", "blank", "comment", "long", "huge"])
+@pytest.mark.parametrize("damage", ["deflate", "utf8", "nan", "inf", "blank", "comment", "long", "huge", "wide"])
 def test_higgs_damaged_file_is_a_format_error_naming_it(tmp_path, damage):
     """A blank or "#" line was skipped by loadtxt (the test split came out a row short); a line
     without end was read whole (1 GiB of one digit gzips to 1 MB); 1e200 made its column 0."""
@@ -654,6 +654,9 @@ def test_higgs_damaged_file_is_a_format_error_naming_it(tmp_path, damage):
         path.write_bytes(gzip.compress("".join(lines).encode()))
     elif damage == "long":
         path.write_bytes(gzip.compress("".join(lines[:4]).encode() + b"0" * (1 << 20)))
+    elif damage == "wide":  # 100,000 rows of 2,048 columns gzip to 2 MB and were all parsed (2.5 GB)
+        lines[4] = ",".join(["1.0"] + ["0"] * 39) + "\n"
+        path.write_bytes(gzip.compress("".join(lines).encode()))
     elif damage == "huge":
         lines[1] = ",".join(["1.0", "1e200"] + lines[1].split(",")[2:])  # a training row, feature 1
         path.write_bytes(gzip.compress("".join(lines).encode()))
@@ -664,7 +667,7 @@ def test_higgs_damaged_file_is_a_format_error_naming_it(tmp_path, damage):
         path.write_bytes(gzip.compress("".join(lines).encode()))
     with pytest.raises(DatasetFormatError, match=re.escape(str(path))) as err:
         load_dataset("higgs", data_dir=tmp_path, n_train=4, n_test=4, download=False)
-    if damage in ("nan", "inf", "blank", "long"):
+    if damage in ("nan", "inf", "blank", "long", "wide"):
         assert "row 5" in str(err.value)
     if damage == "huge":
         assert "feature 1 has values too large" in str(err.value)

@@ -25,7 +25,9 @@ FILE = "HIGGS.csv.gz"
 N_FEATURES = 28
 CLIP = 3.0
 #: the longest row read: HIGGS's are about 700 bytes (29 numbers written with 18 decimals)
-MAX_ROW_BYTES = 4096
+MAX_ROW_BYTES = 2048
+#: rows parsed at a time (about 75 MB of text at most)
+PARSE_ROWS = 1 << 15
 #: rows of the canonical HIGGS.csv.gz: n_train + n_test cannot exceed it.
 N_ROWS = 11_000_000
 
@@ -44,29 +46,40 @@ def check_options(options: dict[str, Any]) -> None:
 
 def read_rows(path: Path, n_rows: int) -> np.ndarray:
     """The first ``n_rows`` rows as float64 (n_rows, 29), all finite. Only that prefix is
-    decompressed, so damage beyond it (and the gzip CRC at the end) is never checked."""
-    lines: list[str] = []
+    decompressed, so damage beyond it (and the gzip CRC at the end) is never checked. Rows are
+    parsed ``PARSE_ROWS`` at a time into the result, each checked for length and column count
+    first: memory stays that of the result, whatever a crafted file holds."""
+    rows = np.empty((n_rows, 1 + N_FEATURES), dtype=np.float64)
+    done = 0
     try:
         with gzip.open(path, "rb") as f:
-            while len(lines) < n_rows:
-                line = f.readline(MAX_ROW_BYTES + 1)  # bounded: a crafted file may hold no newline
-                if not line:
+            while done < n_rows:
+                lines = []
+                while len(lines) < min(PARSE_ROWS, n_rows - done):
+                    line = f.readline(MAX_ROW_BYTES + 1)  # bounded: a crafted file may hold no newline
+                    if not line:
+                        break
+                    where = f"{path}: row {done + len(lines) + 1}"
+                    if len(line) > MAX_ROW_BYTES:
+                        raise DatasetFormatError(f"{where} is longer than {MAX_ROW_BYTES} bytes")
+                    if not line.strip():  # loadtxt would skip it, and the test split come out short
+                        raise DatasetFormatError(f"{where} is empty")
+                    if line.count(b",") != N_FEATURES:
+                        raise DatasetFormatError(f"{where} has {line.count(b',') + 1} columns, expected "
+                                                 f"{1 + N_FEATURES}")
+                    lines.append(line.decode("utf-8"))
+                if not lines:
                     break
-                if len(line) > MAX_ROW_BYTES:
-                    raise DatasetFormatError(f"{path}: row {len(lines) + 1} is longer than {MAX_ROW_BYTES} bytes")
-                if not line.strip():  # loadtxt would skip it, and the test split come out short
-                    raise DatasetFormatError(f"{path}: row {len(lines) + 1} is empty")
-                lines.append(line.decode("utf-8"))
+                try:  # comments=None: a "#" line is an error, not a row skipped
+                    rows[done:done + len(lines)] = np.loadtxt(lines, delimiter=",", dtype=np.float64, ndmin=2,
+                                                              comments=None)
+                except ValueError as exc:
+                    raise DatasetFormatError(f"{path}: unparsable row ({exc})") from exc
+                done += len(lines)
     except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
         raise DatasetFormatError(f"{path}: not a readable gzip file of text ({exc})") from exc
-    if len(lines) < n_rows:
-        raise DatasetFormatError(f"{path}: needs {n_rows} rows (n_train + n_test), file has {len(lines)}")
-    try:  # comments=None: a "#" line is an error, not a row skipped
-        rows = np.loadtxt(lines, delimiter=",", dtype=np.float64, ndmin=2, comments=None)
-    except ValueError as exc:
-        raise DatasetFormatError(f"{path}: unparsable row ({exc})") from exc
-    if rows.shape[1] != 1 + N_FEATURES:
-        raise DatasetFormatError(f"{path}: rows have {rows.shape[1]} columns, expected {1 + N_FEATURES}")
+    if done < n_rows:
+        raise DatasetFormatError(f"{path}: needs {n_rows} rows (n_train + n_test), file has {done}")
     bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
     if bad.size:  # loadtxt accepts nan/inf, which would poison the training mean and std
         raise DatasetFormatError(f"{path}: row {bad[0] + 1} has a non-finite value (nan or inf)")
