@@ -241,6 +241,29 @@ def test_a_link_or_fifo_planted_in_a_checkpoint_folder_is_replaced_not_followed(
     assert epoch == 0 and torch.equal(state["w"], torch.zeros(2))
 
 
+def test_a_checkpoint_with_compressed_records_is_skipped_unread(tmp_path):
+    """torch.load inflates a deflated record whole: 1 MB of file, 1 GB of memory. torch.save
+    never compresses, so such a file is not ours."""
+    import hashlib
+    import io
+    import zipfile
+
+    ckpt = CheckpointManager(tmp_path, "h")
+    ckpt.save(0, {"w": torch.zeros(2)})
+    buffer = io.BytesIO()
+    torch.save({"epoch": 1, "config_hash": "h", "state": {"w": torch.ones(2)}}, buffer)
+    squeezed = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as source, \
+            zipfile.ZipFile(squeezed, "w", zipfile.ZIP_DEFLATED) as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info.filename))
+    (tmp_path / "epoch-000001.pt").write_bytes(squeezed.getvalue())
+    (tmp_path / "epoch-000001.pt.sha256").write_text(hashlib.sha256(squeezed.getvalue()).hexdigest())
+    assert torch.load(io.BytesIO(squeezed.getvalue()), weights_only=True)["epoch"] == 1  # torch would take it
+    epoch, state = ckpt.load_latest()
+    assert epoch == 0 and torch.equal(state["w"], torch.zeros(2))
+
+
 def test_batch_norm_run_skips_a_last_batch_of_one_row(digits):
     """BatchNorm1d cannot train on one row: such a final batch is left out, not a crash."""
     n = digits.x_train.shape[0]

@@ -13,6 +13,7 @@ import os
 import re
 import stat
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -120,6 +121,7 @@ class CheckpointManager:
                 expected = _read_regular(path.with_name(path.name + ".sha256")).decode().strip()
                 if hashlib.sha256(payload).hexdigest() != expected:
                     raise ValueError("sha256 mismatch")
+                _refuse_compressed(payload)
                 blob = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
                 if blob.get("config_hash") != self.config_hash:
                     raise ValueError("checkpoint belongs to another config")
@@ -155,6 +157,14 @@ def _read_regular(path: Path) -> bytes:
             return f.read()
     finally:
         os.close(fd)
+
+
+def _refuse_compressed(payload: bytes) -> None:
+    """torch.save stores its records uncompressed; a compressed one is not ours, and torch.load
+    would inflate it whole (a 1 MB file to 1 GB of memory)."""
+    with zipfile.ZipFile(io.BytesIO(payload)) as archive:
+        if any(info.compress_type != zipfile.ZIP_STORED for info in archive.infolist()):
+            raise ValueError("holds compressed records, which torch.save never writes")
 
 
 def _remove(path: Path) -> None:
