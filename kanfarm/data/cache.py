@@ -123,4 +123,3 @@ def write(path: Path, tensors: dict[str, torch.Tensor], sources: dict[str, list[
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-

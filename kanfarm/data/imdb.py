@@ -11,7 +11,7 @@ in the *training* reviews, ties broken alphabetically; column j is the j-th most
 Features: binary presence scaled to the grid, +1 if the word occurs in the review, -1 otherwise.
 When the training text has fewer distinct words than ``vocab_size``, the extra columns are all -1.
 ``vocab_size`` is at most ``MAX_VOCAB``: features are dense, 25,000 x ``vocab_size`` float32 per
-split (0.5 GB at the default 5,000), and aclImdb's own vocabulary file lists under 90,000 words.
+split (0.5 GB at the default 5,000).
 """
 from __future__ import annotations
 
