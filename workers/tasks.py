@@ -22,14 +22,14 @@ from workers.celery_app import DEFAULT_QUEUE, QUEUES, TASK_NAME, app
 log = get_task_logger(__name__)
 
 
-def malformed_messages_rejected(task, app, consumer, **kwargs):
+def malformed_messages_rejected(task, celery_app, consumer, **kwargs):
     """Celery's default task strategy, except that a message body it cannot even take apart (JSON
     that is not ``[args, kwargs, embed]``) is an InvalidTaskError, which the worker logs and drops.
     Celery unpacks the body before our task runs and let the ValueError end the worker, which
     then met the same redelivered message at every restart: one bad message stopped the farm."""
     from celery.worker.strategy import default
 
-    handle = default(task, app, consumer, **kwargs)
+    handle = default(task, celery_app, consumer, **kwargs)
 
     def guarded(message, body, *args, **more):
         try:
@@ -41,6 +41,7 @@ def malformed_messages_rejected(task, app, consumer, **kwargs):
 
 class GuardedTask(Task):
     Strategy = "workers.tasks:malformed_messages_rejected"
+
 
 DEVICE_ENV = "KANFARM_DEVICE"
 LEASE_ENV = "KANFARM_LEASE_SECONDS"
