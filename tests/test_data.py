@@ -606,12 +606,15 @@ def test_temporary_files_of_killed_cache_writes_are_removed(tmp_path):
 
     folder = tmp_path / "mnist"
     write_mnist(folder)
-    old, recent = folder / ".cache-old.tmp", folder / ".cache-recent.tmp"  # recent: maybe a live write
-    for path in (old, recent):
+    load_dataset("mnist", data_dir=tmp_path, download=False)
+    (cache_file,) = folder.glob("cache-*.pt")
+    cache_file.unlink()  # the next load writes it again
+    old, recent = folder / f".{cache_file.name}.old.tmp", folder / f".{cache_file.name}.recent.tmp"
+    for path in (old, recent):  # recent: maybe a live write
         path.write_bytes(b"x" * 100)
     os.utime(old, (time.time() - LEFTOVER_AGE_S - 60,) * 2)
     load_dataset("mnist", data_dir=tmp_path, download=False)
-    assert not old.exists() and recent.exists()
+    assert not old.exists() and recent.exists() and cache_file.exists()
 
 
 def test_a_dataset_built_empty_is_a_format_error(tmp_path):

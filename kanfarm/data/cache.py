@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
-from kanfarm.atomic import remove_leftovers
+from kanfarm.atomic import atomic_writer
 
 SOURCES_KEY = "raw_files"  # entry of the saved dict: file name -> [size, mtime_ns, ctime_ns]
 REQUIRED = {"x_train": torch.float32, "y_train": torch.int64, "x_test": torch.float32, "y_test": torch.int64}
@@ -101,25 +99,12 @@ def read(path: Path, sources: dict[str, list[int]], n_features: int, n_classes: 
 
 
 def write(path: Path, tensors: dict[str, torch.Tensor], sources: dict[str, list[int]]) -> None:
-    """Save atomically with the ``source_stamps`` taken before the build; a read-only folder or a
-    full disk only costs the speed-up, so failures just warn (torch.save reports a failed write
-    as a RuntimeError). Temporary files a killed write left (an hour old) go first."""
+    """Save through ``atomic_writer`` with the ``source_stamps`` taken before the build; a
+    read-only folder or a full disk only costs the speed-up, so failures just warn (torch.save
+    reports a failed write as a RuntimeError)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        remove_leftovers(path.parent, ".cache-*.tmp")
-        fd, tmp = tempfile.mkstemp(prefix=".cache-", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        warnings.warn(f"cannot write dataset cache {path}: {exc}", stacklevel=3)
-        return
-    try:
-        with os.fdopen(fd, "wb") as out:
+        with atomic_writer(path, durable=True, follow=False) as out:  # kanfarm's name in a shared folder
             torch.save({**tensors, SOURCES_KEY: sources}, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
     except Exception as exc:
-        Path(tmp).unlink(missing_ok=True)
         warnings.warn(f"cannot write dataset cache {path}: {exc}", stacklevel=3)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
