@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from kanfarm.config import ConfigError, RunConfig
+from kanfarm.reports import gap_table, overfit_onset
 from kanfarm.store import LeaseLost, RunNotFound, Store
 from kanfarm.training.records import EpochRecord
 
@@ -431,6 +432,40 @@ def test_run_summary_matches_an_independent_calculation(store):
     empty = summary[ids[-1]]
     assert empty["best_test_acc"] is None and empty["epochs_run"] is None and empty["efficiency"] is None
     assert empty["status"] == "pending" and store.summary(grid="other") == []
+
+
+def test_overfitting_onset_from_sql_matches_the_curves(store):
+    """The gap report's onset comes from one aggregate query; the same from the curves in Python."""
+    curves = [
+        [0.10, 0.80, 0.90, 0.85, 0.90],  # falls after its first peak, recovers: onset 2
+        [0.10, 0.80, 0.90],              # peak last: none
+        [0.10, 0.90, 0.895],             # falls by 0.005: onset 1 at tolerance 0, none at 0.01
+        [0.70],                          # one epoch: none
+        [0.10, 0.90, 0.90, None],        # a tie, then an unscored (diverged) epoch: none
+        [0.90, 0.20, 0.30],              # best before training: onset 0
+    ]
+    configs = [(RunConfig(dataset="mnist", seed=i), 1000, None) for i in range(len(curves))]
+    store.submit_grid("g", {}, configs)
+    store.submit_grid("other", {}, [(RunConfig(dataset="mnist", seed=99), 1000, None)])
+    ids = store.run_ids(grid="g")
+    for run_id, curve in zip(ids, curves):
+        for epoch, acc in enumerate(curve):
+            store.write_epoch(run_id, record(epoch, None if acc is None else 0.95, acc, diverged=acc is None))
+        store.claim(run_id, "w", 60)
+        store.finish(run_id, "w", "completed")
+    other = store.run_ids(grid="other")[0]
+    for epoch, acc in enumerate([0.9, 0.1]):
+        store.write_epoch(other, record(epoch, 0.95, acc))
+
+    lowest = store.lowest_test_acc_after_best(grid="g")
+    assert lowest == pytest.approx({ids[0]: 0.85, ids[2]: 0.895, ids[4]: 0.90, ids[5]: 0.20})
+    assert store.lowest_test_acc_after_best()[other] == pytest.approx(0.1)
+    for tolerance in (0.0, 0.01):
+        onset = {r["run_id"]: r["overfit_onset_epoch"] for r in gap_table(store, "g", tolerance)}
+        want = {run_id: overfit_onset([(e, a) for e, a in enumerate(curve) if a is not None], tolerance)
+                for run_id, curve in zip(ids, curves)}
+        assert onset == want
+    assert [onset[i] for i in ids] == [2, None, None, None, None, 0]  # tolerance 0.01
 
 
 # -- concurrency --------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections import defaultdict
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Iterable, Protocol
 
 from kanfarm.reports.efficiency import KNOWN_INTRINSIC_DIM, efficiency
 
@@ -34,10 +34,9 @@ class SummarySource(Protocol):
 
     def run_configs(self, grid: str | None = None) -> dict[int, dict[str, Any]]: ...
 
-    def grid(self, name: str) -> Any: ...
+    def lowest_test_acc_after_best(self, grid: str | None = None) -> dict[int, float]: ...
 
-    def epoch_metrics(self, run_id: int | None = None, grid: str | None = None,
-                      columns: Sequence[str] | None = None) -> list[dict[str, Any]]: ...
+    def grid(self, name: str) -> Any: ...
 
 
 def _finished(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -95,7 +94,8 @@ def efficiency_table(store: SummarySource, grid: str | None = None,
 
 def overfit_onset(curve: list[tuple[int, float]], tolerance: float = 0.0) -> int | None:
     """The epoch after which test accuracy falls: the first epoch at the maximum, when some later
-    epoch lies more than ``tolerance`` below it; None when accuracy never falls after its peak."""
+    epoch lies more than ``tolerance`` below it; None when accuracy never falls after its peak.
+    (``gap_table`` asks the same of the database, one figure per run, without the curves.)"""
     if not curve:
         return None
     best_epoch, best = max(curve, key=lambda p: (p[1], -p[0]))
@@ -105,16 +105,16 @@ def overfit_onset(curve: list[tuple[int, float]], tolerance: float = 0.0) -> int
 
 def gap_table(store: SummarySource, grid: str | None = None, tolerance: float = 0.0) -> list[dict[str, Any]]:
     """Generalisation gap (train - test accuracy) at the best epoch, mean and max over epochs, and
-    the onset of overfitting."""
-    curves: dict[int, list[tuple[int, float]]] = defaultdict(list)
-    for m in store.epoch_metrics(grid=grid, columns=("run_id", "epoch", "test_acc")):
-        if m["test_acc"] is not None:
-            curves[m["run_id"]].append((m["epoch"], m["test_acc"]))
+    the onset of overfitting (``overfit_onset``: the best epoch, when a later one lies more than
+    ``tolerance`` below it)."""
+    lowest_later = store.lowest_test_acc_after_best(grid)
     rows = []
     for r in _finished(store.summary(grid)):
         row = _pick(r, CONFIG_COLUMNS + ("best_test_acc", "best_epoch", "train_acc_at_best", "gap_at_best",
                                         "mean_gap", "max_gap"))
-        row["overfit_onset_epoch"] = overfit_onset(sorted(curves[r["run_id"]]), tolerance)
+        lowest = lowest_later.get(r["run_id"])
+        falls = lowest is not None and lowest < r["best_test_acc"] - tolerance
+        row["overfit_onset_epoch"] = r["best_epoch"] if falls else None
         rows.append(row)
     return rows
 

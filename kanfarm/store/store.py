@@ -561,6 +561,21 @@ class Store:
         with self._read() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
 
+    def lowest_test_acc_after_best(self, grid: str | None = None) -> dict[int, float]:
+        """Run id -> the lowest test accuracy at an epoch after the run's best one (``run_summary``'s
+        ``best_epoch``), for the runs (of ``grid``) that have such an epoch: the overfitting onset
+        in one aggregate query, not every epoch row in memory."""
+        later = epoch_metrics.alias("later")
+        query = (sa.select(_run_summary.c.run_id, sa.func.min(later.c.test_acc))
+                 .join(later, sa.and_(later.c.run_id == _run_summary.c.run_id,
+                                      later.c.epoch > _run_summary.c.best_epoch))
+                 .where(later.c.test_acc.is_not(None))
+                 .group_by(_run_summary.c.run_id))
+        if grid is not None:
+            query = query.where(_run_summary.c.run_id.in_(_grid_run_ids(grid)))
+        with self._read() as conn:
+            return {run_id: lowest for run_id, lowest in conn.execute(query)}
+
     def run_configs(self, grid: str | None = None) -> dict[int, dict[str, Any]]:
         """Run id -> stored config (a dict) of the runs (of ``grid``), in one query."""
         query = _in_grid(sa.select(runs.c.id, runs.c.config), grid)
