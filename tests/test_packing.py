@@ -71,6 +71,31 @@ def test_dropout_mask_is_the_solo_stream():
 
 
 @pytest.mark.parametrize("model", ["mlp", "kan"])
+def test_pack_evaluation_in_chunks_equals_each_members_own(digits, model):
+    """Test sets larger than one chunk (MNIST's 10,000 rows) sum every chunk, per member."""
+    from kanfarm.models import build_model
+    from kanfarm.packing.stacked import StackedNet
+    from kanfarm.packing.trainer import _evaluate
+    from kanfarm.training.loop import evaluate
+
+    configs = [RunConfig(dataset="digits", model=model, lr=lr, seed=0) for lr in (0.1, 0.01, 0.001)]
+    models = []
+    for i, config in enumerate(configs):
+        torch.manual_seed(i)
+        models.append(build_model(config, digits.n_features, digits.n_classes))
+    net = StackedNet(model, models, [c.normalised().activation for c in configs],
+                     [c.normalised().dropout for c in configs], torch.device("cpu"))
+    x, y = digits.x_test, digits.y_test
+    loss, acc = _evaluate(net, x, y, chunk=7)
+    whole_loss, whole_acc = _evaluate(net, x, y, chunk=x.shape[0])
+    assert torch.allclose(loss, whole_loss, rtol=1e-5) and torch.equal(acc, whole_acc)
+    for i, m in enumerate(models):
+        own_loss, own_acc = evaluate(m, x, y)
+        assert loss[i].item() == pytest.approx(own_loss, rel=1e-5) and acc[i].item() == pytest.approx(own_acc)
+    assert len(set(acc.tolist())) > 1  # the members are told apart
+
+
+@pytest.mark.parametrize("model", ["mlp", "kan"])
 def test_packed_members_equal_their_solo_runs(digits, model):
     configs = members(model)
     if model == "mlp":
@@ -210,6 +235,36 @@ def test_planner_groups_runs_that_share_shapes_and_data_order():
     assert pack_key(dataclasses.replace(hsic, hsic_format_epochs=1)) != pack_key(hsic)
     wide = dataclasses.replace(base, model="mlp_wide")
     assert pack_key(wide) != pack_key(dataclasses.replace(wide, grid_size=8))  # other matched widths
+
+
+#: a second value of every RunConfig field for the field-by-field planner test, on an HSIC KAN of
+#: HIGGS (a base that uses every field but dropout, an MLP's); a field added to RunConfig must be added here
+OTHER_VALUES = {
+    "dataset": "mnist", "model": "mlp", "depth": "deep", "hidden_widths": (16, 8), "init": "orthogonal",
+    "optimizer": "sgd", "lr": 0.5, "trainer": "backprop", "activation": "relu", "spline_order": 2,
+    "grid_size": 8, "batch_size": 32, "max_epochs": 4, "seed": 1, "patience": 2, "dropout": 0.0,
+    "wide_multiplier": 2.0, "train_eval_size": 100, "hsic_beta": 50.0, "hsic_sigma": 5.0,
+    "hsic_x_term": True, "hsic_format_epochs": 1, "matmul_precision": "tf32", "batch_norm": True,
+    "dataset_options": {"n_train": 1000}, "extra": {"note": "x"},
+}
+
+
+def test_every_field_but_the_member_fields_keeps_runs_apart():
+    """Field by field: members may differ only in init, optimiser, learning rate, activation,
+    dropout and patience; any other difference (one the config does not normalise away) gives
+    another pack key, e.g. ``train_eval_size`` (other train metrics) or ``max_epochs`` (another end)."""
+    members = {"init", "optimizer", "lr", "activation", "dropout", "patience"}
+    base = RunConfig(dataset="higgs", model="kan", depth="shallow", trainer="hsic", max_epochs=3)
+    fields = [f.name for f in dataclasses.fields(RunConfig)]
+    assert sorted(OTHER_VALUES) == sorted(fields), "give a second value for each RunConfig field"
+    for name in fields:
+        other = dataclasses.replace(base, **{name: OTHER_VALUES[name]})
+        if other.normalised() == base.normalised():
+            assert name in ("dropout", "wide_multiplier"), name  # a KAN has neither
+            continue
+        assert (pack_key(other) == pack_key(base)) == (name in members), name
+    mlp = dataclasses.replace(base, model="mlp")
+    assert pack_key(dataclasses.replace(mlp, dropout=0.0)) == pack_key(mlp)
 
 
 def test_a_pack_size_per_shape_when_auto_sizes_differ():

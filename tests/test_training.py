@@ -38,6 +38,37 @@ def test_reaches_ninety_percent_on_digits(digits, model, lr):
         r.validate()
 
 
+def test_evaluation_in_chunks_equals_the_direct_formula(digits):
+    """Test sets larger than one chunk (MNIST's 10,000 rows): every chunk counts."""
+    from kanfarm.models import build_model
+    from kanfarm.training.loop import evaluate
+
+    torch.manual_seed(0)
+    model = build_model(RunConfig(dataset="digits", model="mlp"), digits.n_features, digits.n_classes)
+    x, y = digits.x_test, digits.y_test
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+    want_loss = torch.nn.functional.cross_entropy(logits, y).item()
+    want_acc = (logits.argmax(dim=1) == y).float().mean().item()
+    for chunk in (7, 100, x.shape[0]):
+        loss, acc = evaluate(model, x, y, chunk=chunk)
+        assert loss == pytest.approx(want_loss, rel=1e-5) and acc == pytest.approx(want_acc, abs=1e-7)
+
+
+def test_train_metrics_come_from_the_seeded_subset_of_train_eval_size(digits):
+    """``train_eval_size`` changes what train_loss/acc are measured on, nothing else: the same
+    test metrics as without it, train accuracies in steps of 1/100 (not of 1/1437, the full set)."""
+    config = RunConfig(dataset="digits", model="mlp", depth="shallow", optimizer="adam", lr=0.01,
+                       batch_size=64, max_epochs=2)
+    _, full = run(config, digits)
+    _, subset = run(dataclasses.replace(config, train_eval_size=100), digits)
+    assert [(r.test_loss, r.test_acc) for r in subset] == [(r.test_loss, r.test_acc) for r in full]
+    for r in subset:
+        assert r.train_acc * 100 == pytest.approx(round(r.train_acc * 100), abs=1e-4)
+    assert [r.train_acc for r in subset] != [r.train_acc for r in full]
+
+
 def test_resume_is_bit_identical(digits, tmp_path):
     config = RunConfig(dataset="digits", model="mlp", depth="medium", optimizer="sgd_momentum", lr=0.05,
                        batch_size=128, max_epochs=4, seed=3)
