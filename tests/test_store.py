@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from kanfarm.config import ConfigError, RunConfig
-from kanfarm.reports import gap_table, overfit_onset
+from kanfarm.reports import efficiency_table, gap_table, overfit_onset
 from kanfarm.store import LeaseLost, RunNotFound, Store
 from kanfarm.training.records import EpochRecord
 
@@ -468,6 +468,22 @@ def test_overfitting_onset_from_sql_matches_the_curves(store):
     assert [onset[i] for i in ids] == [2, None, None, None, None, 0]  # tolerance 0.01
 
 
+def test_efficiency_table_by_decreasing_efficiency_undefined_last(store):
+    """n_params <= the intrinsic dimension (750 for MNIST) leaves efficiency undefined: last."""
+    cells = [(0.5, 2000), (0.9, 700), (0.9, 2000), (0.7, 1000), (0.9, 2000), (0.8, 100_000)]
+    store.submit_grid("g", {}, [(RunConfig(dataset="mnist", seed=i), n, None) for i, (_, n) in enumerate(cells)])
+    ids = store.run_ids(grid="g")
+    for run_id, (acc, _) in zip(ids, cells):
+        store.write_epoch(run_id, record(0, acc, acc))
+        store.claim(run_id, "w", 60)
+        store.finish(run_id, "w", "completed")
+    table = efficiency_table(store, "g")
+    # a stable sort of the ids: a tie (ids[2] and ids[4]) keeps id order
+    want = sorted(ids[:1] + ids[2:], key=lambda i: -cells[ids.index(i)][0] / math.log(1 + cells[ids.index(i)][1] - 750))
+    assert [r["run_id"] for r in table] == want + [ids[1]] and table[-1]["efficiency"] is None
+    assert want.index(ids[4]) == want.index(ids[2]) + 1
+
+
 # -- concurrency --------------------------------------------------------------------------------
 
 def drain(url: str, worker: str, start=None) -> list[int]:
@@ -611,6 +627,30 @@ def test_status_estimates_only_from_epochs_of_the_same_dataset(store):
     store.cancel("m")  # nothing left to estimate: no epoch row is read for it
     assert grid_status(store, "m")["eta_seconds"] == 0 and not any("AVG(e.seconds)" in sql for sql in asked)
     assert grid_status(store, "d")["eta_seconds"] == pytest.approx(2.0 * (8 + 10))
+
+
+def test_status_counts_every_ended_run_as_done_and_times_an_untimed_shape_by_its_dataset(store):
+    from kanfarm.status import grid_status
+    from kanfarm.training import EpochRecord
+
+    # ended: completed, diverged, failed (grid "g"), cancelled (grid "c", shared into "g")
+    store.submit_grid("g", {}, [(RunConfig(dataset="digits", seed=s, max_epochs=4), 100, None) for s in range(3)])
+    store.submit_grid("c", {}, [(RunConfig(dataset="digits", seed=3, max_epochs=4), 100, None)])
+    store.cancel("c")
+    store.submit_grid("g", {}, [(RunConfig(dataset="digits", seed=s, max_epochs=4), 100, None) for s in range(4)]
+                      + [(RunConfig(dataset="digits", grid_size=8, max_epochs=6), 100, None)])  # waits, untimed shape
+    ids = store.run_ids("g")
+    for run_id, status, seconds in zip(ids, ("completed", "diverged", "failed"), (1.0, 2.0, 6.0)):
+        store.claim(run_id, "w", 60)
+        for epoch in range(3):
+            store.write_epoch(run_id, EpochRecord(epoch, 1.0, 0.5, 1.0, 0.5, seconds), worker="w")
+        store.finish(run_id, "w", status)
+    got = grid_status(store, "g")
+    assert {k: n for k, n in got["counts"].items() if n} == {"completed": 1, "diverged": 1, "failed": 1,
+                                                             "cancelled": 1, "pending": 1}
+    assert (got["total"], got["done"], got["progress"]) == (5, 4, pytest.approx(0.8))
+    # no grid_size-8 epoch timed: the mean over every timed digits epoch (1, 2 and 6 s, two each), 6 epochs
+    assert got["eta_seconds"] == pytest.approx(3.0 * 6) and got["epochs_timed"] == 6
 
 
 def test_status_times_grids_of_explicit_widths_by_their_own_widths_and_batch_size(store):
