@@ -163,6 +163,37 @@ def test_member_checkpoints_resume_alone_or_in_a_pack(digits, tmp_path):
         assert_same_records(head + tail, solo(config, digits)[1])
 
 
+def test_a_member_whose_optimiser_state_does_not_load_fails_alone(digits, tmp_path):
+    """A checkpoint with a valid digest whose Adam step disagrees with its epoch (the pack keeps one
+    step count per optimiser) fails its member; the others resume as if nothing happened."""
+    configs = [dataclasses.replace(c, max_epochs=3) for c in members("mlp")[:3]]
+    configs[1] = dataclasses.replace(configs[1], optimizer="adam", lr=0.02)
+    ckpts = [CheckpointManager(tmp_path / f"m{i}", c.config_hash()) for i, c in enumerate(configs)]
+    asked = []
+    packed(configs, digits, ckpts, lambda: asked.append(1) or len(asked) > 2 * len(configs))
+    epoch, state = ckpts[1].load_latest()
+    for param_state in state["optimizers"]["all"]["state"].values():
+        param_state["step"] += 1
+    ckpts[1].save(epoch, state)
+    errors, records = [], [[] for _ in configs]
+    results = train_pack([Member(c, records[i].append, ckpts[i], on_error=lambda exc: errors.append(exc) or True)
+                          for i, c in enumerate(configs)], digits)
+    assert [r.status for r in results] == ["completed", "failed", "completed"] and records[1] == []
+    assert len(errors) == 1 and "optimiser step" in str(errors[0])
+    for i in (0, 2):
+        assert_same_records(records[i], solo(configs[i], digits)[1][epoch + 1:])
+
+
+def test_a_saved_adam_step_matches_past_two_to_the_24():
+    """torch counts Adam's step in float32, which stops growing at 2^24 (a long HIGGS grid)."""
+    from kanfarm.packing.optim import _same_step
+
+    big = 2 ** 24
+    assert _same_step(12.0, 12) and not _same_step(13.0, 12)
+    assert _same_step(float(torch.tensor(big + 1, dtype=torch.float32)), big + 1)
+    assert _same_step(float(big), big + 1000) and not _same_step(float(big - 1), big + 1)
+
+
 def test_a_member_with_its_own_knots_trains_on_them_in_a_pack(digits, tmp_path):
     """The stack holds one set of buffers. A member whose checkpoint carries moved knots
     (``update_grid``) must train on its own, as when resumed alone, and keep them in its next

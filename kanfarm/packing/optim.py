@@ -176,9 +176,20 @@ class StackedOptimizer:
                 for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
                     if st.get(key) is not None:
                         self.state[name][key][m].copy_(st[key])
-                if "step" in st and int(st["step"]) != self.group_steps[group]:
+                if "step" in st and not _same_step(float(st["step"]), self.group_steps[group]):
                     raise ValueError(f"member {m}: {group} optimiser step {int(st['step'])} != "
                                      f"pack step {self.group_steps[group]}")
+
+
+#: float32 holds every whole number up to this one, and not the next
+FLOAT32_WHOLE = 2 ** 24
+
+
+def _same_step(saved: float, steps: int) -> bool:
+    """Whether a saved Adam step (a float32 tensor, as torch keeps it) is ``steps`` updates: float32
+    counts whole numbers exactly up to 2^24, where torch's own counter stops growing, so from there
+    on any saved step of 2^24 or more is a match (the bias corrections are 1 by then)."""
+    return saved == steps if steps < FLOAT32_WHOLE else saved >= FLOAT32_WHOLE
 
 
 _ORDER = ["sgd", "sgd_momentum", "adam"]

@@ -282,9 +282,6 @@ def _train_group(group: list[_Slot], data: Dataset, device: torch.device, start:
     groups = _optimizer_groups(config, group[0].model)
     opt = StackedOptimizer(net.params, [s.config.optimizer for s in group], [s.config.lr for s in group],
                            start * per_epoch, groups=groups, group_steps=_group_steps(config, groups, start, per_epoch))
-    for m, slot in enumerate(group):
-        if slot.saved is not None:
-            opt.load_member(m, slot.model, slot.saved["optimizers"])
     active = list(group)
     failed: list[_Slot] = []  # members whose own work raised, failed by their on_error
 
@@ -344,6 +341,10 @@ def _train_group(group: list[_Slot], data: Dataset, device: torch.device, start:
                 guarded(slot, slot.member.epoch_end)
         return [s for s in diverged if all(s is not f for f in failed)]  # a failed member is failed
 
+    for m, slot in enumerate(group):  # a member whose optimiser state does not load fails alone
+        if slot.saved is not None:
+            guarded(slot, lambda: opt.load_member(m, slot.model, slot.saved["optimizers"]))
+    yield from end_failed(start)
     epoch = start
     if start == 0:
         for slot in record(0, time.perf_counter(), None, None):
