@@ -69,6 +69,17 @@ def test_train_metrics_come_from_the_seeded_subset_of_train_eval_size(digits):
     assert [r.train_acc for r in subset] != [r.train_acc for r in full]
 
 
+def test_an_epochs_loss_sum_is_float64_as_a_packs(monkeypatch):
+    """Two finite batch losses of 3e38 overflow a float32 sum: the run would be "diverged" alone
+    but not in a pack, which sums in float64."""
+    from kanfarm.training import backprop
+
+    monkeypatch.setattr(backprop, "backprop_step", lambda *args: torch.tensor(3e38))
+    batches = [(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))] * 2
+    total = backprop.Backprop().train_epoch(None, {"all": None}, iter(batches), 1, RunConfig())
+    assert total.dtype == torch.float64 and total.item() == pytest.approx(6e38, rel=1e-6)
+
+
 def test_resume_is_bit_identical(digits, tmp_path):
     config = RunConfig(dataset="digits", model="mlp", depth="medium", optimizer="sgd_momentum", lr=0.05,
                        batch_size=128, max_epochs=4, seed=3)

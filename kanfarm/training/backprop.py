@@ -31,9 +31,9 @@ class Backprop:
     def train_epoch(self, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer],
                     batches: Iterator[Batch], epoch: int, config: RunConfig) -> torch.Tensor:
         total = None
-        for x, y in batches:
+        for x, y in batches:  # summed in float64, as a pack sums it: float32 overflows at 3.4e38
             loss = backprop_step(model, optimizers["all"], x, y)
-            total = loss if total is None else total + loss
+            total = loss.double() if total is None else total + loss
         return total
 
     def extra(self, model: torch.nn.Module, data: Dataset, config: RunConfig) -> dict[str, Any]:
