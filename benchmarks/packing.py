@@ -58,12 +58,12 @@ def configs(model: str, batch: int, n: int, trainer: str = "backprop") -> list[R
 
 def epoch_seconds(cfgs: list[RunConfig], d: Dataset, device: str) -> float:
     """Wall time of the faster of epochs 2 and 3 (training + evaluation), alone (one) or packed.
-    A pack's members all report its epoch's time, member after member: one value per epoch."""
+    A pack's member records its share of the pack's epoch time: the shares add up to it."""
     seconds: dict[int, float] = {}
 
     def sink(record) -> None:
         if record.epoch >= 2:
-            seconds.setdefault(record.epoch, record.seconds)
+            seconds[record.epoch] = seconds.get(record.epoch, 0.0) + record.seconds
 
     if len(cfgs) == 1:
         train(cfgs[0], d, sink, device=device)

@@ -124,7 +124,7 @@ def main() -> None:
     if per_run[0] is None:  # stopped before any epoch row
         print(f"no epoch rows; diverged runs: {diverged}")
     else:
-        print(f"per-run training seconds (sum of epoch seconds in a pack member): min {per_run[0]:.1f}, "
+        print(f"per-run training seconds (sum of epoch seconds; a pack member's are its share of the pack's): min {per_run[0]:.1f}, "
               f"max {per_run[1]:.1f}; diverged runs: {diverged}")
 
 

@@ -224,6 +224,21 @@ def test_a_member_with_its_own_knots_trains_on_them_in_a_pack(digits, tmp_path):
     assert not torch.equal(knots, ckpts[0].load_latest()[1]["model"]["blocks.0.grid"])
 
 
+def test_a_packed_member_records_its_share_of_the_packs_epoch_time(digits, monkeypatch):
+    """Summed over a pack's members, ``seconds`` is the pack's time, as for runs trained one by
+    one (``kanfarm status`` estimates what is left from it): a clock that moves 12 s per epoch."""
+    from kanfarm.packing import trainer
+
+    clock = [0.0]
+    extras = trainer._extras
+    monkeypatch.setattr(trainer.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(trainer, "_extras", lambda *args: clock.__setitem__(0, clock[0] + 12.0) or extras(*args))
+    configs = [dataclasses.replace(c, max_epochs=2) for c in members("mlp")]
+    results, records = packed(configs, digits)
+    assert [r.status for r in results] == ["completed"] * 4
+    assert {r.seconds for rs in records for r in rs} == {12.0 / 4}
+
+
 def test_a_bad_record_fails_its_member_alone(digits, monkeypatch):
     """A record that fails validation with finite losses (here a NaN in ``extra``) is its member's
     error, as a solo run's is its run's: that member is failed and the pack trains on."""

@@ -320,7 +320,9 @@ def _train_group(group: list[_Slot], data: Dataset, device: torch.device, start:
             rows += [loss_sum, alive.float()]
         values = torch.stack(rows).t().tolist()  # one host sync for the whole pack
         extras = _extras(net, data, config)
-        seconds = time.perf_counter() - started
+        # each member's share of the pack's epoch: summed over runs, the device time they took
+        # (``kanfarm status`` multiplies it by the epochs left), not the pack's time once per member
+        seconds = (time.perf_counter() - started) / len(active)
         diverged = []
         for slot, v, extra in zip(active, values, extras):
             finite = all(math.isfinite(x) for x in (v[0], v[2]))
