@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kanfarm.runner import DEFAULT_LEASE_S, database_errors, work_loop, worker_name
+from kanfarm.runner import DEFAULT_LEASE_S, database_errors, work_loop, work_units, worker_name
 from kanfarm.store import Store
 from kanfarm.training.host_memory import keep_freed_memory
 
@@ -178,7 +178,8 @@ def run_grid_locally(store: Store, grid: str, *, workers: int = 1, device: str =
     if workers < 1:
         raise ValueError("workers must be at least 1")
     release_dead_holders(store, grid)
-    workers = min(workers, max(1, len(store.claimable_runs(grid))))  # an idle process still imports torch
+    # a worker with nothing to do still imports torch, and takes its share of the CPU threads
+    workers = min(workers, max(1, work_units(store.claimable_runs(grid), pack_size, device)))
     errors: list[BaseException] = []
     if workers == 1:
         shutdown: Any = threading.Event()

@@ -456,6 +456,17 @@ def _pack_size(pack_size: int | str, config: RunConfig, device: str) -> int:
     return fitting_pack_size(config, device) if pack_size == "auto" else int(pack_size)
 
 
+def work_units(waiting: list[tuple[int, RunConfig]], pack_size: int | str, device: str) -> int:
+    """The packs ``waiting`` runs make, as ``work_loop`` plans them: how many workers can be busy.
+    Runs, with ``pack_size`` 1 or ``auto`` on a GPU (sizing packs there would start CUDA in the
+    asking process, which holds its memory for good)."""
+    if pack_size == 1 or (pack_size == "auto" and not str(device).startswith("cpu")):
+        return len(waiting)
+    from kanfarm.packing import plan_packs
+
+    return len(plan_packs(waiting, lambda config: _pack_size(pack_size, config, device)))
+
+
 class _DatabaseRetries:
     """A work loop rides out brief database errors: the run was handed back (``abandon``) and is
     claimed again after a pause; ``limit`` errors in a row end the loop with the last one."""

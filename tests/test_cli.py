@@ -639,7 +639,8 @@ def test_the_progress_poll_rides_out_a_database_outage(env, monkeypatch):
 
 
 def test_local_workers_are_no_more_than_the_runs_to_claim(env, monkeypatch):
-    """Every worker process imports torch: --workers beyond the grid's runs starts none of the rest."""
+    """Every worker process imports torch: --workers beyond the grid's runs (or packs) starts none of
+    the rest, which would also leave CPU threads idle."""
     import multiprocessing as mp
 
     from kanfarm import local
@@ -664,6 +665,10 @@ def test_local_workers_are_no_more_than_the_runs_to_claim(env, monkeypatch):
     monkeypatch.setattr(local.mp, "get_context", lambda method: Ctx)
     local.run_grid_locally(store, "tiny", workers=50)  # uncapped, 50 would be made
     assert len(made) == 4
+    for pack_size in (8, "auto"):  # packed: one worker per pack (the MLPs' and the KANs')
+        made.clear()
+        local.run_grid_locally(store, "tiny", workers=50, pack_size=pack_size)
+        assert len(made) == 2
     store.dispose()
 
 
