@@ -1053,6 +1053,38 @@ def test_worker_refuses_gpus_this_machine_lacks(tmp_path, monkeypatch):
     check_gpus(["2", "3"])
     with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES=2,3"):
         check_gpus(["0"])
+    # ... on a machine where CUDA finds none of them (no GPU, or ids that name nothing)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES=2,3 names 2 devices, but CUDA finds 0"):
+        check_gpus(["2"])
+
+
+def test_a_celery_worker_with_a_bad_setting_does_not_start(tmp_path):
+    """It would take every message and run none (a cuda worker on a machine where CUDA finds no
+    device: each run failed); refused at start, exit 2, the messages left for healthy workers."""
+    env = {**os.environ, "KANFARM_BROKER_URL": REDIS_URL, "KANFARM_DATABASE_URL": f"sqlite:///{tmp_path / 'k.db'}",
+           "KANFARM_DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--pool", "solo",
+                           "-Q", "cpu", "--without-gossip", "--without-mingle"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "bad setting: KANFARM_DEVICE=cuda, but CUDA finds 0 device(s)" in done.stderr
+    assert " ready." not in done.stderr + done.stdout
+
+
+def test_a_celery_workers_database_error_at_start_shows_no_password(monkeypatch, capsys):
+    """A driver's message may quote the host part, where an unencoded '@' leaves part of the password."""
+    import workers.tasks as tasks
+
+    monkeypatch.setattr(tasks, "_store", None)
+    monkeypatch.setenv("KANFARM_DATABASE_URL", "postgresql+psycopg://kanfarm:Sup3rS@cretPW@127.0.0.1:1/kanfarm")
+    monkeypatch.setenv("KANFARM_DEVICE", "cpu")
+    tasks._warm_up()
+    said = capsys.readouterr().err
+    assert "database not ready: OperationalError at postgresql+psycopg://kanfarm:***@***" in said
+    assert "cretPW" not in said and "Sup3r" not in said
+    tasks.store().dispose()
 
 
 class _ScriptWorker:

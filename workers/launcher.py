@@ -53,17 +53,21 @@ def check_gpus(gpus: list[str], count: int | None = None) -> None:
     if not gpus:
         return
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
-    if count is None and visible:  # the launcher's own view is narrowed: ids are checked against it,
+    narrowed = count is None and visible
+    if count is None:
+        import torch  # local: CPU workers and tests of plan() never need it
+
+        count = torch.cuda.device_count()  # of the visible devices, when narrowed
+    if narrowed:  # the launcher's own view is narrowed: ids are checked against it,
         known = [v.strip() for v in visible.split(",") if v.strip()]  # each child gets one of them
         missing = [g for g in gpus if g not in known]
         if missing:
             raise ValueError(f"--gpus {','.join(gpus)}: {','.join(missing)} not in this shell's "
                              f"CUDA_VISIBLE_DEVICES={visible}")
+        if count < len(known):  # ids that name no device (or no GPU at all) are not reported by CUDA
+            raise ValueError(f"--gpus {','.join(gpus)}: this shell's CUDA_VISIBLE_DEVICES={visible} names "
+                             f"{len(known)} device{'' if len(known) == 1 else 's'}, but CUDA finds {count}")
         return
-    if count is None:
-        import torch  # local: CPU workers and tests of plan() never need it
-
-        count = torch.cuda.device_count()
     missing = [g for g in gpus if (int(g) >= count if g.isdigit() else count == 0)]
     if missing:
         hint = f"ids 0-{count - 1}" if count > 1 else "id 0" if count else "omit --gpus for CPU workers"

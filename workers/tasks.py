@@ -83,10 +83,18 @@ def max_attempts() -> int:
 
 
 def device() -> str:
-    """``cuda`` when the launcher pinned this process to one GPU, else ``cpu``."""
+    """``cuda`` when the launcher pinned this process to one GPU, else ``cpu``. A cuda device that
+    CUDA does not find is refused before a claim: every run taken would fail on it."""
     value = os.environ.get(DEVICE_ENV, "cpu").strip() or "cpu"
     if value not in ("cpu", "cuda") and not value.startswith("cuda:"):
         raise ValueError(f"{DEVICE_ENV}={value!r} is not cpu or cuda")
+    if value != "cpu":
+        import torch
+
+        index = int(value.partition(":")[2] or 0)
+        if torch.cuda.device_count() <= index:  # asks NVML: no CUDA context is created
+            raise ValueError(f"{DEVICE_ENV}={value}, but CUDA finds {torch.cuda.device_count()} device(s) "
+                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r})")
     return value
 
 
@@ -117,15 +125,21 @@ def _warm_up(**_kwargs) -> None:
     import kanfarm.runner
     import kanfarm.training.loop  # noqa: F401
 
-    try:  # `kanfarm worker` refuses to start on these; a worker started by `celery` says so here
-        kanfarm.runner.check_run_environment()
+    try:  # `kanfarm worker` refuses to start on these, and so does a worker started by `celery`:
+        kanfarm.runner.check_run_environment()  # it would take every message and run none
         lease_seconds(), max_attempts(), device()
     except ValueError as exc:
-        _say_at_start(f"bad setting: {exc}; every task will fail before claiming its run")
+        _say_at_start(f"bad setting: {exc}; not starting")
+        raise SystemExit(2) from None  # not an Exception: Celery's signal dispatch lets it through
     try:
         store().check_schema()
-    except Exception as exc:  # the worker still starts: runs fail loudly until this is fixed
-        _say_at_start(f"database not ready: {exc} (run `kanfarm db upgrade`)")
+    except Exception as exc:  # the worker still starts: it waits out an outage in its tasks
+        from kanfarm.store import SchemaOutOfDate
+        from kanfarm.store.engine import database_url, masked
+
+        # a driver's message can quote the URL, password included: only the type and the masked URL
+        why = str(exc) if isinstance(exc, SchemaOutOfDate) else f"{type(exc).__name__} at {masked(database_url())}"
+        _say_at_start(f"database not ready: {why}")
 
 
 def _say_at_start(message: str) -> None:
