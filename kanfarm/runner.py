@@ -54,6 +54,22 @@ def checkpoint_settings() -> tuple[int, int]:
     return settings[0], settings[1]
 
 
+def check_checkpoints_writable() -> None:
+    """The checkpoint folder can be created and written (a file made and removed), before a claim:
+    a worker whose folder is read-only, missing its mount or full would fail every run it took
+    (ConfigError naming ``KANFARM_CHECKPOINT_DIR`` instead, nothing claimed)."""
+    import tempfile
+
+    root = checkpoint_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError("KANFARM_CHECKPOINT_DIR", f"{str(root)!r} cannot be written "
+                          f"({exc.strerror or type(exc).__name__})") from None
+
+
 def check_run_environment() -> None:
     """Every setting a run reads from the environment, checked (ConfigError) before a command
     writes anything: a bad value is one message, not a grid stored and then nothing trained."""
@@ -62,6 +78,7 @@ def check_run_environment() -> None:
     from kanfarm.models.uniform_spline import triton_wanted
 
     checkpoint_settings()
+    check_checkpoints_writable()  # the commands that call this train here
     checkpoint_interval()
     triton_wanted()
     cpu_compile_wanted()
@@ -338,6 +355,7 @@ def _settings_before_claim() -> float:
     from kanfarm.models.compiled_spline import cpu_compile_wanted
 
     checkpoint_settings()
+    check_checkpoints_writable()
     cpu_compile_wanted()
     keep_freed_memory()
     return checkpoint_interval()

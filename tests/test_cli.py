@@ -583,6 +583,7 @@ def test_user_text_that_looks_like_rich_markup_is_printed_as_it_is(env):
 @pytest.mark.parametrize("variable, value", [("KANFARM_CHECKPOINT_EVERY", "abc"), ("KANFARM_CHECKPOINT_EVERY", "\u00b2"),
                                              ("KANFARM_CHECKPOINT_KEEP", "0"), ("KANFARM_CHECKPOINT_SECONDS", "-1"),
                                              ("KANFARM_CHECKPOINT_DIR", "afile"), ("KANFARM_CHECKPOINT_DIR", "afile/sub"),
+                                             ("KANFARM_CHECKPOINT_DIR", "/proc/kanfarm-checkpoints"),  # unwritable
                                              ("KANFARM_DATA_DIR", "afile"), ("KANFARM_TRITON", "maybe"),
                                              ("KANFARM_OFFLINE", "maybe"), ("KANFARM_KEEP_FREED_MEMORY", "maybe"),
                                              ("KANFARM_CPU_COMPILE", "maybe")])

@@ -1,6 +1,7 @@
 """The runner's wiring of a claimed run to the store: a worker that lost its lease writes nothing more."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,21 @@ def test_worker_whose_run_was_taken_over_writes_no_more_rows(sqlite_store, tmp_p
     # nor did it write a checkpoint after losing the run: the folder is w2's now
     assert [c.epoch for c in store.checkpoints(run_id)] == [0]
     assert sorted(p.name for p in (tmp_path / "ckpt" / run.config_hash).glob("*.pt")) == ["epoch-000000.pt"]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_checkpoint_folder_that_cannot_be_written_claims_nothing(sqlite_store, tmp_path, monkeypatch, packed):
+    """Read-only, an absent mount, a full disk: every run taken would fail for the machine's fault.
+    (/proc refuses new entries, to root too.)"""
+    from kanfarm.config import ConfigError
+    from kanfarm.runner import work_loop
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", "/proc/kanfarm-checkpoints")
+    config = RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=1)
+    sqlite_store.submit_grid("g", {}, [(dataclasses.replace(config, lr=lr), 1000, None) for lr in (0.1, 0.01)])
+    with pytest.raises(ConfigError, match="KANFARM_CHECKPOINT_DIR: '/proc/kanfarm-checkpoints' cannot be written"):
+        work_loop(sqlite_store, "w1", grid="g", pack_size=2 if packed else 1)
+    assert [(r.status, r.attempts) for r in map(sqlite_store.run, sqlite_store.run_ids())] == [("pending", 0)] * 2
 
 
 def _run_cancelled_after(store, tmp_path, monkeypatch, max_epochs: int, epoch: int):
