@@ -1,4 +1,4 @@
-"""Distributed commands: ``worker``, ``enqueue grid``, ``requeue``, ``cancel``.
+"""Distributed commands: ``worker``, ``enqueue grid``, ``requeue``, ``sweep``, ``cancel``.
 
 The database decides what runs; the broker only carries "try run N" messages. So every command
 here first changes run states in the database and then publishes run ids, and publishing the same
@@ -7,8 +7,10 @@ id twice is always safe (the second claim is a no-op). Wired into the main app b
 """
 from __future__ import annotations
 
+import json
 import re
 import sys
+import time
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
@@ -251,6 +253,54 @@ def requeue(grid: Optional[str] = GridOpt,
     _report(info, as_json, lines)
 
 
+def sweep(grid: Optional[str] = GridOpt,
+          every: Optional[float] = typer.Option(
+              None, "--every", min=1, help="Sweep again every SECONDS until stopped (the compose sweeper service)."),
+          as_json: bool = JsonOpt) -> None:
+    """Publish again, once each, the runs whose lease expired (their worker died) and mark them queued.
+
+    Unlike `requeue --stale` it leaves queued runs alone (they have their messages), so it can run every minute: with --every it does, riding out broker and database errors, and prints a line (with --json, a JSON line) only for a sweep that found something."""
+    _check_broker_url()
+    store = open_store()
+    grid_exists(store, grid)
+    if every is None:
+        _check_broker_answers()
+        info = _sweep_once(store, grid)
+        _report(info, as_json, [_sweep_line(info)])
+        return
+    while True:
+        try:
+            info = _sweep_once(store, grid)
+            if info["stale"] and as_json:  # JSON Lines: one object per line, for a log reader
+                sys.stdout.write(json.dumps(info) + "\n")
+            elif info["stale"]:
+                console.print(_sweep_line(info), highlight=False)
+        except Exception as exc:  # the broker or the database away: the next sweep tries again
+            err_console.print(f"sweep failed ({type(exc).__name__}); next sweep in {every:g} s", highlight=False)
+        time.sleep(every)
+
+
+def _sweep_once(store, grid: Optional[str]) -> dict[str, Any]:
+    """Publish the stale runs (each to the queue it was enqueued on), then mark them queued: a
+    worker that takes a message first claims the run all the same (an expired lease is claimable)."""
+    from workers.tasks import publish
+
+    stale = store.stale_runs(grid)
+    by_queue: dict[str, list[int]] = {}
+    for run_id, stored in sorted(store.queues(stale).items()):
+        by_queue.setdefault(stored or "cpu", []).append(run_id)
+    published = {name: publish(ids, name) for name, ids in sorted(by_queue.items())}
+    moved = store.requeue_stale(stale)
+    return {"grid": grid, "stale": len(stale), "published": sum(published.values()),
+            "published_by_queue": published, "requeued": len(moved)}
+
+
+def _sweep_line(info: dict[str, Any]) -> str:
+    where = ", ".join(f"{n} to {name}" for name, n in info["published_by_queue"].items()) or "none"
+    return (f"{info['stale']} runs with an expired lease: {info['published']} published ({where}), "
+            f"{info['requeued']} marked queued (the rest were claimed meanwhile)")
+
+
 def cancel(grid: str = typer.Option(..., "--grid", help="The grid to cancel.", callback=grid_name),
            as_json: bool = JsonOpt) -> None:
     """Waiting (pending or queued) runs become cancelled; running ones stop at their next epoch boundary."""
@@ -307,5 +357,6 @@ def register(app: typer.Typer) -> None:
     """Add the distributed commands to the ``kanfarm`` app."""
     app.add_typer(enqueue_app, name="enqueue")
     app.command("requeue")(handles_errors(requeue))
+    app.command("sweep")(handles_errors(sweep))
     app.command("cancel")(handles_errors(cancel))
     app.command("worker")(handles_errors(worker))

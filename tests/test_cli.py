@@ -715,6 +715,37 @@ def test_bad_worker_settings_are_one_line_naming_the_variable(env, monkeypatch, 
     assert rows(env / "k.db", "SELECT COUNT(*) AS n FROM runs")[0]["n"] == 0
 
 
+def test_sweep_every_rides_out_errors_and_reports_only_what_it_found(env, monkeypatch):
+    """The compose sweeper service: a broker or database error is one line, and the next sweep comes."""
+    import cli.distributed as distributed
+
+    class Stop(Exception):
+        pass
+
+    assert invoke("db", "upgrade").exit_code == 0
+    found = {"grid": None, "stale": 1, "published": 1, "published_by_queue": {"gpu": 1}, "requeued": 1}
+    nothing = {**found, "stale": 0, "published": 0, "published_by_queue": {}, "requeued": 0}
+    outcomes = iter([ConnectionError("broker down"), nothing, found])
+    slept = []
+
+    def sweep_once(store, grid):
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def sleep(seconds):
+        slept.append(seconds)
+        if len(slept) == 3:
+            raise Stop()
+    monkeypatch.setattr(distributed, "_sweep_once", sweep_once)
+    monkeypatch.setattr(distributed.time, "sleep", sleep)
+    result = invoke("sweep", "--every", "60", "--json")
+    assert isinstance(result.exception, Stop) and slept == [60.0] * 3
+    assert "sweep failed (ConnectionError); next sweep in 60 s" in result.output
+    assert [json.loads(line)["stale"] for line in result.stdout.splitlines() if line.startswith("{")] == [1]
+
+
 def test_requeue_max_attempts_without_failed_is_refused(env):
     """It bounds the failed runs retried; alone it used to be ignored without a word."""
     assert invoke("db", "upgrade").exit_code == 0

@@ -30,6 +30,15 @@ def test_services_present(services):
     assert {"redis", "postgres", "migrate", "gpu-worker-0", "cpu-worker", "flower"} <= services.keys()
 
 
+def test_a_sweeper_gives_dead_workers_runs_back(services):
+    """Without it a run whose worker was killed waits for the broker's visibility timeout (12 h)."""
+    sweeper = services["sweeper"]
+    assert sweeper["command"][:2] == ["sweep", "--every"] and 10 <= float(sweeper["command"][2]) <= 600
+    assert sweeper["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert {"KANFARM_BROKER_URL", "KANFARM_DATABASE_URL"} <= sweeper["environment"].keys()
+    assert sweeper["restart"] == "unless-stopped"
+
+
 def test_redis_health_and_no_eviction(services):
     redis = services["redis"]
     assert "noeviction" in " ".join(redis["command"])

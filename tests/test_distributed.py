@@ -642,6 +642,53 @@ def test_enqueue_of_a_changed_spec_warns_and_its_dry_run_counts_what_it_publishe
 
 
 @pytest.mark.services
+def test_sweep_publishes_each_stale_run_once_and_leaves_the_others_alone(env, store, redis_db, tmp_path):
+    """Runs whose worker died (lease expired) go back to their queue once: marked queued, they are
+    not stale at the next sweep. Queued runs (they have messages) and live ones are left alone."""
+    from datetime import timedelta
+
+    from kanfarm.store.schema import utcnow
+
+    cli(env, "enqueue", "grid", spec_file(tmp_path, spec("swept", lrs=(0.0141, 0.0142, 0.0143, 0.0144), epochs=2)),
+        "--queue", "gpu", "--json")
+    redis_db.delete("gpu")
+    dead_a, dead_b, alive, waiting = store.run_ids("swept")
+    for run_id, worker in ((dead_a, "dead"), (dead_b, "dead"), (alive, "alive")):
+        assert store.claim(run_id, worker, 600) is not None
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE runs SET lease_expires_at = :t WHERE id IN (:a, :b)"),
+                     {"t": utcnow() - timedelta(days=1), "a": dead_a, "b": dead_b})
+    out = cli(env, "sweep", "--grid", "swept", "--json")
+    assert (out["stale"], out["published_by_queue"], out["requeued"]) == (2, {"gpu": 2}, 2)
+    assert parked_messages(redis_db, "gpu") == [("kanfarm.execute_run", [dead_a]), ("kanfarm.execute_run", [dead_b])]
+    runs = {i: store.run(i) for i in (dead_a, dead_b, alive, waiting)}
+    assert [(runs[i].status, runs[i].attempts) for i in (dead_a, dead_b, alive, waiting)] == [
+        ("queued", 1), ("queued", 1), ("running", 1), ("queued", 0)]
+    assert cli(env, "sweep", "--grid", "swept", "--json")["published"] == 0 and redis_db.llen("gpu") == 2
+    redis_db.delete("gpu")
+
+
+def test_requeue_stale_leaves_a_run_claimed_meanwhile(sqlite_store):
+    from datetime import timedelta
+
+    from kanfarm.config import RunConfig
+    from kanfarm.store.schema import utcnow
+
+    sqlite_store.submit_grid("g", {}, [(RunConfig(seed=s), 100, None) for s in (0, 1)])
+    first, second = sqlite_store.run_ids("g")
+    for run_id in (first, second):
+        sqlite_store.claim(run_id, "dead", 600)
+    with sqlite_store.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE runs SET lease_expires_at = :t"), {"t": utcnow() - timedelta(seconds=5)})
+    stale = sqlite_store.stale_runs("g")
+    assert stale == [first, second]
+    assert sqlite_store.claim(second, "w2", 600) is not None  # a worker took it after the sweep looked
+    assert sqlite_store.requeue_stale(stale) == [first]
+    assert sqlite_store.run(second).status == "running" and sqlite_store.run(second).worker == "w2"
+    assert sqlite_store.stale_runs("g") == [] and sqlite_store.requeue_stale(stale) == []
+
+
+@pytest.mark.services
 def test_requeue_keeps_packs_when_asked(env, store, redis_db, tmp_path):
     """After a flush, requeue --pack-size re-publishes a packed grid as packs, not one run each."""
     path = spec_file(tmp_path, spec("repack", lrs=(0.0311, 0.0312, 0.0313), epochs=2))

@@ -4,6 +4,7 @@ State machine of ``runs.status``::
 
     pending/queued --claim--> running --finish--> completed | diverged | failed
     running --lease expires--> (claimable again; attempts counts the tries)
+    running, lease expired --requeue_stale--> queued (a sweep published it again)
     running --release--> queued          pending/queued/running --cancel--> cancelled
     pending/failed/cancelled --mark_queued--> queued
 
@@ -448,6 +449,22 @@ class Store:
                  .order_by(runs.c.id))
         with self._read() as conn:
             return list(conn.scalars(query))
+
+    def requeue_stale(self, run_ids: Iterable[int]) -> list[int]:
+        """running with an expired lease -> queued, for runs of ``run_ids`` (a sweep published a
+        message for each, so the next sweep leaves them alone); the attempt the dead claim took
+        stays counted. Returns those moved: a run claimed meanwhile is not."""
+        ids = sorted(set(run_ids))
+        moved: list[int] = []
+        with self._write() as conn:
+            _lock_in_id_order(conn, ids)
+            now = _at(utcnow())
+            for chunk in _chunks(ids):
+                stale = sa.and_(runs.c.id.in_(chunk), runs.c.status == "running", runs.c.lease_expires_at < now)
+                found = list(conn.scalars(sa.select(runs.c.id).where(stale)))
+                conn.execute(sa.update(runs).where(runs.c.id.in_(found)).values(status="queued", lease_expires_at=None))
+                moved += found
+        return moved
 
     def status_counts(self, grid: str | None = None) -> dict[str, int]:
         """Runs per status, every status present (0 when none)."""
