@@ -104,15 +104,19 @@ def release_dead_holders(store: Store, grid: str) -> list[int]:
             if worker and _dead_here(worker) and store.expire_lease(run_id, worker)]
 
 
-def _watch_parent(parent: int, shutdown: Any, poll_s: float = 0.25) -> None:
-    """Warm-shut the workers down when the parent (pid ``parent``, passed in: it may have died
-    before this child started) dies. kill -9 leaves no one to press Ctrl-C: the workers
-    checkpoint, hand their runs back and exit instead of training on as orphans."""
+def watch_parent(parent: int, shutdown: Any, on_death: Callable[[], None] | None = None,
+                 poll_s: float = 0.25) -> None:
+    """Warm-shut the workers down (``shutdown`` set, then ``on_death``) when the parent (pid
+    ``parent``, passed in: it may have died before this child started) dies. kill -9 leaves no one
+    to press Ctrl-C: the workers checkpoint, hand their runs back and exit instead of training on
+    as orphans. The watch ends when ``shutdown`` is set otherwise."""
 
     def watch() -> None:
         while not shutdown.is_set():
             if os.getppid() != parent:
                 shutdown.set()
+                if on_death is not None:
+                    on_death()
                 return
             time.sleep(poll_s)
 
@@ -122,7 +126,7 @@ def _watch_parent(parent: int, shutdown: Any, poll_s: float = 0.25) -> None:
 def _child(url: str, grid: str, device: str, lease_s: float, shutdown: Any, threads: int,
            max_attempts: int | None, pack_size: int | str = 1, parent: int | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into a warm shutdown
-    _watch_parent(os.getppid() if parent is None else parent, shutdown)
+    watch_parent(os.getppid() if parent is None else parent, shutdown)
     import torch
 
     torch.set_num_threads(threads)

@@ -1190,6 +1190,34 @@ def test_launcher_restarts_a_crashed_worker_then_stops_it_warm(monkeypatch, tmp_
     assert (code, log) == (0, ["start", "start", "start", "ready", "SIGTERM"])
 
 
+def test_a_closed_terminal_stops_the_workers_warm(monkeypatch, tmp_path):
+    """SIGHUP (the terminal closed) is forwarded as SIGTERM: the workers, in sessions of their own,
+    got no hangup and consumed on as orphans."""
+    code, log = _launch_and_signal(monkeypatch, tmp_path, crashes=0, signals=[signal.SIGHUP])
+    assert (code, log) == (0, ["start", "ready", "SIGTERM"])
+
+
+def test_a_celery_worker_shuts_down_warm_when_its_launcher_is_gone(monkeypatch):
+    """The launcher killed (SIGKILL forwards nothing): its workers see another parent and stop."""
+    import workers.tasks as tasks
+    from workers.launcher import LAUNCHER_PID_ENV
+
+    sent, shutdown = [], threading.Event()
+    monkeypatch.setattr(tasks, "SHUTDOWN", shutdown)
+    monkeypatch.setattr(tasks.os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    monkeypatch.setenv(LAUNCHER_PID_ENV, str(os.getppid()))  # alive: nothing happens
+    tasks._watch_launcher()
+    time.sleep(0.6)
+    assert sent == [] and not shutdown.is_set()
+    shutdown.set()  # ends that watch
+    time.sleep(0.3)
+    shutdown.clear()
+    monkeypatch.setenv(LAUNCHER_PID_ENV, str(os.getppid() + 1))  # not our parent: it died before we looked
+    tasks._watch_launcher()
+    wait_for(lambda: sent, 5, "the SIGTERM")
+    assert sent == [(os.getpid(), signal.SIGTERM)] and shutdown.is_set()
+
+
 def test_a_second_ctrl_c_kills_the_workers(monkeypatch, tmp_path):
     """The first Ctrl-C asks for a warm shutdown (SIGTERM), which this worker ignores (a run
     finishing its epoch); the second one kills it. Not SIGQUIT, Celery's cold shutdown: in the

@@ -107,6 +107,10 @@ def plan(gpus: list[str], queues: tuple[str, ...] | None = None, concurrency: in
     return specs
 
 
+#: the launcher's pid, given to each worker: a worker whose parent is no longer that process
+#: (the launcher was killed) shuts down warm instead of consuming on as an orphan
+LAUNCHER_PID_ENV = "KANFARM_LAUNCHER_PID"
+
 #: a worker that crashes (exits non-zero without being told to stop) is started again after
 #: RESTART_DELAY_S, unless it has crashed MAX_CRASHES times within CRASH_WINDOW_S: then it stays down
 #: (a crash loop, e.g. a broken environment) and its exit code becomes the launcher's.
@@ -118,7 +122,7 @@ CRASH_WINDOW_S = 600.0
 def launch(specs: list[WorkerSpec], loglevel: str = "INFO", poll_s: float = 0.5) -> int:
     """Start every worker and watch them until they have all stopped; the worst exit code wins.
 
-    The first SIGTERM/SIGINT (Ctrl-C) is forwarded as SIGTERM, Celery's warm shutdown: each worker
+    The first SIGTERM/SIGINT (Ctrl-C)/SIGHUP is forwarded as SIGTERM, Celery's warm shutdown: each worker
     checkpoints and releases its run. A second one kills them (SIGKILL), a crash as far as their
     runs go: they come back when their leases expire. (Not SIGQUIT, Celery's cold shutdown: the solo
     pool cannot cancel a task, and the error it raises inside the run would mark the run failed.)
@@ -134,7 +138,9 @@ def launch(specs: list[WorkerSpec], loglevel: str = "INFO", poll_s: float = 0.5)
 
     def start(i: int) -> None:
         # own process group: a terminal's Ctrl-C reaches only the launcher, which forwards it
-        procs[i] = subprocess.Popen(specs[i].argv(loglevel), env={**os.environ, **specs[i].env},
+        # LAUNCHER_PID_ENV: the worker stops (warm) when this process dies, even by SIGKILL
+        procs[i] = subprocess.Popen(specs[i].argv(loglevel),
+                                    env={**os.environ, **specs[i].env, LAUNCHER_PID_ENV: str(os.getpid())},
                                     start_new_session=True)
         if signals_seen:  # a signal that came while it started found it missing from procs
             procs[i].send_signal(stop_signal())
@@ -145,7 +151,8 @@ def launch(specs: list[WorkerSpec], loglevel: str = "INFO", poll_s: float = 0.5)
             if proc is not None and proc.poll() is None:
                 proc.send_signal(stop_signal())
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # SIGHUP: the terminal closed; its workers (in their own sessions) would train on as orphans
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         for i in range(len(specs)):
             if signals_seen:  # stopped while starting: the rest never start

@@ -9,6 +9,7 @@ release never strands it in ``queued`` without a message.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 from typing import Iterable
@@ -131,6 +132,7 @@ def _warm_up(**_kwargs) -> None:
     except ValueError as exc:
         _say_at_start(f"bad setting: {exc}; not starting")
         raise SystemExit(2) from None  # not an Exception: Celery's signal dispatch lets it through
+    _watch_launcher()
     try:
         store().check_schema()
     except Exception as exc:  # the worker still starts: it waits out an outage in its tasks
@@ -140,6 +142,17 @@ def _warm_up(**_kwargs) -> None:
         # a driver's message can quote the URL, password included: only the type and the masked URL
         why = str(exc) if isinstance(exc, SchemaOutOfDate) else f"{type(exc).__name__} at {masked(database_url())}"
         _say_at_start(f"database not ready: {why}")
+
+
+def _watch_launcher() -> None:
+    """Started by ``kanfarm worker``: a warm shutdown (SIGTERM to itself, as the launcher would
+    send) once the launcher is gone, killed or its terminal closed."""
+    from kanfarm.local import watch_parent
+    from workers.launcher import LAUNCHER_PID_ENV
+
+    parent = os.environ.get(LAUNCHER_PID_ENV, "")
+    if parent.isascii() and parent.isdigit():
+        watch_parent(int(parent), SHUTDOWN, on_death=lambda: os.kill(os.getpid(), signal.SIGTERM))
 
 
 def _say_at_start(message: str) -> None:
