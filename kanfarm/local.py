@@ -104,6 +104,23 @@ def release_dead_holders(store: Store, grid: str) -> list[int]:
             if worker and _dead_here(worker) and store.expire_lease(run_id, worker)]
 
 
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process may use: its affinity mask, and a container's CPU quota (cgroup v2
+    ``cpu.max``: "quota period", or "max"), not the host's count, which ``os.cpu_count`` gives:
+    4 containers each taking every host core would oversubscribe it 4 times."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = cgroup.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):  # no cgroup v2 file, or not in this form: no quota known
+        pass
+    return max(1, cpus)
+
+
 def watch_parent(parent: int, shutdown: Any, on_death: Callable[[], None] | None = None,
                  poll_s: float = 0.25) -> None:
     """Warm-shut the workers down (``shutdown`` set, then ``on_death``) when the parent (pid
@@ -200,7 +217,7 @@ def run_grid_locally(store: Store, grid: str, *, workers: int = 1, device: str =
     else:
         ctx = mp.get_context("spawn")
         shutdown = ctx.Event()
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = max(1, usable_cpus() // workers)
         pool = [ctx.Process(target=_child, args=(store.url_string, grid, device, lease_s, shutdown, threads,
                                                  max_attempts, pack_size, os.getpid()), name=f"kanfarm-worker-{i}")
                 for i in range(workers)]

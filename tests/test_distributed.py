@@ -74,6 +74,27 @@ def test_launcher_pins_one_process_per_gpu():
         parse_queues("tpu", "cpu")
 
 
+def test_workers_split_the_cores_this_container_may_use(monkeypatch, tmp_path):
+    """Not the host's count: four compose CPU workers each with every host core, or GPU workers
+    with no cap at all, oversubscribe the machine."""
+    import kanfarm.local as local
+    from workers.launcher import plan
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(local, "usable_cpus", lambda: 16)
+    assert [s.env["OMP_NUM_THREADS"] for s in plan([], ("cpu",), concurrency=4, host="h")] == ["4"] * 4
+    assert [s.env["OMP_NUM_THREADS"] for s in plan(["0", "1"], ("gpu",), concurrency=2, host="h")] == ["4"] * 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice wins
+    assert {s.env["OMP_NUM_THREADS"] for s in plan(["0"], ("gpu",), host="h")} == {"3"}
+    monkeypatch.undo()
+    cpu_max = tmp_path / "cpu.max"
+    for text, want in (("250000 100000\n", 3), ("50000 100000", 1), ("max 100000", None), ("junk", None)):
+        cpu_max.write_text(text)
+        mask = len(os.sched_getaffinity(0))
+        assert local.usable_cpus(cpu_max) == (mask if want is None else min(mask, want)), text
+    assert local.usable_cpus(tmp_path / "absent") == len(os.sched_getaffinity(0))
+
+
 def test_pack_task_claims_no_further_chunk_after_warm_shutdown(sqlite_store, monkeypatch):
     """A GPU worker splits a pack message into chunks that fit its memory. A warm shutdown during
     one chunk must not claim the next ones (each claim costs an attempt, only to release the run

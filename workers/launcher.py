@@ -88,22 +88,24 @@ def plan(gpus: list[str], queues: tuple[str, ...] | None = None, concurrency: in
     """The worker processes to start: ``concurrency`` per GPU, or ``concurrency`` CPU workers."""
     if concurrency < 1:
         raise ValueError("--concurrency must be at least 1")
+    from kanfarm.local import usable_cpus
+
     host = host or socket.gethostname()
     specs = []
+    # the cores this machine (or container) lets us use, split between the worker processes
+    threads = os.environ.get("OMP_NUM_THREADS", str(max(1, usable_cpus() // (concurrency * max(1, len(gpus))))))
     if gpus:
         for gpu in gpus:
             for slot in range(concurrency):
                 specs.append(WorkerSpec(
                     f"gpu{gpu}-{slot}@{host}", queues or ("gpu",),
-                    {"CUDA_VISIBLE_DEVICES": gpu, "KANFARM_DEVICE": "cuda"}))
+                    {"CUDA_VISIBLE_DEVICES": gpu, "KANFARM_DEVICE": "cuda", "OMP_NUM_THREADS": threads}))
     else:
-        threads = str(max(1, (os.cpu_count() or 1) // concurrency))
         for slot in range(concurrency):
-            # hide GPUs so a CPU worker never opens a CUDA context; split the cores between slots
+            # hide GPUs so a CPU worker never opens a CUDA context
             specs.append(WorkerSpec(
                 f"cpu-{slot}@{host}", queues or ("cpu",),
-                {"CUDA_VISIBLE_DEVICES": "", "KANFARM_DEVICE": "cpu",
-                 "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}))
+                {"CUDA_VISIBLE_DEVICES": "", "KANFARM_DEVICE": "cpu", "OMP_NUM_THREADS": threads}))
     return specs
 
 
