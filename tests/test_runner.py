@@ -254,9 +254,9 @@ def test_a_members_own_error_fails_it_alone(sqlite_store, tmp_path, monkeypatch)
     assert [r["test_acc"] for r in store.epoch_metrics(healthy)] == pytest.approx([r.test_acc for r in alone], abs=1e-6)
 
 
-def _failing_once(store, monkeypatch, epoch: int):
-    """Writing the rows of ``epoch`` raises a database error the first time (``write_epoch`` for
-    a single run, ``write_epochs`` for a pack's rows)."""
+def _failing_once(store, monkeypatch, epoch: int, error=None):
+    """Writing the rows of ``epoch`` raises a database error (``error``, else a lost connection)
+    the first time (``write_epoch`` for a single run, ``write_epochs`` for a pack's rows)."""
     from sqlalchemy.exc import OperationalError
 
     write, write_many, failed = store.write_epoch, store.write_epochs, []
@@ -264,7 +264,7 @@ def _failing_once(store, monkeypatch, epoch: int):
     def fail_once(run_id, record):
         if record.epoch == epoch and not failed:
             failed.append(run_id)
-            raise OperationalError("INSERT ...", {}, Exception("server closed the connection unexpectedly"))
+            raise error or OperationalError("INSERT ...", {}, Exception("server closed the connection unexpectedly"))
 
     def flaky(run_id, record, worker=None):
         fail_once(run_id, record)
@@ -280,15 +280,18 @@ def _failing_once(store, monkeypatch, epoch: int):
     return failed
 
 
-def test_a_database_error_hands_the_run_back_instead_of_failing_it(sqlite_store, tmp_path, monkeypatch):
-    import pytest
-    from sqlalchemy.exc import OperationalError
+@pytest.mark.parametrize("pool_timeout", [False, True])
+def test_a_database_error_hands_the_run_back_instead_of_failing_it(sqlite_store, tmp_path, monkeypatch, pool_timeout):
+    """A lost connection, or no connection to be had from the pool in time (a pack's heartbeats
+    and a lock held by a migration, say)."""
+    from sqlalchemy.exc import OperationalError, TimeoutError
 
     monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
     store = sqlite_store
     (run_id,) = _grid(store, [RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=3)])
-    _failing_once(store, monkeypatch, epoch=2)
-    with pytest.raises(OperationalError):  # the Celery task retries on this
+    error = TimeoutError("QueuePool limit of size 5 overflow 10 reached, connection timed out") if pool_timeout else None
+    _failing_once(store, monkeypatch, epoch=2, error=error)
+    with pytest.raises(TimeoutError if pool_timeout else OperationalError):  # the Celery task retries on this
         execute_run(store, run_id, "w1")
     run = store.run(run_id)
     assert (run.status, run.error, run.lease_expires_at) == ("queued", None, None)
