@@ -464,7 +464,7 @@ def execute_pack(store: Store, run_ids: list[int], worker: str, *, device: str =
 
 def fitting_pack_size(config: RunConfig, device: str) -> int:
     """Members of ``config``'s shape one pack may hold on ``device`` (``auto``): what fits half
-    the free memory of a GPU, 8 on a CPU (``kanfarm.packing.auto_pack_size``)."""
+    the free memory of a GPU, or of the host up to 8 on a CPU (``kanfarm.packing.auto_pack_size``)."""
     from kanfarm.data import dataset_shape
     from kanfarm.packing import auto_pack_size
 

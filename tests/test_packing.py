@@ -313,6 +313,40 @@ def test_every_field_but_the_member_fields_keeps_runs_apart():
     assert pack_key(dataclasses.replace(mlp, dropout=0.0)) == pack_key(mlp)
 
 
+def test_auto_pack_size_fits_half_the_memory_free_for_it(monkeypatch):
+    import torch
+
+    from kanfarm.packing import planner
+
+    config = RunConfig(dataset="mnist", model="kan", depth="shallow", batch_size=4096)
+    per = planner.member_bytes(config, 784, 10)
+    for available, want in ((10 ** 15, planner.CPU_PACK), (2 * 3 * per + 1, 3), (per, 1), (None, planner.CPU_PACK)):
+        monkeypatch.setattr(planner, "host_available_bytes", lambda: available)
+        assert planner.auto_pack_size(config, 784, 10) == want, available
+    # CUDA: the driver's free memory plus the blocks this process's allocator holds unused
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (10 * per, 80 * per))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev: 30 * per)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev: 20 * per)
+    assert planner.auto_pack_size(config, 784, 10, device="cuda") == 10  # (10 + 30 - 20) / 2
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (10 ** 4 * per, 10 ** 4 * per))
+    assert planner.auto_pack_size(config, 784, 10, device="cuda") == planner.MAX_PACK
+
+
+def test_host_memory_available_reads_meminfo_and_a_containers_limit(tmp_path):
+    from kanfarm.packing.planner import host_available_bytes
+
+    meminfo, cgroup = tmp_path / "meminfo", tmp_path / "cgroup"
+    cgroup.mkdir()
+    meminfo.write_text("MemTotal:       2048 kB\nMemFree:         100 kB\nMemAvailable:    1000 kB\n")
+    assert host_available_bytes(meminfo, cgroup) == 1000 * 1024  # no limit files
+    (cgroup / "memory.max").write_text("500000\n")
+    (cgroup / "memory.current").write_text("100000\n")
+    assert host_available_bytes(meminfo, cgroup) == 400000
+    (cgroup / "memory.max").write_text("max\n")
+    assert host_available_bytes(meminfo, cgroup) == 1000 * 1024
+    assert host_available_bytes(tmp_path / "absent", tmp_path / "absent") is None
+
+
 def test_a_pack_size_per_shape_when_auto_sizes_differ():
     """``plan_packs`` with a callable: each pack key gets the size its first config asks for."""
     kan = [(i, RunConfig(model="kan", lr=0.01 * (i + 1))) for i in range(5)]

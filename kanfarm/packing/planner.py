@@ -10,6 +10,7 @@ patience. Runs with batch norm train alone: the stacked model has no per-member 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Callable, Hashable, Sequence, TypeVar
 
 from kanfarm.config import RunConfig
@@ -82,12 +83,46 @@ def member_bytes(config: RunConfig, n_features: int, n_classes: int) -> int:
     return 4 * (6 * param_count(config, n_features, n_classes) + activations + kernels)
 
 
+#: most members ``auto`` packs on a CPU: packing there saves little beyond (it is compute bound)
+CPU_PACK = 8
+
+
+def host_available_bytes(meminfo: Path = Path("/proc/meminfo"),
+                         cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Memory a new allocation can have on this host: ``MemAvailable``, and no more than what a
+    container's limit (cgroup v2 ``memory.max`` - ``memory.current``) leaves; None when unknown."""
+    available = None
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            left = max(0, int(limit) - int((cgroup / "memory.current").read_text()))
+            available = left if available is None else min(available, left)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
 def auto_pack_size(config: RunConfig, n_features: int, n_classes: int, device: str = "cpu") -> int:
-    """Members that fit in half the free memory of a CUDA device; 8 on CPU (no gain beyond)."""
+    """Members that fit in half the memory free for them (``member_bytes`` each), at most ``MAX_PACK``.
+
+    On a CUDA device: what the driver reports free plus what this process's caching allocator
+    holds unused (blocks it reuses; the driver counts them as taken, so a long-lived worker's later
+    packs came out smaller). On a CPU: ``host_available_bytes``, and at most ``CPU_PACK``."""
     import torch
 
+    per_member = member_bytes(config, n_features, n_classes)
     dev = torch.device(device)
-    if dev.type != "cuda":
-        return 8
-    free, _ = torch.cuda.mem_get_info(dev)
-    return max(1, min(MAX_PACK, int(free * 0.5) // member_bytes(config, n_features, n_classes)))
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+        return max(1, min(MAX_PACK, int(free * 0.5) // per_member))
+    available = host_available_bytes()
+    if available is None:
+        return CPU_PACK
+    return max(1, min(CPU_PACK, int(available * 0.5) // per_member))
