@@ -273,7 +273,7 @@ def _hand_back_when_reachable(run_ids: list[int]) -> list[int]:
 @app.task(name=PACK_TASK_NAME, base=GuardedTask, bind=True, ignore_result=True, acks_late=True, max_retries=None)
 def execute_pack_task(self, run_ids: list[int], fit: bool = False) -> str:
     """Claim the claimable runs of ``run_ids`` and train them as a pack sized for this worker's
-    device: on a GPU at most what fits its free memory, on a CPU its ``auto`` size (8) when
+    device: on a GPU at most what fits its free memory, on a CPU its ``auto`` size (at most 8) when
     ``fit`` (published by ``--pack-size auto``); taken or finished runs are skipped. What does not
     fit goes back to the queue at once as packs of that size, for idle workers (it used to wait
     here, chunk after chunk); only if the broker refuses them are they trained here in turn."""
