@@ -246,12 +246,24 @@ def test_html_page_reads_the_summary_view_once_and_says_the_same(store, monkeypa
     slow part (it was read 8 times a page)."""
     reads = []
     summary = store.summary
-    plain = render_html(store, "g")
+    plain = render_html(store, "full")
     monkeypatch.setattr(store, "summary", lambda grid=None: reads.append(grid) or summary(grid))
-    once = render_html(store, "g")
-    assert reads == ["g"]
+    once = render_html(store, "full")
+    assert reads == ["full"]
     strip = lambda page: re.sub(r"generated [^;]*;", "", page)  # noqa: E731  (the page's own time)
     assert strip(once) == strip(plain)
+
+
+def test_html_tables_are_the_reports_rows(store):
+    """Each table of the page holds what its report computes on its own (the page shares one read
+    of the summary view between them: a report that changed the rows it was given would show)."""
+    from kanfarm.reports.html import TABLES, html_table
+
+    page = render_html(store, "full")
+    for name, table in TABLES.items():
+        rows = table(store, "full")
+        assert rows, name
+        assert html_table(rows, f"table-{name}") in page, name
 
 
 def test_html_page_of_an_empty_grid_says_what_is_missing(store):
