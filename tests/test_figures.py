@@ -91,6 +91,58 @@ def test_bar_figures_hold_one_bar_per_model_depth_and_scheme_whiskers(store):
     assert max(p.get_height() for p in _panels(F.accuracy_bars(rows))["mnist"].patches) == pytest.approx(best)
 
 
+def _bar_values(ax) -> list[tuple[float, float, float]]:
+    """(height, whisker low, whisker high) of every bar of a panel, sorted."""
+    from matplotlib.container import ErrorbarContainer
+
+    whiskers = {}
+    for container in ax.containers:
+        if isinstance(container, ErrorbarContainer):
+            (low, high), = [(seg[0][1], seg[1][1]) for seg in container.lines[2][0].get_segments()]
+            whiskers[round(container.lines[2][0].get_segments()[0][0][0], 9)] = (low, high)
+    bars = [(round(p.get_x() + p.get_width() / 2, 9), p.get_height()) for p in ax.patches]
+    return sorted((round(h, 9), round(whiskers[x][0], 9), round(whiskers[x][1], 9)) for x, h in bars)
+
+
+def _expected_bars(rows, value: str, height) -> list[tuple[float, float, float]]:
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r["dataset"] == "digits" and r[value] is not None:
+            groups.setdefault((r["depth"], r["model"], r["trainer"]), []).append(r[value])
+    return sorted((round(height(v), 9), round(min(v), 9), round(max(v), 9)) for v in groups.values())
+
+
+def test_bar_heights_and_whiskers_are_the_schemes_best_or_median_and_range(store):
+    """A bar is the best scheme (accuracy) or the median one (gap) of its model, trainer and depth;
+    its whiskers span every scheme. Gaps here differ run by run, so median, max and min differ."""
+    import statistics
+
+    rows = [dict(r) for r in store.summary("full")]
+    for r in rows:
+        if r["gap_at_best"] is not None:
+            r["gap_at_best"] = r["run_id"] / 100
+    digits = _panels(F.accuracy_bars(rows))["digits"]
+    assert _bar_values(digits) == _expected_bars(rows, "best_test_acc", max)
+    assert any(low < high for _, low, high in _bar_values(digits))  # the two learning rates differ
+    gaps = _panels(F.gap_bars(rows))["digits"]
+    assert _bar_values(gaps) == _expected_bars(rows, "gap_at_best", statistics.median)
+
+
+def test_degree_figure_plots_each_orders_best_scheme(store):
+    """A second, weaker and a third, stronger scheme per cell: the line goes through the best."""
+    rows = [dict(r) for r in store.summary("full") if r["dataset"] == "mnist"]
+    extra = []
+    for r in rows:
+        extra += [{**r, "run_id": r["run_id"] + 1000, "lr": 0.5, "best_test_acc": r["best_test_acc"] - 0.3},
+                  {**r, "run_id": r["run_id"] + 2000, "lr": 0.05, "best_test_acc": r["best_test_acc"] + 0.05}]
+    left, _ = F.degree_vs_width(rows + extra).axes
+    for line in left.lines:
+        width = int(line.get_label().split()[1])
+        want = [max(r["best_test_acc"] for r in rows + extra if r["hidden_widths"] == str(width)
+                    and r["spline_order"] == k) for k in (2, 3)]
+        assert list(line.get_ydata()) == pytest.approx(want), width
+
+
 def test_sensitivity_has_one_box_per_setting(store):
     panels = _panels(F.sensitivity_boxes(store.summary("full")))
     assert len(panels["digits"].patches) == 8  # patch_artist boxes
@@ -148,6 +200,19 @@ def test_learning_curves_plot_best_and_worst_run(store):
     labels = [line.get_label() for ax in fig.axes for line in ax.lines if not line.get_label().startswith("_")]
     assert labels and all(label.split()[2] == archs[int(label.split()[1][1:])] for label in labels), labels
     assert len(panels["mnist / kan (backprop)"].lines) == 4
+    # the best run (highest best test accuracy, ties to the lower id) first, the worst last; here
+    # the older the run the better, as the fixture's accuracies would grow with the id
+    rows = [dict(r) for r in rows]
+    kan = [r for r in rows if (r["dataset"], r["model"], r["trainer"]) == ("digits", "kan", "backprop")
+           and r["best_test_acc"] is not None]
+    for r in kan:
+        r["best_test_acc"] = 1 - r["run_id"] / 100
+    panels = _panels(F.learning_curves(rows, store.epoch_metrics(grid="full")))
+    best = max(kan, key=lambda r: (r["best_test_acc"], -r["run_id"]))["run_id"]
+    worst = min(kan, key=lambda r: (r["best_test_acc"], r["run_id"]))["run_id"]
+    shown = [int(line.get_label().split()[1][1:]) for line in panels["digits / kan (backprop)"].lines
+             if not line.get_label().startswith("_")]
+    assert best != worst and shown[0] == best and shown[-1] == worst, (shown, best, worst)
     off = [ax for ax in fig.axes if not ax.axison]
     assert len(off) == 4 and not off[0].lines  # mnist has only backprop KAN runs
 
