@@ -31,14 +31,23 @@ def checked_param_count(config: RunConfig, n_features: int, n_classes: int) -> i
                            f"has {n_params} parameters, more than the store holds ({MAX_PARAMS})")
 
 
+#: what fixes a cell's parameter count, with its dataset options (its input width): cells that
+#: differ in anything else (scheme, seed, trainer, epochs...) share one count, counted once
+SHAPE_FIELDS = ("dataset", "model", "depth", "hidden_widths", "wide_multiplier", "grid_size", "spline_order",
+                "batch_norm")
+
+
 def sized_cells(spec: GridSpec):
-    """(config, n_params, intrinsic_dim) for every cell of ``spec``, validated."""
-    cells = []
+    """(config, n_params, intrinsic_dim) for every cell of ``spec``, validated. Counted once per
+    shape: a 97,200-cell grid of 9 architectures spent 50 s counting the same parameters."""
+    cells, counts = [], {}
     for config in spec.expand():
         config.check_new()
-        n_features, n_classes = dataset_shape(config.dataset, **config.dataset_options)
-        cells.append((config, checked_param_count(config, n_features, n_classes),
-                      spec.intrinsic_dim(config.dataset)))
+        shape = (*(getattr(config, f) for f in SHAPE_FIELDS), tuple(sorted(config.dataset_options.items())))
+        if shape not in counts:
+            n_features, n_classes = dataset_shape(config.dataset, **config.dataset_options)
+            counts[shape] = checked_param_count(config, n_features, n_classes)
+        cells.append((config, counts[shape], spec.intrinsic_dim(config.dataset)))
     return cells
 
 

@@ -106,3 +106,15 @@ def stored_grids_and_runs(db_path) -> tuple[int, int]:
                 con.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
     finally:
         con.close()
+
+
+#: a second value of every RunConfig field, for tests that change one field at a time (a field
+#: added to RunConfig must be added here); on an HSIC KAN of HIGGS every field but dropout is used
+OTHER_VALUES = {
+    "dataset": "mnist", "model": "mlp", "depth": "deep", "hidden_widths": (16, 8), "init": "orthogonal",
+    "optimizer": "sgd", "lr": 0.5, "trainer": "backprop", "activation": "relu", "spline_order": 2,
+    "grid_size": 8, "batch_size": 32, "max_epochs": 4, "seed": 1, "patience": 2, "dropout": 0.0,
+    "wide_multiplier": 2.0, "train_eval_size": 100, "hsic_beta": 50.0, "hsic_sigma": 5.0,
+    "hsic_x_term": True, "hsic_format_epochs": 1, "matmul_precision": "tf32", "batch_norm": True,
+    "dataset_options": {"n_train": 1000}, "extra": {"note": "x"},
+}

@@ -6,7 +6,7 @@ import tomllib
 
 import pytest
 
-from conftest import stored_grids_and_runs
+from conftest import OTHER_VALUES, stored_grids_and_runs
 from kanfarm.config import ConfigError, RunConfig
 from kanfarm.grids import KNOWN_INTRINSIC_DIM, PRESETS, GridSpec, load_spec, parse_spec
 
@@ -432,6 +432,38 @@ def test_parameter_count_too_large_for_the_store_names_its_field(changes, field)
     with pytest.raises(ConfigError) as err:
         sized_cells(spec(**changes))
     assert err.value.field == field
+
+
+def test_only_the_shape_fields_change_a_cells_parameter_count():
+    """``sized_cells`` counts parameters once per SHAPE_FIELDS (and dataset options): a field outside
+    them that changed the count would give cells of another shape a wrong ``n_params``."""
+    import dataclasses
+
+    from kanfarm.data import dataset_shape
+    from kanfarm.models import param_count
+    from kanfarm.submission import SHAPE_FIELDS
+
+    def count(config):
+        return param_count(config, *dataset_shape(config.dataset, **config.dataset_options))
+
+    for base in (RunConfig(dataset="higgs", model="kan", depth="shallow", trainer="hsic"),
+                 RunConfig(dataset="imdb", model="mlp_wide", depth="medium")):
+        assert sorted(OTHER_VALUES) == sorted(f.name for f in dataclasses.fields(RunConfig))
+        for name, value in OTHER_VALUES.items():
+            if name not in SHAPE_FIELDS + ("dataset_options",):
+                assert count(dataclasses.replace(base, **{name: value})) == count(base), (base.model, name)
+
+
+def test_sized_cells_count_each_cell_as_param_count_does():
+    from kanfarm.data import dataset_shape
+    from kanfarm.models import param_count
+    from kanfarm.submission import sized_cells
+
+    for name in PRESETS:  # widths, depths, spline orders, batch norm, dataset options
+        cells = sized_cells(load_spec(name))
+        assert len({n for _, n, _ in cells}) > 1
+        for config, n_params, _ in cells:
+            assert n_params == param_count(config, *dataset_shape(config.dataset, **config.dataset_options))
 
 
 def test_cli_submit_refuses_huge_integers_and_writes_nothing(tmp_path, monkeypatch):

@@ -14,6 +14,8 @@ from kanfarm.data import load_dataset
 from kanfarm.packing import Member, pack_key, plan_packs, train_pack
 from kanfarm.training import CheckpointManager, train
 
+from conftest import OTHER_VALUES
+
 FIELDS = ("train_loss", "train_acc", "test_loss", "test_acc")
 
 
@@ -281,18 +283,6 @@ def test_planner_groups_runs_that_share_shapes_and_data_order():
     assert pack_key(dataclasses.replace(hsic, hsic_format_epochs=1)) != pack_key(hsic)
     wide = dataclasses.replace(base, model="mlp_wide")
     assert pack_key(wide) != pack_key(dataclasses.replace(wide, grid_size=8))  # other matched widths
-
-
-#: a second value of every RunConfig field for the field-by-field planner test, on an HSIC KAN of
-#: HIGGS (a base that uses every field but dropout, an MLP's); a field added to RunConfig must be added here
-OTHER_VALUES = {
-    "dataset": "mnist", "model": "mlp", "depth": "deep", "hidden_widths": (16, 8), "init": "orthogonal",
-    "optimizer": "sgd", "lr": 0.5, "trainer": "backprop", "activation": "relu", "spline_order": 2,
-    "grid_size": 8, "batch_size": 32, "max_epochs": 4, "seed": 1, "patience": 2, "dropout": 0.0,
-    "wide_multiplier": 2.0, "train_eval_size": 100, "hsic_beta": 50.0, "hsic_sigma": 5.0,
-    "hsic_x_term": True, "hsic_format_epochs": 1, "matmul_precision": "tf32", "batch_norm": True,
-    "dataset_options": {"n_train": 1000}, "extra": {"note": "x"},
-}
 
 
 def test_every_field_but_the_member_fields_keeps_runs_apart():
