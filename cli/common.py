@@ -45,7 +45,7 @@ def submit_spec(store, grid):
 
     with err_console.status(Text(f"storing the cells of grid {grid.name}")):
         result = submit(store, grid)
-    others = len(set(linked_hashes(store, grid.name)) - {c.config_hash() for c in grid.expand()})
+    others = len(set(linked_hashes(store, grid.name)) - {c.normalised_hash() for c in grid.expand()})
     if others:  # a spec (or preset) changed under the same name: its old cells stay in the grid
         err_console.print(f"warning: grid {grid.name} also holds {others} runs that are not cells of this "
                           f"spec (an earlier version of it); its reports include them and `run grid` trains them. Submit under "

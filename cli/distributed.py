@@ -162,7 +162,7 @@ def enqueue_grid(spec: str = typer.Argument(..., help="A TOML spec file or a pre
     grid = read_spec(spec)
     _check_broker_answers()
     if dry_run:
-        hashes = {config.normalised().config_hash() for config, _, _ in sized_cells(grid)}
+        hashes = {config.normalised_hash() for config, _, _ in sized_cells(grid)}  # expand normalised them
         known = {row["config_hash"]: row["status"]
                  for row in store.query("SELECT config_hash, status FROM runs")}
         stored = hashes & known.keys()

@@ -5,6 +5,7 @@ Everything that can change a run's result lives here; nothing about where or how
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -283,8 +284,12 @@ class RunConfig:
                                                     "leave no epoch of HSIC training: must be fewer than max_epochs")
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        """Every field, as ``dataclasses.asdict`` gives them (hidden widths as a list), built
+        directly: asdict deep-copies field by field, a third of a large grid's submission time."""
+        d = {name: getattr(self, name) for name in _FIELD_NAMES}
         d["hidden_widths"] = list(self.hidden_widths)
+        d["dataset_options"] = dict(self.dataset_options)
+        d["extra"] = copy.deepcopy(self.extra)
         return d
 
     @classmethod
@@ -304,7 +309,12 @@ class RunConfig:
         ``dataset_options`` enters only when it holds a non-default option, ``matmul_precision``
         only when it is not "float32" and ``batch_norm`` only when true, so runs that use the
         defaults keep the hash they had before these fields existed."""
-        data = self.normalised().to_dict()
+        return self.normalised().normalised_hash()
+
+    def normalised_hash(self) -> str:
+        """``config_hash`` of a config that ``normalised`` returned (a submission hashes each of
+        thousands of cells once, without normalising it again)."""
+        data = self.to_dict()
         if not data["dataset_options"]:
             del data["dataset_options"]
         if data["matmul_precision"] == "float32":
@@ -315,6 +325,7 @@ class RunConfig:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(RunConfig))
 #: the fields only a KAN (and the MLP-Wide matched to it) uses
 _SPLINE_FIELDS = ("spline_order", "grid_size")
 #: RunConfig's defaults, what ``normalised`` puts in the fields a cell does not use

@@ -454,6 +454,23 @@ def test_only_the_shape_fields_change_a_cells_parameter_count():
                 assert count(dataclasses.replace(base, **{name: value})) == count(base), (base.model, name)
 
 
+def test_to_dict_and_normalised_hash_are_the_plain_ones():
+    """Written out for speed: to_dict is dataclasses.asdict (a deep copy), normalised_hash the
+    config_hash of a normalised config."""
+    import dataclasses
+
+    configs = [c for name in ("demo", "paper-imdb", "paper-degree") for c in load_spec(name).expand()]
+    configs.append(RunConfig(extra={"a": [1, {"b": 2}]}, dataset_options={}))
+    for config in configs:
+        plain = dataclasses.asdict(config)
+        plain["hidden_widths"] = list(config.hidden_widths)
+        assert config.to_dict() == plain
+        assert config.normalised().normalised_hash() == config.config_hash()
+    copied = configs[-1].to_dict()
+    copied["extra"]["a"][1]["b"] = 3
+    assert configs[-1].extra == {"a": [1, {"b": 2}]}
+
+
 def test_sized_cells_count_each_cell_as_param_count_does():
     from kanfarm.data import dataset_shape
     from kanfarm.models import param_count

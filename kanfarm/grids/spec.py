@@ -332,7 +332,7 @@ class GridSpec:
                         entry = dataset if dataset in table else "default"
                         raise ConfigError(f"{exc.field}.{entry}", str(exc).split(": ", 1)[1]) from None
                     raise
-                key = cell.config_hash()
+                key = cell.normalised_hash()  # _cell normalised it
                 if overlap and cell.depth is not None:
                     networks.add(dataclasses.replace(cell, depth=None).config_hash())
                 elif overlap and key in networks:

@@ -698,7 +698,7 @@ def _run_values(config: RunConfig, n_params: int, intrinsic_dim: int | None, now
     """The ``runs`` row of a normalised config (grid_id added by the caller). ``intrinsic_dim``
     is stored as given: the grid spec resolves it (kanfarm.reports.KNOWN_INTRINSIC_DIM)."""
     return {
-        "config": config.to_dict(), "config_hash": config.config_hash(),
+        "config": config.to_dict(), "config_hash": config.normalised_hash(),
         "dataset": config.dataset, "model": config.model, "depth": config.depth,
         "hidden_widths": ",".join(str(w) for w in config.hidden_widths),
         "init": config.init, "optimizer": config.optimizer, "lr": config.lr,
