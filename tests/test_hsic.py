@@ -142,7 +142,9 @@ def test_run_config_refuses_bad_hsic_settings(changes, field):
     with pytest.raises(ConfigError) as err:
         RunConfig(trainer="hsic", max_epochs=3, **changes).normalised()
     assert err.value.field == field
-    RunConfig(trainer="backprop", max_epochs=3, **changes).normalised()  # unused by backprop: reset, not refused
+    # unused by backprop: reset to the defaults, not refused
+    reset = RunConfig(trainer="backprop", max_epochs=3, **changes).normalised()
+    assert reset == RunConfig(trainer="backprop", max_epochs=3).normalised()
 
 
 def test_a_format_stage_as_long_as_the_run_is_refused_at_submission_but_loads_when_stored():

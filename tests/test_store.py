@@ -251,21 +251,25 @@ def test_a_claim_waits_for_the_holders_write_in_flight(store):
     store.submit_grid("g", {}, cells(1))
     run_id = store.run_ids()[0]
     store.claim(run_id, "w1", -1)  # w1's lease has lapsed: the run is claimable
-    checked, claims = threading.Event(), []
+    checked, claiming, committed, claims = threading.Event(), threading.Event(), threading.Event(), []
 
     def claim_during_the_write():
         checked.wait(10)
-        claims.append(store.claim(run_id, "w2", 60))
+        claiming.set()
+        claims.append((store.claim(run_id, "w2", 60), committed.is_set()))
 
     thief = threading.Thread(target=claim_during_the_write)
     thief.start()
     with store._write() as conn:  # what write_epoch(worker="w1") does, held open in the middle
         store._require_holder(conn, run_id, "w1")
         checked.set()
-        thief.join(1.0)
+        assert claiming.wait(10)  # the thief is in its claim (not merely slow to start) ...
+        thief.join(1.0)  # ... and stays there while w1's write is open
         assert thief.is_alive(), "the claim went through between w1's check and its write"
+        committed.set()  # (set just before the commit: a claim that returns before it is wrong)
     thief.join(30)
-    assert claims[0].worker == "w2"
+    claim, after_commit = claims[0]
+    assert claim.worker == "w2" and after_commit
     with pytest.raises(LeaseLost):
         store.write_epoch(run_id, record(0, 0.1, 0.1), worker="w1")
     with pytest.raises(LeaseLost):
