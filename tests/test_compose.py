@@ -75,7 +75,7 @@ def test_workers_wait_for_services_and_migration(services):
         assert env["KANFARM_DATABASE_URL"].startswith("postgresql+psycopg://")
         assert any(v.endswith(":" + env["KANFARM_CHECKPOINT_DIR"]) for v in worker["volumes"]), name
         assert f"compile-cache:{env['TORCHINDUCTOR_CACHE_DIR']}" in worker["volumes"], name
-        assert worker["stop_signal"] == "SIGTERM"
+        assert worker["stop_signal"] == "SIGTERM" and worker["init"] is True, name
         grace = re.fullmatch(r"(\d+)(s|m|h)", worker["stop_grace_period"])
         assert grace and int(grace[1]) * {"s": 1, "m": 60, "h": 3600}[grace[2]] >= 120, name
 
