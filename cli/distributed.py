@@ -268,6 +268,10 @@ def sweep(grid: Optional[str] = GridOpt,
         info = _sweep_once(store, grid)
         _report(info, as_json, [_sweep_line(info)])
         return
+    from kombu.exceptions import OperationalError as BrokerUnavailable
+
+    from kanfarm.runner import database_errors
+
     while True:
         try:
             info = _sweep_once(store, grid)
@@ -275,7 +279,7 @@ def sweep(grid: Optional[str] = GridOpt,
                 sys.stdout.write(json.dumps(info) + "\n")
             elif info["stale"]:
                 console.print(_sweep_line(info), highlight=False)
-        except Exception as exc:  # the broker or the database away: the next sweep tries again
+        except (BrokerUnavailable, OSError, *database_errors()) as exc:  # the next sweep tries again
             err_console.print(f"sweep failed ({type(exc).__name__}); next sweep in {every:g} s", highlight=False)
         time.sleep(every)
 
@@ -297,8 +301,9 @@ def _sweep_once(store, grid: Optional[str]) -> dict[str, Any]:
 
 def _sweep_line(info: dict[str, Any]) -> str:
     where = ", ".join(f"{n} to {name}" for name, n in info["published_by_queue"].items()) or "none"
+    claimed = info["stale"] - info["requeued"]
     return (f"{info['stale']} runs with an expired lease: {info['published']} published ({where}), "
-            f"{info['requeued']} marked queued (the rest were claimed meanwhile)")
+            f"{info['requeued']} marked queued" + (f", {claimed} claimed meanwhile" if claimed else ""))
 
 
 def cancel(grid: str = typer.Option(..., "--grid", help="The grid to cancel.", callback=grid_name),
