@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -228,8 +229,33 @@ def _prepare_data(grid, store=None, statuses: tuple[str, ...] = ()) -> None:
         if statuses:
             configs += [store.run(run_id).config for run_id in store.run_ids(grid.name, statuses=statuses)]
     wanted = {(c.dataset, tuple(sorted(c.dataset_options.items()))) for c in configs}
-    for name, options in sorted(wanted):
-        err_console.print(f"dataset {name}: ready ({load_dataset(name, **dict(options)).x_train.shape[0]} training rows)")
+    with download_progress():
+        for name, options in sorted(wanted):
+            rows = load_dataset(name, **dict(options)).x_train.shape[0]
+            err_console.print(f"dataset {name}: ready ({rows} training rows)")
+
+
+@contextmanager
+def download_progress():
+    """A progress bar (on stderr) per file the datasets download meanwhile."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from kanfarm.data import download
+
+    with Progress(TextColumn("downloading {task.description}"), BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), console=err_console, transient=True) as bars:
+        tasks: dict[str, Any] = {}
+
+        def show(filename: str, done: int, total: int | None) -> None:
+            if filename not in tasks:
+                tasks[filename] = bars.add_task(filename, total=total)
+            bars.update(tasks[filename], completed=done)
+
+        download.on_progress = show
+        try:
+            yield
+        finally:
+            download.on_progress = None
 
 
 @app.command()
