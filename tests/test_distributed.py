@@ -1141,6 +1141,23 @@ def test_a_celery_worker_with_a_bad_setting_does_not_start(tmp_path):
     assert " ready." not in done.stderr + done.stdout
 
 
+def test_a_worker_device_is_cpu_or_cuda_with_the_gpu_chosen_by_visibility(monkeypatch):
+    """cuda:1 would train on device 1 while runs and packs save and restore device 0's random
+    state; the launcher pins each worker to one visible GPU instead."""
+    import torch
+
+    import workers.tasks as tasks
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for value, ok in (("cpu", True), ("cuda", True), ("cuda:1", False), ("gpu", False)):
+        monkeypatch.setenv("KANFARM_DEVICE", value)
+        if ok:
+            assert tasks.device() == value
+        else:
+            with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES"):
+                tasks.device()
+
+
 def test_a_celery_workers_database_error_at_start_shows_no_password(monkeypatch, capsys):
     """A driver's message may quote the host part, where an unencoded '@' leaves part of the password."""
     import workers.tasks as tasks

@@ -87,14 +87,14 @@ def device() -> str:
     """``cuda`` when the launcher pinned this process to one GPU, else ``cpu``. A cuda device that
     CUDA does not find is refused before a claim: every run taken would fail on it."""
     value = os.environ.get(DEVICE_ENV, "cpu").strip() or "cpu"
-    if value not in ("cpu", "cuda") and not value.startswith("cuda:"):
-        raise ValueError(f"{DEVICE_ENV}={value!r} is not cpu or cuda")
-    if value != "cpu":
+    if value not in ("cpu", "cuda"):  # not cuda:N: the random states of runs and packs are those
+        raise ValueError(f"{DEVICE_ENV}={value!r} is not cpu or cuda (choose the GPU with "  # of device 0
+                         f"CUDA_VISIBLE_DEVICES, as `kanfarm worker --gpus` does)")
+    if value == "cuda":
         import torch
 
-        index = int(value.partition(":")[2] or 0)
-        if torch.cuda.device_count() <= index:  # asks NVML: no CUDA context is created
-            raise ValueError(f"{DEVICE_ENV}={value}, but CUDA finds {torch.cuda.device_count()} device(s) "
+        if torch.cuda.device_count() == 0:  # asks NVML: no CUDA context is created
+            raise ValueError(f"{DEVICE_ENV}=cuda, but CUDA finds 0 device(s) "
                              f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r})")
     return value
 
