@@ -133,6 +133,32 @@ def test_pack_task_claims_no_further_chunk_after_warm_shutdown(sqlite_store, mon
     assert published == [([ids[2:4], ids[4:]], "cpu"), ([ids[1:2]], "cpu")]
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_worker_whose_checkpoint_folder_goes_bad_hands_the_message_back_and_stops(sqlite_store, monkeypatch,
+                                                                                  packed):
+    """Read-only or unmounted after the worker started: it used to take and drop every message of
+    the queue (the runs stayed queued with none), or before that fail every run."""
+    from kanfarm.grids import parse_spec
+    from kanfarm.submission import submit
+    from workers import tasks
+
+    submit(sqlite_store, parse_spec(spec("unfit", lrs=(0.01, 0.005), epochs=2)))
+    ids = sqlite_store.run_ids("unfit")
+    published, killed = [], []
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", "/proc/kanfarm-checkpoints")
+    monkeypatch.setattr(tasks, "store", lambda: sqlite_store)
+    monkeypatch.setattr(tasks, "publish_packs", lambda packs, queue, app=None, fit=False: published.append(
+        ([list(p) for p in packs], queue)) or sum(map(len, packs)))
+    monkeypatch.setattr(tasks.os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    try:
+        outcome = tasks.execute_pack_task.run(ids) if packed else tasks.execute_run_task.run(ids[0])
+        assert outcome == "worker-unfit" and tasks.SHUTDOWN.is_set()
+    finally:
+        tasks.SHUTDOWN.clear()
+    assert published == [([ids if packed else ids[:1]], "cpu")] and killed == [(os.getpid(), signal.SIGTERM)]
+    assert [(sqlite_store.run(i).status, sqlite_store.run(i).attempts) for i in ids] == [("pending", 0)] * 2
+
+
 @pytest.mark.parametrize("task_name,args", [("execute_run_task", (True,)), ("execute_run_task", ("1",)),
                                              ("execute_pack_task", ([1, True],)), ("execute_pack_task", ("1,2",))])
 def test_a_malformed_message_is_ignored_and_claims_nothing(sqlite_store, monkeypatch, task_name, args):
@@ -1137,7 +1163,7 @@ def test_a_celery_worker_with_a_bad_setting_does_not_start(tmp_path):
                            "-Q", "cpu", "--without-gossip", "--without-mingle"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
-    assert "bad setting: KANFARM_DEVICE=cuda, but CUDA finds 0 device(s)" in done.stderr
+    assert "bad setting: KANFARM_DEVICE: cuda, but CUDA finds 0 device(s)" in done.stderr
     assert " ready." not in done.stderr + done.stdout
 
 

@@ -86,16 +86,18 @@ def max_attempts() -> int:
 def device() -> str:
     """``cuda`` when the launcher pinned this process to one GPU, else ``cpu``. A cuda device that
     CUDA does not find is refused before a claim: every run taken would fail on it."""
+    from kanfarm.config import ConfigError
+
     value = os.environ.get(DEVICE_ENV, "cpu").strip() or "cpu"
     if value not in ("cpu", "cuda"):  # not cuda:N: the random states of runs and packs are those
-        raise ValueError(f"{DEVICE_ENV}={value!r} is not cpu or cuda (choose the GPU with "  # of device 0
-                         f"CUDA_VISIBLE_DEVICES, as `kanfarm worker --gpus` does)")
+        raise ConfigError(DEVICE_ENV, f"{value!r} is not cpu or cuda (choose the GPU with "  # of device 0
+                                      f"CUDA_VISIBLE_DEVICES, as `kanfarm worker --gpus` does)")
     if value == "cuda":
         import torch
 
         if torch.cuda.device_count() == 0:  # asks NVML: no CUDA context is created
-            raise ValueError(f"{DEVICE_ENV}=cuda, but CUDA finds 0 device(s) "
-                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r})")
+            raise ConfigError(DEVICE_ENV, f"cuda, but CUDA finds 0 device(s) "
+                                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r})")
     return value
 
 
@@ -236,6 +238,23 @@ def _ride_out_outage(task, run_ids: list[int], fit: bool, exc: Exception) -> str
     return "database-unavailable"
 
 
+def _unfit(task, run_ids: list[int], fit: bool, exc: Exception) -> str:
+    """A setting of this worker went bad before a claim (its checkpoint folder cannot be written
+    any more, its GPU is gone): neither the runs nor the other workers are at fault. The message
+    goes back to the queue and this worker stops (warm), rather than taking and dropping every
+    message of the queue while the runs wait ``queued`` with none."""
+    log.error("runs %s: this worker cannot run them (%s); their message goes back to the queue and the "
+              "worker stops", run_ids, exc)
+    try:
+        publish_packs([run_ids], _queue_of(task), task.app, fit=fit)
+    except Exception as publish_error:
+        log.error("runs %s are queued but could not be re-published (%s): run `kanfarm requeue` once the "
+                  "broker answers", run_ids, type(publish_error).__name__)
+    SHUTDOWN.set()
+    os.kill(os.getpid(), signal.SIGTERM)  # Celery's warm shutdown: it takes no further message
+    return "worker-unfit"
+
+
 def _publish_released(task, run_ids: list[int], fit: bool) -> None:
     """Publish again the runs this task released (warm shutdown) or left unclaimed, so another
     worker resumes them. With the broker down too, they stay ``queued`` in the database with no
@@ -277,6 +296,7 @@ def execute_pack_task(self, run_ids: list[int], fit: bool = False) -> str:
     ``fit`` (published by ``--pack-size auto``); taken or finished runs are skipped. What does not
     fit goes back to the queue at once as packs of that size, for idle workers (it used to wait
     here, chunk after chunk); only if the broker refuses them are they trained here in turn."""
+    from kanfarm.config import ConfigError
     from kanfarm.runner import celery_worker_name, database_errors, execute_pack, fitting_pack_size
 
     if not isinstance(run_ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in run_ids):
@@ -312,6 +332,8 @@ def execute_pack_task(self, run_ids: list[int], fit: bool = False) -> str:
             raise self.retry(countdown=0)
     except database_errors() as exc:
         return _ride_out_outage(self, run_ids, fit is True, exc)
+    except ConfigError as exc:  # before a claim (runs claimed earlier were settled): all go back
+        return _unfit(self, run_ids, fit is True, exc)
     if released:
         _publish_released(self, released, fit is True)
     return "done"
@@ -320,6 +342,7 @@ def execute_pack_task(self, run_ids: list[int], fit: bool = False) -> str:
 @app.task(name=TASK_NAME, base=GuardedTask, bind=True, ignore_result=True, acks_late=True, max_retries=None)
 def execute_run_task(self, run_id: int) -> str:
     """Claim and train run ``run_id``; a failed claim (taken, finished, cancelled) is a no-op."""
+    from kanfarm.config import ConfigError
     from kanfarm.runner import celery_worker_name, database_errors, execute_run
 
     if isinstance(run_id, bool) or not isinstance(run_id, int):
@@ -334,6 +357,8 @@ def execute_run_task(self, run_id: int) -> str:
             raise self.retry(countdown=0)
     except database_errors() as exc:
         return _ride_out_outage(self, [run_id], False, exc)
+    except ConfigError as exc:  # raised before the claim: the run is untouched
+        return _unfit(self, [run_id], False, exc)
     if outcome.status == "released":
         _publish_released(self, [run_id], False)
     else:
