@@ -1261,6 +1261,29 @@ def test_a_closed_terminal_stops_the_workers_warm(monkeypatch, tmp_path):
     assert (code, log) == (0, ["start", "ready", "SIGTERM"])
 
 
+def test_under_nohup_a_hangup_leaves_the_workers_running(monkeypatch, tmp_path):
+    """SIGHUP ignored before the launch (nohup) stays ignored while the workers run: they are to
+    outlive the terminal."""
+    from workers import launcher
+
+    log, seen = tmp_path / "worker.log", []
+
+    def look_then_stop():
+        wait_for(lambda: log.exists() and "ready" in log.read_text(), 30, "the worker")
+        seen.append(signal.getsignal(signal.SIGHUP))
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        threading.Thread(target=look_then_stop, daemon=True).start()
+        code = launcher.launch([_ScriptWorker("w0", _CHILD.format(log=str(log), crashes=0, ignore="None"))],
+                               poll_s=0.05)
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert code == 0 and seen == [signal.SIG_IGN]
+
+
 def test_a_celery_worker_shuts_down_warm_when_its_launcher_is_gone(monkeypatch):
     """The launcher killed (SIGKILL forwards nothing): its workers see another parent and stop."""
     import workers.tasks as tasks

@@ -153,8 +153,11 @@ def launch(specs: list[WorkerSpec], loglevel: str = "INFO", poll_s: float = 0.5)
             if proc is not None and proc.poll() is None:
                 proc.send_signal(stop_signal())
 
-    # SIGHUP: the terminal closed; its workers (in their own sessions) would train on as orphans
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    # SIGHUP: the terminal closed; its workers (in their own sessions) would train on as orphans.
+    # Unless it is ignored already: `nohup kanfarm worker &` asks the workers to outlive the terminal.
+    stops = [signal.SIGTERM, signal.SIGINT] + ([] if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+                                               else [signal.SIGHUP])
+    previous = {sig: signal.signal(sig, forward) for sig in stops}
     try:
         for i in range(len(specs)):
             if signals_seen:  # stopped while starting: the rest never start
