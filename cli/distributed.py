@@ -256,16 +256,22 @@ def requeue(grid: Optional[str] = GridOpt,
 def sweep(grid: Optional[str] = GridOpt,
           every: Optional[float] = typer.Option(
               None, "--every", min=1, help="Sweep again every SECONDS until stopped (the compose sweeper service)."),
+          grace: float = typer.Option(
+              300.0, "--grace", min=0,
+              help="Only runs whose lease expired at least SECONDS ago (a worker cut off for less hands its run back itself, attempt refunded)."),
+          pack_size: str = typer.Option("1", "--pack-size",
+                                        help="Publish compatible runs as packs of up to N, or auto, as enqueue grid does."),
           as_json: bool = JsonOpt) -> None:
     """Publish again, once each, the runs whose lease expired (their worker died) and mark them queued.
 
-    Unlike `requeue --stale` it leaves queued runs alone (they have their messages), so it can run every minute: with --every it does, riding out broker and database errors, and prints a line (with --json, a JSON line) only for a sweep that found something."""
+    Unlike `requeue --stale` it leaves queued runs alone (they have their messages), so it can run every minute: with --every it does, riding out broker and database errors, and prints a line (with --json, a JSON line) only for a sweep that found something. Runs never enqueued (a local `run grid` holds them) are left to that command, which takes them back when run again."""
+    size = parse_pack_size(pack_size)
     _check_broker_url()
     store = open_store()
     grid_exists(store, grid)
     if every is None:
         _check_broker_answers()
-        info = _sweep_once(store, grid)
+        info = _sweep_once(store, grid, size, grace)
         _report(info, as_json, [_sweep_line(info)])
         return
     from kombu.exceptions import OperationalError as BrokerUnavailable
@@ -274,7 +280,7 @@ def sweep(grid: Optional[str] = GridOpt,
 
     while True:
         try:
-            info = _sweep_once(store, grid)
+            info = _sweep_once(store, grid, size, grace)
             if info["stale"] and as_json:  # JSON Lines: one object per line, for a log reader
                 sys.stdout.write(json.dumps(info) + "\n")
             elif info["stale"]:
@@ -284,26 +290,35 @@ def sweep(grid: Optional[str] = GridOpt,
         time.sleep(every)
 
 
-def _sweep_once(store, grid: Optional[str]) -> dict[str, Any]:
-    """Publish the stale runs (each to the queue it was enqueued on), then mark them queued: a
-    worker that takes a message first claims the run all the same (an expired lease is claimable)."""
-    from workers.tasks import publish
+def _sweep_once(store, grid: Optional[str], size: int | str, grace_s: float) -> dict[str, Any]:
+    """Publish the stale runs (each to the queue it was enqueued on, as packs with ``size`` > 1),
+    then mark them queued: a worker that takes a message first claims the run all the same (an
+    expired lease is claimable)."""
+    from kanfarm.packing import plan_packs
+    from kanfarm.packing.planner import MAX_PACK
+    from workers.tasks import publish_packs
 
-    stale = store.stale_runs(grid)
+    stale = store.stale_runs(grid, grace_s=grace_s)
     by_queue: dict[str, list[int]] = {}
     for run_id, stored in sorted(store.queues(stale).items()):
-        by_queue.setdefault(stored or "cpu", []).append(run_id)
-    published = {name: publish(ids, name) for name, ids in sorted(by_queue.items())}
-    moved = store.requeue_stale(stale)
-    return {"grid": grid, "stale": len(stale), "published": sum(published.values()),
-            "published_by_queue": published, "requeued": len(moved)}
+        if stored is not None:  # never enqueued: a local `run grid` holds it
+            by_queue.setdefault(stored, []).append(run_id)
+    published = {}
+    for name, ids in sorted(by_queue.items()):
+        packs = ([[i] for i in ids] if size == 1 else
+                 plan_packs([(i, store.run(i).config) for i in ids], MAX_PACK if size == "auto" else size))
+        published[name] = publish_packs(packs, name, fit=size == "auto")
+    moved = store.requeue_stale([i for ids in by_queue.values() for i in ids])
+    return {"grid": grid, "stale": len(stale), "local": len(stale) - sum(map(len, by_queue.values())),
+            "published": sum(published.values()), "published_by_queue": published, "requeued": len(moved)}
 
 
 def _sweep_line(info: dict[str, Any]) -> str:
     where = ", ".join(f"{n} to {name}" for name, n in info["published_by_queue"].items()) or "none"
-    claimed = info["stale"] - info["requeued"]
+    claimed = info["stale"] - info["local"] - info["requeued"]
     return (f"{info['stale']} runs with an expired lease: {info['published']} published ({where}), "
-            f"{info['requeued']} marked queued" + (f", {claimed} claimed meanwhile" if claimed else ""))
+            f"{info['requeued']} marked queued" + (f", {claimed} claimed meanwhile" if claimed else "")
+            + (f", {info['local']} left to the local `run grid` that holds them" if info["local"] else ""))
 
 
 def cancel(grid: str = typer.Option(..., "--grid", help="The grid to cancel.", callback=grid_name),

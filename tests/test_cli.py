@@ -723,12 +723,12 @@ def test_sweep_every_rides_out_errors_and_reports_only_what_it_found(env, monkey
         pass
 
     assert invoke("db", "upgrade").exit_code == 0
-    found = {"grid": None, "stale": 1, "published": 1, "published_by_queue": {"gpu": 1}, "requeued": 1}
+    found = {"grid": None, "stale": 1, "local": 0, "published": 1, "published_by_queue": {"gpu": 1}, "requeued": 1}
     nothing = {**found, "stale": 0, "published": 0, "published_by_queue": {}, "requeued": 0}
     outcomes = iter([ConnectionError("broker down"), nothing, found])
     slept = []
 
-    def sweep_once(store, grid):
+    def sweep_once(store, grid, size, grace):
         outcome = next(outcomes)
         if isinstance(outcome, Exception):
             raise outcome

@@ -38,7 +38,7 @@ def test_a_sweeper_gives_dead_workers_runs_back(services):
     assert sweeper["command"][:2] == ["sweep", "--every"] and 10 <= float(sweeper["command"][2]) <= 600
     assert sweeper["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert {"KANFARM_BROKER_URL", "KANFARM_DATABASE_URL"} <= sweeper["environment"].keys()
-    assert sweeper["restart"] == "unless-stopped"
+    assert sweeper["restart"] == "unless-stopped" and sweeper["init"] is True
 
 
 def test_redis_health_and_no_eviction(services):

@@ -690,28 +690,40 @@ def test_enqueue_of_a_changed_spec_warns_and_its_dry_run_counts_what_it_publishe
 
 @pytest.mark.services
 def test_sweep_publishes_each_stale_run_once_and_leaves_the_others_alone(env, store, redis_db, tmp_path):
-    """Runs whose worker died (lease expired) go back to their queue once: marked queued, they are
-    not stale at the next sweep. Queued runs (they have messages) and live ones are left alone."""
+    """Runs whose worker died (lease expired, past the grace) go back to their queue once: marked
+    queued, they are not stale at the next sweep. Queued runs (they have messages), live ones,
+    ones expired only just (a worker cut off briefly hands its run back itself) and ones a local
+    `run grid` holds (never enqueued) are left alone."""
     from datetime import timedelta
 
     from kanfarm.store.schema import utcnow
 
-    cli(env, "enqueue", "grid", spec_file(tmp_path, spec("swept", lrs=(0.0141, 0.0142, 0.0143, 0.0144), epochs=2)),
-        "--queue", "gpu", "--json")
+    cli(env, "enqueue", "grid", spec_file(tmp_path, spec("swept", lrs=(0.0141, 0.0142, 0.0143, 0.0144, 0.0145),
+                                                          epochs=2)), "--queue", "gpu", "--json")
+    cli(env, "grid", "submit", spec_file(tmp_path, spec("swept-local", lrs=(0.0146,), epochs=2)))
     redis_db.delete("gpu")
-    dead_a, dead_b, alive, waiting = store.run_ids("swept")
-    for run_id, worker in ((dead_a, "dead"), (dead_b, "dead"), (alive, "alive")):
+    dead_a, dead_b, alive, waiting, just = store.run_ids("swept")
+    [local] = store.run_ids("swept-local")
+    for run_id, worker in ((dead_a, "dead"), (dead_b, "dead"), (alive, "alive"), (just, "cut-off"), (local, "laptop")):
         assert store.claim(run_id, worker, 600) is not None
     with store.engine.begin() as conn:
-        conn.execute(sa.text("UPDATE runs SET lease_expires_at = :t WHERE id IN (:a, :b)"),
-                     {"t": utcnow() - timedelta(days=1), "a": dead_a, "b": dead_b})
-    out = cli(env, "sweep", "--grid", "swept", "--json")
-    assert (out["stale"], out["published_by_queue"], out["requeued"]) == (2, {"gpu": 2}, 2)
+        for run_id, ago in ((dead_a, 3600), (dead_b, 3600), (just, 10), (local, 3600)):
+            conn.execute(sa.text("UPDATE runs SET lease_expires_at = :t WHERE id = :i"),
+                         {"t": utcnow() - timedelta(seconds=ago), "i": run_id})
+    out = cli(env, "sweep", "--json")
+    assert (out["stale"], out["local"], out["published_by_queue"], out["requeued"]) == (3, 1, {"gpu": 2}, 2)
     assert parked_messages(redis_db, "gpu") == [("kanfarm.execute_run", [dead_a]), ("kanfarm.execute_run", [dead_b])]
-    runs = {i: store.run(i) for i in (dead_a, dead_b, alive, waiting)}
-    assert [(runs[i].status, runs[i].attempts) for i in (dead_a, dead_b, alive, waiting)] == [
-        ("queued", 1), ("queued", 1), ("running", 1), ("queued", 0)]
+    runs = {i: store.run(i) for i in (dead_a, dead_b, alive, waiting, just, local)}
+    assert [(runs[i].status, runs[i].attempts) for i in (dead_a, dead_b, alive, waiting, just, local)] == [
+        ("queued", 1), ("queued", 1), ("running", 1), ("queued", 0), ("running", 1), ("running", 1)]
     assert cli(env, "sweep", "--grid", "swept", "--json")["published"] == 0 and redis_db.llen("gpu") == 2
+    redis_db.delete("gpu")
+    with store.engine.begin() as conn:  # the live worker dies too: two stale runs that can share a pack
+        conn.execute(sa.text("UPDATE runs SET lease_expires_at = :t WHERE id = :i"),
+                     {"t": utcnow() - timedelta(seconds=10), "i": alive})
+    out = cli(env, "sweep", "--grid", "swept", "--grace", "0", "--pack-size", "auto", "--json")
+    assert out["published_by_queue"] == {"gpu": 2}
+    assert parked_messages(redis_db, "gpu") == [("kanfarm.execute_pack", [[alive, just], True])]
     redis_db.delete("gpu")
 
 

@@ -442,10 +442,11 @@ class Store:
         False when the run is no longer held by ``worker``."""
         return self._leave_running(run_id, worker, lease_expires_at=_at(utcnow() - timedelta(seconds=1)))
 
-    def stale_runs(self, grid: str | None = None) -> list[int]:
-        """Running runs whose lease expired (their worker died or hung)."""
+    def stale_runs(self, grid: str | None = None, grace_s: float = 0.0) -> list[int]:
+        """Running runs whose lease expired (their worker died or hung), ``grace_s`` ago or earlier."""
+        expired = _at(utcnow() - timedelta(seconds=grace_s))
         query = (_in_grid(sa.select(runs.c.id), grid)
-                 .where(runs.c.status == "running", runs.c.lease_expires_at < _at(utcnow()))
+                 .where(runs.c.status == "running", runs.c.lease_expires_at < expired)
                  .order_by(runs.c.id))
         with self._read() as conn:
             return list(conn.scalars(query))
