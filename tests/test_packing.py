@@ -332,6 +332,8 @@ def test_host_memory_available_reads_meminfo_and_a_containers_limit(tmp_path):
     (cgroup / "memory.max").write_text("500000\n")
     (cgroup / "memory.current").write_text("100000\n")
     assert host_available_bytes(meminfo, cgroup) == 400000
+    (cgroup / "memory.stat").write_text("anon 50000\nfile 70000\ninactive_file 60000\n")
+    assert host_available_bytes(meminfo, cgroup) == 460000  # cached files are dropped first
     (cgroup / "memory.max").write_text("max\n")
     assert host_available_bytes(meminfo, cgroup) == 1000 * 1024
     assert host_available_bytes(tmp_path / "absent", tmp_path / "absent") is None

@@ -90,7 +90,9 @@ CPU_PACK = 8
 def host_available_bytes(meminfo: Path = Path("/proc/meminfo"),
                          cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
     """Memory a new allocation can have on this host: ``MemAvailable``, and no more than what a
-    container's limit (cgroup v2 ``memory.max`` - ``memory.current``) leaves; None when unknown."""
+    container's limit (cgroup v2 ``memory.max`` - ``memory.current``, less the page cache the
+    kernel drops first, ``inactive_file`` of ``memory.stat``: read datasets sit there) leaves;
+    None when unknown."""
     available = None
     try:
         for line in meminfo.read_text().splitlines():
@@ -101,7 +103,13 @@ def host_available_bytes(meminfo: Path = Path("/proc/meminfo"),
     try:
         limit = (cgroup / "memory.max").read_text().strip()
         if limit != "max":
-            left = max(0, int(limit) - int((cgroup / "memory.current").read_text()))
+            used = int((cgroup / "memory.current").read_text())
+            try:
+                stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines())
+                used -= int(stat.get("inactive_file", 0))
+            except (OSError, ValueError):
+                pass
+            left = max(0, int(limit) - used)
             available = left if available is None else min(available, left)
     except (OSError, ValueError):
         pass
