@@ -204,6 +204,10 @@ def run_grid_locally(store: Store, grid: str, *, workers: int = 1, device: str =
     errors: list[BaseException] = []
     if workers == 1:
         shutdown: Any = threading.Event()
+        if not os.environ.get("OMP_NUM_THREADS"):  # torch would take every core of the host
+            import torch
+
+            torch.set_num_threads(usable_cpus())
 
         def target() -> None:
             try:

@@ -673,6 +673,31 @@ def test_local_workers_are_no_more_than_the_runs_to_claim(env, monkeypatch):
     store.dispose()
 
 
+def test_one_local_worker_uses_the_cores_it_may(env, monkeypatch):
+    """Its training thread runs in this process: torch's own default is every core of the host,
+    also in a container whose CPU quota is smaller."""
+    import torch
+
+    from kanfarm import local
+    from kanfarm.grids import load_spec
+    from kanfarm.store import Store
+    from kanfarm.submission import submit
+
+    store = Store(f"sqlite:///{env / 'k.db'}")
+    store.upgrade()
+    submit(store, load_spec(str(env / "tiny.toml")))
+    seen, before = [], torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(local, "usable_cpus", lambda: 1)
+    monkeypatch.setattr(local, "work_loop", lambda *args, **kwargs: seen.append(torch.get_num_threads()) or [])
+    try:
+        local.run_grid_locally(store, "tiny", workers=1)
+    finally:
+        torch.set_num_threads(before)
+        store.dispose()
+    assert seen == [1]
+
+
 def test_databases_that_cannot_serve_are_one_line_and_exit_2(env, monkeypatch):
     (env / "text.db").write_text("hello, not a database")
     cases = {f"sqlite:///{env / 'text.db'}": "not a usable kanfarm database",
