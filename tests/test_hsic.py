@@ -1,6 +1,8 @@
 """HSIC Bottleneck: kernel maths against the direct float64 formula, gradients, training, resume."""
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import numpy as np
@@ -302,6 +304,41 @@ def test_patience_counts_from_the_format_stage(digits):
     assert result.status == "completed"
     assert result.epochs_run >= 5 and records[-1].epoch == result.epochs_run
     assert records[-1].test_acc > 0.5  # the format stage ran and trained the classifier
+
+
+#: test accuracy per epoch: epoch 0's (an untrained network) beats every HSIC epoch (1-5, the
+#: output layer untrained); the format stage (6-9) improves, then dips at 8
+STAGED_TEST_ACC = [0.5, 0.1, 0.1, 0.1, 0.1, 0.1, 0.2, 0.25, 0.22, 0.3]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_patience_waits_on_the_best_accuracy_of_the_format_stage(digits, monkeypatch, packed):
+    """Patience 1 stops at epoch 8 (no gain on epoch 7's 0.25), not at 6 against epoch 0's 0.5."""
+    from kanfarm.packing import Member, train_pack
+    from kanfarm.packing import trainer as pack_trainer
+    from kanfarm.training import loop, train
+
+    config = _config("mlp", max_epochs=9, hsic_format_epochs=4, patience=1)
+    records = []
+    if packed:
+        calls = []
+
+        def evaluate(net, x, y, chunk=8192):  # train then test, once per epoch
+            calls.append(1)
+            acc = torch.full((net.size,), STAGED_TEST_ACC[(len(calls) - 1) // 2])
+            return 1.0 - acc, acc
+        monkeypatch.setattr(pack_trainer, "_evaluate", evaluate)
+        configs = [config, dataclasses.replace(config, lr=config.lr / 2)]
+        results = train_pack([Member(c, records.append if i == 0 else (lambda r: None))
+                              for i, c in enumerate(configs)], digits)
+        result = results[0]
+        assert [r.epochs_run for r in results] == [8, 8]
+    else:
+        monkeypatch.setattr(loop, "evaluate", lambda model, x, y, chunk=8192: (
+            1.0 - STAGED_TEST_ACC[len(records)], STAGED_TEST_ACC[len(records)]))
+        result = train(config, digits, records.append)
+    assert (result.status, result.epochs_run) == ("completed", 8)
+    assert [r.test_acc for r in records] == pytest.approx(STAGED_TEST_ACC[:9])
 
 
 def test_extra_is_measured_on_rows_of_every_class_when_the_loader_orders_rows_by_label(digits):

@@ -29,8 +29,8 @@ from kanfarm.packing.stacked import StackedNet, stream_key
 from kanfarm.training import rng
 from kanfarm.training.checkpoint import CheckpointManager
 from kanfarm.training.hsic import HSICSettings, extra_rows, hsic_terms, layer_nhsic, phase
-from kanfarm.training.loop import (EVAL_CHUNK, _train_eval_subset, largest_block_rows, patience_exhausted,
-                                   shuffled_batches)
+from kanfarm.training.loop import (EVAL_CHUNK, _train_eval_subset, best_restarts, largest_block_rows,
+                                   patience_exhausted, shuffled_batches)
 from kanfarm.training.precision import matmul_precision
 from kanfarm.training.records import EpochRecord, RunResult, ShouldStop, Sink
 
@@ -336,7 +336,7 @@ def _train_group(group: list[_Slot], data: Dataset, device: torch.device, start:
                 continue
             rec = EpochRecord(epoch, v[0], v[1], v[2], v[3], seconds, extra)
             guarded(slot, lambda: (rec.validate(), slot.member.sink(rec)))  # a bad record is its member's
-            if v[3] > slot.best_acc:
+            if v[3] > slot.best_acc or best_restarts(slot.config, epoch):
                 slot.best_acc, slot.best_epoch = v[3], epoch
         for slot in active:
             if slot.member.epoch_end is not None and all(slot is not f for f in failed):

@@ -83,18 +83,30 @@ def _train_eval_subset(data: Dataset, size: int | None, seed: int) -> tuple[torc
     return data.x_train[idx], data.y_train[idx]
 
 
+def _format_stage_start(config: RunConfig) -> int:
+    """The last epoch before an HSIC run's format stage (0: no stage, or the whole run is one)."""
+    if config.trainer == "hsic" and config.hsic_format_epochs is not None:
+        return max(config.max_epochs - config.hsic_format_epochs, 0)
+    return 0
+
+
 def patience_exhausted(config: RunConfig, epoch: int, best_epoch: int) -> bool:
     """True when ``config.patience`` epochs have passed since the best test accuracy.
 
     For an HSIC run with a format stage, patience counts from that stage's start: before it the
     output layer is untrained and test accuracy sits near chance, so stopping there would end the
-    run before its classifier ever trained."""
+    run before its classifier ever trained (``best_restarts`` makes the best one of the stage)."""
     if config.patience is None:
         return False
-    start = 0
-    if config.trainer == "hsic" and config.hsic_format_epochs is not None:
-        start = max(config.max_epochs - config.hsic_format_epochs, 0)
-    return epoch - max(best_epoch, start) >= config.patience
+    return epoch - max(best_epoch, _format_stage_start(config)) >= config.patience
+
+
+def best_restarts(config: RunConfig, epoch: int) -> bool:
+    """Whether the best accuracy patience waits on starts again at ``epoch``: at an HSIC format
+    stage's first epoch. The chance-level accuracies before it (an untrained output layer; epoch
+    0's may be the highest) would otherwise stop a classifier that improves within the stage."""
+    start = _format_stage_start(config)
+    return start > 0 and epoch == start + 1
 
 
 def fit(config: RunConfig, data: Dataset, sink: Sink, method: Method, *,
@@ -160,7 +172,7 @@ def _fit(config: RunConfig, data: Dataset, sink: Sink, method: Method, checkpoin
         rec = EpochRecord(epoch, train_loss, train_acc, test_loss, test_acc, seconds, extra)
         rec.validate()
         sink(rec)
-        if test_acc > best_acc:
+        if test_acc > best_acc or best_restarts(config, epoch):
             best_acc, best_epoch = test_acc, epoch
         return rec
 
