@@ -36,8 +36,9 @@ CHECKPOINT_S = 30.0
 
 
 def checkpoint_root() -> Path:
-    """``KANFARM_CHECKPOINT_DIR``, else (unset or empty) ``./kanfarm-checkpoints``."""
-    return Path(os.environ.get("KANFARM_CHECKPOINT_DIR") or "kanfarm-checkpoints")
+    """``KANFARM_CHECKPOINT_DIR``, else (unset or empty) ``./kanfarm-checkpoints``; absolute, so the
+    store records where a run's checkpoints are, whatever folder a resume starts in."""
+    return Path(os.environ.get("KANFARM_CHECKPOINT_DIR") or "kanfarm-checkpoints").absolute()
 
 
 def checkpoint_settings() -> tuple[int, int]:
@@ -184,7 +185,22 @@ class _ClaimedRun:
             checkpoint_root() / run.config_hash, run.config_hash, min_interval_s=checkpoint_interval_s,
             every=every, keep=keep, on_save=self._record_checkpoint, allowed=self._still_held,
             usable=self._rows_written_up_to)
+        self._say_where_checkpoints_went()
         self.beat.start()
+
+    def _say_where_checkpoints_went(self) -> None:
+        """A run resumed from another folder (another working folder, another
+        ``KANFARM_CHECKPOINT_DIR``) finds none of its checkpoints and starts again from epoch 0:
+        say where the store recorded them, rather than retrain silently."""
+        if self.checkpoints.paths():
+            return
+        here = os.path.abspath(self.checkpoints.directory)
+        elsewhere = sorted({os.path.dirname(os.path.abspath(c.path)) for c in self.store.checkpoints(self.run.id)}
+                           - {here})
+        if elsewhere:
+            log.warning("run %s: its checkpoints were written to %s, none is in %s: it starts again from epoch 0 "
+                        "(stop it and set KANFARM_CHECKPOINT_DIR to resume from them)", self.run.id,
+                        ", ".join(elsewhere), here)
 
     def _rows_written_up_to(self, epoch: int) -> bool:
         """A checkpoint resumes only if the store holds the run's epoch rows 0..epoch: checkpoint

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 from pathlib import Path
 
 import pytest
@@ -633,6 +634,31 @@ def test_runs_held_by_dead_processes_of_this_host_are_released_at_once(sqlite_st
         alive.wait()
 
 
+def test_a_run_resumed_from_another_folder_says_where_its_checkpoints_are(sqlite_store, tmp_path, monkeypatch,
+                                                                           caplog):
+    """The default folder is relative to where `run grid` starts: run again from elsewhere, the
+    run found none and retrained from epoch 0 without a word."""
+    import logging
+
+    config = RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=3)
+    (run_id,) = _grid(sqlite_store, [config])
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    monkeypatch.delenv("KANFARM_CHECKPOINT_DIR", raising=False)
+    monkeypatch.chdir(first)
+    stop = threading.Event()  # a warm shutdown after epoch 1: checkpointed and released
+    assert execute_run(sqlite_store, run_id, "w1", shutdown=stop,
+                       on_epoch=lambda _, record: record.epoch == 1 and stop.set()).status == "released"
+    recorded = [c.path for c in sqlite_store.checkpoints(run_id)]
+    assert recorded and all(Path(p).is_absolute() and Path(p).is_relative_to(first) for p in recorded)
+    monkeypatch.chdir(second)
+    with caplog.at_level(logging.WARNING, logger="kanfarm.runner"):
+        assert execute_run(sqlite_store, run_id, "w2").status == "completed"
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert f"its checkpoints were written to {first / 'kanfarm-checkpoints' / config.config_hash()}" in said
+    assert "starts again from epoch 0" in said
+
+
 def test_an_empty_checkpoint_folder_variable_means_the_default(monkeypatch):
     """As every other variable: empty is unset, not the current folder."""
     from pathlib import Path
@@ -640,7 +666,7 @@ def test_an_empty_checkpoint_folder_variable_means_the_default(monkeypatch):
     from kanfarm.runner import checkpoint_root
 
     monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", "")
-    assert checkpoint_root() == Path("kanfarm-checkpoints")
+    assert checkpoint_root() == Path("kanfarm-checkpoints").absolute()
     monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", "/somewhere/else")
     assert checkpoint_root() == Path("/somewhere/else")
 
