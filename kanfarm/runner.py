@@ -62,6 +62,7 @@ def check_checkpoints_writable() -> None:
     import tempfile
 
     root = checkpoint_root()
+    missing = [p for p in (root, *root.parents) if not p.exists()]  # deepest first
     try:
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
@@ -69,6 +70,12 @@ def check_checkpoints_writable() -> None:
     except OSError as exc:
         raise ConfigError("KANFARM_CHECKPOINT_DIR", f"{str(root)!r} cannot be written "
                           f"({exc.strerror or type(exc).__name__})") from None
+    finally:  # a check leaves nothing behind (a command may still refuse its input after it)
+        for folder in missing:
+            try:
+                folder.rmdir()
+            except OSError:  # made meanwhile by a run, or never made
+                pass
 
 
 def check_run_environment() -> None:

@@ -597,6 +597,15 @@ def test_run_grid_checks_the_environment_before_writing_anything(env, monkeypatc
     assert rows(env / "k.db", "SELECT COUNT(*) AS n FROM grids")[0]["n"] == 0
 
 
+def test_a_refused_run_grid_leaves_no_checkpoint_folder(env, monkeypatch):
+    """The folder is checked for writing before anything else, and the check leaves nothing."""
+    monkeypatch.delenv("KANFARM_CHECKPOINT_DIR")
+    assert invoke("db", "upgrade").exit_code == 0
+    for args in (["run", "grid", "nosuchpreset"], ["run", "grid", "tiny.toml", "--pack-size", "0"]):
+        assert invoke(*args).exit_code == 2
+    assert not (env / "kanfarm-checkpoints").exists()
+
+
 def test_crashed_worker_processes_are_an_error_not_done(env, monkeypatch):
     from kanfarm.grids import load_spec
     from kanfarm.local import WorkerCrashed, run_grid_locally
