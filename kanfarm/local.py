@@ -182,6 +182,19 @@ class _ThreadWorker:
         self._finished.wait(timeout)
 
 
+def _how_it_ended(name: str, code: int) -> str:
+    """A worker process's end in words: an error (its traceback is printed above) or a signal
+    (SIGKILL prints nothing: the kernel's out-of-memory killer, most often)."""
+    if code < 0:
+        try:
+            signame = signal.Signals(-code).name
+        except ValueError:
+            signame = f"signal {-code}"
+        why = " (out of memory? the kernel's OOM killer sends it)" if signame == "SIGKILL" else ""
+        return f"{name} killed by {signame}{why}"
+    return f"{name} exited with code {code}, its error printed above"
+
+
 def run_grid_locally(store: Store, grid: str, *, workers: int = 1, device: str = "cpu",
                      lease_s: float = DEFAULT_LEASE_S, max_attempts: int | None = None,
                      on_poll: Callable[[Snapshot], None] | None = None, poll_s: float = 0.5,
@@ -250,10 +263,10 @@ def run_grid_locally(store: Store, grid: str, *, workers: int = 1, device: str =
         raise
     if errors:
         raise errors[0]
-    crashed = [f"{p.name} (exit code {p.exitcode})" for p in pool
-               if isinstance(p, mp.process.BaseProcess) and p.exitcode != 0]
-    if crashed:  # its traceback went to stderr; its run, if any, waits for its lease
-        raise WorkerCrashed(f"worker processes crashed: {', '.join(crashed)}; their errors are printed above")
+    crashed = [p for p in pool if isinstance(p, mp.process.BaseProcess) and p.exitcode != 0]
+    if crashed:  # an error's traceback went to stderr; its run, if any, waits for its lease
+        raise WorkerCrashed("worker processes crashed: " + ", ".join(_how_it_ended(p.name, p.exitcode) for p in crashed)
+                            + "; running this command again takes their runs back")
     final = snapshot(store, grid)
     if on_poll is not None:
         on_poll(final)

@@ -616,9 +616,13 @@ def test_crashed_worker_processes_are_an_error_not_done(env, monkeypatch):
     store.upgrade()
     submit(store, load_spec(str(env / "tiny.toml")))
     monkeypatch.setenv("KANFARM_CHECKPOINT_EVERY", "abc")  # each spawned worker fails on it at once
-    with pytest.raises(WorkerCrashed, match="kanfarm-worker-0"):
+    with pytest.raises(WorkerCrashed, match="kanfarm-worker-0 exited with code 1, its error printed above"):
         run_grid_locally(store, "tiny", workers=2)
     store.dispose()
+    from kanfarm.local import _how_it_ended
+
+    assert _how_it_ended("w", -9) == "w killed by SIGKILL (out of memory? the kernel's OOM killer sends it)"
+    assert _how_it_ended("w", -15) == "w killed by SIGTERM"
 
 
 def test_the_progress_poll_rides_out_a_database_outage(env, monkeypatch):
