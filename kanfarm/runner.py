@@ -55,14 +55,16 @@ def checkpoint_settings() -> tuple[int, int]:
     return settings[0], settings[1]
 
 
-def check_checkpoints_writable() -> None:
+def check_checkpoints_writable(leave_nothing: bool = False) -> None:
     """The checkpoint folder can be created and written (a file made and removed), before a claim:
     a worker whose folder is read-only, missing its mount or full would fail every run it took
-    (ConfigError naming ``KANFARM_CHECKPOINT_DIR`` instead, nothing claimed)."""
+    (ConfigError naming ``KANFARM_CHECKPOINT_DIR`` instead, nothing claimed). ``leave_nothing``:
+    remove the folders the check made (a command checking its input; not before a claim, where
+    another worker process may be about to write into them)."""
     import tempfile
 
     root = checkpoint_root()
-    missing = [p for p in (root, *root.parents) if not p.exists()]  # deepest first
+    missing = [p for p in (root, *root.parents) if not p.exists()] if leave_nothing else []  # deepest first
     try:
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
@@ -86,7 +88,7 @@ def check_run_environment() -> None:
     from kanfarm.models.uniform_spline import triton_wanted
 
     checkpoint_settings()
-    check_checkpoints_writable()  # the commands that call this train here
+    check_checkpoints_writable(leave_nothing=True)  # the commands that call this train here
     checkpoint_interval()
     triton_wanted()
     cpu_compile_wanted()
