@@ -1301,16 +1301,16 @@ def test_a_celery_worker_shuts_down_warm_when_its_launcher_is_gone(monkeypatch):
     import workers.tasks as tasks
     from workers.launcher import LAUNCHER_PID_ENV
 
-    sent, shutdown = [], threading.Event()
-    monkeypatch.setattr(tasks, "SHUTDOWN", shutdown)
+    sent, alive = [], threading.Event()
+    monkeypatch.setattr(tasks, "SHUTDOWN", alive)
     monkeypatch.setattr(tasks.os, "kill", lambda pid, sig: sent.append((pid, sig)))
     monkeypatch.setenv(LAUNCHER_PID_ENV, str(os.getppid()))  # alive: nothing happens
     tasks._watch_launcher()
     time.sleep(0.6)
-    assert sent == [] and not shutdown.is_set()
-    shutdown.set()  # ends that watch
-    time.sleep(0.3)
-    shutdown.clear()
+    assert sent == [] and not alive.is_set()
+    alive.set()  # ends that watch for good
+    shutdown = threading.Event()
+    monkeypatch.setattr(tasks, "SHUTDOWN", shutdown)
     monkeypatch.setenv(LAUNCHER_PID_ENV, str(os.getppid() + 1))  # not our parent: it died before we looked
     tasks._watch_launcher()
     wait_for(lambda: sent, 5, "the SIGTERM")
