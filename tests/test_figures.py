@@ -331,6 +331,26 @@ def test_html_tables_are_the_reports_rows(store):
         assert html_table(rows, f"table-{name}") in page, name
 
 
+def test_html_page_says_when_the_grid_holds_cells_of_an_earlier_spec(sqlite_url):
+    """`grid submit` of a shrunk spec replaces the stored spec, the grid keeps every run: the page
+    shows the new spec above tables that hold the old cells too."""
+    from kanfarm.grids import parse_spec
+    from kanfarm.submission import submit
+
+    store = Store(sqlite_url)
+    store.upgrade()
+    spec = {"name": "shrunk", "datasets": ["digits"], "models": ["mlp"], "depths": ["shallow"],
+            "inits": ["kaiming_normal"], "optimizers": ["adam"], "learning_rates": [0.01, 0.001, 0.0001],
+            "seeds": [0], "epochs": 2}
+    submit(store, parse_spec(spec))
+    assert 'id="beyond-spec"' not in render_html(store, "shrunk")
+    submit(store, parse_spec({**spec, "learning_rates": [0.01]}))
+    page = render_html(store, "shrunk")
+    assert "The grid also holds 2 runs that are not cells of this spec" in page
+    assert 'id="beyond-spec"' not in render_html(store, None)  # all grids: no one spec to compare with
+    store.dispose(close=True)
+
+
 def test_html_page_of_an_empty_grid_says_what_is_missing(store):
     text = render_html(store, "empty")
     page = _parse(text)

@@ -85,6 +85,25 @@ def _specs(store, grid: str | None) -> str:
     return "(no grid stored)" if not data else json.dumps(data, indent=2, sort_keys=True, default=str)
 
 
+def _runs_beyond_spec(store, grid: str | None) -> int:
+    """Runs of ``grid`` that are not cells of its stored spec: a spec resubmitted under the same
+    name, shrunk, replaces the stored one while the grid keeps every cell it had (0 when the stored
+    spec no longer parses, as an older version's may not)."""
+    from kanfarm.config import ConfigError
+    from kanfarm.grids import parse_spec
+
+    row = store.grid(grid) if grid is not None else None
+    if row is None:
+        return 0
+    try:
+        cells = {c.normalised_hash() for c in parse_spec(row.spec).expand()}
+    except ConfigError:
+        return 0
+    linked = store.query("SELECT r.config_hash FROM runs r JOIN grid_runs gr ON gr.run_id = r.id "
+                         "JOIN grids g ON g.id = gr.grid_id WHERE g.name = :name", {"name": grid})
+    return len({r["config_hash"] for r in linked} - cells)
+
+
 def _dl(info: dict[str, Any]) -> str:
     return "<dl>" + "".join(f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in info.items()) + "</dl>"
 
@@ -137,6 +156,11 @@ def render_html(store, grid: str | None = None) -> str:
         parts.append(f'<h2>{escape(name.capitalize())} table</h2>')
         parts.append(html_table(table(store, grid), f"table-{name}"))
     parts.append(f'<h2>Grid spec</h2><pre id="spec">{escape(_specs(store, grid))}</pre>')
+    beyond = _runs_beyond_spec(store, grid)
+    if beyond:
+        parts.append(f'<p class="note" id="beyond-spec">The grid also holds {beyond} runs that are not cells of '
+                     f'this spec: cells of an earlier version of it, submitted under the same name. The tables '
+                     f'and figures include them.</p>')
     parts.append(f'<h2>Versions and hardware</h2><p>of the machine that wrote this report</p><div id="environment">{_dl(environment())}</div>')
     parts.append("</body></html>\n")
     return "\n".join(parts)
