@@ -41,23 +41,16 @@ def submit_spec(store, grid):
     """Store every cell of ``grid`` (a GridSpec, from ``read_spec``); warns when the grid already
     holds runs that are not cells of this spec. Returns the submission result."""
     from cli.output import err_console
-    from kanfarm.submission import submit
+    from kanfarm.submission import runs_beyond_spec, submit
 
     with err_console.status(Text(f"storing the cells of grid {grid.name}")):
         result = submit(store, grid)
-    others = len(set(linked_hashes(store, grid.name)) - {c.normalised_hash() for c in grid.expand()})
+    others = runs_beyond_spec(store, grid)
     if others:  # a spec (or preset) changed under the same name: its old cells stay in the grid
         err_console.print(f"warning: grid {grid.name} also holds {others} runs that are not cells of this "
                           f"spec (an earlier version of it); its reports include them and `run grid` trains them. Submit under "
                           f"another name to keep them apart.", highlight=False, soft_wrap=True)
     return result
-
-
-def linked_hashes(store, grid: str) -> dict[str, dict[str, Any]]:
-    """config_hash -> {id, status} of the runs stored under grid name ``grid``."""
-    rows = store.query("SELECT r.id, r.config_hash, r.status FROM runs r JOIN grid_runs gr ON gr.run_id = r.id "
-                       "JOIN grids g ON g.id = gr.grid_id WHERE g.name = :name", {"name": grid})
-    return {r["config_hash"]: r for r in rows}
 
 
 #: SQLite's words for a file that is not (or no longer) a database

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import typer
 from rich.text import Text
 
-from cli.common import (GridOpt, grid_exists, grid_name, handles_errors, linked_hashes, open_store, parse_pack_size,
+from cli.common import (GridOpt, grid_exists, grid_name, handles_errors, open_store, parse_pack_size,
                         read_spec, submit_spec)
 from cli.output import console, err_console, fail, to_json
 
@@ -123,18 +123,26 @@ def _max_attempts(value: Optional[int]) -> int:
     return value if value is not None else max_attempts()
 
 
-def _publish_packs(store, grid: str, queued: list[int], size: int | str, queue: str) -> int:
-    """Group the queued runs into packs (``auto``: the largest; each worker splits them to suit its
-    device) and publish one message per pack."""
-    from kombu.exceptions import OperationalError
-
+def _messages(run_ids: list[int], size: int | str, config_of) -> list[list[int]]:
+    """The runs' messages: one each with ``size`` 1, else packs of up to ``size`` (``auto``: the
+    largest; each worker splits them to suit its device). ``config_of(run_id)`` gives a config."""
     from kanfarm.packing import plan_packs
     from kanfarm.packing.planner import MAX_PACK
+
+    if size == 1:
+        return [[i] for i in run_ids]
+    return plan_packs([(i, config_of(i)) for i in run_ids], MAX_PACK if size == "auto" else size)
+
+
+def _publish_packs(store, grid: str, queued: list[int], size: int | str, queue: str) -> int:
+    """Group the queued runs into packs (``_messages``) and publish one message per pack."""
+    from kombu.exceptions import OperationalError
+
     from workers.tasks import publish_packs
 
     wanted = set(queued)
-    packs = plan_packs([(i, c) for i, c in store.claimable_runs(grid) if i in wanted],
-                       MAX_PACK if size == "auto" else size)
+    configs = {i: c for i, c in store.claimable_runs(grid) if i in wanted}
+    packs = _messages(list(configs), size, configs.__getitem__)
     try:
         with err_console.status(Text(f"publishing {len(packs)} pack messages to queue {queue}")):
             return publish_packs(packs, queue, fit=size == "auto")
@@ -167,7 +175,7 @@ def enqueue_grid(spec: str = typer.Argument(..., help="A TOML spec file or a pre
                  for row in store.query("SELECT config_hash, status FROM runs")}
         stored = hashes & known.keys()
         # what the real command publishes: the spec's waiting runs and those of the grid's earlier cells
-        candidates = stored | set(linked_hashes(store, grid.name))
+        candidates = stored | store.config_hashes(grid.name)
         waiting = sum(known[h] in ("queued",) + _ENQUEUE_FROM for h in candidates)
         info = {"grid": grid.name, "queue": queue, "dry_run": True, "added": len(hashes) - len(stored),
                 "skipped": len(stored), "published": len(hashes) - len(stored) + waiting}
@@ -294,8 +302,6 @@ def _sweep_once(store, grid: Optional[str], size: int | str, grace_s: float) -> 
     """Publish the stale runs (each to the queue it was enqueued on, as packs with ``size`` > 1),
     then mark them queued: a worker that takes a message first claims the run all the same (an
     expired lease is claimable)."""
-    from kanfarm.packing import plan_packs
-    from kanfarm.packing.planner import MAX_PACK
     from workers.tasks import publish_packs
 
     stale = store.stale_runs(grid, grace_s=grace_s)
@@ -305,9 +311,7 @@ def _sweep_once(store, grid: Optional[str], size: int | str, grace_s: float) -> 
             by_queue.setdefault(stored, []).append(run_id)
     published = {}
     for name, ids in sorted(by_queue.items()):
-        packs = ([[i] for i in ids] if size == 1 else
-                 plan_packs([(i, store.run(i).config) for i in ids], MAX_PACK if size == "auto" else size))
-        published[name] = publish_packs(packs, name, fit=size == "auto")
+        published[name] = publish_packs(_messages(ids, size, lambda i: store.run(i).config), name, fit=size == "auto")
     moved = store.requeue_stale([i for ids in by_queue.values() for i in ids])
     return {"grid": grid, "stale": len(stale), "local": len(stale) - sum(map(len, by_queue.values())),
             "published": sum(published.values()), "published_by_queue": published, "requeued": len(moved)}

@@ -15,6 +15,8 @@ from rich.cells import cell_len
 from rich.console import Console
 from rich.text import Text
 
+from kanfarm.config import UNSEEN_CATEGORIES
+
 # Markup off: grid names, spec paths, field values and table cells are the user's text, and Rich
 # would read "[/]" or "[red]" in them as markup (a crash, or silently changed output).
 console = Console(markup=False)
@@ -28,18 +30,13 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-#: Unicode categories written as escapes: control (an ESC starts a terminal command: a window
-#: title, colours), format (zero-width, bidi overrides) and line/paragraph separators
-_UNSEEN = frozenset(("Cc", "Cf", "Zl", "Zp"))
-
-
 def visible(text: str, keep: str = "") -> str:
     r"""``text`` with its unseen characters, but those in ``keep``, as escapes (``\x1b``): stored
     text (a grid name written through the library, not the CLI) reaches the terminal inert."""
     if text.isprintable():
         return text
     return "".join(ch.encode("unicode_escape").decode("ascii")
-                   if unicodedata.category(ch) in _UNSEEN and ch not in keep else ch for ch in text)
+                   if unicodedata.category(ch) in UNSEEN_CATEGORIES and ch not in keep else ch for ch in text)
 
 
 def use_escapes_where_unencodable() -> None:

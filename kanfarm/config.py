@@ -47,10 +47,11 @@ class ConfigError(ValueError):
         self.field = field
 
 
-#: Unicode categories a grid name may not hold: control (a newline would split messages, an ESC
-#: drive the terminal), format (zero-width, bidi overrides: two names printing alike, or a name
-#: printing as nothing), line and paragraph separators
-_UNSEEN_IN_NAMES = ("Cc", "Cf", "Zl", "Zp")
+#: Unicode categories of characters that do not print: control (a newline would split messages, an
+#: ESC drive the terminal), format (zero-width, bidi overrides: two names printing alike, or a name
+#: printing as nothing), line and paragraph separators. A grid name may not hold them; the CLI
+#: writes them as escapes.
+UNSEEN_CATEGORIES = frozenset(("Cc", "Cf", "Zl", "Zp"))
 
 
 def grid_name(name: str) -> str:
@@ -69,7 +70,7 @@ def check_grid_name(name: Any) -> str:
         raise ConfigError("name", f"{name!r}: give the grid a non-empty name")
     if len(name) > MAX_STORED_TEXT:
         raise ConfigError("name", f"{len(name)} characters: at most {MAX_STORED_TEXT}")
-    if any(unicodedata.category(ch) in _UNSEEN_IN_NAMES for ch in name):
+    if any(unicodedata.category(ch) in UNSEEN_CATEGORIES for ch in name):
         raise ConfigError("name", f"{name!r} holds a control, format or line-separator character")
     return name
 

@@ -500,15 +500,20 @@ def _pack_size(pack_size: int | str, config: RunConfig, device: str) -> int:
     return fitting_pack_size(config, device) if pack_size == "auto" else int(pack_size)
 
 
-def work_units(waiting: list[tuple[int, RunConfig]], pack_size: int | str, device: str) -> int:
-    """The packs ``waiting`` runs make, as ``work_loop`` plans them: how many workers can be busy.
-    Runs, with ``pack_size`` 1 or ``auto`` on a GPU (sizing packs there would start CUDA in the
-    asking process, which holds its memory for good)."""
-    if pack_size == 1 or (pack_size == "auto" and not str(device).startswith("cpu")):
-        return len(waiting)
+def plan_work(waiting: list[tuple[int, RunConfig]], pack_size: int | str, device: str) -> list[list[int]]:
+    """The packs ``work_loop`` trains the ``waiting`` runs in (one run each with ``pack_size`` 1)."""
     from kanfarm.packing import plan_packs
 
-    return len(plan_packs(waiting, lambda config: _pack_size(pack_size, config, device)))
+    return plan_packs(waiting, lambda config: _pack_size(pack_size, config, device))
+
+
+def work_units(waiting: list[tuple[int, RunConfig]], pack_size: int | str, device: str) -> int:
+    """The packs ``waiting`` runs make (``plan_work``): how many workers can be busy. Runs, with
+    ``pack_size`` 1 or ``auto`` on a GPU (sizing packs there would start CUDA in the asking
+    process, which holds its memory for good)."""
+    if pack_size == 1 or (pack_size == "auto" and not str(device).startswith("cpu")):
+        return len(waiting)
+    return len(plan_work(waiting, pack_size, device))
 
 
 class _DatabaseRetries:
@@ -546,15 +551,13 @@ def work_loop(store: Store, worker: str, *, grid: str | None = None, device: str
     outcomes = []
     retried = _DatabaseRetries()
     while pack_size != 1 and (shutdown is None or not shutdown.is_set()):
-        from kanfarm.packing import plan_packs
-
         with retried.database_errors():
             waiting = store.claimable_runs(grid)
             if not waiting:
                 return outcomes
             # one plan for all the runs waiting now (planning takes ~0.1 ms a run: once per pack it
             # was quadratic in the grid); a pack whose members another worker took claims the rest
-            for pack in plan_packs(waiting, lambda config: _pack_size(pack_size, config, device)):
+            for pack in plan_work(waiting, pack_size, device):
                 if shutdown is not None and shutdown.is_set():
                     break
                 outcomes += [o for o in execute_pack(store, pack, worker, device=device, lease_s=lease_s,

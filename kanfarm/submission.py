@@ -51,6 +51,12 @@ def sized_cells(spec: GridSpec):
     return cells
 
 
+def runs_beyond_spec(store: Store, spec: GridSpec) -> int:
+    """Runs stored under ``spec``'s name that are not its cells: cells of an earlier version of it
+    (a grid keeps every cell it was given; the stored spec is the latest)."""
+    return len(store.config_hashes(spec.name) - {c.normalised_hash() for c in spec.expand()})
+
+
 def submit(store: Store, spec: GridSpec):
     """Idempotent: cells already stored (by config hash) are linked, not added again."""
     return store.submit_grid(spec.name, spec.to_dict(), sized_cells(spec), dict(spec.intrinsic_dims))

@@ -245,11 +245,7 @@ def _unfit(task, run_ids: list[int], fit: bool, exc: Exception) -> str:
     message of the queue while the runs wait ``queued`` with none."""
     log.error("runs %s: this worker cannot run them (%s); their message goes back to the queue and the "
               "worker stops", run_ids, exc)
-    try:
-        publish_packs([run_ids], _queue_of(task), task.app, fit=fit)
-    except Exception as publish_error:
-        log.error("runs %s are queued but could not be re-published (%s): run `kanfarm requeue` once the "
-                  "broker answers", run_ids, type(publish_error).__name__)
+    _publish_released(task, run_ids, fit)
     SHUTDOWN.set()
     os.kill(os.getpid(), signal.SIGTERM)  # Celery's warm shutdown: it takes no further message
     return "worker-unfit"

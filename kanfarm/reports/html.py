@@ -86,22 +86,20 @@ def _specs(store, grid: str | None) -> str:
 
 
 def _runs_beyond_spec(store, grid: str | None) -> int:
-    """Runs of ``grid`` that are not cells of its stored spec: a spec resubmitted under the same
-    name, shrunk, replaces the stored one while the grid keeps every cell it had (0 when the stored
-    spec no longer parses, as an older version's may not)."""
+    """``runs_beyond_spec`` of the grid's stored spec (0 when that no longer parses, as an older
+    version's may not)."""
     from kanfarm.config import ConfigError
     from kanfarm.grids import parse_spec
+    from kanfarm.submission import runs_beyond_spec
 
     row = store.grid(grid) if grid is not None else None
     if row is None:
         return 0
     try:
-        cells = {c.normalised_hash() for c in parse_spec(row.spec).expand()}
+        spec = parse_spec(row.spec)
     except ConfigError:
         return 0
-    linked = store.query("SELECT r.config_hash FROM runs r JOIN grid_runs gr ON gr.run_id = r.id "
-                         "JOIN grids g ON g.id = gr.grid_id WHERE g.name = :name", {"name": grid})
-    return len({r["config_hash"] for r in linked} - cells)
+    return runs_beyond_spec(store, spec)
 
 
 def _dl(info: dict[str, Any]) -> str:

@@ -253,6 +253,11 @@ class Store:
         with self._read() as conn:
             return list(conn.scalars(query))
 
+    def config_hashes(self, grid: str) -> set[str]:
+        """The config hashes of the runs stored under grid name ``grid``."""
+        with self._read() as conn:
+            return set(conn.scalars(_in_grid(sa.select(runs.c.config_hash), grid)))
+
     def mark_queued(self, run_ids: Iterable[int], fresh_attempts: bool = True) -> int:
         """pending, failed and cancelled runs -> queued; other states are left alone. Failed and
         cancelled runs get a fresh attempt budget unless ``fresh_attempts`` is False (a retry
