@@ -193,7 +193,7 @@ class _ClaimedRun:
         self.checkpoints = CheckpointManager(
             checkpoint_root() / run.config_hash, run.config_hash, min_interval_s=checkpoint_interval_s,
             every=every, keep=keep, on_save=self._record_checkpoint, allowed=self._still_held,
-            usable=self._rows_written_up_to)
+            usable=self._recorded)
         self._say_where_checkpoints_went()
         self.beat.start()
 
@@ -211,10 +211,15 @@ class _ClaimedRun:
                         "(stop it and set KANFARM_CHECKPOINT_DIR to resume from them)", self.run.id,
                         ", ".join(elsewhere), here)
 
-    def _rows_written_up_to(self, epoch: int) -> bool:
-        """A checkpoint resumes only if the store holds the run's epoch rows 0..epoch: checkpoint
-        folders are named by config, so a new database (or another study sharing the folder) finds
-        checkpoints whose rows it never got, and resuming would skip writing them."""
+    def _recorded(self, epoch: int, digest: str) -> bool:
+        """A checkpoint resumes only if the store recorded it, with this digest, and holds the
+        run's epoch rows 0..epoch. Checkpoint folders are named by config, so a new database (or
+        another study sharing the folder) finds checkpoints whose rows it never got, and resuming
+        would skip writing them; and a worker that lost the run between its lease check and its
+        write leaves a file whose record the store refused (an epoch the new holder may never
+        have trained, or trained otherwise)."""
+        if not any(c.epoch == epoch and c.sha256 == digest for c in self.store.checkpoints(self.run.id)):
+            return False
         written = {row["epoch"] for row in self.store.epoch_metrics(self.run.id)}
         return written >= set(range(epoch + 1))
 
@@ -235,14 +240,18 @@ class _ClaimedRun:
                         "worker took it); no checkpoint written, stopping", self.run.id)
         return held
 
-    def _record_checkpoint(self, epoch: int, path: Path, digest: str) -> None:
+    def _record_checkpoint(self, epoch: int, path: Path, digest: str) -> bool:
+        """Record the checkpoint under this worker's lease; False (and the run stops) when the
+        run is another worker's: the file is then never resumed from, and removes none of theirs."""
         self._reach(epoch)
         try:
             self.store.record_checkpoint(self.run.id, epoch, str(path), digest, worker=self.worker,
-                                         kept=[e for e, _ in self.checkpoints.paths()])
+                                         kept=self.checkpoints.retained(epoch))
         except LeaseLost:
             log.warning("run %s: lease lost, checkpoint of epoch %s not recorded; stopping", self.run.id, epoch)
             self.beat.lost.set()
+            return False
+        return True
 
     def sink(self, record: EpochRecord) -> None:
         """Write the row only while this worker holds the run: a worker whose lease lapsed (a long

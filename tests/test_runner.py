@@ -492,7 +492,10 @@ def test_a_failed_resume_drops_rows_an_earlier_attempt_wrote_past_its_failure(sq
     base = dict(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=6, optimizer="sgd")
     ids = _grid(store, [RunConfig(lr=lr, **base) for lr in (0.01, 0.02)])
     for run_id in ids:  # attempt 1, for real up to its epoch-2 checkpoint ...
-        assert execute_run(store, run_id, "w1", on_epoch=lambda rid, rec: rec.epoch == 2 and store.cancel(run_ids=[rid]))
+        stop = threading.Event()
+        assert execute_run(store, run_id, "w1", shutdown=stop,
+                           on_epoch=lambda rid, rec: rec.epoch == 2 and stop.set()).status == "released"
+        assert store.checkpoints(run_id)[-1].epoch == 2
         with store.engine.begin() as conn:  # ... then rows 3-5 written and killed: a lapsed lease
             conn.execute(sa.text("UPDATE runs SET status = 'running', worker = 'crashed', "
                                  "lease_expires_at = '2000-01-01 00:00:00' WHERE id = :i"), {"i": run_id})
@@ -534,6 +537,36 @@ def test_a_resume_puts_the_checkpoints_table_right_after_a_crash_between_write_a
     assert [c.epoch for c in recorded] == [2, 3]
     assert all(tmp_path.joinpath("ckpt", store.run(run_id).config_hash, f"epoch-{c.epoch:06d}.pt") == Path(c.path)
                and Path(c.path).is_file() for c in recorded)
+
+
+def test_a_checkpoint_the_store_did_not_record_is_not_resumed(sqlite_store, tmp_path, monkeypatch):
+    """A worker that lost the run between its lease check and its write leaves a checkpoint whose
+    record the store refused; its epoch rows may be there (written while it held the run). The
+    next attempt resumes from the newest checkpoint the store recorded, with that digest."""
+    from kanfarm.training import CheckpointManager, EpochRecord
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    monkeypatch.setenv("KANFARM_CHECKPOINT_SECONDS", "0")
+    store = sqlite_store
+    (run_id,) = _grid(store, [RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=4)])
+    stop = threading.Event()  # a warm shutdown after epoch 2: checkpointed and released
+    assert execute_run(store, run_id, "w1", shutdown=stop,
+                       on_epoch=lambda rid, rec: rec.epoch == 2 and stop.set()).status == "released"
+    assert [c.epoch for c in store.checkpoints(run_id)] == [1, 2]
+    config_hash = store.run(run_id).config_hash
+    stray = CheckpointManager(tmp_path / "ckpt" / config_hash, config_hash, keep=10)
+    epoch, state = stray.load_latest()
+    state["model"] = {k: v * 0 for k, v in state["model"].items()}  # another trajectory than the store's
+    stray.save(3, state)
+    stray.save(2, state)  # and epoch 2 rewritten, with another digest than the store's
+    with store.engine.begin() as conn:  # the rows of epoch 3 were written while it held the run
+        conn.execute(sa.text("UPDATE runs SET status = 'running', worker = 'lost', "
+                             "lease_expires_at = '2000-01-01 00:00:00' WHERE id = :i"), {"i": run_id})
+    store.write_epoch(run_id, EpochRecord(3, 1.0, 0.5, 1.0, 0.5, 0.1, {}), worker="lost")
+    trained = []
+    assert execute_run(store, run_id, "w2", on_epoch=lambda rid, rec: trained.append(rec.epoch)).status == "completed"
+    assert trained == [2, 3, 4]  # from epoch 1's checkpoint: 3 was never recorded, 2 is not what was
+    assert all(r["test_acc"] != 0.5 for r in store.epoch_metrics(run_id))
 
 
 def test_warm_shutdowns_do_not_use_up_attempts(sqlite_store, tmp_path, monkeypatch):

@@ -212,7 +212,7 @@ def test_a_resume_removes_checkpoints_of_a_history_not_resumed_and_a_save_only_o
     count towards ``keep`` and push out the checkpoint just written; they go when the resume
     passes them over. A save removes none that is newer than its own: it can be the checkpoint
     of a worker that took the run over while this one was writing (and lost its lease)."""
-    ckpt = CheckpointManager(tmp_path, "h", keep=2, usable=lambda epoch: epoch < 5)
+    ckpt = CheckpointManager(tmp_path, "h", keep=2, usable=lambda epoch, digest: epoch < 5)
     for epoch in (5, 6):
         ckpt.save(epoch, {"w": torch.full((2,), float(epoch))})
     stale = CheckpointManager(tmp_path, "h", keep=2)
@@ -224,8 +224,25 @@ def test_a_resume_removes_checkpoints_of_a_history_not_resumed_and_a_save_only_o
     ckpt.save(2, {"w": torch.ones(2)})
     assert [e for e, _ in ckpt.paths()] == [2, 1]
     assert ckpt.load_latest()[0] == 2
-    refused = CheckpointManager(tmp_path, "h", usable=lambda epoch: False)
+    refused = CheckpointManager(tmp_path, "h", usable=lambda epoch, digest: False)
     assert refused.load_latest() is None and refused.paths() == []  # a fresh start leaves none behind
+
+
+def test_a_save_whose_record_is_refused_removes_no_checkpoint(tmp_path):
+    """A worker that lost its run writes a file before its record is refused: it must not prune
+    the checkpoints of the worker that took the run over. ``usable`` is asked with the digest."""
+    ckpt = CheckpointManager(tmp_path, "h", keep=1)
+    ckpt.save(0, {"w": torch.zeros(2)})
+    ckpt.save(1, {"w": torch.ones(2)})
+    assert [e for e, _ in ckpt.paths()] == [1]
+    refused = CheckpointManager(tmp_path, "h", keep=1, on_save=lambda *args: False)
+    refused.save(2, {"w": torch.full((2,), 2.0)})
+    assert [e for e, _ in ckpt.paths()] == [2, 1]
+    digests = [(e, (tmp_path / f"epoch-00000{e}.pt.sha256").read_text()) for e in (2, 1)]
+    asked = []
+    trusting = CheckpointManager(tmp_path, "h", usable=lambda epoch, digest: asked.append((epoch, digest)) or epoch < 2)
+    assert trusting.load_latest()[0] == 1
+    assert asked == digests and [e for e, _ in ckpt.paths()] == [1]  # the refused newer one goes
 
 
 def test_a_resume_records_its_checkpoint_and_clears_what_killed_writes_left(tmp_path):

@@ -33,19 +33,22 @@ class CheckpointManager:
 
     ``every``: save after every N-th epoch (the final epoch is always saved); ``min_interval_s``:
     additionally skip saves closer together than this (0 = no time limit); ``on_save`` is told
-    (epoch, path, sha256) after each save and of the checkpoint a resume starts from, e.g. to
-    record it in the store; ``allowed``, when given, is asked before each save, and a save it
-    refuses writes nothing (a worker that lost its run must not write into the directory of the
-    worker that took it over); ``usable``, when given, is asked for each checkpoint's epoch on
-    load, and one it refuses is skipped (the store may hold no rows up to that epoch: a new
-    database beside an old checkpoint folder).
+    (epoch, path, sha256) after each save, before older checkpoints are removed, and of the
+    checkpoint a resume starts from, e.g. to record it in the store; when it returns False (the
+    record was refused: the run is another worker's now) the save removes nothing. ``allowed``,
+    when given, is asked before each save, and a save it refuses writes nothing (a worker that
+    lost its run must not write into the directory of the worker that took it over);
+    ``usable``, when given, is asked for each checkpoint's (epoch, sha256) on load, and one it
+    refuses is skipped: the store holds the digest of each checkpoint it recorded and the rows up
+    to its epoch, and a file it did not record (a new database beside an old checkpoint folder,
+    or a write by a worker that lost the run between ``allowed`` and its record) is not resumed.
     """
 
     def __init__(self, directory: str | os.PathLike, config_hash: str, keep: int = 2, every: int = 1,
                  min_interval_s: float = 0.0,
-                 on_save: Callable[[int, Path, str], None] | None = None,
+                 on_save: Callable[[int, Path, str], bool | None] | None = None,
                  allowed: Callable[[], bool] | None = None,
-                 usable: Callable[[int], bool] | None = None):
+                 usable: Callable[[int, str], bool] | None = None):
         if keep < 1 or every < 1:
             raise ValueError("keep and every must be at least 1")
         self.directory = Path(directory)
@@ -93,11 +96,20 @@ class CheckpointManager:
         atomic_write(path, payload, durable=True, follow=False)
         atomic_write(path.with_name(path.name + ".sha256"), digest.encode(), durable=True, follow=False)
         self._last_save = time.monotonic()
-        for _, older in [(e, p) for e, p in self.paths() if e <= epoch][self.keep:]:
-            _remove(older)
-        if self.on_save is not None:
-            self.on_save(epoch, path, digest)
+        retained = self.retained(epoch)
+        if self.on_save is not None and self.on_save(epoch, path, digest) is False:
+            return path
+        for older_epoch, older in self.paths():
+            if older_epoch not in retained:
+                _remove(older)
         return path
+
+    def retained(self, epoch: int) -> list[int]:
+        """The epochs whose checkpoints a save of ``epoch`` keeps: the ``keep`` newest up to it,
+        and every newer one (it can be the checkpoint of a worker that took the run over while
+        this one was writing and lost its lease)."""
+        found = [e for e, _ in self.paths()]
+        return [e for e in found if e > epoch] + [e for e in found if e <= epoch][:self.keep]
 
     def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[int, dict[str, Any]] | None:
         """(epoch, state) of the newest checkpoint that verifies, else None (a fresh start).
@@ -106,21 +118,22 @@ class CheckpointManager:
         one is tried. What a resume leaves behind goes: newer checkpoints, of a history this run
         does not carry on (unusable, or refused by ``usable``), and the temporary files of writes
         a crash cut short (``LEFTOVER_AGE_S`` old). ``on_save`` is told of the checkpoint resumed
-        from: a crash may have come between its write and its record. (A save removes only older
+        from, so that the store's record names the files left. (A save removes only older
         checkpoints: a newer one can be another worker's, which took the run over while this one
         was writing.)
         """
         # an hour old: a write of another process (another database sharing the folder) takes seconds
         remove_leftovers(self.directory, ".epoch-*.tmp", _TEMPORARY.match)
         for epoch, path in self.paths():
-            if self.usable is not None and not self.usable(epoch):
-                log.warning("checkpoint %s skipped: the store does not hold the epochs up to it", path)
-                continue
             try:
                 payload = _read_regular(path)
                 expected = _read_regular(path.with_name(path.name + ".sha256")).decode().strip()
                 if hashlib.sha256(payload).hexdigest() != expected:
                     raise ValueError("sha256 mismatch")
+                if self.usable is not None and not self.usable(epoch, expected):
+                    log.warning("checkpoint %s skipped: the store did not record it, or holds no rows up to "
+                                "its epoch", path)
+                    continue
                 _refuse_compressed(payload)
                 blob = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
                 if blob.get("config_hash") != self.config_hash:
