@@ -33,6 +33,10 @@ DEFAULT_LEASE_S = 300.0
 #: a run or pack checkpoints at most this often (and at its last epoch, and when it stops): tiny
 #: models would otherwise spend their time writing checkpoints. ``KANFARM_CHECKPOINT_SECONDS`` overrides it.
 CHECKPOINT_S = 30.0
+#: a run that has written no epoch for this long, and for ``STALL_FACTOR`` times the longest it
+#: has taken between two epochs, is taken for hung: see ``_Heartbeat``
+STALL_S = 1800.0
+STALL_FACTOR = 10.0
 
 
 def checkpoint_root() -> Path:
@@ -90,6 +94,7 @@ def check_run_environment() -> None:
     checkpoint_settings()
     check_checkpoints_writable(leave_nothing=True)  # the commands that call this train here
     checkpoint_interval()
+    stall_seconds()
     triton_wanted()
     cpu_compile_wanted()
     keep_freed_memory_wanted()
@@ -103,13 +108,22 @@ def checkpoint_interval() -> float:
     if os.environ.get("KANFARM_PACK_CHECKPOINT_SECONDS"):  # its old name: ignoring it would change the cadence unsaid
         raise ConfigError("KANFARM_PACK_CHECKPOINT_SECONDS", "renamed KANFARM_CHECKPOINT_SECONDS (it now applies to "
                           "single runs too): set that one instead")
-    value = os.environ.get("KANFARM_CHECKPOINT_SECONDS", str(CHECKPOINT_S))
+    return _seconds("KANFARM_CHECKPOINT_SECONDS", CHECKPOINT_S)
+
+
+def stall_seconds() -> float:
+    """``KANFARM_STALL_SECONDS`` (default ``STALL_S``; 0 = never): see ``_Heartbeat``. Read before a claim."""
+    return _seconds("KANFARM_STALL_SECONDS", STALL_S)
+
+
+def _seconds(name: str, default: float) -> float:
+    value = os.environ.get(name, str(default))
     try:
         seconds = float(value)
     except ValueError:
         seconds = float("nan")
     if not 0 <= seconds < float("inf"):
-        raise ConfigError("KANFARM_CHECKPOINT_SECONDS", f"{value!r} must be a non-negative number of seconds")
+        raise ConfigError(name, f"{value!r} must be a non-negative number of seconds")
     return seconds
 
 
@@ -140,15 +154,38 @@ def _load(name: str, options: tuple[tuple[str, int], ...], folder: str) -> Datas
 
 class _Heartbeat(threading.Thread):
     """Extends the run's lease every ``interval`` seconds; notes when the run is cancelled (it
-    stops at the epoch boundary, that epoch and a checkpoint written) or lost to another worker."""
+    stops at the epoch boundary, that epoch and a checkpoint written) or lost to another worker.
 
-    def __init__(self, store: Store, run_id: int, worker: str, lease_s: float):
+    A beat only says the process lives, not that its training moves: a worker hung in a CUDA
+    call or on a dead file system would hold the run for good. So once the run has written an
+    epoch, the heartbeat gives up when no epoch follows for ``stall_s`` seconds and for
+    ``STALL_FACTOR`` times the longest gap between two of its epochs so far: it ends the lease
+    (the next claim or ``kanfarm sweep`` takes the run) and the run stops if it ever wakes up."""
+
+    def __init__(self, store: Store, run_id: int, worker: str, lease_s: float, stall_s: float = 0.0):
         super().__init__(daemon=True, name=f"heartbeat-{run_id}")
         self.store, self.run_id, self.worker, self.lease_s = store, run_id, worker, lease_s
         self.interval = max(0.05, lease_s / 3)
+        self.stall_s = stall_s
         self.lost = threading.Event()
         self.cancelled = threading.Event()
         self._done = threading.Event()
+        self._progressed_at: float | None = None
+        self._longest_gap = 0.0
+
+    def progressed(self) -> None:
+        """An epoch was written."""
+        now = time.monotonic()
+        if self._progressed_at is not None:
+            self._longest_gap = max(self._longest_gap, now - self._progressed_at)
+        self._progressed_at = now
+
+    def stalled(self) -> float | None:
+        """Seconds since the last epoch, when that is past the limit; else None."""
+        if not self.stall_s or self._progressed_at is None:
+            return None
+        waited = time.monotonic() - self._progressed_at
+        return waited if waited > max(self.stall_s, STALL_FACTOR * self._longest_gap) else None
 
     def beat(self) -> bool:
         """Extend the lease; False (and ``cancelled`` or ``lost`` set) when the run no longer runs."""
@@ -160,10 +197,23 @@ class _Heartbeat(threading.Thread):
     def run(self) -> None:
         while not self._done.wait(self.interval):
             try:
+                if (waited := self.stalled()) is not None:
+                    self._give_up(waited)
+                    return
                 if not self.beat():
                     return
             except Exception as exc:  # a database hiccup is not a lost lease; the next beat retries
                 log.warning("heartbeat for run %s failed: %s", self.run_id, exc)
+
+    def _give_up(self, waited: float) -> None:
+        self.lost.set()
+        log.error("run %s: no epoch written for %.0f s (KANFARM_STALL_SECONDS is %g): taken for hung, its lease "
+                  "ended so that another worker takes it; this process stops the run if it wakes up, "
+                  "but cannot interrupt a hung call: restart it", self.run_id, waited, self.stall_s)
+        try:
+            self.store.expire_lease(self.run_id, self.worker)
+        except Exception as exc:  # no beat follows: the lease runs out by itself
+            log.warning("run %s: lease not ended (%s); it expires within %.0f s", self.run_id, exc, self.lease_s)
 
     def stop(self) -> None:
         self._done.set()
@@ -189,7 +239,7 @@ class _ClaimedRun:
         #: the last epoch of this attempt's trajectory: its resume checkpoint, then each row it wrote
         self.reached: int | None = None
         every, keep = checkpoint_settings()
-        self.beat = _Heartbeat(store, run.id, worker, lease_s)
+        self.beat = _Heartbeat(store, run.id, worker, lease_s, stall_seconds())
         self.checkpoints = CheckpointManager(
             checkpoint_root() / run.config_hash, run.config_hash, min_interval_s=checkpoint_interval_s,
             every=every, keep=keep, on_save=self._record_checkpoint, allowed=self._still_held,
@@ -294,6 +344,7 @@ class _ClaimedRun:
 
     def written(self, record: EpochRecord) -> None:
         self._reach(record.epoch)
+        self.beat.progressed()
         if self.on_epoch is not None:
             self.on_epoch(self.run.id, record)
 
@@ -392,6 +443,7 @@ def _settings_before_claim() -> float:
     checkpoint_settings()
     check_checkpoints_writable()
     cpu_compile_wanted()
+    stall_seconds()
     keep_freed_memory()
     return checkpoint_interval()
 

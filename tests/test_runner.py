@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from kanfarm.config import RunConfig
+from kanfarm.config import ConfigError, RunConfig
 from kanfarm.runner import execute_run
 
 
@@ -567,6 +567,40 @@ def test_a_checkpoint_the_store_did_not_record_is_not_resumed(sqlite_store, tmp_
     assert execute_run(store, run_id, "w2", on_epoch=lambda rid, rec: trained.append(rec.epoch)).status == "completed"
     assert trained == [2, 3, 4]  # from epoch 1's checkpoint: 3 was never recorded, 2 is not what was
     assert all(r["test_acc"] != 0.5 for r in store.epoch_metrics(run_id))
+
+
+def test_a_run_that_writes_no_epoch_for_too_long_gives_up_its_lease(sqlite_store, tmp_path, monkeypatch, caplog):
+    """A worker hung in a call (here: blocked in ``on_epoch`` after epoch 1) keeps beating, so
+    its lease never lapsed. Past KANFARM_STALL_SECONDS without an epoch, and past STALL_FACTOR
+    times its longest gap between epochs, its heartbeat ends the lease; another worker takes the
+    run over, and the first one, when it wakes up, writes nothing more."""
+    import time
+
+    from kanfarm import runner
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    monkeypatch.setenv("KANFARM_STALL_SECONDS", "0.3")
+    monkeypatch.setattr(runner, "STALL_FACTOR", 1.0)
+    store = sqlite_store
+    (run_id,) = _grid(store, [RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=3)])
+    taken = []
+
+    def hang_after_epoch_1(rid, record):
+        if record.epoch != 1:
+            return
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and store.claim(rid, "w2", 600) is None:
+            time.sleep(0.05)
+        taken.append(store.run(rid).worker)
+
+    assert execute_run(store, run_id, "w1", lease_s=3, on_epoch=hang_after_epoch_1).status == "stopped"
+    assert taken == ["w2"] and "taken for hung" in caplog.text
+    assert [r["epoch"] for r in store.epoch_metrics(run_id)] == [0, 1]  # w1 wrote nothing after waking
+    assert execute_run(store, run_id, "w2", claimed=True).status == "completed"
+    assert [r["epoch"] for r in store.epoch_metrics(run_id)] == [0, 1, 2, 3]
+    monkeypatch.setenv("KANFARM_STALL_SECONDS", "-1")
+    with pytest.raises(ConfigError, match="KANFARM_STALL_SECONDS: '-1' must be a non-negative number"):
+        execute_run(store, run_id, "w3")
 
 
 def test_warm_shutdowns_do_not_use_up_attempts(sqlite_store, tmp_path, monkeypatch):
