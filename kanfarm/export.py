@@ -1,7 +1,7 @@
 """Runs and epoch metrics in long format: one row per (run, epoch), config columns repeated.
 
 A run without epoch rows (pending, or failed before its first) appears once, its epoch columns
-empty. ``config`` is the run's whole stored config (patience, dropout, batch norm, HSIC settings,
+empty; the spline columns of a model without splines are empty too. ``config`` is the run's whole stored config (patience, dropout, batch norm, HSIC settings,
 dataset options...: what tells apart runs the other columns do not)."""
 from __future__ import annotations
 
@@ -31,15 +31,18 @@ def long_rows(store: Store, grid: str | None = None) -> Iterator[dict[str, Any]]
     """The rows, one at a time, by run and epoch. With ``grid``, ``intrinsic_dim`` is that grid's
     own (as its reports use), not what the last grid to state one stored on a run they share.
     A run's ``config`` is decoded once and shared by its rows."""
-    from kanfarm.reports.tables import intrinsic_dims
+    from kanfarm.reports.tables import intrinsic_dims, unused_settings
 
     dims = intrinsic_dims(store, grid)
-    config_of: tuple[Any, Any] = (None, None)  # (run id, its decoded config)
+    config_of: tuple[Any, Any, Any] = (None, None, ())  # (run id, its decoded config, the settings it does not use)
     for row in store.stream(_SQL.format(grid_filter=_GRID_FILTER if grid else ""), {"grid": grid} if grid else {}):
         row["intrinsic_dim"] = dims.get(row["dataset"], row["intrinsic_dim"])
         if config_of[0] != row["run_id"]:
-            config_of = (row["run_id"], _json_column(row["config"]))
+            config = _json_column(row["config"])
+            unused = unused_settings({**row, "wide_multiplier": (config or {}).get("wide_multiplier")})
+            config_of = (row["run_id"], config, [name for name in unused if name in row])
         row["config"] = config_of[1]
+        row.update(dict.fromkeys(config_of[2]))  # an MLP's spline columns: stored defaults, not settings
         row["extra"] = _json_column(row["extra"])
         if isinstance(row.get("hidden_widths"), str) and row["hidden_widths"].startswith("["):
             row["hidden_widths"] = json.loads(row["hidden_widths"])

@@ -250,6 +250,10 @@ def test_run_grid_then_reports_match_an_independent_calculation(env):
         n_params = next(r["n_params"] for r in runs if r["id"] == s["run_id"])
         assert eff[s["run_id"]]["efficiency"] == pytest.approx(best / (first + 1) / math.log(1 + n_params - 100))
         assert s["efficiency"] is None  # digits has no known intrinsic dimension
+        # an MLP has no spline settings: its stored defaults are not shown as if it had
+        shown = [r[s["run_id"]] for r in (eff, gap)] + [s]
+        want = (3, 5) if s["model"] == "kan" else (None, None)
+        assert {(r["spline_order"], r["grid_size"]) for r in shown} == {want}
 
     sens = json.loads(invoke("report", "sensitivity", "--json").output)
     assert [(r["model"], r["count"]) for r in sens] == [("kan", 2), ("mlp", 2)]
@@ -268,6 +272,7 @@ def test_run_grid_then_reports_match_an_independent_calculation(env):
     assert invoke("export", "--format", "json", "--out", "long.json").exit_code == 0
     long = json.loads((env / "long.json").read_text())
     assert len(long) == 12 and {"config_hash", "epoch", "test_acc", "model"} <= set(long[0])
+    assert {(r["model"], r["spline_order"], r["grid_size"]) for r in long} == {("kan", 3, 5), ("mlp", None, None)}
     # written row by row, the same text as the whole list rendered at once, to a file and to stdout
     assert (env / "long.json").read_text() == json.dumps(long, indent=2) + "\n" == invoke("export", "--format", "json").stdout
     assert invoke("export", "--format", "csv", "--out", "long.csv").exit_code == 0

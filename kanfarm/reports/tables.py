@@ -44,7 +44,12 @@ def _finished(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _pick(row: dict[str, Any], columns: Iterable[str]) -> dict[str, Any]:
-    return {c: row.get(c) for c in columns}
+    """``columns`` of ``row``, those its model and trainer do not use empty: an MLP's spline order
+    and grid size are stored at their defaults, and would read as settings. (The view holds no
+    ``wide_multiplier``: an MLP-Wide shows the settings of the KAN it is matched to.)"""
+    picked = {c: row.get(c) for c in columns}
+    picked.update(dict.fromkeys(c for c in unused_settings(row) if c in picked))
+    return picked
 
 
 def intrinsic_dims(store: SummarySource, grid: str | None,
