@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import typer
-from rich.text import Text
 
-from cli.output import fail
+from cli.output import fail, working
 
 def grid_name(value: str | None) -> str | None:
     """``--grid``'s value as grid names are stored (``kanfarm.config.grid_name``)."""
@@ -28,10 +27,9 @@ CsvOpt = typer.Option(False, "--csv", help="CSV on stdout.")
 def read_spec(spec: str):
     """The GridSpec of a file or preset, every cell checked (a spinner meanwhile: seconds for a
     large grid). Nothing is written."""
-    from cli.output import err_console
     from kanfarm.grids import load_spec
 
-    with err_console.status(Text(f"reading and checking every cell of {spec}")):  # Text: no markup
+    with working(f"reading and checking every cell of {spec}"):
         grid = load_spec(spec)
         grid.expand()
     return grid
@@ -43,7 +41,7 @@ def submit_spec(store, grid):
     from cli.output import err_console
     from kanfarm.submission import runs_beyond_spec, submit
 
-    with err_console.status(Text(f"storing the cells of grid {grid.name}")):
+    with working(f"storing the cells of grid {grid.name}"):
         result = submit(store, grid)
     others = runs_beyond_spec(store, grid)
     if others:  # a spec (or preset) changed under the same name: its old cells stay in the grid

@@ -15,11 +15,10 @@ from typing import Any, Optional
 from urllib.parse import urlsplit
 
 import typer
-from rich.text import Text
 
 from cli.common import (GridOpt, grid_exists, grid_name, handles_errors, open_store, parse_pack_size,
                         read_spec, submit_spec)
-from cli.output import console, err_console, fail, to_json
+from cli.output import console, err_console, fail, to_json, working
 
 enqueue_app = typer.Typer(no_args_is_help=True, help="Put runs on the Redis queue for Celery workers.")
 
@@ -102,7 +101,7 @@ def _publish(run_ids: list[int], queue: str) -> int:
     if not run_ids:
         return 0
     try:
-        with err_console.status(Text(f"publishing {len(run_ids)} messages to queue {queue}")):
+        with working(f"publishing {len(run_ids)} messages to queue {queue}"):
             return publish(run_ids, queue)
     except OperationalError as exc:
         fail(f"broker unreachable ({type(exc).__name__}); the runs stay queued in the database: "
@@ -144,7 +143,7 @@ def _publish_packs(store, grid: str, queued: list[int], size: int | str, queue: 
     configs = {i: c for i, c in store.claimable_runs(grid) if i in wanted}
     packs = _messages(list(configs), size, configs.__getitem__)
     try:
-        with err_console.status(Text(f"publishing {len(packs)} pack messages to queue {queue}")):
+        with working(f"publishing {len(packs)} pack messages to queue {queue}"):
             return publish_packs(packs, queue, fit=size == "auto")
     except OperationalError as exc:
         fail(f"broker unreachable ({type(exc).__name__}); the runs stay queued in the database: "
@@ -218,7 +217,7 @@ def requeue(grid: Optional[str] = GridOpt,
     store = open_store()
     grid_exists(store, grid)
     _check_broker_answers()
-    with err_console.status(Text("finding the runs to publish")):
+    with working("finding the runs to publish"):
         queued = store.run_ids(grid, statuses=["queued"])
         stale_ids = store.stale_runs(grid) if stale else []
         retried: list[int] = []

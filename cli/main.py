@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.text import Text
 
 from cli.common import (CsvOpt, GridOpt, JsonOpt, database_url, grid_exists, handles_errors, missing_sqlite_file,
                         read_spec, submit_spec,
                         open_store, parse_pack_size)
 from cli.distributed import register as register_distributed
-from cli.output import (console, emit_rows, err_console, fail, json_array_chunks, to_json,
+from cli.output import (console, emit_rows, err_console, fail, json_array_chunks, to_json, working,
                         use_escapes_where_unencodable, write_csv)
 from cli.plots import register as register_plots
 
@@ -89,7 +88,7 @@ def grid_show(spec: str = typer.Argument(..., help="A TOML spec file or a preset
     from kanfarm.grids import load_spec
     from kanfarm.submission import sized_cells
 
-    with err_console.status(Text(f"reading and checking every cell of {spec}")):  # seconds for a large grid
+    with working(f"reading and checking every cell of {spec}"):  # seconds for a large grid
         grid = load_spec(spec)
         info = grid.describe(sample=sample)
         cells = sized_cells(grid)

@@ -6,7 +6,10 @@ import io
 import json
 import math
 import sys
+import threading
+import time
 import unicodedata
+from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any, Iterable, Iterator, NoReturn, TextIO
 
@@ -21,6 +24,36 @@ from kanfarm.config import UNSEEN_CATEGORIES
 # would read "[/]" or "[red]" in them as markup (a crash, or silently changed output).
 console = Console(markup=False)
 err_console = Console(stderr=True, markup=False)
+#: work that lasts longer than this, out of a terminal, says what it is doing (and then that it is done)
+SAY_AFTER_S = 2.0
+
+
+@contextmanager
+def working(text: str) -> Iterator[None]:
+    """A spinner saying ``text`` on a terminal. Elsewhere (a log file, a pipe, compose's logs) a
+    spinner shows nothing, so work that lasts more than ``SAY_AFTER_S`` says ``text`` once, and how
+    long it took when it ends: seconds of silence otherwise look like a hang."""
+    if err_console.is_terminal:
+        with err_console.status(Text(text)):
+            yield
+        return
+    started = time.monotonic()
+    said = threading.Event()
+
+    def say() -> None:
+        err_console.print(f"{text} ...", highlight=False, soft_wrap=True)
+        said.set()
+
+    timer = threading.Timer(SAY_AFTER_S, say)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        timer.join()
+    if said.is_set():
+        err_console.print(f"{text}: done in {time.monotonic() - started:.1f} s", highlight=False, soft_wrap=True)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

@@ -96,3 +96,23 @@ def test_json_writes_postgresqls_numeric_as_a_number():
     from cli.output import to_json
 
     assert json.loads(to_json({"rate": Decimal("0.25")})) == {"rate": 0.25}
+
+
+def test_long_work_out_of_a_terminal_says_what_it_does_and_short_work_says_nothing(capsys, monkeypatch):
+    """A spinner shows nothing in a log or a pipe: a 30 s submission looked like a hang."""
+    import time
+
+    from cli import output
+
+    monkeypatch.setattr(output, "SAY_AFTER_S", 0.05)
+    with output.working("storing the cells of grid big"):
+        time.sleep(0.5)
+    said = capsys.readouterr().err.splitlines()
+    assert said[0] == "storing the cells of grid big ..."
+    assert said[1].startswith("storing the cells of grid big: done in ") and len(said) == 2
+    monkeypatch.setattr(output, "SAY_AFTER_S", 5)
+    with output.working("quick"):
+        pass
+    with pytest.raises(SystemExit), output.working("failing"):
+        raise SystemExit(2)
+    assert capsys.readouterr().err == ""
