@@ -1,8 +1,9 @@
 """Runs and epoch metrics in long format: one row per (run, epoch), config columns repeated.
 
 A run without epoch rows (pending, or failed before its first) appears once, its epoch columns
-empty; the spline columns of a model without splines are empty too. ``config`` is the run's whole stored config (patience, dropout, batch norm, HSIC settings,
-dataset options...: what tells apart runs the other columns do not)."""
+empty; so are the spline columns of a model without splines (stored at their defaults). ``config``
+is the run's whole stored config (patience, dropout, batch norm, HSIC settings, dataset
+options...: what tells apart runs the other columns do not)."""
 from __future__ import annotations
 
 import json
