@@ -33,7 +33,9 @@ def grid_status(store: Store, grid: str | None = None) -> dict[str, Any]:
     shape (``SHAPE``: dataset, model, widths, batch size, spline settings, trainer), else of the same
     dataset; unknown (None) when a remaining run's
     dataset has no timed epoch, rather than a guess from another dataset. ``epochs_timed``: the
-    timed epochs the estimate rests on. For one worker."""
+    timed epochs the estimate rests on. For one worker. ``stale``: running runs whose lease
+    expired (their worker died, or hung and gave the run up): nothing trains them until a claim
+    (``run grid``) or ``kanfarm sweep`` takes them."""
     counts = store.status_counts(grid)
     total = sum(counts.values())
     done = sum(counts.get(s, 0) for s in FINISHED)
@@ -60,6 +62,6 @@ def grid_status(store: Store, grid: str | None = None) -> dict[str, Any]:
         per_epoch = (by_group[key] if len(source) > 1 else by_dataset[r["dataset"]])[0]
         eta += per_epoch * (r["max_epochs"] - (r["epoch"] or 0))
     n_timed = sum(by_group[s][1] if len(s) > 1 else by_dataset[s[0]][1] for s in used)
-    return {"grid": grid, "counts": counts, "total": total, "done": done,
+    return {"grid": grid, "counts": counts, "total": total, "done": done, "stale": len(store.stale_runs(grid)),
             "progress": done / total if total else 0.0, "eta_seconds": eta,
             "epochs_timed": n_timed if eta is not None else 0}

@@ -655,6 +655,13 @@ def test_status_counts_every_ended_run_as_done_and_times_an_untimed_shape_by_its
     assert (got["total"], got["done"], got["progress"]) == (5, 4, pytest.approx(0.8))
     # no grid_size-8 epoch timed: the mean over every timed digits epoch (1, 2 and 6 s, two each), 6 epochs
     assert got["eta_seconds"] == pytest.approx(3.0 * 6) and got["epochs_timed"] == 6
+    assert got["stale"] == 0
+    (waiting,) = store.run_ids("g", statuses=["pending"])
+    store.mark_queued([waiting])
+    store.claim(waiting, "w", 60)
+    assert grid_status(store, "g")["stale"] == 0  # running, its lease alive
+    store.expire_lease(waiting, "w")  # its worker died, or hung and gave it up
+    assert grid_status(store, "g")["stale"] == 1 and grid_status(store, "c")["stale"] == 0
 
 
 def test_status_times_grids_of_explicit_widths_by_their_own_widths_and_batch_size(store):
