@@ -435,9 +435,9 @@ def _error_text(exc: Exception) -> str:
 
 
 def _settings_before_claim() -> float:
-    """Read (and check) the settings a run needs, before a claim (``work_loop`` claims, then calls
-    ``execute_run``: it calls this first); set up this process for training (``host_memory``).
-    Returns the checkpoint interval in seconds."""
+    """Read (and check) the settings a run needs, before each claim: a setting gone bad after the
+    claim would leave the run held, its attempt spent, until its lease ran out. Sets up this
+    process for training (``host_memory``). Returns the checkpoint interval in seconds."""
     from kanfarm.models.compiled_spline import cpu_compile_wanted
 
     checkpoint_settings()
@@ -453,12 +453,13 @@ def execute_run(store: Store, run_id: int, worker: str, *, device: str = "cpu",
                 shutdown: threading.Event | None = None,
                 on_epoch: Callable[[int, EpochRecord], None] | None = None,
                 max_attempts: int | None = None) -> Outcome:
-    """Claim (unless ``claimed``) and train one run to its end.
+    """Claim (unless ``claimed``: then the caller read the settings with ``_settings_before_claim``
+    before its claim) and train one run to its end.
 
     ``shutdown`` set (warm shutdown, Ctrl-C): the run checkpoints at the next epoch boundary and is
     released back to ``queued``. A lost lease or a cancel stops it without touching its state.
     """
-    interval_s = _settings_before_claim()
+    interval_s = checkpoint_interval() if claimed else _settings_before_claim()
     if not claimed and store.claim(run_id, worker, lease_s, max_attempts=max_attempts) is None:
         log.info("run %s not claimed by %s (taken, finished or cancelled)", run_id, worker)
         return Outcome(run_id, "not-claimed")
@@ -608,7 +609,6 @@ def work_loop(store: Store, worker: str, *, grid: str | None = None, device: str
               pack_size: int | str = 1) -> list[Outcome]:
     """Claim and execute runs of ``grid`` until none is left (or shutdown). ``pack_size`` > 1 (or
     ``"auto"``): runs that can share a pack are trained together, up to that many at once."""
-    _settings_before_claim()
     outcomes = []
     retried = _DatabaseRetries()
     while pack_size != 1 and (shutdown is None or not shutdown.is_set()):
@@ -625,6 +625,7 @@ def work_loop(store: Store, worker: str, *, grid: str | None = None, device: str
                                                      shutdown=shutdown, max_attempts=max_attempts, on_epoch=on_epoch)
                              if o.status != "not-claimed"]
     while shutdown is None or not shutdown.is_set():
+        _settings_before_claim()  # before each claim: a setting gone bad (a full disk) claims nothing more
         with retried.database_errors():
             run = store.claim_next(worker, lease_s, grid=grid, max_attempts=max_attempts)
             if run is None:

@@ -54,6 +54,27 @@ def test_a_checkpoint_folder_that_cannot_be_written_claims_nothing(sqlite_store,
     assert [(r.status, r.attempts) for r in map(sqlite_store.run, sqlite_store.run_ids())] == [("pending", 0)] * 2
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_setting_gone_bad_between_runs_claims_nothing_more(sqlite_store, tmp_path, monkeypatch, packed):
+    """Checked before each claim, not once per worker nor after the claim: the second run stays
+    waiting with no attempt spent, rather than held until its lease runs out."""
+    from kanfarm.config import ConfigError
+    from kanfarm.runner import work_loop
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    config = RunConfig(dataset="digits", model="mlp", depth="shallow", max_epochs=1)
+    sqlite_store.submit_grid("g", {}, [(dataclasses.replace(config, batch_size=b), 1000, None) for b in (256, 128)])
+
+    def break_after_the_first_run(run_id, record):
+        if record.epoch == 1:
+            monkeypatch.setenv("KANFARM_CHECKPOINT_KEEP", "none")
+
+    with pytest.raises(ConfigError, match="KANFARM_CHECKPOINT_KEEP"):
+        work_loop(sqlite_store, "w1", grid="g", pack_size=2 if packed else 1, on_epoch=break_after_the_first_run)
+    assert sorted((r.status, r.attempts) for r in map(sqlite_store.run, sqlite_store.run_ids())) == [
+        ("completed", 1), ("pending", 0)]
+
+
 def _run_cancelled_after(store, tmp_path, monkeypatch, max_epochs: int, epoch: int):
     """One digits MLP run of ``max_epochs``, trained by w1 and cancelled once ``epoch`` is written
     (so during the next one); checkpoints only at epoch 0 and at the stop. Returns (id, outcome)."""
