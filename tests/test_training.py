@@ -245,6 +245,51 @@ def test_a_save_whose_record_is_refused_removes_no_checkpoint(tmp_path):
     assert asked == digests and [e for e, _ in ckpt.paths()] == [1]  # the refused newer one goes
 
 
+def test_an_error_of_the_store_during_a_resume_leaves_every_checkpoint(tmp_path):
+    """``usable`` asks the database: its error (a blip) is not the file's fault. Taken for an
+    unusable file, it made the resume delete every checkpoint and start again from epoch 0."""
+    ckpt = CheckpointManager(tmp_path, "h", keep=2)
+    for epoch in (2, 3):
+        ckpt.save(epoch, {"w": torch.full((2,), float(epoch))})
+
+    def database_down(epoch, digest):
+        raise ConnectionError("server closed the connection unexpectedly")
+
+    with pytest.raises(ConnectionError):
+        CheckpointManager(tmp_path, "h", usable=database_down).load_latest()
+    assert [e for e, _ in ckpt.paths()] == [3, 2]
+
+
+def test_a_save_removes_no_checkpoint_newer_than_its_own(tmp_path):
+    """Another worker (which took the run over while this one was stalled between its record and
+    its prune) may write a newer checkpoint meanwhile: it is theirs, and stays."""
+    theirs = CheckpointManager(tmp_path, "h", keep=10)
+    ckpt = CheckpointManager(tmp_path, "h", keep=1,
+                             on_save=lambda epoch, path, digest: theirs.save(epoch + 1, {"w": torch.ones(2)}) and None)
+    ckpt.save(0, {"w": torch.zeros(2)})
+    assert [e for e, _ in ckpt.paths()] == [1, 0]
+
+
+def test_a_stop_writes_its_checkpoint_even_where_a_file_of_that_epoch_is(digits, tmp_path):
+    """A file of the stop's epoch that this run did not write (a worker that lost the run wrote it,
+    or another database's run) may be one the store never recorded: the stop writes its own."""
+    config = RunConfig(dataset="digits", model="mlp", depth="shallow", lr=0.05, batch_size=256, max_epochs=3)
+    told = []
+    ckpt = CheckpointManager(tmp_path, config.config_hash(), min_interval_s=3600,
+                             on_save=lambda epoch, path, digest: told.append((epoch, digest)))
+    calls = iter([False, True])
+
+    def stop_before_epoch_2():
+        stopping = next(calls, False)
+        if stopping:  # epoch 1 trained, not checkpointed (min_interval_s); a stray file of it appears
+            CheckpointManager(tmp_path, config.config_hash(), keep=10).save(1, {"other": torch.zeros(1)})
+        return stopping
+
+    result, _ = run(config, digits, checkpoints=ckpt, should_stop=stop_before_epoch_2)
+    assert result.status == "stopped" and [e for e, _ in told] == [0, 1]
+    assert told[1][1] == (tmp_path / "epoch-000001.pt.sha256").read_text()  # the file is this run's now
+
+
 def test_a_resume_records_its_checkpoint_and_clears_what_killed_writes_left(tmp_path):
     """A crash between a checkpoint's write and its record (or mid-write) must not leave the
     store naming other files than the folder holds, nor temporaries that are never removed."""

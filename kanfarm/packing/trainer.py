@@ -367,12 +367,9 @@ def _train_group(group: list[_Slot], data: Dataset, device: torch.device, start:
                 yield slot, RunResult("completed", epoch, slot.n_params)
             elif slot.member.should_stop is not None and slot.member.should_stop():
                 ckpt = slot.member.checkpoints
-                if ckpt is not None:
-                    saved: list[bool] = []
-                    guarded(slot, lambda: saved.append(any(e == epoch for e, _ in ckpt.paths())))
-                    if saved == [False]:
-                        state = _state(slot, m, net, opt, order)
-                        guarded(slot, lambda: ckpt.save(epoch, state))
+                if ckpt is not None and ckpt.saved_epoch != epoch:
+                    state = _state(slot, m, net, opt, order)
+                    guarded(slot, lambda: ckpt.save(epoch, state))
                 if any(slot is f for f in failed):
                     continue
                 ended.append(slot)

@@ -60,6 +60,9 @@ class CheckpointManager:
         self.allowed = allowed
         self.usable = usable
         self._last_save = 0.0
+        #: the epoch of the checkpoint this manager last wrote or resumed from: a stop needs no
+        #: other (a file of that epoch it did not write may be one the store never recorded)
+        self.saved_epoch: int | None = None
 
     def check_owner(self, config_hash: str) -> None:
         """Refuse to train a config with another config's checkpoints: a resume would carry on
@@ -96,18 +99,19 @@ class CheckpointManager:
         atomic_write(path, payload, durable=True, follow=False)
         atomic_write(path.with_name(path.name + ".sha256"), digest.encode(), durable=True, follow=False)
         self._last_save = time.monotonic()
+        self.saved_epoch = epoch
         retained = self.retained(epoch)
         if self.on_save is not None and self.on_save(epoch, path, digest) is False:
             return path
-        for older_epoch, older in self.paths():
-            if older_epoch not in retained:
+        for older_epoch, older in self.paths():  # listed again: what came meanwhile is not ours to judge
+            if older_epoch <= epoch and older_epoch not in retained:
                 _remove(older)
         return path
 
     def retained(self, epoch: int) -> list[int]:
         """The epochs whose checkpoints a save of ``epoch`` keeps: the ``keep`` newest up to it,
         and every newer one (it can be the checkpoint of a worker that took the run over while
-        this one was writing and lost its lease)."""
+        this one was writing and lost its lease, or that of another database's run)."""
         found = [e for e, _ in self.paths()]
         return [e for e in found if e > epoch] + [e for e in found if e <= epoch][:self.keep]
 
@@ -130,20 +134,23 @@ class CheckpointManager:
                 expected = _read_regular(path.with_name(path.name + ".sha256")).decode().strip()
                 if hashlib.sha256(payload).hexdigest() != expected:
                     raise ValueError("sha256 mismatch")
-                if self.usable is not None and not self.usable(epoch, expected):
-                    log.warning("checkpoint %s skipped: the store did not record it, or holds no rows up to "
-                                "its epoch", path)
-                    continue
                 _refuse_compressed(payload)
                 blob = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
                 if blob.get("config_hash") != self.config_hash:
                     raise ValueError("checkpoint belongs to another config")
                 if blob.get("epoch") != epoch:
                     raise ValueError("epoch in file does not match its name")
-            except Exception as exc:  # any failure means: do not trust this file
+            except Exception as exc:  # any failure of the file means: do not trust it
                 log.warning("checkpoint %s unusable (%s); trying an older one", path, exc)
                 continue
+            # asked outside the try: an error of the store (a database blip) is not the file's
+            # fault, and must end the resume with every checkpoint left in place
+            if self.usable is not None and not self.usable(epoch, expected):
+                log.warning("checkpoint %s skipped: the store did not record it, or holds no rows up to its epoch",
+                            path)
+                continue
             self._remove_after(epoch)
+            self.saved_epoch = epoch
             if self.on_save is not None:
                 self.on_save(epoch, path, expected)
             return epoch, blob["state"]

@@ -184,7 +184,7 @@ def _fit(config: RunConfig, data: Dataset, sink: Sink, method: Method, checkpoin
 
     while epoch < config.max_epochs and not patience_exhausted(config, epoch, best_epoch):
         if should_stop is not None and should_stop():
-            if checkpoints is not None and not any(e == epoch for e, _ in checkpoints.paths()):
+            if checkpoints is not None and checkpoints.saved_epoch != epoch:
                 checkpoints.save(epoch, state())
             return RunResult("stopped", epoch, n_params)
         started = time.perf_counter()
