@@ -152,40 +152,66 @@ def _load(name: str, options: tuple[tuple[str, int], ...], folder: str) -> Datas
     return load_dataset(name, data_dir=folder, **dict(options))
 
 
+class _Progress:
+    """When training last moved: the time of the last epoch row written by a run, or by any
+    member of its pack (a hang stops them all, and a member waiting for another part of its pack
+    is not hung). The heartbeats of the run or pack ask it whether they should give up.
+
+    Stalled: no row for ``stall_s`` seconds and for ``STALL_FACTOR`` times the longest gap
+    between two rows of one run in this attempt; before such a gap is known (the first training
+    epoch after epoch 0 or a resume), for ``STALL_FACTOR`` times ``stall_s``. Time the whole
+    process stood still (SIGSTOP, Ctrl-Z, a suspended VM: its heartbeats woke far too late) is
+    not waiting. Before the first row nothing is judged (loading a large dataset takes long)."""
+
+    def __init__(self, stall_s: float):
+        self.stall_s = stall_s
+        self._lock = threading.Lock()
+        self._at: float | None = None  # the last row, of any run
+        self._last: dict[int, float] = {}  # each run's last row
+        self._longest: float | None = None
+        self._asked = time.monotonic()
+
+    def written(self, run_id: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if run_id in self._last:
+                self._longest = max(self._longest or 0.0, now - self._last[run_id])
+            self._last[run_id] = self._at = now
+
+    def stalled(self, interval: float) -> float | None:
+        """Seconds since the last row when past the limit, else None. ``interval``: how often the
+        caller asks (a call that much later than that means the process stood still)."""
+        with self._lock:
+            now = time.monotonic()
+            stood_still = now - self._asked - interval
+            self._asked = now
+            if stood_still > interval and self._at is not None:
+                self._at += stood_still
+                self._last = {run_id: at + stood_still for run_id, at in self._last.items()}
+            if not self.stall_s or self._at is None:
+                return None
+            waited = now - self._at
+            longest = self.stall_s if self._longest is None else self._longest
+            return waited if waited > max(self.stall_s, STALL_FACTOR * longest) else None
+
+
 class _Heartbeat(threading.Thread):
     """Extends the run's lease every ``interval`` seconds; notes when the run is cancelled (it
     stops at the epoch boundary, that epoch and a checkpoint written) or lost to another worker.
 
     A beat only says the process lives, not that its training moves: a worker hung in a CUDA
-    call or on a dead file system would hold the run for good. So once the run has written an
-    epoch, the heartbeat gives up when no epoch follows for ``stall_s`` seconds and for
-    ``STALL_FACTOR`` times the longest gap between two of its epochs so far: it ends the lease
-    (the next claim or ``kanfarm sweep`` takes the run) and the run stops if it ever wakes up."""
+    call or on a dead file system would hold the run for good. So when its ``progress`` says
+    training stalled, the heartbeat gives up: it ends the lease (the next claim or ``kanfarm
+    sweep`` takes the run) and the run stops if it ever wakes up."""
 
-    def __init__(self, store: Store, run_id: int, worker: str, lease_s: float, stall_s: float = 0.0):
+    def __init__(self, store: Store, run_id: int, worker: str, lease_s: float, progress: _Progress):
         super().__init__(daemon=True, name=f"heartbeat-{run_id}")
         self.store, self.run_id, self.worker, self.lease_s = store, run_id, worker, lease_s
         self.interval = max(0.05, lease_s / 3)
-        self.stall_s = stall_s
+        self.progress = progress
         self.lost = threading.Event()
         self.cancelled = threading.Event()
         self._done = threading.Event()
-        self._progressed_at: float | None = None
-        self._longest_gap = 0.0
-
-    def progressed(self) -> None:
-        """An epoch was written."""
-        now = time.monotonic()
-        if self._progressed_at is not None:
-            self._longest_gap = max(self._longest_gap, now - self._progressed_at)
-        self._progressed_at = now
-
-    def stalled(self) -> float | None:
-        """Seconds since the last epoch, when that is past the limit; else None."""
-        if not self.stall_s or self._progressed_at is None:
-            return None
-        waited = time.monotonic() - self._progressed_at
-        return waited if waited > max(self.stall_s, STALL_FACTOR * self._longest_gap) else None
 
     def beat(self) -> bool:
         """Extend the lease; False (and ``cancelled`` or ``lost`` set) when the run no longer runs."""
@@ -197,7 +223,7 @@ class _Heartbeat(threading.Thread):
     def run(self) -> None:
         while not self._done.wait(self.interval):
             try:
-                if (waited := self.stalled()) is not None:
+                if (waited := self.progress.stalled(self.interval)) is not None:
                     self._give_up(waited)
                     return
                 if not self.beat():
@@ -209,7 +235,7 @@ class _Heartbeat(threading.Thread):
         self.lost.set()
         log.error("run %s: no epoch written for %.0f s (KANFARM_STALL_SECONDS is %g): taken for hung, its lease "
                   "ended so that another worker takes it; this process stops the run if it wakes up, "
-                  "but cannot interrupt a hung call: restart it", self.run_id, waited, self.stall_s)
+                  "but cannot interrupt a hung call: restart it", self.run_id, waited, self.progress.stall_s)
         try:
             self.store.expire_lease(self.run_id, self.worker)
         except Exception as exc:  # no beat follows: the lease runs out by itself
@@ -232,14 +258,15 @@ class _ClaimedRun:
 
     def __init__(self, store: Store, run: RunRow, worker: str, lease_s: float,
                  shutdown: threading.Event | None, on_epoch: Callable[[int, EpochRecord], None] | None,
-                 checkpoint_interval_s: float):
+                 checkpoint_interval_s: float, progress: _Progress | None = None):
+        """``progress``: shared by the members of a pack; a run of its own gets its own."""
         self.store, self.run, self.worker = store, run, worker
         self.shutdown, self.on_epoch = shutdown, on_epoch
         self.rows: _EpochRows | None = None  # a pack member's: see sink
         #: the last epoch of this attempt's trajectory: its resume checkpoint, then each row it wrote
         self.reached: int | None = None
         every, keep = checkpoint_settings()
-        self.beat = _Heartbeat(store, run.id, worker, lease_s, stall_seconds())
+        self.beat = _Heartbeat(store, run.id, worker, lease_s, progress or _Progress(stall_seconds()))
         self.checkpoints = CheckpointManager(
             checkpoint_root() / run.config_hash, run.config_hash, min_interval_s=checkpoint_interval_s,
             every=every, keep=keep, on_save=self._record_checkpoint, allowed=self._still_held,
@@ -344,7 +371,7 @@ class _ClaimedRun:
 
     def written(self, record: EpochRecord) -> None:
         self._reach(record.epoch)
-        self.beat.progressed()
+        self.beat.progress.written(self.run.id)
         if self.on_epoch is not None:
             self.on_epoch(self.run.id, record)
 
@@ -506,7 +533,8 @@ def execute_pack(store: Store, run_ids: list[int], worker: str, *, device: str =
     if len(claimed) <= 1:
         return outcomes + [execute_run(store, r.id, worker, device=device, lease_s=lease_s, claimed=True,
                                        shutdown=shutdown, on_epoch=on_epoch) for r in claimed]
-    members = [_ClaimedRun(store, r, worker, lease_s, shutdown, on_epoch, interval_s) for r in claimed]
+    progress = _Progress(stall_seconds())
+    members = [_ClaimedRun(store, r, worker, lease_s, shutdown, on_epoch, interval_s, progress) for r in claimed]
     rows = _EpochRows(store, worker)
     for m in members:
         m.rows = rows

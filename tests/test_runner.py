@@ -541,8 +541,9 @@ def test_a_failed_resume_drops_rows_an_earlier_attempt_wrote_past_its_failure(sq
 def test_a_resume_puts_the_checkpoints_table_right_after_a_crash_between_write_and_record(sqlite_store, tmp_path,
                                                                                             monkeypatch):
     """The attempt wrote its final checkpoint (epoch 3) and crashed before recording it: the table
-    named epochs 1 and 2 while the folder held 2 and 3. The retry resumes at the final epoch, saves
-    nothing more, and must leave the table naming the files there are."""
+    named epochs 1 and 2 while the folder held 2 and 3. The retry does not trust the unrecorded
+    file: it resumes at epoch 2, trains epoch 3 again, and must leave the table naming the files
+    there are."""
     monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
     monkeypatch.setenv("KANFARM_CHECKPOINT_SECONDS", "0")
     store = sqlite_store
@@ -553,7 +554,9 @@ def test_a_resume_puts_the_checkpoints_table_right_after_a_crash_between_write_a
         conn.execute(sa.text("UPDATE runs SET status = 'running', worker = 'crashed', "
                              "lease_expires_at = '2000-01-01 00:00:00' WHERE id = :i"), {"i": run_id})
         conn.execute(sa.text("UPDATE checkpoints SET epoch = 1 WHERE run_id = :i AND epoch = 3"), {"i": run_id})
-    assert execute_run(store, run_id, "w2").status == "completed"
+    trained = []
+    assert execute_run(store, run_id, "w2", on_epoch=lambda rid, rec: trained.append(rec.epoch)).status == "completed"
+    assert trained == [3]
     recorded = store.checkpoints(run_id)
     assert [c.epoch for c in recorded] == [2, 3]
     assert all(tmp_path.joinpath("ckpt", store.run(run_id).config_hash, f"epoch-{c.epoch:06d}.pt") == Path(c.path)
@@ -622,6 +625,65 @@ def test_a_run_that_writes_no_epoch_for_too_long_gives_up_its_lease(sqlite_store
     monkeypatch.setenv("KANFARM_STALL_SECONDS", "-1")
     with pytest.raises(ConfigError, match="KANFARM_STALL_SECONDS: '-1' must be a non-negative number"):
         execute_run(store, run_id, "w3")
+
+
+def test_a_pack_that_hangs_gives_up_every_member_and_a_slow_first_epoch_is_not_a_hang(sqlite_store, tmp_path,
+                                                                                        monkeypatch, caplog):
+    """The members share one progress clock: a pack that hangs gives them all up. Before a gap
+    between two epochs is known, the limit is STALL_FACTOR times KANFARM_STALL_SECONDS: a first
+    training epoch longer than the limit alone is not a hang."""
+    import time
+
+    from kanfarm.runner import execute_pack
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    monkeypatch.setenv("KANFARM_STALL_SECONDS", "0.1")
+    store = sqlite_store
+    base = dict(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=3)
+    ids = _grid(store, [RunConfig(lr=lr, **base) for lr in (0.01, 0.02)])
+    hung = []
+
+    def slow_then_hung(rid, record):
+        if record.epoch == 0 and rid == ids[0]:
+            time.sleep(0.4)  # a slow first epoch: 4x the limit, under 10x
+        elif record.epoch == 2 and rid == ids[-1]:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and (caplog.text.count("taken for hung") < len(ids)
+                                                   or len(hung) < len(ids)):
+                hung[:] = store.stale_runs()  # ended by the watchdog just after it said so
+                time.sleep(0.05)
+
+    outcomes = execute_pack(store, ids, "w1", lease_s=0.6, on_epoch=slow_then_hung)  # asked every 0.2 s
+    assert sorted(hung) == sorted(ids) and caplog.text.count("taken for hung") == len(ids)
+    assert all(o.status == "stopped" for o in outcomes)
+    assert [r["epoch"] for r in store.epoch_metrics(ids[0])] == [0, 1, 2]
+
+
+def test_time_the_process_stood_still_is_not_waiting(monkeypatch):
+    """Ctrl-Z, SIGSTOP or a suspended VM stop the heartbeats too: they wake far too late, and the
+    pause must not count as a stalled epoch (no other worker took the run meanwhile)."""
+    from kanfarm import runner
+
+    clock = [0.0]
+    monkeypatch.setattr(runner.time, "monotonic", lambda: clock[0])
+    progress = runner._Progress(10.0)
+
+    def ask_every_second(until: float) -> float | None:
+        waited = None
+        while clock[0] < until and waited is None:
+            clock[0] += 1.0
+            waited = progress.stalled(1.0)
+        return waited
+
+    assert ask_every_second(50) is None  # no row yet: nothing to judge
+    progress.written(7)
+    assert ask_every_second(60) is None
+    clock[0] += 3600  # the process stood still for an hour
+    assert progress.stalled(1.0) is None
+    progress.written(7)  # a gap of 11 s of training, not of the hour
+    written_at = clock[0]
+    assert ask_every_second(written_at + 110) is None  # up to 10x the longest gap
+    assert ask_every_second(written_at + 112) == pytest.approx(111.0)
 
 
 def test_warm_shutdowns_do_not_use_up_attempts(sqlite_store, tmp_path, monkeypatch):
