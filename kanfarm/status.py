@@ -7,22 +7,27 @@ from kanfarm.store import Store
 
 FINISHED = ("completed", "diverged", "failed", "cancelled")
 
-#: what sets an epoch's time, as columns of ``runs``: runs alike in all of them are timed together.
-#: ``depth`` is NULL for grids that give widths, so the widths themselves are part of it.
+#: what sets an epoch's time, as columns of ``runs``: runs alike in all of them (and in their
+#: dataset options, ``_OPTIONS``) are timed together. ``depth`` is NULL for grids that give widths,
+#: so the widths themselves are part of it.
 SHAPE = ("dataset", "model", "depth", "hidden_widths", "batch_size", "spline_order", "grid_size", "trainer")
 _SHAPE_SQL = ", ".join(f"r.{c}" for c in SHAPE)
+#: the stored config's dataset options as text (imdb's vocabulary size is the input width, higgs's
+#: n_train the rows of an epoch), per dialect: JSONB on PostgreSQL, JSON text on SQLite
+_OPTIONS = {"postgresql": "CAST(r.config -> 'dataset_options' AS TEXT)",
+            "sqlite": "json_extract(r.config, '$.dataset_options')"}
 
 _REMAINING_SQL = f"""
-SELECT r.id, {_SHAPE_SQL}, r.max_epochs, r.status, MAX(e.epoch) AS epoch
+SELECT r.id, {_SHAPE_SQL}, {{options}} AS options, r.max_epochs, r.status, MAX(e.epoch) AS epoch
 FROM runs r LEFT JOIN epoch_metrics e ON e.run_id = r.id
 WHERE r.status IN ('pending', 'queued', 'running') {{grid_filter}}
-GROUP BY r.id, {_SHAPE_SQL}, r.max_epochs, r.status
+GROUP BY r.id, {_SHAPE_SQL}, {{options}}, r.max_epochs, r.status
 """
 _TIMED_SQL = f"""
-SELECT {_SHAPE_SQL}, AVG(e.seconds) AS mean_seconds, COUNT(*) AS n
+SELECT {_SHAPE_SQL}, {{options}} AS options, AVG(e.seconds) AS mean_seconds, COUNT(*) AS n
 FROM epoch_metrics e JOIN runs r ON r.id = e.run_id
 WHERE e.epoch > 0 AND e.seconds IS NOT NULL AND r.dataset IN ({{datasets}})
-GROUP BY {_SHAPE_SQL}
+GROUP BY {_SHAPE_SQL}, {{options}}
 """
 _GRID_FILTER = "AND r.id IN (SELECT g.run_id FROM grid_runs g JOIN grids gr ON gr.id = g.grid_id WHERE gr.name = :grid)"
 
@@ -30,7 +35,7 @@ _GRID_FILTER = "AND r.id IN (SELECT g.run_id FROM grid_runs g JOIN grids gr ON g
 def grid_status(store: Store, grid: str | None = None) -> dict[str, Any]:
     """Counts per status, ``done`` (runs that ended: completed, diverged, failed or cancelled) and
     ``eta_seconds``: remaining epochs times the mean epoch time of runs (of any grid) of the same
-    shape (``SHAPE``: dataset, model, widths, batch size, spline settings, trainer), else of the same
+    shape (``SHAPE``: dataset and its options, model, widths, batch size, spline settings, trainer), else of the same
     dataset; unknown (None) when a remaining run's
     dataset has no timed epoch, rather than a guess from another dataset. ``epochs_timed``: the
     timed epochs the estimate rests on. For one worker. ``stale``: running runs whose lease
@@ -40,11 +45,13 @@ def grid_status(store: Store, grid: str | None = None) -> dict[str, Any]:
     total = sum(counts.values())
     done = sum(counts.get(s, 0) for s in FINISHED)
     params = {"grid": grid} if grid else {}
-    remaining = store.query(_REMAINING_SQL.format(grid_filter=_GRID_FILTER if grid else ""), params)
+    options = _OPTIONS[store.engine.dialect.name]
+    remaining = store.query(_REMAINING_SQL.format(grid_filter=_GRID_FILTER if grid else "", options=options), params)
     # only the datasets still to train: the epoch rows of a study's other datasets are not read
     datasets = {f"d{i}": name for i, name in enumerate(sorted({r["dataset"] for r in remaining}))}
-    timed = store.query(_TIMED_SQL.format(datasets=", ".join(f":{k}" for k in datasets)), datasets) if datasets else []
-    by_group = {tuple(t[c] for c in SHAPE): (t["mean_seconds"], t["n"]) for t in timed}
+    timed = store.query(_TIMED_SQL.format(datasets=", ".join(f":{k}" for k in datasets), options=options),
+                        datasets) if datasets else []
+    by_group = {tuple(t[c] for c in (*SHAPE, "options")): (t["mean_seconds"], t["n"]) for t in timed}
     by_dataset: dict[str, tuple[float, int]] = {}
     for t in timed:
         seconds, n = by_dataset.get(t["dataset"], (0.0, 0))
@@ -53,7 +60,7 @@ def grid_status(store: Store, grid: str | None = None) -> dict[str, Any]:
     eta: float | None = 0.0
     used: set[tuple] = set()
     for r in remaining:
-        key = tuple(r[c] for c in SHAPE)
+        key = tuple(r[c] for c in (*SHAPE, "options"))
         source = key if key in by_group else (r["dataset"],) if r["dataset"] in by_dataset else None
         if source is None:
             eta = None

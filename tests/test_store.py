@@ -690,6 +690,31 @@ def test_status_times_grids_of_explicit_widths_by_their_own_widths_and_batch_siz
     assert grid_status(store, "hsic")["eta_seconds"] == pytest.approx(4 * 0.5)
 
 
+def test_status_times_runs_of_other_dataset_options_apart(store):
+    """imdb's vocabulary size is its input width (higgs's n_train the rows of an epoch): a
+    20,000-word run was estimated from 30-word epochs, 100x too fast."""
+    from kanfarm.status import grid_status
+    from kanfarm.training import EpochRecord
+
+    def imdb(name, vocab_size, seconds=None, seed=0):
+        config = RunConfig(dataset="imdb", model="kan", depth=None, hidden_widths=(64,), max_epochs=5, seed=seed,
+                           dataset_options={"vocab_size": vocab_size})
+        store.submit_grid(name, {}, [(config, 100, None)])
+        (run_id,) = store.run_ids(name)
+        if seconds is not None:
+            store.claim(run_id, "w", 60)
+            for epoch in range(6):
+                store.write_epoch(run_id, EpochRecord(epoch, 1.0, 0.5, 1.0, 0.5, seconds), worker="w")
+            store.finish(run_id, "w", "completed")
+
+    imdb("small", 30, seconds=0.01)
+    imdb("large", 20000, seconds=0.5)
+    imdb("large-again", 20000, seed=1)
+    imdb("small-again", 30, seed=1)
+    assert grid_status(store, "large-again")["eta_seconds"] == pytest.approx(5 * 0.5)
+    assert grid_status(store, "small-again")["eta_seconds"] == pytest.approx(5 * 0.01)
+
+
 def test_resubmitting_a_grid_that_states_no_intrinsic_dim_keeps_another_grids_value(store):
     from kanfarm.grids import parse_spec
     from kanfarm.submission import submit
