@@ -417,6 +417,21 @@ def test_higgs_too_few_rows_is_a_clear_error(tmp_path):
         load_dataset("higgs", data_dir=tmp_path, n_train=21, n_test=10, download=False)
 
 
+def test_higgs_names_the_row_it_cannot_parse_counted_over_the_whole_file(tmp_path, monkeypatch):
+    """numpy counts from 0 within each chunk of PARSE_ROWS rows: line 12 read as "row 1"."""
+    from kanfarm.data import higgs
+
+    monkeypatch.setattr(higgs, "PARSE_ROWS", 10)
+    write_higgs(tmp_path / "higgs", n_rows=30)
+    path = tmp_path / "higgs" / "HIGGS.csv.gz"
+    lines = gzip.open(path, "rt").read().splitlines()
+    lines[11] = ",".join(["1"] + ["abc"] * 28)
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    with pytest.raises(DatasetFormatError, match=r"row 12 is unparsable \(could not convert string 'abc'"):
+        load_dataset("higgs", data_dir=tmp_path, n_train=20, n_test=10, download=False)
+
+
 # ---- missing files, downloads, options
 
 

@@ -44,6 +44,22 @@ def check_options(options: dict[str, Any]) -> None:
                                      f"of {FILE}")
 
 
+def _parsed(lines: list[str]) -> np.ndarray:
+    # comments=None: a "#" line is an error, not a row skipped
+    return np.loadtxt(lines, delimiter=",", dtype=np.float64, ndmin=2, comments=None)
+
+
+def _unparsable(lines: list[str], before: int, exc: ValueError) -> str:
+    """Which row of the file (counted from 1) numpy could not parse: its own message counts from
+    0 within the chunk of ``PARSE_ROWS`` rows it was given."""
+    for i, line in enumerate(lines):
+        try:
+            _parsed([line])
+        except ValueError as own:
+            return f"row {before + i + 1} is unparsable ({own})".replace(" at row 0,", ",")
+    return f"unparsable rows ({exc})"
+
+
 def read_rows(path: Path, n_rows: int) -> np.ndarray:
     """The first ``n_rows`` rows as float64 (n_rows, 29), all finite. Only that prefix is
     decompressed, so damage beyond it (and the gzip CRC at the end) is never checked. Rows are
@@ -70,11 +86,10 @@ def read_rows(path: Path, n_rows: int) -> np.ndarray:
                     lines.append(line.decode("utf-8"))
                 if not lines:
                     break
-                try:  # comments=None: a "#" line is an error, not a row skipped
-                    rows[done:done + len(lines)] = np.loadtxt(lines, delimiter=",", dtype=np.float64, ndmin=2,
-                                                              comments=None)
+                try:
+                    rows[done:done + len(lines)] = _parsed(lines)
                 except ValueError as exc:
-                    raise DatasetFormatError(f"{path}: unparsable row ({exc})") from exc
+                    raise DatasetFormatError(f"{path}: {_unparsable(lines, done, exc)}") from exc
                 done += len(lines)
     except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
         raise DatasetFormatError(f"{path}: not a readable gzip file of text ({exc})") from exc
