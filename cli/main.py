@@ -305,7 +305,8 @@ def status(grid: Optional[str] = GridOpt, as_json: bool = JsonOpt) -> None:
         console.print(f"  {name:<10} {count}")
     if info["stale"]:
         console.print(f"  {info['stale']} of the running runs have an expired lease (a worker died or hung): "
-                      "`kanfarm sweep` publishes them again, `kanfarm run grid` takes them over")
+                      "`kanfarm sweep` publishes them again once they are --grace (300) s stale, "
+                      "`kanfarm run grid` takes them over")
     eta = info["eta_seconds"]
     if info["done"] == info["total"]:
         console.print("  time left: none, every run has ended")
