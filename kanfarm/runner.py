@@ -233,9 +233,10 @@ class _Heartbeat(threading.Thread):
 
     def _give_up(self, waited: float) -> None:
         self.lost.set()
-        log.error("run %s: no epoch written for %.0f s (KANFARM_STALL_SECONDS is %g): taken for hung, its lease "
-                  "ended so that another worker takes it; this process stops the run if it wakes up, "
-                  "but cannot interrupt a hung call: restart it", self.run_id, waited, self.progress.stall_s)
+        log.error("run %s: no epoch written for %.0f s (more than KANFARM_STALL_SECONDS=%g and %gx its longest gap "
+                  "between epochs): taken for hung, its lease ended so that another worker takes it; this process "
+                  "stops the run if it wakes up, but cannot interrupt a hung call: restart it", self.run_id, waited,
+                  self.progress.stall_s, STALL_FACTOR)
         try:
             self.store.expire_lease(self.run_id, self.worker)
         except Exception as exc:  # no beat follows: the lease runs out by itself
