@@ -362,8 +362,10 @@ def test_checkpoint_rewrite_replaces(store):
 def test_query_is_parameterised_and_read_only(store):
     store.submit_grid("g", {}, cells(3))
     assert store.query("SELECT COUNT(*) AS n FROM runs WHERE seed >= :s", {"s": 1}) == [{"n": 2}]
-    with pytest.raises(sa.exc.DBAPIError):
+    with pytest.raises(ValueError, match="a statement that reads, beginning with SELECT"):
         store.query("DELETE FROM runs")
+    with pytest.raises(sa.exc.DBAPIError):  # reads first, then writes: the transaction refuses it
+        store.query("WITH doomed AS (SELECT id FROM runs) DELETE FROM runs WHERE id IN (SELECT id FROM doomed)")
     assert len(store.run_ids()) == 3
     store.write_epoch(store.run_ids()[0], record(0, 0.1, 0.1))  # the connection is writable again
     # a second statement could turn the transaction back to read-write (PostgreSQL runs them all)
@@ -378,6 +380,24 @@ def test_query_is_parameterised_and_read_only(store):
         store.query("SELECT 1 AS x; DELETE FROM runs")
     assert len(store.run_ids("g")) == 3
     assert store.query("SELECT ';' AS x, 1 AS \"a;b\" /* ; */ ; -- ;") == [{"x": ";", "a;b": 1}]
+
+
+def test_query_refuses_statements_that_act_without_writing_rows(store, tmp_path):
+    """A read-only transaction still lets SQLite's ATTACH create a file and its PRAGMAs stay with
+    the pooled connection (busy_timeout 0: every later write fails at once when another holds the
+    lock), and lets PostgreSQL's COPY write files; a session's advisory lock outlived the query."""
+    store.submit_grid("g", {}, cells(1))
+    attached = tmp_path / "attached.db"
+    for sql in (f"ATTACH DATABASE '{attached}' AS e", "PRAGMA busy_timeout = 0", "/* SELECT */ PRAGMA busy_timeout = 0",
+                f"COPY (SELECT 1) TO '{tmp_path / 'copied.csv'}'", "LOCK TABLE runs", "EXPLAIN SELECT 1", "-- SELECT"):
+        with pytest.raises(ValueError, match="a statement that reads"):
+            store.query(sql)
+    assert not attached.exists()
+    assert store.query("-- the study's runs\n  SELECT COUNT(*) AS n FROM runs") == [{"n": 1}]
+    assert store.query("VALUES (1)") and store.query("with x as (select 1 as y) select y from x") == [{"y": 1}]
+    if store.engine.dialect.name == "postgresql":
+        store.query("SELECT pg_advisory_lock(4242) IS NULL AS locked")
+        assert store.query("SELECT COUNT(*) AS n FROM pg_locks WHERE locktype = 'advisory'") == [{"n": 0}]
 
 
 # -- run_summary --------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ and use leases much longer than the skew.
 from __future__ import annotations
 
 import json
+import re
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Iterable, Iterator, Sequence
@@ -609,7 +610,18 @@ class Store:
         """Run one read-only parameterised SQL statement (``:name`` placeholders). Writes are
         refused, and so is a second statement, which could switch the transaction back to writing:
         the drivers enforce it (SQLite's executes one statement; PostgreSQL's runs this one as a
-        prepared statement, which holds one command), so no parsing of SQL here can be fooled."""
+        prepared statement, which holds one command), so no parsing of SQL here can be fooled.
+        The statement must also begin as a read does (``_READING``): a read-only transaction
+        still lets PostgreSQL's COPY or LOCK and SQLite's ATTACH or PRAGMA act, and the last two
+        would stay with the pooled connection; a session's advisory locks are released after it.
+
+        A guard against mistakes, not a sandbox: on PostgreSQL a superuser role (the compose
+        file's is one) can still reach the server's files through functions (``pg_read_file``,
+        ``lo_export``). Give SQL you did not write a role that may only SELECT."""
+        first = _first_word(sql)
+        if first not in _READING:
+            raise ValueError(f"query takes a statement that reads, beginning with {', '.join(_READING)} "
+                             f"(after blanks, '--' comments or '('), not {first or repr(sql[:20])}")
         postgres = self.engine.dialect.name == "postgresql"
         with self._read() as conn:
             conn.exec_driver_sql("SET TRANSACTION READ ONLY" if postgres else "PRAGMA query_only = ON")
@@ -622,8 +634,11 @@ class Store:
                     raise ValueError(_ONE_STATEMENT) from None
                 raise
             finally:  # not on a connection an interrupt invalidated (it is discarded): that error
-                if not postgres and not conn.invalidated:  # would replace the KeyboardInterrupt
-                    conn.exec_driver_sql("PRAGMA query_only = OFF")
+                if not conn.invalidated:  # would replace the KeyboardInterrupt
+                    if postgres:  # session locks outlive the transaction, in the pool
+                        _release_session_locks(conn)
+                    else:
+                        conn.exec_driver_sql("PRAGMA query_only = OFF")
 
     def stream(self, sql: str, params: dict[str, Any] | None = None, batch: int = 2000) -> Iterator[dict[str, Any]]:
         """The rows of kanfarm's own read query ``sql``, fetched ``batch`` at a time (a server-side
@@ -636,6 +651,33 @@ class Store:
 
 
 _ONE_STATEMENT = "query takes one SQL statement; remove the ';' between statements"
+#: what ``Store.query``'s statement may begin with
+_READING = ("SELECT", "WITH", "VALUES", "TABLE")
+
+
+def _release_session_locks(conn: Connection) -> None:
+    """End the (read-only, perhaps failed) transaction and release the session's advisory locks;
+    a connection too broken for that is discarded by the pool, its session with it."""
+    try:
+        conn.rollback()
+        conn.exec_driver_sql("SELECT pg_advisory_unlock_all()")
+    except sa.exc.DBAPIError:
+        conn.invalidate()
+
+
+def _first_word(sql: str) -> str:
+    """The statement's first keyword, upper case, past blanks, ``--`` comments and opening
+    parentheses; "" when it begins otherwise (a ``/*`` comment nests on PostgreSQL, so a reading
+    of it here could differ from the server's: refused)."""
+    rest = sql
+    while True:
+        rest = rest.lstrip(" \t\r\n\f(")
+        if not rest.startswith("--"):
+            break
+        end = rest.find("\n")
+        rest = "" if end < 0 else rest[end + 1:]
+    word = re.match(r"[A-Za-z]+", rest)
+    return word.group(0).upper() if word else ""
 
 
 def _prepared_rows(conn: Connection, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
