@@ -67,6 +67,21 @@ def _check_broker_url() -> None:
         database = parts.path.strip("/")
         if database and not (database.isascii() and database.isdigit()):
             fail(f"{BROKER_ENV}: what follows the host must be a database number: use redis://host:6379/0")
+        _check_broker_options(url)
+
+
+def _check_broker_options(url: str) -> None:
+    """The URL's query options, as kombu reads them (no connection is made): one it does not take
+    failed the publish with a traceback, after the runs were written. Not echoed (a password?)."""
+    from kombu import Connection
+
+    from workers.celery_app import BROKER_ENV
+
+    try:
+        Connection(url).release()
+    except (TypeError, KeyError, ValueError) as exc:
+        fail(f"{BROKER_ENV}: an option of the URL (after '?') is not one the broker client takes "
+             f"({type(exc).__name__}); kombu's Redis transport takes e.g. ?ssl_cert_reqs=required with rediss://")
 
 
 def _check_broker_answers() -> None:
