@@ -278,12 +278,12 @@ def test_archive_members_beyond_the_datasets_sizes_are_refused_unread(tmp_path):
     with tarfile.open(plain, "w:gz") as tar:
         for name in ("a.bin", "b.bin"):
             tar.add(members / name, arcname=name)
-    assert read_files(plain, lambda n: True, max_member_bytes=10, max_total_bytes=20) == {
+    assert read_files(plain, lambda n: True, max_member_bytes=10, max_total_bytes=20, max_members=100) == {
         "a.bin": bytes(10), "b.bin": bytes(10)}
     with pytest.raises(DatasetFormatError, match="a.bin declares 10 bytes"):
-        read_files(plain, lambda n: True, max_member_bytes=9, max_total_bytes=100)
+        read_files(plain, lambda n: True, max_member_bytes=9, max_total_bytes=100, max_members=100)
     with pytest.raises(DatasetFormatError, match="b.bin declares 10 bytes"):
-        read_files(plain, lambda n: True, max_member_bytes=10, max_total_bytes=19)
+        read_files(plain, lambda n: True, max_member_bytes=10, max_total_bytes=19, max_members=100)
     assert shutil.which("tar"), "GNU tar builds the sparse archive"
     with open(members / "holes.bin", "wb") as f:
         f.truncate(1 << 30)  # 1 GiB of holes
@@ -296,7 +296,29 @@ def test_archive_members_beyond_the_datasets_sizes_are_refused_unread(tmp_path):
         subprocess.run(["tar", "--sparse", *args, "-czf", str(sparse), "-C", str(members), "holes.bin"], check=True)
         assert sparse.stat().st_size < 10_000
         with pytest.raises(DatasetFormatError, match=f"member holes.bin {refused}"):
-            read_files(sparse, lambda n: True, max_member_bytes=1 << 31, max_total_bytes=1 << 31)
+            read_files(sparse, lambda n: True, max_member_bytes=1 << 31, max_total_bytes=1 << 31, max_members=100)
+
+
+def test_archive_of_many_members_is_refused_and_not_remembered(tmp_path, monkeypatch):
+    """Empty members cost a few bytes of archive each: an IMDB of 80,000 empty reviews (376 KB)
+    became 1.6 GB of features, and tarfile kept a record of every member passed (a 3 MB archive of
+    500,000 unwanted ones: +250 MB)."""
+    from kanfarm.data.archive import read_files
+
+    path = tmp_path / "many.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for i in range(50):
+            add_member(tar, f"skip/{i}.bin", b"")
+        for i in range(4):
+            add_member(tar, f"keep/{i}.bin", b"x")
+    listed = []
+    original = tarfile.TarFile.next
+    monkeypatch.setattr(tarfile.TarFile, "next", lambda self: listed.append(len(self.members)) or original(self))
+    keep = lambda name: name.startswith("keep/")
+    assert len(read_files(path, keep, max_member_bytes=1, max_total_bytes=4, max_members=4)) == 4
+    assert len(listed) > 54 and max(listed) <= 1  # every member was read, none kept
+    with pytest.raises(DatasetFormatError, match="many.tar.gz: more than 3 files of this dataset"):
+        read_files(path, keep, max_member_bytes=1, max_total_bytes=4, max_members=3)
 
 
 def test_archive_of_chained_long_name_headers_is_a_format_error(tmp_path):
@@ -309,7 +331,7 @@ def test_archive_of_chained_long_name_headers_is_a_format_error(tmp_path):
     path = tmp_path / "chained.tar.gz"
     path.write_bytes(gzip.compress(long_name * 5000 + member.tobuf(tarfile.GNU_FORMAT) + bytes(2 * tarfile.BLOCKSIZE)))
     with pytest.raises(DatasetFormatError, match="chained.tar.gz.*too many chained headers"):
-        read_files(path, lambda n: True, max_member_bytes=100, max_total_bytes=100)
+        read_files(path, lambda n: True, max_member_bytes=100, max_total_bytes=100, max_members=100)
 
 
 @pytest.mark.parametrize("tar_format", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["gnu", "pax"])
@@ -322,12 +344,12 @@ def test_archive_extended_header_larger_than_a_long_name_is_refused(tmp_path, ta
     long_name = "d/" + "n" * 300 + ".bin"  # over 100 characters: written as an extended header
     with tarfile.open(path, "w:gz", format=tar_format) as tar:
         add_member(tar, long_name, b"data")
-    loaded = read_files(path, lambda n: True, max_member_bytes=10, max_total_bytes=10)
+    loaded = read_files(path, lambda n: True, max_member_bytes=10, max_total_bytes=10, max_members=100)
     assert loaded == {long_name: b"data"}
     with tarfile.open(path, "w:gz", format=tar_format) as tar:
         add_member(tar, "n" * (1 << 20), b"data")
     with pytest.raises(DatasetFormatError, match=r"names.tar.gz.*extended tar header declares \d+ bytes"):
-        read_files(path, lambda n: True, max_member_bytes=10, max_total_bytes=10)
+        read_files(path, lambda n: True, max_member_bytes=10, max_total_bytes=10, max_members=100)
 
 
 @pytest.mark.parametrize("extra", [0, 100], ids=["at a member boundary", "inside a header"])
@@ -343,11 +365,11 @@ def test_archive_cut_before_its_end_block_is_rejected(tmp_path, extra):
         add_member(tar, "b.bin", b"b")
     path = tmp_path / "cut.tar.gz"
     path.write_bytes(gzip.compress(buf.getvalue()))
-    loaded = read_files(path, lambda n: True, max_member_bytes=1, max_total_bytes=2)
+    loaded = read_files(path, lambda n: True, max_member_bytes=1, max_total_bytes=2, max_members=100)
     assert loaded == {"a.bin": b"a", "b.bin": b"b"}
     path.write_bytes(gzip.compress(buf.getvalue()[:cut + extra]))
     with pytest.raises(DatasetFormatError, match="cut.tar.gz.*without its end-of-archive block"):
-        read_files(path, lambda n: True, max_member_bytes=1, max_total_bytes=2)
+        read_files(path, lambda n: True, max_member_bytes=1, max_total_bytes=2, max_members=100)
 
 
 # ---- IMDB

@@ -49,20 +49,23 @@ def _sparse(name: str) -> tarfile.ReadError:
 
 
 def read_files(path: Path, wanted: Callable[[str], object], max_member_bytes: int,
-               max_total_bytes: int) -> dict[str, bytes]:
+               max_total_bytes: int, max_members: int) -> dict[str, bytes]:
     """Member name -> content of the regular files whose name ``wanted`` is truthy for; a damaged
     or truncated archive raises DatasetFormatError naming ``path``.
 
     A wanted member larger than ``max_member_bytes``, or members adding up to more than
-    ``max_total_bytes``, or a sparse member (a few bytes in the archive that declare gigabytes)
-    raise DatasetFormatError before being read, as does an extended header larger than
-    ``EXTENDED_HEADER_BYTES``: a crafted file in a shared data folder must not exhaust a worker's
-    memory."""
+    ``max_total_bytes``, or more than ``max_members`` of them (each an example: empty ones cost
+    a few bytes of archive and a row of features each), or a sparse member (a few bytes in the
+    archive that declare gigabytes) raise DatasetFormatError before being read, as does an
+    extended header larger than ``EXTENDED_HEADER_BYTES``: a crafted file in a shared data
+    folder must not exhaust a worker's memory. Nor does tarfile keep a record of every member
+    passed (its member list is emptied as the stream goes)."""
     blobs: dict[str, bytes] = {}
     total = 0
     try:
         with tarfile.open(path, "r:gz", tarinfo=_GuardedTarInfo) as tar:
-            for member in tar:  # stream: nothing is extracted to disk
+            while (member := tar.next()) is not None:  # stream: nothing is extracted to disk
+                tar.members.clear()  # ~500 bytes a member, of millions in a crafted archive
                 if not (member.isfile() and wanted(member.name)):
                     continue
                 total += member.size
@@ -70,6 +73,9 @@ def read_files(path: Path, wanted: Callable[[str], object], max_member_bytes: in
                     raise DatasetFormatError(
                         f"{path}: member {member.name} declares {member.size} bytes"
                         f"{' (sparse)' if member.issparse() else ''}, more than this dataset's files hold")
+                if len(blobs) == max_members:
+                    raise DatasetFormatError(f"{path}: more than {max_members} files of this dataset, more "
+                                             "than it holds")
                 blobs[member.name] = tar.extractfile(member).read()
             while chunk := tar.fileobj.read(CHUNK):  # to EOF: gzip verifies CRC and length here
                 if chunk.count(0) != len(chunk):

@@ -38,7 +38,7 @@ def build(folder: Path, options: dict[str, Any]) -> dict[str, torch.Tensor]:
     path = folder / ARCHIVE
     wanted = {name for names in MEMBERS.values() for name in names}
     blobs = read_files(path, wanted.__contains__, max_member_bytes=BATCH_RECORDS * RECORD,
-                       max_total_bytes=len(wanted) * BATCH_RECORDS * RECORD)
+                       max_total_bytes=len(wanted) * BATCH_RECORDS * RECORD, max_members=len(wanted))
     out: dict[str, torch.Tensor] = {}
     sizes: dict[str, int] = {}
     for split, names in MEMBERS.items():

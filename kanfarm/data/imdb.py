@@ -37,6 +37,9 @@ _REVIEW = re.compile(r"aclImdb/(train|test)/(neg|pos)/([^/]*\.txt)")  # a labell
 #: bounds on what the archive may declare: the real reviews are at most ~14 KB, ~65 MB together
 MAX_REVIEW_BYTES = 1 << 20
 MAX_REVIEWS_BYTES = 256 << 20
+#: the labelled reviews of the real archive (12,500 per label and split): each one is a row of
+#: ``vocab_size`` features, an empty one a few bytes of archive
+MAX_REVIEWS = 50_000
 
 
 #: the largest ``vocab_size``: 2 x 25,000 x 200,000 float32 features are 40 GB already
@@ -81,7 +84,7 @@ def read_reviews(path: Path) -> dict[str, list[tuple[str, int, str]]]:
     """split -> sorted (file name, label, text) of the labelled reviews in the archive."""
     reviews: dict[str, list[tuple[str, int, str]]] = {"train": [], "test": []}
     for member, blob in read_files(path, _REVIEW.fullmatch, max_member_bytes=MAX_REVIEW_BYTES,
-                                   max_total_bytes=MAX_REVIEWS_BYTES).items():
+                                   max_total_bytes=MAX_REVIEWS_BYTES, max_members=MAX_REVIEWS).items():
         split, label, name = _REVIEW.fullmatch(member).groups()
         reviews[split].append((name, LABELS[label], blob.decode("utf-8", errors="replace")))
     for split, items in reviews.items():
