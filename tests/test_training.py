@@ -345,6 +345,20 @@ def test_a_link_or_fifo_planted_in_a_checkpoint_folder_is_replaced_not_followed(
     assert epoch == 0 and torch.equal(state["w"], torch.zeros(2))
 
 
+def test_a_link_planted_as_a_runs_checkpoint_folder_is_not_followed(tmp_path):
+    """Its checkpoints were written where the link pointed, and that folder's files of checkpoint
+    names pruned."""
+    victim = tmp_path / "victim"
+    CheckpointManager(victim, "h").save(0, {"w": torch.zeros(2)})
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "h").symlink_to(victim)
+    planted = CheckpointManager(tmp_path / "root" / "h", "h", keep=1)
+    for act in (lambda: planted.save(5, {"w": torch.ones(2)}), planted.load_latest):
+        with pytest.raises(ValueError, match="is a symbolic link"):
+            act()
+    assert sorted(p.name for p in victim.iterdir()) == ["epoch-000000.pt", "epoch-000000.pt.sha256"]
+
+
 def test_a_checkpoint_with_compressed_records_is_skipped_unread(tmp_path):
     """torch.load inflates a deflated record whole: 1 MB of file, 1 GB of memory. torch.save
     never compresses, so such a file is not ours."""

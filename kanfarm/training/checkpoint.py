@@ -90,6 +90,7 @@ class CheckpointManager:
             log.warning("checkpoint of epoch %s not written: no longer allowed", epoch)
             return None
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._refuse_link()
         buffer = io.BytesIO()
         torch.save({"epoch": epoch, "config_hash": self.config_hash, "state": state}, buffer)
         payload = buffer.getvalue()
@@ -126,6 +127,7 @@ class CheckpointManager:
         checkpoints: a newer one can be another worker's, which took the run over while this one
         was writing.)
         """
+        self._refuse_link()
         # an hour old: a write of another process (another database sharing the folder) takes seconds
         remove_leftovers(self.directory, ".epoch-*.tmp", _TEMPORARY.match)
         for epoch, path in self.paths():
@@ -158,6 +160,14 @@ class CheckpointManager:
             log.warning("no usable checkpoint in %s; starting fresh", self.directory)
             self._remove_after(-1)
         return None
+
+    def _refuse_link(self) -> None:
+        """A run's folder is named by its config hash, which anyone can compute: a link planted
+        there would have its checkpoints written, and files of checkpoint names pruned, wherever
+        it points. (The checkpoint root itself may be a link: the user's choice.)"""
+        if self.directory.is_symlink():
+            raise ValueError(f"{self.directory} is a symbolic link: no checkpoint is read or written through it "
+                             "(remove it; the run's folder is made anew)")
 
     def _remove_after(self, epoch: int) -> None:
         for later, path in self.paths():
