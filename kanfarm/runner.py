@@ -37,6 +37,8 @@ CHECKPOINT_S = 30.0
 #: has taken between two epochs, is taken for hung: see ``_Heartbeat``
 STALL_S = 1800.0
 STALL_FACTOR = 10.0
+#: a heartbeat this much later than its time means the process stood still (see ``_Progress``)
+LATE_S = 1.0
 
 
 def checkpoint_root() -> Path:
@@ -159,9 +161,13 @@ class _Progress:
 
     Stalled: no row for ``stall_s`` seconds and for ``STALL_FACTOR`` times the longest gap
     between two rows of one run in this attempt; before such a gap is known (the first training
-    epoch after epoch 0 or a resume), for ``STALL_FACTOR`` times ``stall_s``. Time the whole
-    process stood still (SIGSTOP, Ctrl-Z, a suspended VM: its heartbeats woke far too late) is
-    not waiting. Before the first row nothing is judged (loading a large dataset takes long)."""
+    epoch after epoch 0 or a resume), for ``STALL_FACTOR`` times ``stall_s``. Nothing is judged
+    before the first row (loading a large dataset takes long), nor again once every run that
+    wrote one has ended (the next part of a pack, resumed elsewhere, starts: its compile, its
+    first epoch). Time the whole process stood still (SIGSTOP, Ctrl-Z, a suspended VM) is not
+    waiting: a heartbeat that wakes over ``LATE_S`` after its time reports how late it is, and
+    the rows before move on by that much (a pause that began during a heartbeat's wait counts
+    for what of it came before the wait's end: at most an interval, a third of the lease)."""
 
     def __init__(self, stall_s: float):
         self.stall_s = stall_s
@@ -169,7 +175,7 @@ class _Progress:
         self._at: float | None = None  # the last row, of any run
         self._last: dict[int, float] = {}  # each run's last row
         self._longest: float | None = None
-        self._asked = time.monotonic()
+        self._still_until = float("-inf")  # the end of the last standstill accounted for
 
     def written(self, run_id: int) -> None:
         with self._lock:
@@ -178,19 +184,31 @@ class _Progress:
                 self._longest = max(self._longest or 0.0, now - self._last[run_id])
             self._last[run_id] = self._at = now
 
-    def stalled(self, interval: float) -> float | None:
-        """Seconds since the last row when past the limit, else None. ``interval``: how often the
-        caller asks (a call that much later than that means the process stood still)."""
+    def ended(self, run_id: int) -> None:
         with self._lock:
-            now = time.monotonic()
-            stood_still = now - self._asked - interval
-            self._asked = now
-            if stood_still > interval and self._at is not None:
-                self._at += stood_still
-                self._last = {run_id: at + stood_still for run_id, at in self._last.items()}
+            self._last.pop(run_id, None)
+            if not self._last:  # whatever trains next starts afresh
+                self._at = self._longest = None
+
+    def stood_still(self, start: float, end: float) -> None:
+        """The process did not run from ``start`` to ``end`` (monotonic seconds); told by each
+        heartbeat that saw it, counted once."""
+        with self._lock:
+            start = max(start, self._still_until)
+            if end <= start:
+                return
+            self._still_until = end
+            lost = end - start
+            if self._at is not None and self._at <= start:
+                self._at += lost
+            self._last = {run_id: at + lost if at <= start else at for run_id, at in self._last.items()}
+
+    def stalled(self) -> float | None:
+        """Seconds since the last row when past the limit, else None."""
+        with self._lock:
             if not self.stall_s or self._at is None:
                 return None
-            waited = now - self._at
+            waited = time.monotonic() - self._at
             longest = self.stall_s if self._longest is None else self._longest
             return waited if waited > max(self.stall_s, STALL_FACTOR * longest) else None
 
@@ -221,9 +239,15 @@ class _Heartbeat(threading.Thread):
         return False
 
     def run(self) -> None:
-        while not self._done.wait(self.interval):
+        while True:
+            asleep = time.monotonic()
+            if self._done.wait(self.interval):
+                return
+            woke = time.monotonic()
+            if woke - asleep - self.interval > LATE_S:
+                self.progress.stood_still(asleep + self.interval, woke)
             try:
-                if (waited := self.progress.stalled(self.interval)) is not None:
+                if (waited := self.progress.stalled()) is not None:
                     self._give_up(waited)
                     return
                 if not self.beat():
@@ -244,6 +268,7 @@ class _Heartbeat(threading.Thread):
 
     def stop(self) -> None:
         self._done.set()
+        self.progress.ended(self.run_id)
 
 
 @dataclass
@@ -535,7 +560,14 @@ def execute_pack(store: Store, run_ids: list[int], worker: str, *, device: str =
         return outcomes + [execute_run(store, r.id, worker, device=device, lease_s=lease_s, claimed=True,
                                        shutdown=shutdown, on_epoch=on_epoch) for r in claimed]
     progress = _Progress(stall_seconds())
-    members = [_ClaimedRun(store, r, worker, lease_s, shutdown, on_epoch, interval_s, progress) for r in claimed]
+    members: list[_ClaimedRun] = []
+    try:
+        for r in claimed:
+            members.append(_ClaimedRun(store, r, worker, lease_s, shutdown, on_epoch, interval_s, progress))
+    except Exception:  # (a database error) the members wired so far would beat on, held for good
+        for m in members:
+            m.abandon()
+        raise
     rows = _EpochRows(store, worker)
     for m in members:
         m.rows = rows

@@ -627,63 +627,141 @@ def test_a_run_that_writes_no_epoch_for_too_long_gives_up_its_lease(sqlite_store
         execute_run(store, run_id, "w3")
 
 
-def test_a_pack_that_hangs_gives_up_every_member_and_a_slow_first_epoch_is_not_a_hang(sqlite_store, tmp_path,
-                                                                                        monkeypatch, caplog):
-    """The members share one progress clock: a pack that hangs gives them all up. Before a gap
-    between two epochs is known, the limit is STALL_FACTOR times KANFARM_STALL_SECONDS: a first
-    training epoch longer than the limit alone is not a hang."""
+def _resumed_and_fresh(store, monkeypatch, tmp_path) -> tuple[int, int]:
+    """Two runs that pack together but train as two parts: one released after epoch 1 (it
+    resumes there), one fresh (trained first, from epoch 0)."""
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    base = dict(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=3)
+    resumed, fresh = _grid(store, [RunConfig(lr=lr, **base) for lr in (0.01, 0.02)])
+    stop = threading.Event()
+    assert execute_run(store, resumed, "w0", shutdown=stop,
+                       on_epoch=lambda rid, rec: rec.epoch == 1 and stop.set()).status == "released"
+    return resumed, fresh
+
+
+def test_a_hung_pack_gives_up_every_member_and_a_slow_first_epoch_is_not_a_hang(sqlite_store, tmp_path,
+                                                                                 monkeypatch, caplog):
+    """The members share one progress clock: a hang of the part of the pack that trains gives up
+    the members waiting for their part too (they wrote no row yet: alone, they would be held
+    for good). Before a gap between two epochs is known the limit is STALL_FACTOR times
+    KANFARM_STALL_SECONDS: a first training epoch longer than the limit alone is not a hang."""
     import time
 
+    from kanfarm import runner
     from kanfarm.runner import execute_pack
 
-    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
-    monkeypatch.setenv("KANFARM_STALL_SECONDS", "0.1")
     store = sqlite_store
-    base = dict(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=3)
-    ids = _grid(store, [RunConfig(lr=lr, **base) for lr in (0.01, 0.02)])
+    resumed, fresh = _resumed_and_fresh(store, monkeypatch, tmp_path)
+    monkeypatch.setenv("KANFARM_STALL_SECONDS", "0.2")
+    monkeypatch.setattr(runner, "STALL_FACTOR", 20.0)  # 4 s for the first gap, whatever the load
     hung = []
 
     def slow_then_hung(rid, record):
-        if record.epoch == 0 and rid == ids[0]:
-            time.sleep(0.4)  # a slow first epoch: 4x the limit, under 10x
-        elif record.epoch == 2 and rid == ids[-1]:
+        if record.epoch == 0:
+            time.sleep(0.5)  # a slow first epoch: over the limit alone
+        elif record.epoch == 2:
+            monkeypatch.setattr(runner, "STALL_FACTOR", 1.0)  # from here on the limit is the longest gap
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and (caplog.text.count("taken for hung") < len(ids)
-                                                   or len(hung) < len(ids)):
+            while time.monotonic() < deadline and (caplog.text.count("taken for hung") < 2 or len(hung) < 2):
                 hung[:] = store.stale_runs()  # ended by the watchdog just after it said so
                 time.sleep(0.05)
 
-    outcomes = execute_pack(store, ids, "w1", lease_s=0.6, on_epoch=slow_then_hung)  # asked every 0.2 s
-    assert sorted(hung) == sorted(ids) and caplog.text.count("taken for hung") == len(ids)
-    assert all(o.status == "stopped" for o in outcomes)
-    assert [r["epoch"] for r in store.epoch_metrics(ids[0])] == [0, 1, 2]
+    outcomes = execute_pack(store, [resumed, fresh], "w1", lease_s=0.6, on_epoch=slow_then_hung)  # asked every 0.2 s
+    assert sorted(hung) == sorted([resumed, fresh]) and caplog.text.count("taken for hung") == 2
+    assert {o.run_id: o.status for o in outcomes} == {fresh: "stopped", resumed: "stopped"}
+    assert [r["epoch"] for r in store.epoch_metrics(fresh)] == [0, 1, 2]
+    assert [r["epoch"] for r in store.epoch_metrics(resumed)] == [0, 1]  # its part never started
+
+
+def test_the_next_part_of_a_pack_is_not_judged_by_the_pace_of_the_last(sqlite_store, tmp_path, monkeypatch, caplog):
+    """Once every member that wrote a row has ended, the next part (resumed at another epoch)
+    starts afresh: its warm-up and first epoch are not held to 10x the last part's epochs."""
+    import time
+
+    from kanfarm.packing import trainer
+    from kanfarm.runner import execute_pack
+
+    store = sqlite_store
+    resumed, fresh = _resumed_and_fresh(store, monkeypatch, tmp_path)
+    monkeypatch.setenv("KANFARM_STALL_SECONDS", "0.1")
+    warm_ups = []
+    original = trainer.warm_up
+
+    def slow_second_warm_up(*args, **kwargs):
+        warm_ups.append(1)
+        if len(warm_ups) == 2:
+            time.sleep(1.5)  # a compile: far over 10x the first part's epochs, and over 10x the limit
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "warm_up", slow_second_warm_up)
+    outcomes = execute_pack(store, [resumed, fresh], "w1", lease_s=0.6)
+    assert len(warm_ups) == 2 and "taken for hung" not in caplog.text
+    assert {o.run_id: o.status for o in outcomes} == {fresh: "completed", resumed: "completed"}
+    assert [r["epoch"] for r in store.epoch_metrics(resumed)] == [0, 1, 2, 3]
+
+
+def test_a_pack_whose_member_cannot_be_wired_hands_back_those_already_wired(sqlite_store, tmp_path, monkeypatch):
+    """A database error while wiring the second member left the first one's heartbeat beating:
+    its run stayed running, held by this process, for good."""
+    from kanfarm import runner
+    from kanfarm.runner import execute_pack
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    store = sqlite_store
+    base = dict(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=1)
+    ids = _grid(store, [RunConfig(lr=lr, **base) for lr in (0.01, 0.02)])
+    wired = []
+    original = runner._ClaimedRun._say_where_checkpoints_went
+
+    def second_fails(self):
+        wired.append(self.run.id)
+        if len(wired) == 2:
+            raise sa.exc.OperationalError("SELECT", {}, Exception("server closed the connection"))
+        return original(self)
+
+    monkeypatch.setattr(runner._ClaimedRun, "_say_where_checkpoints_went", second_fails)
+    with pytest.raises(sa.exc.OperationalError):
+        execute_pack(store, ids, "w1")
+    first = store.run(wired[0])
+    assert (first.status, first.attempts) == ("queued", 0)  # handed back, its attempt given back
+    beats = [t for t in threading.enumerate() if t.name == f"heartbeat-{wired[0]}"]
+    for beat in beats:
+        beat.join(timeout=5)
+    assert not any(beat.is_alive() for beat in beats)
 
 
 def test_time_the_process_stood_still_is_not_waiting(monkeypatch):
     """Ctrl-Z, SIGSTOP or a suspended VM stop the heartbeats too: they wake far too late, and the
-    pause must not count as a stalled epoch (no other worker took the run meanwhile)."""
+    pause must not count as a stalled epoch (no other worker took the run meanwhile). Every
+    heartbeat of a pack reports it; it counts once."""
     from kanfarm import runner
 
     clock = [0.0]
     monkeypatch.setattr(runner.time, "monotonic", lambda: clock[0])
     progress = runner._Progress(10.0)
 
-    def ask_every_second(until: float) -> float | None:
-        waited = None
-        while clock[0] < until and waited is None:
-            clock[0] += 1.0
-            waited = progress.stalled(1.0)
-        return waited
+    def stalled_after(seconds: float) -> float | None:
+        clock[0] += seconds
+        return progress.stalled()
 
-    assert ask_every_second(50) is None  # no row yet: nothing to judge
+    assert stalled_after(500) is None  # no row yet: nothing to judge
     progress.written(7)
-    assert ask_every_second(60) is None
-    clock[0] += 3600  # the process stood still for an hour
-    assert progress.stalled(1.0) is None
-    progress.written(7)  # a gap of 11 s of training, not of the hour
-    written_at = clock[0]
-    assert ask_every_second(written_at + 110) is None  # up to 10x the longest gap
-    assert ask_every_second(written_at + 112) == pytest.approx(111.0)
+    progress.written(8)
+    assert stalled_after(60) is None  # no gap known yet: 10x KANFARM_STALL_SECONDS
+    assert stalled_after(3600) == pytest.approx(3660)
+    for _ in range(2):  # two heartbeats woke an hour late
+        progress.stood_still(clock[0] - 3600, clock[0])
+    assert progress.stalled() is None
+    assert stalled_after(40) is None
+    progress.written(7)  # a gap of 100 s of training, not of the hour
+    assert stalled_after(999) is None  # up to 10x the longest gap
+    assert stalled_after(2) == pytest.approx(1001)
+    progress.ended(7)
+    assert progress.stalled() == pytest.approx(1001)  # 8 goes on: still judged
+    progress.ended(8)  # every run that wrote a row ended: the next part of the pack starts afresh
+    assert stalled_after(5000) is None
+    progress.written(9)
+    assert stalled_after(99) is None and stalled_after(2) == pytest.approx(101)  # 10x the limit, no gap known
 
 
 def test_warm_shutdowns_do_not_use_up_attempts(sqlite_store, tmp_path, monkeypatch):
