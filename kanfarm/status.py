@@ -35,10 +35,10 @@ _GRID_FILTER = "AND r.id IN (SELECT g.run_id FROM grid_runs g JOIN grids gr ON g
 def grid_status(store: Store, grid: str | None = None) -> dict[str, Any]:
     """Counts per status, ``done`` (runs that ended: completed, diverged, failed or cancelled) and
     ``eta_seconds``: remaining epochs times the mean epoch time of runs (of any grid) of the same
-    shape (``SHAPE``: dataset and its options, model, widths, batch size, spline settings, trainer), else of the same
-    dataset; unknown (None) when a remaining run's
-    dataset has no timed epoch, rather than a guess from another dataset. ``epochs_timed``: the
-    timed epochs the estimate rests on. For one worker. ``stale``: running runs whose lease
+    shape (``SHAPE``: dataset and its options, model, widths, batch size, spline settings,
+    trainer), else of the same dataset; unknown (None) when a remaining run's dataset has no timed
+    epoch, rather than a guess from another dataset. ``epochs_timed``: the timed epochs the
+    estimate rests on. For one worker. ``stale``: running runs whose lease
     expired (their worker died, or hung and gave the run up): nothing trains them until a claim
     (``run grid``) or ``kanfarm sweep`` takes them."""
     counts = store.status_counts(grid)
