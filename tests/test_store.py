@@ -389,15 +389,19 @@ def test_query_refuses_statements_that_act_without_writing_rows(store, tmp_path)
     store.submit_grid("g", {}, cells(1))
     attached = tmp_path / "attached.db"
     for sql in (f"ATTACH DATABASE '{attached}' AS e", "PRAGMA busy_timeout = 0", "/* SELECT */ PRAGMA busy_timeout = 0",
-                f"COPY (SELECT 1) TO '{tmp_path / 'copied.csv'}'", "LOCK TABLE runs", "EXPLAIN SELECT 1", "-- SELECT"):
+                f"COPY (SELECT 1) TO '{tmp_path / 'copied.csv'}'", "LOCK TABLE runs", "EXPLAIN SELECT 1", "-- SELECT",
+                # PostgreSQL ends a "--" comment at a carriage return: this is its COPY, SQLite's SELECT
+                f"--x\rCOPY (SELECT 1) TO '{tmp_path / 'copied.csv'}' /*\nSELECT */"):
         with pytest.raises(ValueError, match="a statement that reads"):
             store.query(sql)
-    assert not attached.exists()
+    assert not attached.exists() and not (tmp_path / "copied.csv").exists()
     assert store.query("-- the study's runs\n  SELECT COUNT(*) AS n FROM runs") == [{"n": 1}]
+    assert store.query("-- written on Windows\r\nSELECT COUNT(*) AS n FROM runs") == [{"n": 1}]
     assert store.query("VALUES (1)") and store.query("with x as (select 1 as y) select y from x") == [{"y": 1}]
     if store.engine.dialect.name == "postgresql":
         store.query("SELECT pg_advisory_lock(4242) IS NULL AS locked")
-        assert store.query("SELECT COUNT(*) AS n FROM pg_locks WHERE locktype = 'advisory'") == [{"n": 0}]
+        assert store.query("SELECT COUNT(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242") == [
+            {"n": 0}]
 
 
 # -- run_summary --------------------------------------------------------------------------------

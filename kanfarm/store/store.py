@@ -667,15 +667,18 @@ def _release_session_locks(conn: Connection) -> None:
 
 def _first_word(sql: str) -> str:
     """The statement's first keyword, upper case, past blanks, ``--`` comments and opening
-    parentheses; "" when it begins otherwise (a ``/*`` comment nests on PostgreSQL, so a reading
-    of it here could differ from the server's: refused)."""
+    parentheses; "" when it begins otherwise, or where the servers could read it otherwise: a
+    ``/*`` comment nests on PostgreSQL, and a ``--`` comment ends at a carriage return there but
+    only at a line feed on SQLite (one is allowed just before the line feed: CRLF line ends)."""
     rest = sql
     while True:
         rest = rest.lstrip(" \t\r\n\f(")
         if not rest.startswith("--"):
             break
         end = rest.find("\n")
-        rest = "" if end < 0 else rest[end + 1:]
+        if end < 0 or "\r" in rest[:end].rstrip("\r"):
+            return ""
+        rest = rest[end + 1:]
     word = re.match(r"[A-Za-z]+", rest)
     return word.group(0).upper() if word else ""
 
