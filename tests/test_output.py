@@ -102,9 +102,13 @@ def test_long_work_out_of_a_terminal_says_what_it_does_and_short_work_says_nothi
     """A spinner shows nothing in a log or a pipe: a 30 s submission looked like a hang."""
     import time
 
+    from rich.console import Console
+
     from cli import output
 
     monkeypatch.setattr(output, "SAY_AFTER_S", 0.05)
+    # as for a log file or a pipe, whatever this test runs under (FORCE_COLOR makes Rich call any stderr a terminal)
+    monkeypatch.setattr(output, "err_console", Console(stderr=True, markup=False, force_terminal=False))
     with output.working("storing the cells of grid big"):
         time.sleep(0.5)
     said = capsys.readouterr().err.splitlines()
