@@ -356,6 +356,9 @@ def test_a_link_planted_as_a_runs_checkpoint_folder_is_not_followed(tmp_path):
     for act in (lambda: planted.save(5, {"w": torch.ones(2)}), planted.load_latest):
         with pytest.raises(ValueError, match="is a symbolic link"):
             act()
+    (tmp_path / "root" / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        CheckpointManager(tmp_path / "root" / "dangling", "h").save(0, {"w": torch.zeros(2)})
     assert sorted(p.name for p in victim.iterdir()) == ["epoch-000000.pt", "epoch-000000.pt.sha256"]
 
 

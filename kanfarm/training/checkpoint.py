@@ -89,8 +89,8 @@ class CheckpointManager:
         if self.allowed is not None and not self.allowed():
             log.warning("checkpoint of epoch %s not written: no longer allowed", epoch)
             return None
+        self._refuse_link()  # before mkdir: a dangling link would be a bare FileExistsError
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._refuse_link()
         buffer = io.BytesIO()
         torch.save({"epoch": epoch, "config_hash": self.config_hash, "state": state}, buffer)
         payload = buffer.getvalue()
