@@ -23,10 +23,16 @@ FROM runs r LEFT JOIN epoch_metrics e ON e.run_id = r.id
 WHERE r.status IN ('pending', 'queued', 'running') {{grid_filter}}
 GROUP BY r.id, {_SHAPE_SQL}, {{options}}, r.max_epochs, r.status
 """
+#: epochs summed per run first, so that each run's options are read once, not once per epoch row
 _TIMED_SQL = f"""
-SELECT {_SHAPE_SQL}, {{options}} AS options, AVG(e.seconds) AS mean_seconds, COUNT(*) AS n
-FROM epoch_metrics e JOIN runs r ON r.id = e.run_id
-WHERE e.epoch > 0 AND e.seconds IS NOT NULL AND r.dataset IN ({{datasets}})
+SELECT {_SHAPE_SQL}, {{options}} AS options,
+       CAST(SUM(t.total) AS DOUBLE PRECISION) / CAST(SUM(t.n) AS DOUBLE PRECISION) AS mean_seconds,
+       CAST(SUM(t.n) AS BIGINT) AS n
+FROM (SELECT e.run_id, SUM(e.seconds) AS total, COUNT(*) AS n FROM epoch_metrics e
+      WHERE e.epoch > 0 AND e.seconds IS NOT NULL
+        AND e.run_id IN (SELECT id FROM runs WHERE dataset IN ({{datasets}}))
+      GROUP BY e.run_id) t
+JOIN runs r ON r.id = t.run_id
 GROUP BY {_SHAPE_SQL}, {{options}}
 """
 _GRID_FILTER = "AND r.id IN (SELECT g.run_id FROM grid_runs g JOIN grids gr ON gr.id = g.grid_id WHERE gr.name = :grid)"
