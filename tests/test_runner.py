@@ -58,7 +58,6 @@ def test_a_checkpoint_folder_that_cannot_be_written_claims_nothing(sqlite_store,
 def test_a_setting_gone_bad_between_runs_claims_nothing_more(sqlite_store, tmp_path, monkeypatch, packed):
     """Checked before each claim, not once per worker nor after the claim: the second run stays
     waiting with no attempt spent, rather than held until its lease runs out."""
-    from kanfarm.config import ConfigError
     from kanfarm.runner import work_loop
 
     monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
