@@ -81,6 +81,7 @@ IMDB_REVIEWS = {
     ("test", "pos", "0_10.txt"): "good",
     ("test", "neg", "0_3.txt"): "terrible terrible terrible terrible terrible terrible terrible",
     ("test", "neg", "1_4.txt"): "a bad movie",
+    ("train", "pos", "._0_9.txt"): "\x00\x05\x16\x07 Mac OS X attributes",  # AppleDouble, re-tarred on macOS: not a review
 }
 
 

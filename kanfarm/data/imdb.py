@@ -33,7 +33,8 @@ ARCHIVE = "aclImdb_v1.tar.gz"
 LABELS = {"neg": 0, "pos": 1}
 _BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")
-_REVIEW = re.compile(r"aclImdb/(train|test)/(neg|pos)/([^/]*\.txt)")  # a labelled review's member name
+#: a labelled review's member name; not macOS's AppleDouble companion "._name.txt" (an archive re-tarred there)
+_REVIEW = re.compile(r"aclImdb/(train|test)/(neg|pos)/((?!\._)[^/]*\.txt)")
 #: bounds on what the archive may declare: the real reviews are at most ~14 KB, ~65 MB together
 MAX_REVIEW_BYTES = 1 << 20
 MAX_REVIEWS_BYTES = 256 << 20
