@@ -208,7 +208,8 @@ def data_dir(tmp_path, monkeypatch):
 
 
 def test_runner_loads_and_caches_each_option_set(data_dir):
-    n_train = sum(split == "train" and label != "unsup" for split, label, _ in IMDB_REVIEWS)
+    n_train = sum(split == "train" and label != "unsup" and not name.startswith("._")  # AppleDouble: no review
+                  for split, label, name in IMDB_REVIEWS)
     three = runner._dataset(RunConfig(dataset="imdb", dataset_options={"vocab_size": 3}).normalised())
     five = runner._dataset(RunConfig(dataset="imdb", dataset_options={"vocab_size": 5}).normalised())
     assert three.x_train.shape == (n_train, 3) and five.x_train.shape == (n_train, 5)
