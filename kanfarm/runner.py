@@ -161,10 +161,10 @@ class _Progress:
 
     Stalled: no row for ``stall_s`` seconds and for ``STALL_FACTOR`` times the longest gap
     between two rows of one run in this attempt; before such a gap is known (the first training
-    epoch after epoch 0 or a resume), for ``STALL_FACTOR`` times ``stall_s``. Nothing is judged
-    before the first row (loading a large dataset takes long), nor again once every run that
-    wrote one has ended (the next part of a pack, resumed elsewhere, starts: its compile, its
-    first epoch). Time the whole process stood still (SIGSTOP, Ctrl-Z, a suspended VM) is not
+    epoch after epoch 0 or a resume), for ``STALL_FACTOR`` times ``stall_s``. The same generous
+    limit holds before the first row, counted from the claim (loading or downloading a large
+    dataset, reading a checkpoint, compiling), and again from when every run that wrote a row
+    has ended (the next part of a pack, resumed elsewhere, starts). Time the whole process stood still (SIGSTOP, Ctrl-Z, a suspended VM) is not
     waiting: a heartbeat that wakes over ``LATE_S`` after its time reports how late it is, and
     the rows before move on by that much (a pause that began during a heartbeat's wait counts
     for what of it came before the wait's end: at most an interval, a third of the lease)."""
@@ -172,7 +172,7 @@ class _Progress:
     def __init__(self, stall_s: float):
         self.stall_s = stall_s
         self._lock = threading.Lock()
-        self._at: float | None = None  # the last row, of any run
+        self._at = time.monotonic()  # the last row, of any run (or the start of the wait for one)
         self._last: dict[int, float] = {}  # each run's last row
         self._longest: float | None = None
         self._still_until = float("-inf")  # the end of the last standstill accounted for
@@ -188,7 +188,7 @@ class _Progress:
         with self._lock:
             self._last.pop(run_id, None)
             if not self._last:  # whatever trains next starts afresh
-                self._at = self._longest = None
+                self._at, self._longest = time.monotonic(), None
 
     def stood_still(self, start: float, end: float) -> None:
         """The process did not run from ``start`` to ``end`` (monotonic seconds); told by each
@@ -199,14 +199,14 @@ class _Progress:
                 return
             self._still_until = end
             lost = end - start
-            if self._at is not None and self._at <= start:
+            if self._at <= start:
                 self._at += lost
             self._last = {run_id: at + lost if at <= start else at for run_id, at in self._last.items()}
 
     def stalled(self) -> float | None:
         """Seconds since the last row when past the limit, else None."""
         with self._lock:
-            if not self.stall_s or self._at is None:
+            if not self.stall_s:
                 return None
             waited = time.monotonic() - self._at
             longest = self.stall_s if self._longest is None else self._longest

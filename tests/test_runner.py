@@ -603,7 +603,7 @@ def test_a_run_that_writes_no_epoch_for_too_long_gives_up_its_lease(sqlite_store
 
     monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
     monkeypatch.setenv("KANFARM_STALL_SECONDS", "0.3")
-    monkeypatch.setattr(runner, "STALL_FACTOR", 1.0)
+    monkeypatch.setattr(runner, "STALL_FACTOR", 50.0)  # 15 s to the first rows, whatever the load
     store = sqlite_store
     (run_id,) = _grid(store, [RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=3)])
     taken = []
@@ -611,6 +611,7 @@ def test_a_run_that_writes_no_epoch_for_too_long_gives_up_its_lease(sqlite_store
     def hang_after_epoch_1(rid, record):
         if record.epoch != 1:
             return
+        monkeypatch.setattr(runner, "STALL_FACTOR", 1.0)  # from here on the limit is the longest gap
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and store.claim(rid, "w2", 600) is None:
             time.sleep(0.05)
@@ -624,6 +625,36 @@ def test_a_run_that_writes_no_epoch_for_too_long_gives_up_its_lease(sqlite_store
     monkeypatch.setenv("KANFARM_STALL_SECONDS", "-1")
     with pytest.raises(ConfigError, match="KANFARM_STALL_SECONDS: '-1' must be a non-negative number"):
         execute_run(store, run_id, "w3")
+
+
+def test_a_run_hung_before_its_first_epoch_gives_up_its_lease(sqlite_store, tmp_path, monkeypatch, caplog):
+    """A worker hung loading its dataset (a dead network file system) wrote no row: past
+    STALL_FACTOR times KANFARM_STALL_SECONDS from the claim, its lease ends all the same, and it
+    writes nothing if it wakes up after another worker took the run."""
+    import time
+
+    from kanfarm import runner
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    monkeypatch.setenv("KANFARM_STALL_SECONDS", "0.1")  # 1 s before the first row
+    store = sqlite_store
+    (run_id,) = _grid(store, [RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=2)])
+    load = runner._dataset
+    taken = []
+
+    def hung_loading(config):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and store.claim(run_id, "w2", 600) is None:
+            time.sleep(0.05)
+        taken.append(store.run(run_id).worker)
+        return load(config)
+
+    monkeypatch.setattr(runner, "_dataset", hung_loading)
+    assert execute_run(store, run_id, "w1", lease_s=0.6, shutdown=None).status == "stopped"
+    assert taken == ["w2"] and "taken for hung" in caplog.text
+    assert store.epoch_metrics(run_id) == []
+    monkeypatch.setattr(runner, "_dataset", load)
+    assert execute_run(store, run_id, "w2", claimed=True).status == "completed"
 
 
 def _resumed_and_fresh(store, monkeypatch, tmp_path) -> tuple[int, int]:
@@ -674,7 +705,8 @@ def test_a_hung_pack_gives_up_every_member_and_a_slow_first_epoch_is_not_a_hang(
 
 def test_the_next_part_of_a_pack_is_not_judged_by_the_pace_of_the_last(sqlite_store, tmp_path, monkeypatch, caplog):
     """Once every member that wrote a row has ended, the next part (resumed at another epoch)
-    starts afresh: its warm-up and first epoch are not held to 10x the last part's epochs."""
+    starts afresh: its warm-up and first epoch are held to the limit before a first row (10x
+    KANFARM_STALL_SECONDS), not to 10x the last part's epochs."""
     import time
 
     from kanfarm.packing import trainer
@@ -682,14 +714,14 @@ def test_the_next_part_of_a_pack_is_not_judged_by_the_pace_of_the_last(sqlite_st
 
     store = sqlite_store
     resumed, fresh = _resumed_and_fresh(store, monkeypatch, tmp_path)
-    monkeypatch.setenv("KANFARM_STALL_SECONDS", "0.1")
+    monkeypatch.setenv("KANFARM_STALL_SECONDS", "0.5")
     warm_ups = []
     original = trainer.warm_up
 
     def slow_second_warm_up(*args, **kwargs):
         warm_ups.append(1)
         if len(warm_ups) == 2:
-            time.sleep(1.5)  # a compile: far over 10x the first part's epochs, and over 10x the limit
+            time.sleep(3.5)  # a compile: far over 10x the first part's epochs, under 10x the limit
         return original(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "warm_up", slow_second_warm_up)
@@ -732,7 +764,8 @@ def test_a_pack_whose_member_cannot_be_wired_hands_back_those_already_wired(sqli
 def test_time_the_process_stood_still_is_not_waiting(monkeypatch):
     """Ctrl-Z, SIGSTOP or a suspended VM stop the heartbeats too: they wake far too late, and the
     pause must not count as a stalled epoch (no other worker took the run meanwhile). Every
-    heartbeat of a pack reports it; it counts once."""
+    heartbeat of a pack reports it; it counts once. A hang before the first row (a dead file
+    system under the dataset) is judged too, with the generous limit."""
     from kanfarm import runner
 
     clock = [0.0]
@@ -743,7 +776,9 @@ def test_time_the_process_stood_still_is_not_waiting(monkeypatch):
         clock[0] += seconds
         return progress.stalled()
 
-    assert stalled_after(500) is None  # no row yet: nothing to judge
+    assert stalled_after(99) is None  # no row yet (a dataset loading): 10x KANFARM_STALL_SECONDS
+    progress.stood_still(clock[0] - 50, clock[0])  # a standstill before the first row is not waiting
+    assert stalled_after(50) is None and stalled_after(2) == pytest.approx(101)
     progress.written(7)
     progress.written(8)
     assert stalled_after(60) is None  # no gap known yet: 10x KANFARM_STALL_SECONDS
@@ -758,7 +793,7 @@ def test_time_the_process_stood_still_is_not_waiting(monkeypatch):
     progress.ended(7)
     assert progress.stalled() == pytest.approx(1001)  # 8 goes on: still judged
     progress.ended(8)  # every run that wrote a row ended: the next part of the pack starts afresh
-    assert stalled_after(5000) is None
+    assert stalled_after(99) is None and stalled_after(2) == pytest.approx(101)  # its first row: 10x
     progress.written(9)
     assert stalled_after(99) is None and stalled_after(2) == pytest.approx(101)  # 10x the limit, no gap known
 
