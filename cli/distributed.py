@@ -1,8 +1,9 @@
 """Distributed commands: ``worker``, ``enqueue grid``, ``requeue``, ``sweep``, ``cancel``.
 
-The database decides what runs; the broker only carries "try run N" messages. So every command
-here first changes run states in the database and then publishes run ids, and publishing the same
-id twice is always safe (the second claim is a no-op). Wired into the main app by
+The database decides what runs; the broker only carries "try run N" messages. So the commands
+here change run states in the database and publish run ids (first the states, so that a message
+never finds its run not yet claimable; ``sweep`` the other way round, as stale runs are claimable
+already), and publishing the same id twice is always safe (the second claim is a no-op). Wired into the main app by
 ``register(app)`` in ``cli/main.py``.
 """
 from __future__ import annotations
@@ -16,14 +17,13 @@ from urllib.parse import urlsplit
 
 import typer
 
-from cli.common import (GridOpt, grid_exists, grid_name, handles_errors, open_store, parse_pack_size,
+from cli.common import (GridOpt, JsonOpt, grid_exists, grid_name, handles_errors, open_store, parse_pack_size,
                         read_spec, submit_spec)
 from cli.output import console, err_console, fail, to_json, working
 
 enqueue_app = typer.Typer(no_args_is_help=True, help="Put runs on the Redis queue for Celery workers.")
 
 QueueOpt = typer.Option("cpu", "--queue", help="Broker queue: gpu or cpu.")
-JsonOpt = typer.Option(False, "--json", help="Machine-readable JSON on stdout.")
 #: statuses ``enqueue`` moves to queued: waiting ones and cancelled ones (not finished: failed is)
 _ENQUEUE_FROM = ("pending", "cancelled")
 
@@ -298,7 +298,7 @@ def sweep(grid: Optional[str] = GridOpt,
         return
     from kombu.exceptions import OperationalError as BrokerUnavailable
 
-    from kanfarm.runner import database_errors
+    from kanfarm.store import database_errors
 
     while True:
         try:

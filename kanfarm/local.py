@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kanfarm.runner import DEFAULT_LEASE_S, database_errors, work_loop, work_units, worker_name
-from kanfarm.store import Store
+from kanfarm.runner import DEFAULT_LEASE_S, work_loop, work_units, worker_name
+from kanfarm.status import ENDED
+from kanfarm.store import Store, database_errors
 from kanfarm.training.host_memory import keep_freed_memory
 
 ACTIVE_SQL = """
@@ -55,7 +56,7 @@ class Snapshot:
 
     @property
     def done(self) -> int:
-        return sum(self.counts.get(s, 0) for s in ("completed", "diverged", "failed", "cancelled"))
+        return sum(self.counts.get(s, 0) for s in ENDED)
 
 
 def snapshot(store: Store, grid: str) -> Snapshot:

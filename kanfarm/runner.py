@@ -1,8 +1,9 @@
 """Executes stored runs: connects the trainer to its checkpoints and to the store.
 
-``execute_run`` is the one code path for a run, whether a local worker or a Celery task calls
-it: claim atomically (a lost claim is a no-op), keep the lease alive from a heartbeat thread while
-training, resume from the newest good checkpoint, write each epoch idempotently, finish.
+``execute_run`` (one run) and ``execute_pack`` (runs trained as one stacked model) are the code
+paths for runs, whether a local worker or a Celery task calls them: claim atomically (a lost
+claim is a no-op), keep the lease alive from a heartbeat thread while training, resume from the
+newest good checkpoint, write each epoch idempotently, finish. ``_ClaimedRun`` is what both share.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from kanfarm.config import ConfigError, RunConfig, check_folder
 from kanfarm.data import DatasetFormatError, DatasetUnavailable, data_dir, load_dataset
 from kanfarm.data.dataset import Dataset
 from kanfarm.store import LeaseLost, Store
+from kanfarm.store.errors import database_unavailable
 from kanfarm.store.rows import RunRow
 from kanfarm.training import CheckpointManager, EpochRecord, RunResult, train
 from kanfarm.training.host_memory import keep_freed_memory, keep_freed_memory_wanted
@@ -467,22 +469,6 @@ class _EpochRows:
             self.done.update({run_id: (record, run_id in lost, run_id in cancelled) for run_id, record in pending})
 
 
-def database_errors() -> tuple[type[Exception], ...]:
-    """What ``database_unavailable`` accepts, as a tuple for ``except`` clauses."""
-    from sqlalchemy.exc import InterfaceError, InternalError, OperationalError, TimeoutError
-
-    return OperationalError, InternalError, InterfaceError, TimeoutError
-
-
-def database_unavailable(exc: BaseException) -> bool:
-    """A lost connection, a locked SQLite file, a server restart, a failover onto a read-only
-    standby (PostgreSQL's ``InternalError``), no pooled connection free in time (``TimeoutError``):
-    errors of the database, not of the run, which must
-    not mark it failed (callers retry instead). Errors of the statement itself (``IntegrityError``,
-    ``DataError``, ``ProgrammingError``) are bugs and propagate."""
-    return isinstance(exc, database_errors())
-
-
 def _error_text(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"[-4000:]
 
@@ -647,7 +633,7 @@ class _DatabaseRetries:
         self.limit, self.pause_s, self.in_a_row = limit, pause_s, 0
 
     @contextmanager
-    def database_errors(self) -> Iterator[None]:
+    def riding_out(self) -> Iterator[None]:
         try:
             yield
         except Exception as exc:
@@ -673,7 +659,7 @@ def work_loop(store: Store, worker: str, *, grid: str | None = None, device: str
     outcomes = []
     retried = _DatabaseRetries()
     while pack_size != 1 and (shutdown is None or not shutdown.is_set()):
-        with retried.database_errors():
+        with retried.riding_out():
             waiting = store.claimable_runs(grid)
             if not waiting:
                 return outcomes
@@ -687,7 +673,7 @@ def work_loop(store: Store, worker: str, *, grid: str | None = None, device: str
                              if o.status != "not-claimed"]
     while shutdown is None or not shutdown.is_set():
         _settings_before_claim()  # before each claim: a setting gone bad (a full disk) claims nothing more
-        with retried.database_errors():
+        with retried.riding_out():
             run = store.claim_next(worker, lease_s, grid=grid, max_attempts=max_attempts)
             if run is None:
                 return outcomes

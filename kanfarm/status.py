@@ -5,7 +5,8 @@ from typing import Any
 
 from kanfarm.store import Store
 
-FINISHED = ("completed", "diverged", "failed", "cancelled")
+#: statuses of runs that no longer wait for a worker
+ENDED = ("completed", "diverged", "failed", "cancelled")
 
 #: what sets an epoch's time, as columns of ``runs``: runs alike in all of them (and in their
 #: dataset options, ``_OPTIONS``) are timed together. ``depth`` is NULL for grids that give widths,
@@ -49,7 +50,7 @@ def grid_status(store: Store, grid: str | None = None) -> dict[str, Any]:
     (``run grid``) or ``kanfarm sweep`` takes them."""
     counts = store.status_counts(grid)
     total = sum(counts.values())
-    done = sum(counts.get(s, 0) for s in FINISHED)
+    done = sum(counts.get(s, 0) for s in ENDED)
     params = {"grid": grid} if grid else {}
     options = _OPTIONS[store.engine.dialect.name]
     remaining = store.query(_REMAINING_SQL.format(grid_filter=_GRID_FILTER if grid else "", options=options), params)

@@ -1,4 +1,5 @@
-"""The one Celery task: "try run N", delegated to :func:`kanfarm.runner.execute_run`.
+"""The Celery tasks: "try run N" and "try these runs as a pack", delegated to
+:func:`kanfarm.runner.execute_run` and :func:`kanfarm.runner.execute_pack`.
 
 Everything that makes a run crash-safe lives in the runner and the store (atomic claim, lease
 heartbeat, checkpoint resume, idempotent epoch rows). This module only adds what a Celery worker
@@ -18,6 +19,7 @@ from celery import Task, signals
 from celery.exceptions import InvalidTaskError
 from celery.utils.log import get_task_logger
 
+from kanfarm.store import database_errors
 from workers.celery_app import DEFAULT_QUEUE, QUEUES, TASK_NAME, app
 
 log = get_task_logger(__name__)
@@ -269,8 +271,6 @@ def _hand_back_when_reachable(run_ids: list[int]) -> list[int]:
     """Wait until the database answers (probing every 5 s, doubling to a minute), then release
     the runs of ``run_ids`` that this process still holds, attempt refunded; returns those. On a
     warm shutdown it stops waiting and returns none (their leases expire; see docs/distributed.md)."""
-    from kanfarm.runner import database_errors
-
     delay, waited = 5.0, 0.0
     while not SHUTDOWN.is_set():
         try:
@@ -293,7 +293,7 @@ def execute_pack_task(self, run_ids: list[int], fit: bool = False) -> str:
     fit goes back to the queue at once as packs of that size, for idle workers (it used to wait
     here, chunk after chunk); only if the broker refuses them are they trained here in turn."""
     from kanfarm.config import ConfigError
-    from kanfarm.runner import celery_worker_name, database_errors, execute_pack, fitting_pack_size
+    from kanfarm.runner import celery_worker_name, execute_pack, fitting_pack_size
 
     if not isinstance(run_ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in run_ids):
         log.error("ignoring pack message %r: not a list of run ids", run_ids)
@@ -339,7 +339,7 @@ def execute_pack_task(self, run_ids: list[int], fit: bool = False) -> str:
 def execute_run_task(self, run_id: int) -> str:
     """Claim and train run ``run_id``; a failed claim (taken, finished, cancelled) is a no-op."""
     from kanfarm.config import ConfigError
-    from kanfarm.runner import celery_worker_name, database_errors, execute_run
+    from kanfarm.runner import celery_worker_name, execute_run
 
     if isinstance(run_id, bool) or not isinstance(run_id, int):
         log.error("ignoring message with run id %r: not an integer", run_id)

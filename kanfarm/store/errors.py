@@ -24,3 +24,19 @@ class RunNotFound(LookupError):
 
 class LeaseLost(RuntimeError):
     """The worker no longer holds the run (lease expired and taken, or the run was cancelled)."""
+
+
+def database_errors() -> tuple[type[Exception], ...]:
+    """What ``database_unavailable`` accepts, as a tuple for ``except`` clauses."""
+    from sqlalchemy.exc import InterfaceError, InternalError, OperationalError, TimeoutError
+
+    return OperationalError, InternalError, InterfaceError, TimeoutError
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """A lost connection, a locked SQLite file, a server restart, a failover onto a read-only
+    standby (PostgreSQL's ``InternalError``), no pooled connection free in time (``TimeoutError``):
+    errors of the database, not of the run, which must
+    not mark it failed (callers retry instead). Errors of the statement itself (``IntegrityError``,
+    ``DataError``, ``ProgrammingError``) are bugs and propagate."""
+    return isinstance(exc, database_errors())
