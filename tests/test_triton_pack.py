@@ -74,7 +74,7 @@ def test_packed_training_with_the_fused_step_matches_the_eager_pack(monkeypatch,
                for o, lr in [("sgd", 0.1), ("sgd_momentum", 0.05), ("adam", 0.01)]]
 
     def records(fused: bool):
-        monkeypatch.setattr(packing_optim, "_fused_applies", lambda p: fused)
+        monkeypatch.setattr(packing_optim, "fused_kernels_apply", lambda p: fused)
         out = [[] for _ in configs]
         train_pack([Member(c, out[i].append) for i, c in enumerate(configs)], data)
         return out
@@ -112,8 +112,8 @@ def test_dropout_noise_rates_scales_and_streams():
 
 def fused_everywhere(monkeypatch):
     import kanfarm.packing.stacked as stacked
-    monkeypatch.setattr(packing_optim, "_fused_applies", lambda p: True)
-    monkeypatch.setattr(stacked, "_fused_applies", lambda p: True)
+    monkeypatch.setattr(packing_optim, "fused_kernels_apply", lambda p: True)
+    monkeypatch.setattr(stacked, "fused_kernels_apply", lambda p: True)
 
 
 def dropout_members(epochs: int):

@@ -16,6 +16,7 @@ import math
 import torch
 from torch import nn
 
+from kanfarm.models.uniform_spline import fused_kernels_apply
 from kanfarm.training.optim import make_optimizer
 
 MOMENTUM = 0.9
@@ -51,7 +52,7 @@ class StackedOptimizer:
             raise ValueError("groups must hold every parameter exactly once")
         self.group_steps = {g: steps for g in self.groups} if group_steps is None else dict(group_steps)
         first = next(iter(params.values()))
-        self.fused = _fused_applies(first) if fused is None else fused
+        self.fused = fused_kernels_apply(first) if fused is None else fused
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         for name, p in params.items():
             self.state[name] = {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format),
@@ -193,12 +194,6 @@ def _same_step(saved: float, steps: int) -> bool:
 
 
 _ORDER = ["sgd", "sgd_momentum", "adam"]
-
-
-def _fused_applies(p: torch.Tensor) -> bool:
-    from kanfarm.models.uniform_spline import fused_kernels_apply
-
-    return fused_kernels_apply(p)
 
 
 def _commit(dst: torch.Tensor, new: torch.Tensor, live: torch.Tensor) -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
-from kanfarm.reports.tables import FINISHED, MODEL_ORDER, SETTING_COLUMNS, unused_settings
+from kanfarm.reports.tables import MODEL_ORDER, REPORTED, SETTING_COLUMNS, unused_settings
 
 Row = dict[str, Any]
 
 
 def finished(rows: Iterable[Row]) -> list[Row]:
-    return [r for r in rows if r.get("status") in FINISHED]
+    return [r for r in rows if r.get("status") in REPORTED]
 
 
 def with_value(rows: Iterable[Row], column: str) -> list[Row]:
@@ -99,8 +99,8 @@ def missing_note(counts: dict[str, int], grid: str | None = None) -> str | None:
     where = f"grid {grid!r}" if grid else "the database"
     if total == 0:
         return f"no runs in {where} yet: submit a grid first"
-    done = sum(counts.get(s, 0) for s in FINISHED)
-    rest = ", ".join(f"{n} {status}" for status, n in counts.items() if n and status not in FINISHED)
+    done = sum(counts.get(s, 0) for s in REPORTED)
+    rest = ", ".join(f"{n} {status}" for status, n in counts.items() if n and status not in REPORTED)
     if done == 0:
         return f"no finished runs yet: {rest}"
     if rest:

@@ -410,13 +410,3 @@ def save_figures(figures: dict[str, Figure], out_dir: str | Path) -> list[Path]:
             atomic_write(path, figure_bytes(fig, fmt))
             paths.append(path)
     return paths
-
-
-def write_figures(store, grid: str | None, out_dir: str | Path) -> list[Path]:
-    """Write ``name.png`` and ``name.svg`` per figure with data; prints the skipped ones and why."""
-    built = build_figures(store, grid)
-    if built.note:
-        print(built.note)
-    for name, reason in built.skipped.items():
-        print(f"skipped {name}: {reason}")
-    return save_figures(built.figures, out_dir)

@@ -12,12 +12,10 @@ from typing import Any, Iterable, Protocol
 
 from kanfarm.reports.efficiency import KNOWN_INTRINSIC_DIM, efficiency
 
-FINISHED = ("completed", "diverged")
+#: statuses of the runs that reports count: those that trained to their end
+REPORTED = ("completed", "diverged")
 CONFIG_COLUMNS = ("run_id", "dataset", "model", "depth", "hidden_widths", "trainer", "init", "optimizer", "lr",
                   "activation", "spline_order", "grid_size", "seed", "n_params", "status")
-#: a training scheme (FACTS.md: 27 per model) and the seed: the sensitivity report's spread is over
-#: these, everything else held fixed.
-SCHEME_COLUMNS = ("init", "optimizer", "lr", "seed")
 #: config fields the view does not hold that also fix a setting (``with_settings`` adds them).
 CONFIG_SETTINGS = ("batch_norm", "dropout", "wide_multiplier", "patience", "train_eval_size", "hsic_beta",
                    "hsic_sigma", "hsic_x_term", "hsic_format_epochs", "matmul_precision", "dataset_options")
@@ -40,7 +38,7 @@ class SummarySource(Protocol):
 
 
 def _finished(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in rows if r["status"] in FINISHED]
+    return [r for r in rows if r["status"] in REPORTED]
 
 
 def _pick(row: dict[str, Any], columns: Iterable[str]) -> dict[str, Any]:
