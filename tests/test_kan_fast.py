@@ -98,6 +98,23 @@ def test_per_input_uniform_grids_after_update_grid_use_fast_path():
     assert_same(forward_backward(fast, inputs(ref, 64)), forward_backward(ref, inputs(ref, 64)))
 
 
+def test_the_fast_path_follows_a_grid_changed_after_use():
+    """The grid's origin and spacing are kept between forwards: a grid moved in place (to
+    other uniform knots), or a new grid tensor, must not be computed with the old ones."""
+    ref, fast = pair(4, 3, 5, 3)
+    x = inputs(ref, 64)
+    assert_same(forward_backward(fast, x), forward_backward(ref, x))  # fills the cache
+    data = torch.rand(500, 4) * torch.tensor([1.0, 2.0, 0.5, 3.0]) - 0.5
+    for layer in (ref, fast):
+        layer.update_grid(data, grid_eps=1.0)
+    assert fast.uses_fast_path()
+    assert_same(forward_backward(fast, x), forward_backward(ref, x))
+    wider = KANLinear(4, 3, 5, 3, grid_range=(-3.0, 3.0)).grid
+    for layer in (ref, fast):
+        layer.grid = wider.clone()  # a new tensor, not an in-place change
+    assert_same(forward_backward(fast, x), forward_backward(ref, x))
+
+
 def test_non_uniform_grid_falls_back_to_reference():
     ref, fast = pair(4, 3, 5, 3)
     data = torch.rand(500, 4) ** 3 * 2 - 1

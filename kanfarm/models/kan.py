@@ -16,7 +16,7 @@ from torch import nn
 
 from kanfarm.models.activations import make_activation
 from kanfarm.models.bspline import cox_de_boor_basis, is_uniform, uniform_knots
-from kanfarm.models.uniform_spline import closed_form_applies, uniform_spline_linear
+from kanfarm.models.uniform_spline import closed_form_applies, grid_origin_and_scale, uniform_spline_linear
 
 
 class KANLinear(nn.Module):
@@ -66,10 +66,20 @@ class KANLinear(nn.Module):
         return self.fast and closed_form_applies(self.spline_order) and self._grid_is_uniform()
 
     def _grid_is_uniform(self) -> bool:
-        key = (self.grid.data_ptr(), self.grid._version, self.grid.device, self.grid.dtype)
-        if self._uniform_cache is None or self._uniform_cache[0] != key:
-            self._uniform_cache = (key, is_uniform(self.grid))
-        return self._uniform_cache[1]
+        return self._grid_facts()[2]
+
+    def _grid_facts(self) -> tuple:
+        """(grid, key, uniform, (t0, 1/h) or None) of the grid as it is now: worked out again
+        only when the grid changed (``update_grid``, ``.to``, a new tensor), not in every forward
+        (a host sync, and on a GPU a few launches per layer). The grid itself is kept so that
+        its memory cannot be reused by another tensor with the same key."""
+        grid = self.grid
+        key = (grid.data_ptr(), grid._version, grid.device, grid.dtype)
+        cache = self._uniform_cache
+        if cache is None or cache[0] is not grid or cache[1] != key:
+            uniform = is_uniform(grid)
+            self._uniform_cache = cache = (grid, key, uniform, grid_origin_and_scale(grid) if uniform else None)
+        return cache
 
     def spline_bases(self, x: torch.Tensor) -> torch.Tensor:
         """Reference bases ``(batch, in, G + k)`` of 2-D ``x``."""
@@ -80,7 +90,8 @@ class KANLinear(nn.Module):
         x = x.reshape(-1, self.in_features)
         out = F.linear(self.base_activation(x), self.base_weight)
         if self.uses_fast_path():
-            spline = uniform_spline_linear(x, self.scaled_spline_weight, self.grid, self.spline_order)
+            spline = uniform_spline_linear(x, self.scaled_spline_weight, self.grid, self.spline_order,
+                                           origin_scale=self._grid_facts()[3])
         else:
             spline = F.linear(self.spline_bases(x).reshape(x.shape[0], -1),
                               self.scaled_spline_weight.reshape(self.out_features, -1))

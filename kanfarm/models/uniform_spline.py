@@ -208,11 +208,13 @@ def _input_grad(grad_out: torch.Tensor, weight: torch.Tensor, slopes: torch.Tens
     return result
 
 
-def uniform_spline_linear(x: torch.Tensor, weight: torch.Tensor, grid: torch.Tensor, order: int) -> torch.Tensor:
-    """Spline branch ``sum_{i,j} B_j(x_i) weight[o, i, j]`` on a uniform ``grid``; ``weight`` is ``(out, in, n_bases)``."""
+def uniform_spline_linear(x: torch.Tensor, weight: torch.Tensor, grid: torch.Tensor, order: int,
+                          origin_scale: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Spline branch ``sum_{i,j} B_j(x_i) weight[o, i, j]`` on a uniform ``grid``; ``weight`` is ``(out, in, n_bases)``.
+    ``origin_scale``: ``grid_origin_and_scale(grid)`` if the caller keeps it."""
     if not closed_form_applies(order):
         raise ValueError(f"the closed-form path needs spline order 2..{MAX_ORDER}, got {order}")
     out_features, in_features, n_bases = weight.shape
-    t0, inv_h = grid_origin_and_scale(grid)
+    t0, inv_h = grid_origin_and_scale(grid) if origin_scale is None else origin_scale
     weight_ji = weight.transpose(1, 2).reshape(out_features, n_bases * in_features)
     return UniformSplineLinear.apply(x, weight_ji, t0, inv_h, order)

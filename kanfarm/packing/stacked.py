@@ -14,14 +14,8 @@ from torch import nn
 
 from kanfarm.models.activations import make_activation
 from kanfarm.models.bspline import cox_de_boor_basis, is_uniform
-from kanfarm.models.uniform_spline import (bases_for_training, closed_form_applies, grid_origin_and_scale,
-                                           input_grad_from_bases)
-
-
-def _fused_applies(p: torch.Tensor) -> bool:
-    from kanfarm.models.uniform_spline import fused_kernels_apply
-
-    return fused_kernels_apply(p)
+from kanfarm.models.uniform_spline import (bases_for_training, closed_form_applies, fused_kernels_apply,
+                                           grid_origin_and_scale, input_grad_from_bases)
 
 
 def stream_key(config_hash: str) -> int:
@@ -109,11 +103,12 @@ class StackedNet:
         self.spline_order = first.blocks[0].spline_order if self.kind == "kan" else None
         # grids never move under backprop: decide the fast path once, not with a host sync per step
         self.uniform = {n: is_uniform(b) for n, b in self.buffers.items() if n.endswith(".grid")}
+        self.origin_scale = {n: grid_origin_and_scale(self.buffers[n]) for n, uniform in self.uniform.items() if uniform}
         self.activations = list(activations)
         self.dropouts = [float(p) for p in dropouts]
         self.dropout_keys = None if dropout_keys is None else list(dropout_keys)
         first_param = next(iter(self.params.values()))
-        self.fused_dropout = self.dropout_keys is not None and _fused_applies(first_param)
+        self.fused_dropout = self.dropout_keys is not None and fused_kernels_apply(first_param)
         self._segments()
 
     def _segments(self) -> None:
@@ -220,7 +215,7 @@ class StackedNet:
         scaled = spline_w * scaler.unsqueeze(-1)
         k = self.spline_order
         if closed_form_applies(k) and self.uniform[f"blocks.{i}.grid"]:
-            t0, inv_h = grid_origin_and_scale(grid)
+            t0, inv_h = self.origin_scale[f"blocks.{i}.grid"]
             weight = scaled.transpose(2, 3).reshape(members, out_f, n_bases * in_f)
             spline = StackedSpline.apply(x, weight, t0, inv_h, k)
         else:  # the reference recursion, as KANLinear does off the fast path
