@@ -51,6 +51,27 @@ def rows(db: Path, sql: str, params=()):
         con.close()
 
 
+def test_commands_that_only_read_or_submit_do_not_import_torch(env):
+    """torch's import takes seconds; commands that read the store or count parameters (status,
+    grid show/submit, reports, export) must not pay it. Run in a fresh interpreter, one
+    command after the other, stopping at the first that imports it."""
+    script = """
+import sys
+from typer.testing import CliRunner
+from cli.main import app
+for args in (["db", "upgrade"], ["grid", "show", "tiny.toml"], ["grid", "submit", "tiny.toml"], ["status"],
+             ["grid", "list"], ["report", "summary", "--grid", "tiny"], ["report", "efficiency"],
+             ["report", "gap"], ["report", "sensitivity"], ["export", "--format", "csv"], ["cancel", "--grid", "tiny"]):
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, (args, result.output)
+    if "torch" in sys.modules:
+        sys.exit(f"{' '.join(args)} imported torch")
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=env, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_commands_refuse_an_unmigrated_database(env):
     result = invoke("status")
     assert result.exit_code == 2

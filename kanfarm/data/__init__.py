@@ -20,10 +20,21 @@ Options: ``vocab_size`` (imdb), ``n_train`` and ``n_test`` (higgs; together at m
 loader does not accept raises :class:`OptionError` (a ``ValueError``; ``option`` names it). A run
 sets them with ``RunConfig.dataset_options``, a grid with its ``[dataset_options.<dataset>]`` tables.
 """
-from kanfarm.data.dataset import Dataset
 from kanfarm.data.errors import DatasetFormatError, DatasetUnavailable, OptionError
 from kanfarm.data.paths import data_dir
-from kanfarm.data.registry import DATASETS, dataset_shape, load_dataset
+
+#: names this package gives from the modules that need torch, imported when first asked for: a
+#: command that only reads the store (``status``, reports) does not pay torch's import (seconds)
+_LAZY = {"Dataset": "kanfarm.data.dataset", "DATASETS": "kanfarm.data.registry",
+         "dataset_shape": "kanfarm.data.registry", "load_dataset": "kanfarm.data.registry"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["DATASETS", "Dataset", "DatasetFormatError", "DatasetUnavailable", "OptionError", "data_dir",
            "dataset_shape", "load_dataset"]

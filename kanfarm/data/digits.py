@@ -6,12 +6,14 @@ worker sees the same split. Scaling: pixel intensities 0..16 map to ``p / 16 * 2
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from kanfarm.data.scaling import to_grid
+
+if TYPE_CHECKING:
+    import torch
 
 N_CLASSES = 10
 FORMAT_VERSION = 1
@@ -25,6 +27,8 @@ def n_features(options: dict[str, Any]) -> int:
 
 
 def build(folder: Path, options: dict[str, Any]) -> dict[str, torch.Tensor]:
+    import torch  # here, not above: asking a dataset's shape imports no torch
+
     from sklearn.datasets import load_digits  # local: scikit-learn's import costs about a second
     from sklearn.model_selection import train_test_split
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 import gzip
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from kanfarm.data.errors import DatasetFormatError, OptionError
+
+if TYPE_CHECKING:
+    import torch
 
 N_CLASSES = 2
 FORMAT_VERSION = 1
@@ -106,6 +108,8 @@ def squash(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
 
 
 def build(folder: Path, options: dict[str, Any]) -> dict[str, torch.Tensor]:
+    import torch  # here, not above: asking a dataset's shape imports no torch
+
     n_train, n_test = int(options["n_train"]), int(options["n_test"])
     path = folder / FILE
     rows = read_rows(path, n_train + n_test)

@@ -18,13 +18,15 @@ from __future__ import annotations
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
-import torch
 
 from kanfarm.data.archive import read_files
 from kanfarm.data.errors import DatasetFormatError, OptionError
+
+if TYPE_CHECKING:
+    import torch
 
 N_CLASSES = 2
 FORMAT_VERSION = 1
@@ -97,6 +99,8 @@ def read_reviews(path: Path) -> dict[str, list[tuple[str, int, str]]]:
 
 
 def build(folder: Path, options: dict[str, Any]) -> dict[str, torch.Tensor]:
+    import torch  # here, not above: asking a dataset's shape imports no torch
+
     size = int(options["vocab_size"])
     reviews = read_reviews(folder / ARCHIVE)
     vocabulary = build_vocabulary((text for _, _, text in reviews["train"]), size)

@@ -6,14 +6,16 @@ Scaling: pixels 0..255 map to ``p / 255 * 2 - 1`` in [-1, 1].
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from kanfarm.data.errors import DatasetFormatError
 from kanfarm.data.idx import read_idx
 from kanfarm.data.scaling import to_grid
+
+if TYPE_CHECKING:
+    import torch
 
 N_CLASSES = 10
 FORMAT_VERSION = 1
@@ -28,6 +30,8 @@ def n_features(options: dict[str, Any]) -> int:
 
 
 def build(folder: Path, options: dict[str, Any]) -> dict[str, torch.Tensor]:
+    import torch  # here, not above: asking a dataset's shape imports no torch
+
     out: dict[str, torch.Tensor] = {}
     for split, (images_name, labels_name) in FILES.items():
         images = read_idx(folder / images_name, ndim=3)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kanfarm.data import cache, cifar10, digits, download, higgs, imdb, mnist, paths
-from kanfarm.data.dataset import Dataset
+from kanfarm.data import cifar10, digits, download, higgs, imdb, mnist, paths
 from kanfarm.data.errors import DatasetFormatError, OptionError
+
+if TYPE_CHECKING:
+    from kanfarm.data.dataset import Dataset
 from kanfarm.data.sources import SOURCES
 
 #: dataset name -> loader module (N_CLASSES, FORMAT_VERSION, DEFAULTS, n_features(), build(), and
@@ -76,6 +78,9 @@ def load_dataset(name: str, data_dir: str | Path | None = None, **options: Any) 
     ``download=False`` (or env ``KANFARM_OFFLINE=1``) never downloads: missing files raise
     DatasetUnavailable at once. Other options are per dataset (``vocab_size``, ``n_train``, ``n_test``).
     """
+    from kanfarm.data import cache  # torch: imported by loading, not by names and shapes
+    from kanfarm.data.dataset import Dataset
+
     allow_download = bool(options.pop("download", True)) and not paths.offline()
     loader = _loader(name)
     resolved = resolve_options(name, options)

@@ -1,4 +1,4 @@
-"""Models from a ``RunConfig``: widths (with MLP-Wide matching), construction, parameter counts."""
+"""Models from a ``RunConfig``: construction (widths and counts from widths: ``widths``)."""
 from __future__ import annotations
 
 from torch import nn
@@ -7,30 +7,7 @@ from kanfarm.config import RunConfig
 from kanfarm.models.init import apply_init
 from kanfarm.models.kan import KAN
 from kanfarm.models.mlp import MLP
-from kanfarm.models.widths import kan_params, match_mlp_widths, mlp_params, scale_hidden
-
-
-def model_widths(config: RunConfig, n_features: int, n_classes: int) -> list[int]:
-    """``[n_features, *hidden, n_classes]`` as built. For ``mlp_wide`` the hidden widths are scaled by
-    ``wide_multiplier`` when set, else by the one factor that brings the MLP's parameter count closest
-    to the KAN's on the base widths."""
-    config = config.normalised()
-    widths = [int(n_features), *config.hidden_widths, int(n_classes)]
-    if config.model != "mlp_wide":
-        return widths
-    if config.wide_multiplier is not None:
-        return scale_hidden(widths, config.wide_multiplier)
-    kan = kan_params(widths, config.grid_size, config.spline_order, config.batch_norm)
-    return match_mlp_widths(widths, kan, config.batch_norm)
-
-
-def param_count(config: RunConfig, n_features: int, n_classes: int) -> int:
-    """Trainable parameters of ``build_model(config, ...)``, computed from the widths alone."""
-    config = config.normalised()
-    widths = model_widths(config, n_features, n_classes)
-    if config.model == "kan":
-        return kan_params(widths, config.grid_size, config.spline_order, config.batch_norm)
-    return mlp_params(widths, config.batch_norm)
+from kanfarm.models.widths import model_widths
 
 
 def build_model(config: RunConfig, n_features: int, n_classes: int) -> nn.Module:

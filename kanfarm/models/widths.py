@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from kanfarm.config import RunConfig
+
 
 def norm_params(widths: Sequence[int], batch_norm: bool) -> int:
     """A batch norm's scale and shift per hidden unit (none after the output layer)."""
@@ -44,3 +46,26 @@ def match_mlp_widths(widths: Sequence[int], target: int, batch_norm: bool = Fals
             lo = mid
     candidates = [scale_hidden(widths, lo), scale_hidden(widths, hi)]
     return min(candidates, key=lambda ws: abs(mlp_params(ws, batch_norm) - target))
+
+
+def model_widths(config: RunConfig, n_features: int, n_classes: int) -> list[int]:
+    """``[n_features, *hidden, n_classes]`` as built. For ``mlp_wide`` the hidden widths are scaled by
+    ``wide_multiplier`` when set, else by the one factor that brings the MLP's parameter count closest
+    to the KAN's on the base widths."""
+    config = config.normalised()
+    widths = [int(n_features), *config.hidden_widths, int(n_classes)]
+    if config.model != "mlp_wide":
+        return widths
+    if config.wide_multiplier is not None:
+        return scale_hidden(widths, config.wide_multiplier)
+    kan = kan_params(widths, config.grid_size, config.spline_order, config.batch_norm)
+    return match_mlp_widths(widths, kan, config.batch_norm)
+
+
+def param_count(config: RunConfig, n_features: int, n_classes: int) -> int:
+    """Trainable parameters of ``build_model(config, ...)``, computed from the widths alone."""
+    config = config.normalised()
+    widths = model_widths(config, n_features, n_classes)
+    if config.model == "kan":
+        return kan_params(widths, config.grid_size, config.spline_order, config.batch_norm)
+    return mlp_params(widths, config.batch_norm)
