@@ -7,6 +7,7 @@ newest good checkpoint, write each epoch idempotently, finish. ``_ClaimedRun`` i
 """
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -41,6 +42,11 @@ STALL_S = 1800.0
 STALL_FACTOR = 10.0
 #: a heartbeat this much later than its time means the process stood still (see ``_Progress``)
 LATE_S = 1.0
+#: bytes the checkpoint folder's check writes before a claim (``check_checkpoints_writable``)
+PROBE_BYTES = 64 * 1024
+#: errors of the machine's file systems, not of a run: a full disk or quota, a read-only or
+#: forbidden folder. The run is handed back and the worker stops (``environment_fault``).
+FILE_SYSTEM_FAULTS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM))
 
 
 def checkpoint_root() -> Path:
@@ -64,9 +70,10 @@ def checkpoint_settings() -> tuple[int, int]:
 
 
 def check_checkpoints_writable(leave_nothing: bool = False) -> None:
-    """The checkpoint folder can be created and written (a file made and removed), before a claim:
-    a worker whose folder is read-only, missing its mount or full would fail every run it took
-    (ConfigError naming ``KANFARM_CHECKPOINT_DIR`` instead, nothing claimed). ``leave_nothing``:
+    """The checkpoint folder can be created and written (a file of ``PROBE_BYTES`` made and
+    removed: an empty one is made even on a full disk), before a claim: a worker whose folder is
+    read-only, missing its mount or full would fail every run it took (ConfigError naming
+    ``KANFARM_CHECKPOINT_DIR`` instead, nothing claimed). ``leave_nothing``:
     remove the folders the check made (a command checking its input; not before a claim, where
     another worker process may be about to write into them)."""
     import tempfile
@@ -75,8 +82,9 @@ def check_checkpoints_writable(leave_nothing: bool = False) -> None:
     missing = [p for p in (root, *root.parents) if not p.exists()] if leave_nothing else []  # deepest first
     try:
         root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
-            pass
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-") as probe:
+            probe.write(bytes(PROBE_BYTES))
+            probe.flush()
     except OSError as exc:
         raise ConfigError("KANFARM_CHECKPOINT_DIR", f"{str(root)!r} cannot be written "
                           f"({exc.strerror or type(exc).__name__})") from None
@@ -434,11 +442,16 @@ class _ClaimedRun:
         """After a database error: the run is not at fault, so hand it back to ``queued`` if the
         database lets us (else its lease runs out); its rows and checkpoints stay for the resume."""
         self.beat.stop()
-        try:
-            self.store.release(self.run.id, self.worker, refund=True)
-        except Exception as exc:
-            log.warning("run %s: could not be released (%s); its lease will expire", self.run.id,
-                        type(exc).__name__)
+        _hand_back(self.store, self.run.id, self.worker)
+
+
+def _hand_back(store: Store, run_id: int, worker: str) -> None:
+    """Release a claimed run to ``queued``, its attempt refunded; if the database refuses, its
+    lease runs out instead."""
+    try:
+        store.release(run_id, worker, refund=True)
+    except Exception as exc:
+        log.warning("run %s: could not be released (%s); its lease will expire", run_id, type(exc).__name__)
 
 
 class _EpochRows:
@@ -467,6 +480,22 @@ class _EpochRows:
                 self.errors.update({run_id: (exc, exc.__traceback__) for run_id, _ in pending})
                 return
             self.done.update({run_id: (record, run_id in lost, run_id in cancelled) for run_id, record in pending})
+
+
+def environment_fault(exc: BaseException) -> ConfigError | None:
+    """A file-system error of this machine (``FILE_SYSTEM_FAULTS``) as the ConfigError a worker
+    stops on, naming the setting whose folder it hit; None for any other error. Not the run's
+    fault: it is handed back (attempt refunded), not failed, and finishes once the disk is fixed."""
+    if not isinstance(exc, OSError) or exc.errno not in FILE_SYSTEM_FAULTS:
+        return None
+    where = Path(os.path.abspath(exc.filename)) if isinstance(exc.filename, str) else None
+    name = "file system"
+    for setting, root in (("KANFARM_CHECKPOINT_DIR", checkpoint_root()), ("KANFARM_DATA_DIR", data_dir())):
+        if where is not None and where.is_relative_to(Path(os.path.abspath(root))):
+            name = setting
+    what = repr(exc.filename) if where is not None else "a file"
+    return ConfigError(name, f"{what} cannot be written ({exc.strerror or type(exc).__name__}); "
+                             "the run was handed back and resumes once that is fixed")
 
 
 def _error_text(exc: Exception) -> str:
@@ -502,7 +531,11 @@ def execute_run(store: Store, run_id: int, worker: str, *, device: str = "cpu",
     if not claimed and store.claim(run_id, worker, lease_s, max_attempts=max_attempts) is None:
         log.info("run %s not claimed by %s (taken, finished or cancelled)", run_id, worker)
         return Outcome(run_id, "not-claimed")
-    attached = _ClaimedRun(store, store.run(run_id), worker, lease_s, shutdown, on_epoch, interval_s)
+    try:
+        attached = _ClaimedRun(store, store.run(run_id), worker, lease_s, shutdown, on_epoch, interval_s)
+    except Exception as exc:  # (the database, the checkpoint folder) held, the run would wait for its lease
+        _hand_back(store, run_id, worker)
+        raise environment_fault(exc) or exc
     config = attached.run.config
     try:
         result = train(config, _dataset(config), attached.sink, checkpoints=attached.checkpoints,
@@ -511,6 +544,9 @@ def execute_run(store: Store, run_id: int, worker: str, *, device: str = "cpu",
         if database_unavailable(exc):
             attached.abandon()
             raise
+        if (fault := environment_fault(exc)) is not None:
+            attached.abandon()
+            raise fault from exc
         if isinstance(exc, (DatasetUnavailable, DatasetFormatError)):  # the message says it all
             log.error("run %s failed: %s", run_id, exc)
         else:
@@ -550,10 +586,12 @@ def execute_pack(store: Store, run_ids: list[int], worker: str, *, device: str =
     try:
         for r in claimed:
             members.append(_ClaimedRun(store, r, worker, lease_s, shutdown, on_epoch, interval_s, progress))
-    except Exception:  # (a database error) the members wired so far would beat on, held for good
-        for m in members:
+    except Exception as exc:  # (a database error) the members wired so far would beat on, held for good,
+        for m in members:     # and the others would wait for their leases
             m.abandon()
-        raise
+        for r in claimed[len(members):]:
+            _hand_back(store, r.id, worker)
+        raise environment_fault(exc) or exc
     rows = _EpochRows(store, worker)
     for m in members:
         m.rows = rows
@@ -564,9 +602,9 @@ def execute_pack(store: Store, run_ids: list[int], worker: str, *, device: str =
 
     def on_error(member: _ClaimedRun) -> Callable[[BaseException], bool]:
         """A member's own error (its checkpoint folder, its resume) fails that member alone; a
-        database error is the pack's, and ends it (handed back below)."""
+        database error or a full or read-only disk is the pack's, and ends it (handed back below)."""
         def fail_alone(exc: BaseException) -> bool:
-            if database_unavailable(exc):
+            if database_unavailable(exc) or environment_fault(exc) is not None:
                 return False
             log.exception("run %s failed in pack %s", member.run.id, [m.run.id for m in members])
             ended[member.run.id] = member.fail(_error_text(exc))
@@ -580,9 +618,12 @@ def execute_pack(store: Store, run_ids: list[int], worker: str, *, device: str =
         open_members = [m for m in members if m.run.id not in ended]
         for m in open_members:  # no lease of the pack is renewed from here on, whatever happens below
             m.beat.stop()
-        if database_unavailable(exc):
+        fault = environment_fault(exc)
+        if database_unavailable(exc) or fault is not None:
             for m in open_members:
                 m.abandon()
+            if fault is not None:
+                raise fault from exc
             raise
         log.exception("pack %s failed", [m.run.id for m in open_members])
         error = _error_text(exc)

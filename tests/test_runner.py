@@ -525,7 +525,7 @@ def test_a_failed_resume_drops_rows_an_earlier_attempt_wrote_past_its_failure(sq
 
     def fail_after_epoch_3(rid, record):
         if rid == failing and record.epoch == 3:
-            raise OSError(28, "No space left on device")
+            raise RuntimeError("a bug of this run")  # not a full disk: that hands the run back
 
     if packed:
         outcomes = {o.run_id: o.status for o in execute_pack(store, ids, "w2", on_epoch=fail_after_epoch_3)}
@@ -731,16 +731,17 @@ def test_the_next_part_of_a_pack_is_not_judged_by_the_pace_of_the_last(sqlite_st
     assert [r["epoch"] for r in store.epoch_metrics(resumed)] == [0, 1, 2, 3]
 
 
-def test_a_pack_whose_member_cannot_be_wired_hands_back_those_already_wired(sqlite_store, tmp_path, monkeypatch):
+def test_a_pack_whose_member_cannot_be_wired_hands_back_every_member(sqlite_store, tmp_path, monkeypatch):
     """A database error while wiring the second member left the first one's heartbeat beating:
-    its run stayed running, held by this process, for good."""
+    its run stayed running, held by this process, for good; the second and third, claimed but
+    never wired, waited for their leases."""
     from kanfarm import runner
     from kanfarm.runner import execute_pack
 
     monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
     store = sqlite_store
     base = dict(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=1)
-    ids = _grid(store, [RunConfig(lr=lr, **base) for lr in (0.01, 0.02)])
+    ids = _grid(store, [RunConfig(lr=lr, **base) for lr in (0.01, 0.02, 0.03)])
     wired = []
     original = runner._ClaimedRun._say_where_checkpoints_went
 
@@ -753,8 +754,8 @@ def test_a_pack_whose_member_cannot_be_wired_hands_back_those_already_wired(sqli
     monkeypatch.setattr(runner._ClaimedRun, "_say_where_checkpoints_went", second_fails)
     with pytest.raises(sa.exc.OperationalError):
         execute_pack(store, ids, "w1")
-    first = store.run(wired[0])
-    assert (first.status, first.attempts) == ("queued", 0)  # handed back, its attempt given back
+    for run_id in ids:  # handed back, their attempts given back
+        assert (store.run(run_id).status, store.run(run_id).attempts) == ("queued", 0)
     beats = [t for t in threading.enumerate() if t.name == f"heartbeat-{wired[0]}"]
     for beat in beats:
         beat.join(timeout=5)
@@ -946,3 +947,91 @@ def test_runs_and_packs_set_up_host_memory_before_claiming(sqlite_store, tmp_pat
     assert execute_run(sqlite_store, ids[0], "w1").status == "completed"
     assert runner.execute_pack(sqlite_store, ids[1:], "w1")[0].status == "completed"
     assert calls == [["pending"] * 3, ["completed", "pending", "pending"]]  # each time before its claim
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_full_checkpoint_disk_hands_the_runs_back_instead_of_failing_them(sqlite_store, tmp_path, monkeypatch,
+                                                                             packed):
+    """A full (or read-only) checkpoint folder is the machine's fault, not the runs': they were
+    marked failed, each with a traceback, and the same command did not resume them. Now they
+    are handed back (attempt refunded), the worker stops on one ConfigError naming the folder,
+    and once there is room the runs finish."""
+    import errno
+
+    from kanfarm.runner import execute_pack
+    from kanfarm.training.checkpoint import CheckpointManager
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    monkeypatch.setenv("KANFARM_CHECKPOINT_SECONDS", "0")
+    store = sqlite_store
+    base = dict(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=3)
+    ids = _grid(store, [RunConfig(lr=lr, **base) for lr in (0.01, 0.02)][:2 if packed else 1])
+    save = CheckpointManager.save
+
+    def full_at_epoch_2(self, epoch, state):
+        if epoch == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.directory / "epoch-2.pt.tmp"))
+        return save(self, epoch, state)
+
+    monkeypatch.setattr(CheckpointManager, "save", full_at_epoch_2)
+    with pytest.raises(ConfigError, match="KANFARM_CHECKPOINT_DIR: .*No space left on device.*handed back"):
+        execute_pack(store, ids, "w1") if packed else execute_run(store, ids[0], "w1")
+    for run_id in ids:
+        assert (store.run(run_id).status, store.run(run_id).attempts) == ("queued", 0)
+    monkeypatch.setattr(CheckpointManager, "save", save)  # room again
+    outcomes = execute_pack(store, ids, "w1") if packed else [execute_run(store, ids[0], "w1")]
+    assert {o.status for o in outcomes} == {"completed"}
+    assert all([r["epoch"] for r in store.epoch_metrics(i)] == [0, 1, 2, 3] for i in ids)
+
+
+def test_a_full_disk_while_wiring_a_run_hands_it_back(sqlite_store, tmp_path, monkeypatch):
+    """Its checkpoint folder could not be made (a full disk): the claimed run waited for its
+    lease to expire."""
+    import errno
+
+    from kanfarm import runner
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    store = sqlite_store
+    (run_id,) = _grid(store, [RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=1)])
+
+    def no_room(self):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ckpt" / "x"))
+
+    monkeypatch.setattr(runner._ClaimedRun, "_say_where_checkpoints_went", no_room)
+    with pytest.raises(ConfigError, match="KANFARM_CHECKPOINT_DIR"):
+        execute_run(store, run_id, "w1")
+    assert (store.run(run_id).status, store.run(run_id).attempts) == ("queued", 0)
+
+
+def test_the_checkpoint_check_writes_a_real_payload(tmp_path, monkeypatch):
+    """On a full disk an empty file can still be made: the check before a claim passed, and
+    every run taken then failed at its first checkpoint."""
+    import errno
+    import tempfile
+
+    from kanfarm import runner
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    real = tempfile.NamedTemporaryFile
+
+    class FullDisk:
+        def __init__(self, *args, **kwargs):
+            self.file = real(*args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            if data:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", FullDisk)
+    with pytest.raises(ConfigError, match="KANFARM_CHECKPOINT_DIR: .*No space left on device"):
+        runner.check_checkpoints_writable()
