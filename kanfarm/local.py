@@ -12,12 +12,14 @@ import multiprocessing as mp
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from kanfarm.config import ConfigError
 from kanfarm.runner import DEFAULT_LEASE_S, work_loop, work_units, worker_name
 from kanfarm.status import ENDED
 from kanfarm.store import Store, database_errors
@@ -142,16 +144,31 @@ def watch_parent(parent: int, shutdown: Any, on_death: Callable[[], None] | None
 
 
 def _child(url: str, grid: str, device: str, lease_s: float, shutdown: Any, threads: int,
-           max_attempts: int | None, pack_size: int | str = 1, parent: int | None = None) -> None:
+           max_attempts: int | None, pack_size: int | str = 1, parent: int | None = None,
+           reports: Any = None) -> None:
+    """A worker process. The errors the parent words as one line (a setting gone bad, the
+    database gone) go to ``reports`` as ``(kind, field, text)`` instead of a traceback."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into a warm shutdown
     watch_parent(os.getppid() if parent is None else parent, shutdown)
     import torch
 
-    torch.set_num_threads(threads)
+    if not os.environ.get("OMP_NUM_THREADS"):  # the user's choice, as with one worker and under Celery
+        torch.set_num_threads(threads)
     store = Store(url)
     try:
         work_loop(store, worker_name(local_suffix()), grid=grid, device=device, lease_s=lease_s, shutdown=shutdown,
                   max_attempts=max_attempts, pack_size=pack_size)
+    except ConfigError as exc:
+        if reports is None:
+            raise
+        reports.put(("config", exc.field, str(exc)[len(exc.field) + 2:]))
+        sys.exit(2)
+    except database_errors() as exc:
+        if reports is None:
+            raise
+        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]  # the driver's words: no password
+        reports.put(("database", "", f"{type(exc).__name__}: {first}"))
+        sys.exit(3)
     finally:
         store.dispose()
 
@@ -196,6 +213,20 @@ def _how_it_ended(name: str, code: int) -> str:
     return f"{name} exited with code {code}, its error printed above"
 
 
+def _raise_reported(reports: Any) -> None:
+    """The first error a worker process reported (``_child``), raised here as one line: a
+    setting as the ConfigError it was, the database as a WorkerCrashed naming it."""
+    reported = []
+    while not reports.empty():
+        reported.append(reports.get())
+    for kind, setting, text in reported:
+        if kind == "config":
+            raise ConfigError(setting, text)
+    for _, _, text in reported:
+        raise WorkerCrashed(f"database unavailable in a worker process ({text}); run this command again once "
+                            "it answers: it takes the runs back")
+
+
 def run_grid_locally(store: Store, grid: str, *, workers: int = 1, device: str = "cpu",
                      lease_s: float = DEFAULT_LEASE_S, max_attempts: int | None = None,
                      on_poll: Callable[[Snapshot], None] | None = None, poll_s: float = 0.5,
@@ -235,9 +266,11 @@ def run_grid_locally(store: Store, grid: str, *, workers: int = 1, device: str =
     else:
         ctx = mp.get_context("spawn")
         shutdown = ctx.Event()
+        reports = ctx.SimpleQueue()
         threads = max(1, usable_cpus() // workers)
         pool = [ctx.Process(target=_child, args=(store.url_string, grid, device, lease_s, shutdown, threads,
-                                                 max_attempts, pack_size, os.getpid()), name=f"kanfarm-worker-{i}")
+                                                 max_attempts, pack_size, os.getpid(), reports),
+                            name=f"kanfarm-worker-{i}")
                 for i in range(workers)]
     try:
         for p in pool:
@@ -264,6 +297,8 @@ def run_grid_locally(store: Store, grid: str, *, workers: int = 1, device: str =
         raise
     if errors:
         raise errors[0]
+    if workers > 1:
+        _raise_reported(reports)
     crashed = [p for p in pool if isinstance(p, mp.process.BaseProcess) and p.exitcode != 0]
     if crashed:  # an error's traceback went to stderr; its run, if any, waits for its lease
         raise WorkerCrashed("worker processes crashed: " + ", ".join(_how_it_ended(p.name, p.exitcode) for p in crashed)

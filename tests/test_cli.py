@@ -632,7 +632,10 @@ def test_a_refused_run_grid_leaves_no_checkpoint_folder(env, monkeypatch):
     assert not (env / "kanfarm-checkpoints").exists()
 
 
-def test_crashed_worker_processes_are_an_error_not_done(env, monkeypatch):
+def test_worker_process_errors_reach_the_parent_as_one_line(env, monkeypatch):
+    """A setting gone bad in the workers (or the database gone) was a traceback from each
+    process and "exited with code 1"; now it is the one error, raised in the parent."""
+    from kanfarm.config import ConfigError
     from kanfarm.grids import load_spec
     from kanfarm.local import WorkerCrashed, run_grid_locally
     from kanfarm.store import Store
@@ -642,10 +645,23 @@ def test_crashed_worker_processes_are_an_error_not_done(env, monkeypatch):
     store.upgrade()
     submit(store, load_spec(str(env / "tiny.toml")))
     monkeypatch.setenv("KANFARM_CHECKPOINT_EVERY", "abc")  # each spawned worker fails on it at once
-    with pytest.raises(WorkerCrashed, match="kanfarm-worker-0 exited with code 1, its error printed above"):
-        run_grid_locally(store, "tiny", workers=2)
+    with pytest.raises(ConfigError, match="KANFARM_CHECKPOINT_EVERY: 'abc' must be a positive integer"):
+        run_grid_locally(store, "tiny", workers=2)  # the workers' error, once, as one line (no traceback each)
     store.dispose()
-    from kanfarm.local import _how_it_ended
+    from kanfarm.local import _how_it_ended, _raise_reported
+
+    class Reports(list):
+        def empty(self):
+            return not self
+
+        def get(self):
+            return self.pop(0)
+
+    with pytest.raises(WorkerCrashed, match=r"database unavailable in a worker process \(OperationalError: gone\)"):
+        _raise_reported(Reports([("database", "", "OperationalError: gone")]))
+    with pytest.raises(ConfigError, match="^KANFARM_DATA_DIR: full$"):  # a setting first: it is the cause
+        _raise_reported(Reports([("database", "", "OperationalError: gone"), ("config", "KANFARM_DATA_DIR", "full")]))
+    _raise_reported(Reports())  # nothing reported: nothing raised
 
     assert _how_it_ended("w", -9) == "w killed by SIGKILL (out of memory? the kernel's OOM killer sends it)"
     assert _how_it_ended("w", -15) == "w killed by SIGTERM"
@@ -695,6 +711,7 @@ def test_local_workers_are_no_more_than_the_runs_to_claim(env, monkeypatch):
 
     class Ctx:  # processes that are made, not started
         Event = staticmethod(mp.get_context("spawn").Event)
+        SimpleQueue = staticmethod(mp.get_context("spawn").SimpleQueue)
 
         @staticmethod
         def Process(*args, **kwargs):
@@ -735,6 +752,34 @@ def test_one_local_worker_uses_the_cores_it_may(env, monkeypatch):
         torch.set_num_threads(before)
         store.dispose()
     assert seen == [1]
+
+
+@pytest.mark.parametrize("omp", ["", "1"])
+def test_a_local_worker_process_takes_its_share_of_threads_unless_omp_num_threads_says(env, monkeypatch, omp):
+    """With several workers each process took usable_cpus() // N threads even when the user had
+    set OMP_NUM_THREADS (one worker and Celery workers honour it). Called in this process: the
+    grid has nothing to claim."""
+    import signal
+    import threading
+
+    import torch
+
+    from kanfarm import local
+    from kanfarm.store import Store
+
+    store = Store(f"sqlite:///{env / 'k.db'}")
+    store.upgrade()
+    before, handler, shutdown = torch.get_num_threads(), signal.getsignal(signal.SIGINT), threading.Event()
+    monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    try:
+        local._child(store.url_string, "tiny", "cpu", 60.0, shutdown, before + 2, None)
+        after = torch.get_num_threads()
+    finally:
+        shutdown.set()
+        signal.signal(signal.SIGINT, handler)
+        torch.set_num_threads(before)
+        store.dispose()
+    assert after == (before if omp else before + 2)
 
 
 def test_databases_that_cannot_serve_are_one_line_and_exit_2(env, monkeypatch):
