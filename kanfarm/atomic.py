@@ -56,8 +56,11 @@ def atomic_writer(path: str | os.PathLike, durable: bool = False, follow: bool =
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
+            # a write or fsync names no file: say which (a full disk is then the right folder's)
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     if durable:
         dir_fd = os.open(path.parent, os.O_RDONLY)

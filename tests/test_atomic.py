@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from kanfarm.atomic import atomic_write
+from kanfarm.atomic import atomic_write, atomic_writer
 
 
 def test_a_planted_symlink_at_a_guessable_temporary_name_is_not_followed(tmp_path):
@@ -48,6 +48,19 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["figure.png"]
     with pytest.raises(IsADirectoryError):
         atomic_write(tmp_path, b"x")
+
+
+def test_a_write_error_names_the_file(tmp_path):
+    """A full disk's ENOSPC from write() or fsync() names no file; the error says which, so that
+    the runner can tell which folder's setting to name."""
+    import errno
+
+    with pytest.raises(OSError) as caught:
+        with atomic_writer(tmp_path / "epoch-000003.pt", durable=True) as f:
+            f.write(b"x")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert (caught.value.errno, caught.value.filename) == (errno.ENOSPC, str(tmp_path / "epoch-000003.pt"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_a_device_a_fifo_and_a_symlink_are_written_through_not_replaced(tmp_path):
