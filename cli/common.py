@@ -4,7 +4,10 @@ Bad input exits with code 2 and a message naming the field (see ``cli.output.fai
 """
 from __future__ import annotations
 
+import errno
 import functools
+import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -69,7 +72,9 @@ def handles_errors(func: Callable) -> Callable:
         from kanfarm.store import SchemaOutOfDate
 
         try:
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
+            sys.stdout.flush()  # here, not at exit: a full disk under stdout is then an error below
+            return result
         except ConfigError as exc:
             fail(f"invalid {exc}")
         except SchemaOutOfDate as exc:
@@ -88,8 +93,28 @@ def handles_errors(func: Callable) -> Callable:
             if isinstance(exc, ProgrammingError) and exc.statement is None:  # while connecting: an option
                 fail(f"{_url_text()}: the driver refused the URL: {first}", code=2)  # the driver does not take
             raise  # a constraint or a bug: its traceback is the useful part
+        except OSError as exc:
+            if exc.errno not in _OUTPUT_FAULTS:
+                raise
+            # a full disk or a closed pipe under the output (``> file``, ``| head``): one line, not
+            # Rich's traceback; stdout itself may be what cannot be written, so nothing more goes there
+            _stdout_gone()
+            fail(f"{exc.filename or 'standard output'} cannot be written ({exc.strerror})", code=1)
 
     return wrapper
+
+
+#: errors of where a command writes (``> file`` on a full disk, a pipe closed by ``head``)
+_OUTPUT_FAULTS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EPIPE, errno.EROFS))
+
+
+def _stdout_gone() -> None:
+    """Point stdout at /dev/null: what is still buffered for it can never be written, and the
+    interpreter's flush at exit would raise again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (a test's captured stdout)
+        pass
 
 
 def _url_text() -> str:

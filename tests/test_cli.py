@@ -72,6 +72,20 @@ for args in (["db", "upgrade"], ["grid", "show", "tiny.toml"], ["grid", "submit"
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_output_to_a_full_disk_is_one_line_and_exit_1(env):
+    """``kanfarm status > file`` on a full disk was Rich's 60-line traceback (or, past the last
+    buffer, exit 0 with the output cut)."""
+    assert invoke("db", "upgrade").exit_code == 0
+    for args in (["status"], ["grid", "show", "tiny.toml", "--json"]):
+        with open("/dev/full", "w") as full:
+            done = subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=env, stdout=full, stderr=subprocess.PIPE,
+                                  text=True, timeout=120,
+                                  env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.strip() == "error: standard output cannot be written (No space left on device)"
+
+
 def test_commands_refuse_an_unmigrated_database(env):
     result = invoke("status")
     assert result.exit_code == 2
