@@ -69,7 +69,7 @@ def handles_errors(func: Callable) -> Callable:
 
         from kanfarm.config import ConfigError
         from kanfarm.data import DatasetFormatError, DatasetUnavailable
-        from kanfarm.store import SchemaOutOfDate
+        from kanfarm.store import DatabaseFileReplaced, SchemaOutOfDate
 
         try:
             result = func(*args, **kwargs)
@@ -79,6 +79,8 @@ def handles_errors(func: Callable) -> Callable:
             fail(f"invalid {exc}")
         except SchemaOutOfDate as exc:
             fail(str(exc), code=2)
+        except DatabaseFileReplaced as exc:
+            fail(str(exc), code=1)
         except (DatasetUnavailable, DatasetFormatError) as exc:
             fail(str(exc), code=1)
         except OperationalError as exc:  # the driver's own words name no password

@@ -22,7 +22,7 @@ from typing import Any, Callable
 from kanfarm.config import ConfigError
 from kanfarm.runner import DEFAULT_LEASE_S, work_loop, work_units, worker_name
 from kanfarm.status import ENDED
-from kanfarm.store import Store, database_errors
+from kanfarm.store import DatabaseFileReplaced, Store, database_errors
 from kanfarm.training.host_memory import keep_freed_memory
 
 ACTIVE_SQL = """
@@ -163,6 +163,11 @@ def _child(url: str, grid: str, device: str, lease_s: float, shutdown: Any, thre
             raise
         reports.put(("config", exc.field, str(exc)[len(exc.field) + 2:]))
         sys.exit(2)
+    except DatabaseFileReplaced as exc:
+        if reports is None:
+            raise
+        reports.put(("replaced", "", str(exc)))
+        sys.exit(3)
     except database_errors() as exc:
         if reports is None:
             raise
@@ -215,13 +220,17 @@ def _how_it_ended(name: str, code: int) -> str:
 
 def _raise_reported(reports: Any) -> None:
     """The first error a worker process reported (``_child``), raised here as one line: a
-    setting as the ConfigError it was, the database as a WorkerCrashed naming it."""
+    setting as the ConfigError it was, the database (gone, or its file replaced) as a
+    WorkerCrashed saying so."""
     reported = []
     while not reports.empty():
         reported.append(reports.get())
     for kind, setting, text in reported:
         if kind == "config":
             raise ConfigError(setting, text)
+    for kind, _, text in reported:
+        if kind == "replaced":
+            raise WorkerCrashed(text)
     for _, _, text in reported:
         raise WorkerCrashed(f"database unavailable in a worker process ({text}); run this command again once "
                             "it answers: it takes the runs back")
@@ -272,15 +281,20 @@ def run_grid_locally(store: Store, grid: str, *, workers: int = 1, device: str =
                                                  max_attempts, pack_size, os.getpid(), reports),
                             name=f"kanfarm-worker-{i}")
                 for i in range(workers)]
+    replaced: DatabaseFileReplaced | None = None
     try:
         for p in pool:
             p.start()
         while any(p.is_alive() for p in pool):
-            if on_poll is not None:
-                try:
+            try:
+                store.check_file()
+                if on_poll is not None:
                     on_poll(snapshot(store, grid))
-                except database_errors():  # progress only; the workers pause and carry on
-                    pass
+            except DatabaseFileReplaced as exc:  # nothing the workers write is kept: stop them now
+                replaced = replaced or exc
+                shutdown.set()
+            except database_errors():  # progress only; the workers pause and carry on
+                pass
             for p in pool:
                 p.join(timeout=poll_s / len(pool))
     except KeyboardInterrupt:
@@ -295,6 +309,8 @@ def run_grid_locally(store: Store, grid: str, *, workers: int = 1, device: str =
             shutdown.set()
             raise RunsAbandoned() from None
         raise
+    if replaced is not None:
+        raise replaced
     if errors:
         raise errors[0]
     if workers > 1:

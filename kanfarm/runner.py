@@ -25,7 +25,7 @@ from kanfarm.config import ConfigError, RunConfig, check_folder
 from kanfarm.data import DatasetFormatError, DatasetUnavailable, data_dir, load_dataset
 from kanfarm.data.dataset import Dataset
 from kanfarm.store import LeaseLost, Store
-from kanfarm.store.errors import database_unavailable
+from kanfarm.store.errors import DatabaseFileReplaced, database_unavailable
 from kanfarm.store.rows import RunRow
 from kanfarm.training import CheckpointManager, EpochRecord, RunResult, train
 from kanfarm.training.host_memory import keep_freed_memory, keep_freed_memory_wanted
@@ -678,7 +678,7 @@ class _DatabaseRetries:
         try:
             yield
         except Exception as exc:
-            if not database_unavailable(exc):
+            if not database_unavailable(exc) or isinstance(exc, DatabaseFileReplaced):  # no coming back
                 raise
             self.in_a_row += 1
             if self.in_a_row >= self.limit:

@@ -86,6 +86,52 @@ def test_output_to_a_full_disk_is_one_line_and_exit_1(env):
         assert done.stderr.strip() == "error: standard output cannot be written (No space left on device)"
 
 
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_database_file_deleted_or_replaced_mid_run_is_an_error_not_done(env, monkeypatch, how):
+    """Open connections went on writing into the deleted file: every result lost, and the
+    command said "done", exit 0."""
+    import shutil
+
+    import typer
+
+    from cli.common import handles_errors
+    from kanfarm import local
+    from kanfarm.grids import load_spec
+    from kanfarm.store import DatabaseFileReplaced, Store
+    from kanfarm.submission import submit
+
+    db = env / "k.db"
+    store = Store(f"sqlite:///{db}")
+    store.upgrade()
+    submit(store, load_spec(str(env / "tiny.toml")))
+    shutil.copy(db, env / "copy.db")
+    polls = []
+
+    def on_poll(snap):
+        polls.append(snap)
+        if len(polls) == 1:  # while the first run trains
+            if how == "replaced":  # renamed over it, as a copy-then-move would: never missing
+                os.replace(env / "copy.db", db)
+            else:
+                db.unlink()
+
+    with pytest.raises(DatabaseFileReplaced, match=f"the database file {db} was {how} while"):
+        local.run_grid_locally(store, "tiny", on_poll=on_poll, poll_s=0.05)
+    with pytest.raises(DatabaseFileReplaced):  # and nothing more is written through this store
+        store.status_counts("tiny")
+    store.dispose()
+    if how == "replaced":
+        assert {r["status"] for r in rows(db, "SELECT status FROM runs")} == {"pending"}
+
+    @handles_errors
+    def command():
+        raise DatabaseFileReplaced(str(db), deleted=how == "deleted")
+
+    with pytest.raises(typer.Exit) as stopped:  # the CLI's words: one line, exit 1
+        command()
+    assert stopped.value.exit_code == 1
+
+
 def test_commands_refuse_an_unmigrated_database(env):
     result = invoke("status")
     assert result.exit_code == 2

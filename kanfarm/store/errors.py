@@ -18,6 +18,16 @@ class SchemaOutOfDate(RuntimeError):
         self.head = head
 
 
+class DatabaseFileReplaced(RuntimeError):
+    """The SQLite file a store opened was deleted or replaced while it was in use."""
+
+    def __init__(self, path: str, deleted: bool):
+        super().__init__(f"the database file {path} was {'deleted' if deleted else 'replaced'} while this "
+                         "command used it: what it wrote since went with the old file. Nothing more is written; "
+                         "put the database back (or `kanfarm db upgrade` a new one) and run the command again")
+        self.path = path
+
+
 class RunNotFound(LookupError):
     """No run with this id."""
 
@@ -30,12 +40,13 @@ def database_errors() -> tuple[type[Exception], ...]:
     """What ``database_unavailable`` accepts, as a tuple for ``except`` clauses."""
     from sqlalchemy.exc import InterfaceError, InternalError, OperationalError, TimeoutError
 
-    return OperationalError, InternalError, InterfaceError, TimeoutError
+    return OperationalError, InternalError, InterfaceError, TimeoutError, DatabaseFileReplaced
 
 
 def database_unavailable(exc: BaseException) -> bool:
     """A lost connection, a locked SQLite file, a server restart, a failover onto a read-only
-    standby (PostgreSQL's ``InternalError``), no pooled connection free in time (``TimeoutError``):
+    standby (PostgreSQL's ``InternalError``), no pooled connection free in time (``TimeoutError``),
+    the SQLite file deleted or replaced (``DatabaseFileReplaced``):
     errors of the database, not of the run, which must
     not mark it failed (callers retry instead). Errors of the statement itself (``IntegrityError``,
     ``DataError``, ``ProgrammingError``) are bugs and propagate."""

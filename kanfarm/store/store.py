@@ -16,6 +16,7 @@ and use leases much longer than the skew.
 from __future__ import annotations
 
 import json
+import os
 import re
 from contextlib import contextmanager
 from datetime import timedelta
@@ -28,7 +29,7 @@ from sqlalchemy.engine import URL, Connection
 from kanfarm.config import RunConfig, check_grid_name
 from kanfarm.store import migrate
 from kanfarm.store.engine import database_url, make_engine, masked, read_only
-from kanfarm.store.errors import LeaseLost, RunNotFound, SchemaOutOfDate
+from kanfarm.store.errors import DatabaseFileReplaced, LeaseLost, RunNotFound, SchemaOutOfDate
 from kanfarm.store.rows import CheckpointRow, GridRow, RunRow, SubmitResult
 from kanfarm.store.schema import (CLAIMABLE, FINISHED, RUN_SUMMARY_COLUMNS, STATUSES, UTCDateTime,
                                   checkpoints, epoch_metrics, grid_runs, grids, runs, utcnow)
@@ -73,6 +74,12 @@ class Store:
         self._reader = read_only(self.engine)
         self._schema_ok = False
         self._upsert = None
+        file = self.url.database if self.url.get_backend_name() == "sqlite" else None
+        self._file_path = os.path.abspath(file) if file and file != ":memory:" else None
+        self._file_id: tuple[int, int] | None = None
+        self.check_file()
+        if self._file_path is not None:  # a new connection opens whatever file is there now
+            sa.event.listen(self.engine, "connect", lambda *_: self.check_file())
 
     def __repr__(self) -> str:
         return f"Store({masked(self.url)!r})"
@@ -148,15 +155,34 @@ class Store:
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
+        self.check_file()
         self.check_schema()
         with self.engine.begin() as conn:
             yield conn
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
+        self.check_file()
         self.check_schema()
         with self._reader.connect() as conn:
             yield conn
+
+    def check_file(self) -> None:
+        """A SQLite file deleted or replaced under a running command: its open connections would go
+        on writing into the deleted file, every result lost and the command "done", and a new
+        connection would write into the file now there. The file's identity (device, inode) is
+        noted when first seen and compared before each transaction and after each connect."""
+        if self._file_path is None:
+            return
+        try:
+            st = os.stat(self._file_path)
+            now: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            now = None
+        if self._file_id is None:
+            self._file_id = now
+        elif now != self._file_id:
+            raise DatabaseFileReplaced(self._file_path, deleted=now is None)
 
     def _insert(self, table: sa.Table):
         dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
