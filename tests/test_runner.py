@@ -592,6 +592,25 @@ def test_a_checkpoint_the_store_did_not_record_is_not_resumed(sqlite_store, tmp_
     assert all(r["test_acc"] != 0.5 for r in store.epoch_metrics(run_id))
 
 
+def test_a_checkpoint_whose_own_epoch_row_is_missing_is_not_resumed(sqlite_store, tmp_path, monkeypatch):
+    """Resuming from epoch 2's checkpoint without epoch 2's row would leave that row missing for
+    good (a resume writes only the epochs after its checkpoint): the run resumes from epoch 1."""
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    monkeypatch.setenv("KANFARM_CHECKPOINT_SECONDS", "0")
+    store = sqlite_store
+    (run_id,) = _grid(store, [RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=3)])
+    stop = threading.Event()
+    assert execute_run(store, run_id, "w1", shutdown=stop,
+                       on_epoch=lambda rid, rec: rec.epoch == 2 and stop.set()).status == "released"
+    assert [c.epoch for c in store.checkpoints(run_id)] == [1, 2]
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM epoch_metrics WHERE run_id = :i AND epoch = 2"), {"i": run_id})
+    trained = []
+    assert execute_run(store, run_id, "w2", on_epoch=lambda rid, rec: trained.append(rec.epoch)).status == "completed"
+    assert trained == [2, 3]
+    assert [r["epoch"] for r in store.epoch_metrics(run_id)] == [0, 1, 2, 3]
+
+
 def test_a_run_that_writes_no_epoch_for_too_long_gives_up_its_lease(sqlite_store, tmp_path, monkeypatch, caplog):
     """A worker hung in a call (here: blocked in ``on_epoch`` after epoch 1) keeps beating, so
     its lease never lapsed. Past KANFARM_STALL_SECONDS without an epoch, and past STALL_FACTOR
@@ -797,6 +816,10 @@ def test_time_the_process_stood_still_is_not_waiting(monkeypatch):
     assert stalled_after(99) is None and stalled_after(2) == pytest.approx(101)  # its first row: 10x
     progress.written(9)
     assert stalled_after(99) is None and stalled_after(2) == pytest.approx(101)  # 10x the limit, no gap known
+    progress.written(9)  # gaps of 101 s, then 5 s: the limit is 10x the longest, not the last
+    assert stalled_after(5) is None
+    progress.written(9)
+    assert stalled_after(1000) is None and stalled_after(20) == pytest.approx(1020)
 
 
 def test_warm_shutdowns_do_not_use_up_attempts(sqlite_store, tmp_path, monkeypatch):
