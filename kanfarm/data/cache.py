@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
@@ -107,4 +108,8 @@ def write(path: Path, tensors: dict[str, torch.Tensor], sources: dict[str, list[
         with atomic_writer(path, durable=True, follow=False) as out:  # kanfarm's name in a shared folder
             torch.save({**tensors, SOURCES_KEY: sources}, out)
     except Exception as exc:
-        warnings.warn(f"cannot write dataset cache {path}: {exc}", stacklevel=3)
+        try:  # torch.save words a full disk as "unexpected pos ...": say what room there is
+            room = f" ({shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there)"
+        except OSError:
+            room = ""
+        warnings.warn(f"cannot write dataset cache {path}: {exc}{room}", stacklevel=3)
