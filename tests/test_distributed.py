@@ -133,6 +133,47 @@ def test_pack_task_claims_no_further_chunk_after_warm_shutdown(sqlite_store, mon
     assert published == [([ids[2:4], ids[4:]], "cpu"), ([ids[1:2]], "cpu")]
 
 
+def test_pack_task_trained_in_turn_republishes_the_unstarted_chunks_after_warm_shutdown(sqlite_store, monkeypatch):
+    """The broker refused the split, so the worker trains the chunks itself; a warm shutdown during
+    the first one must re-publish every run not yet started with the released one (a slice that
+    skipped the next chunk left its runs queued with no message)."""
+    import kanfarm.packing
+    import kanfarm.runner
+    from kanfarm.grids import parse_spec
+    from kanfarm.runner import Outcome
+    from kanfarm.submission import submit
+    from workers import tasks
+
+    submit(sqlite_store, parse_spec(spec("split-in-turn", lrs=(0.01, 0.005, 0.002, 0.001, 0.0005), epochs=2)))
+    ids = sqlite_store.run_ids("split-in-turn")
+    chunks: list[list[int]] = []
+    published: list[tuple[list[list[int]], str]] = []
+
+    def execute_pack(store, run_ids, worker, **kwargs):
+        chunks.append(list(run_ids))
+        tasks.SHUTDOWN.set()  # Celery's warm shutdown arrives while this chunk trains
+        return [Outcome(run_ids[0], "completed", 2)] + [Outcome(i, "released", 1) for i in run_ids[1:]]
+
+    def refuse_the_split_then_publish(packs, queue, app=None, fit=False):
+        if not published and not chunks:  # the split, before any chunk trained: the broker refuses
+            raise ConnectionError("broker down")
+        published.append(([list(p) for p in packs], queue))
+        return sum(map(len, packs))
+
+    monkeypatch.setattr(tasks, "store", lambda: sqlite_store)
+    monkeypatch.setattr(tasks, "device", lambda: "cuda")
+    monkeypatch.setattr(kanfarm.packing, "auto_pack_size", lambda *args, **kwargs: 2)
+    monkeypatch.setattr(kanfarm.runner, "execute_pack", execute_pack)
+    monkeypatch.setattr(tasks, "publish_packs", refuse_the_split_then_publish)
+    try:
+        assert tasks.execute_pack_task.run(ids) == "done"
+    finally:
+        tasks.SHUTDOWN.clear()
+    assert chunks == [ids[:2]]  # no further chunk claimed once stopping
+    # the run released by the shutdown, then both chunks never started (ids[2:4] and ids[4:])
+    assert published == [([[ids[1], *ids[2:]]], "cpu")]
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_a_worker_whose_checkpoint_folder_goes_bad_hands_the_message_back_and_stops(sqlite_store, monkeypatch,
                                                                                   packed):
