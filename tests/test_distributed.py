@@ -452,6 +452,62 @@ def test_auto_packs_are_published_for_workers_to_fit(monkeypatch):
                     (tasks.PACK_TASK_NAME, [[5, 6]])]
 
 
+
+def _kanfarm(monkeypatch, database_url: str, *args: str) -> dict:
+    """``kanfarm ARGS --json`` in this process on ``database_url``, where a test fakes publishing."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    monkeypatch.setenv("KANFARM_DATABASE_URL", database_url)
+    monkeypatch.setenv("KANFARM_BROKER_URL", REDIS_URL)  # only pinged, or passed over when down
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_enqueue_takes_cancelled_runs_back(sqlite_url, sqlite_store, monkeypatch, tmp_path):
+    """``enqueue grid`` after ``cancel``: the cancelled runs go back to queued and are published
+    (the dry run counts them too), not left cancelled with the grid reported as enqueued."""
+    from kanfarm.grids import parse_spec
+    from kanfarm.submission import submit
+    from workers import tasks
+
+    data = spec("again", lrs=(0.01, 0.005), epochs=2)
+    submit(sqlite_store, parse_spec(data))
+    ids = sqlite_store.run_ids("again")
+    assert sqlite_store.cancel("again") == (2, 0)
+    published: list = []
+    monkeypatch.setattr(tasks, "publish_packs", lambda packs, queue, app=None, fit=False: published.append(
+        ([list(p) for p in packs], queue)) or sum(map(len, packs)))
+    path = spec_file(tmp_path, data)
+    assert _kanfarm(monkeypatch, sqlite_url, "enqueue", "grid", path, "--queue", "gpu", "--dry-run")["published"] == 2
+    out = _kanfarm(monkeypatch, sqlite_url, "enqueue", "grid", path, "--queue", "gpu")
+    assert (out["added"], out["skipped"], out["published"]) == (0, 2, 2)
+    assert published == [([[i] for i in ids], "gpu")]
+    assert [(sqlite_store.run(i).status, sqlite_store.run(i).queue) for i in ids] == [("queued", "gpu")] * 2
+
+
+def test_requeue_in_packs_publishes_to_each_queue_only_its_own_runs(sqlite_url, sqlite_store, monkeypatch):
+    """``requeue --pack-size 2`` with runs enqueued on gpu and on cpu: each queue gets packs of its
+    own runs only, not of every claimable run of the grid (a gpu run reaching a cpu worker, and a
+    duplicate message for each run)."""
+    from kanfarm.grids import parse_spec
+    from kanfarm.submission import submit
+    from workers import tasks
+
+    submit(sqlite_store, parse_spec(spec("two-queues", lrs=(0.01, 0.005, 0.002, 0.001), epochs=2)))
+    ids = sqlite_store.run_ids("two-queues")
+    sqlite_store.mark_queued(ids)
+    sqlite_store.assign_queue(ids[:2], "gpu")
+    sqlite_store.assign_queue(ids[2:], "cpu")
+    published: dict[str, list[list[int]]] = {}
+    monkeypatch.setattr(tasks, "publish_packs", lambda packs, queue, app=None, fit=False: published.setdefault(
+        queue, []).extend(list(p) for p in packs) or sum(map(len, packs)))
+    out = _kanfarm(monkeypatch, sqlite_url, "requeue", "--grid", "two-queues", "--pack-size", "2")
+    assert out["published_by_queue"] == {"gpu": 2, "cpu": 2}
+    assert published == {"gpu": [ids[:2]], "cpu": [ids[2:]]}
+
 # --- services -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
