@@ -87,12 +87,14 @@ def test_workers_split_the_cores_this_container_may_use(monkeypatch, tmp_path):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice wins
     assert {s.env["OMP_NUM_THREADS"] for s in plan(["0"], ("gpu",), host="h")} == {"3"}
     monkeypatch.undo()
+    # A 16-CPU affinity mask, whatever this host has: a quota of 2.5 CPUs is 3 (rounded up) on any host.
+    monkeypatch.setattr(local.os, "sched_getaffinity", lambda pid: set(range(16)))
     cpu_max = tmp_path / "cpu.max"
-    for text, want in (("250000 100000\n", 3), ("50000 100000", 1), ("max 100000", None), ("junk", None)):
+    for text, want in (("250000 100000\n", 3), ("50000 100000", 1), ("max 100000", 16), ("junk", 16),
+                       ("4000000 100000", 16)):  # a quota above the mask: the mask
         cpu_max.write_text(text)
-        mask = len(os.sched_getaffinity(0))
-        assert local.usable_cpus(cpu_max) == (mask if want is None else min(mask, want)), text
-    assert local.usable_cpus(tmp_path / "absent") == len(os.sched_getaffinity(0))
+        assert local.usable_cpus(cpu_max) == want, text
+    assert local.usable_cpus(tmp_path / "absent") == 16
 
 
 def test_pack_task_claims_no_further_chunk_after_warm_shutdown(sqlite_store, monkeypatch):
