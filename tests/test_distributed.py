@@ -454,7 +454,6 @@ def test_auto_packs_are_published_for_workers_to_fit(monkeypatch):
                     (tasks.PACK_TASK_NAME, [[5, 6]])]
 
 
-
 def _kanfarm(monkeypatch, database_url: str, *args: str) -> dict:
     """``kanfarm ARGS --json`` in this process on ``database_url``, where a test fakes publishing."""
     from typer.testing import CliRunner
@@ -509,6 +508,7 @@ def test_requeue_in_packs_publishes_to_each_queue_only_its_own_runs(sqlite_url, 
     out = _kanfarm(monkeypatch, sqlite_url, "requeue", "--grid", "two-queues", "--pack-size", "2")
     assert out["published_by_queue"] == {"gpu": 2, "cpu": 2}
     assert published == {"gpu": [ids[:2]], "cpu": [ids[2:]]}
+
 
 # --- services -----------------------------------------------------------------------------------
 
