@@ -44,9 +44,10 @@ STALL_FACTOR = 10.0
 LATE_S = 1.0
 #: bytes the checkpoint folder's check writes before a claim (``check_checkpoints_writable``)
 PROBE_BYTES = 64 * 1024
-#: errors of the machine's file systems, not of a run: a full disk or quota, a read-only or
-#: forbidden folder. The run is handed back and the worker stops (``environment_fault``).
-FILE_SYSTEM_FAULTS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM))
+#: errors of a whole file system, not of a run: a full disk or quota, a read-only mount. The run
+#: is handed back and the worker stops (``environment_fault``). A permission error stays the run's:
+#: it can be one run's folder, and every worker stopping on that run in turn would stop the farm.
+FILE_SYSTEM_FAULTS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EROFS))
 
 
 def checkpoint_root() -> Path:

@@ -1007,6 +1007,25 @@ def test_a_full_checkpoint_disk_hands_the_runs_back_instead_of_failing_them(sqli
     assert all([r["epoch"] for r in store.epoch_metrics(i)] == [0, 1, 2, 3] for i in ids)
 
 
+def test_a_permission_error_in_one_runs_folder_fails_that_run_not_the_worker(sqlite_store, tmp_path, monkeypatch):
+    """Unlike a full disk, a folder this worker may not write can be one run's (chmod on it):
+    stopping the worker and handing the run back would stop every worker that takes it in turn."""
+    import errno
+
+    from kanfarm.training.checkpoint import CheckpointManager
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    store = sqlite_store
+    (run_id,) = _grid(store, [RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=1)])
+
+    def forbidden(self, epoch, state):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self.directory / "epoch-000000.pt"))
+
+    monkeypatch.setattr(CheckpointManager, "save", forbidden)
+    assert execute_run(store, run_id, "w1").status == "failed"
+    assert "Permission denied" in store.run(run_id).error
+
+
 def test_a_full_disk_while_wiring_a_run_hands_it_back(sqlite_store, tmp_path, monkeypatch):
     """Its checkpoint folder could not be made (a full disk): the claimed run waited for its
     lease to expire."""
