@@ -439,18 +439,20 @@ class _ClaimedRun:
         self.store.finish(self.run.id, self.worker, "failed", error=error, last_epoch=self.reached)
         return Outcome(self.run.id, "failed")
 
-    def abandon(self) -> None:
+    def abandon(self, refund: bool = True) -> None:
         """After a database error: the run is not at fault, so hand it back to ``queued`` if the
-        database lets us (else its lease runs out); its rows and checkpoints stay for the resume."""
+        database lets us (else its lease runs out); its rows and checkpoints stay for the resume.
+        After a full disk its attempt counts (``refund=False``): a run whose own checkpoint fills
+        the disk every time then ends failed after ``KANFARM_MAX_ATTEMPTS`` workers stopped on it."""
         self.beat.stop()
-        _hand_back(self.store, self.run.id, self.worker)
+        _hand_back(self.store, self.run.id, self.worker, refund)
 
 
-def _hand_back(store: Store, run_id: int, worker: str) -> None:
-    """Release a claimed run to ``queued``, its attempt refunded; if the database refuses, its
-    lease runs out instead."""
+def _hand_back(store: Store, run_id: int, worker: str, refund: bool = True) -> None:
+    """Release a claimed run to ``queued``, its attempt refunded unless not ``refund``; if the
+    database refuses, its lease runs out instead."""
     try:
-        store.release(run_id, worker, refund=True)
+        store.release(run_id, worker, refund=refund)
     except Exception as exc:
         log.warning("run %s: could not be released (%s); its lease will expire", run_id, type(exc).__name__)
 
@@ -486,7 +488,7 @@ class _EpochRows:
 def environment_fault(exc: BaseException) -> ConfigError | None:
     """A file-system error of this machine (``FILE_SYSTEM_FAULTS``) as the ConfigError a worker
     stops on, naming the setting whose folder it hit; None for any other error. Not the run's
-    fault: it is handed back (attempt refunded), not failed, and finishes once the disk is fixed."""
+    fault: it is handed back, not failed, and finishes once the disk is fixed."""
     if not isinstance(exc, OSError) or exc.errno not in FILE_SYSTEM_FAULTS:
         return None
     where = Path(os.path.abspath(exc.filename)) if isinstance(exc.filename, str) else None
@@ -535,8 +537,9 @@ def execute_run(store: Store, run_id: int, worker: str, *, device: str = "cpu",
     try:
         attached = _ClaimedRun(store, store.run(run_id), worker, lease_s, shutdown, on_epoch, interval_s)
     except Exception as exc:  # (the database, the checkpoint folder) held, the run would wait for its lease
-        _hand_back(store, run_id, worker)
-        raise environment_fault(exc) or exc
+        fault = environment_fault(exc)
+        _hand_back(store, run_id, worker, refund=fault is None)
+        raise fault or exc
     config = attached.run.config
     try:
         result = train(config, _dataset(config), attached.sink, checkpoints=attached.checkpoints,
@@ -546,7 +549,7 @@ def execute_run(store: Store, run_id: int, worker: str, *, device: str = "cpu",
             attached.abandon()
             raise
         if (fault := environment_fault(exc)) is not None:
-            attached.abandon()
+            attached.abandon(refund=False)
             raise fault from exc
         if isinstance(exc, (DatasetUnavailable, DatasetFormatError)):  # the message says it all
             log.error("run %s failed: %s", run_id, exc)
@@ -588,11 +591,12 @@ def execute_pack(store: Store, run_ids: list[int], worker: str, *, device: str =
         for r in claimed:
             members.append(_ClaimedRun(store, r, worker, lease_s, shutdown, on_epoch, interval_s, progress))
     except Exception as exc:  # (a database error) the members wired so far would beat on, held for good,
-        for m in members:     # and the others would wait for their leases
-            m.abandon()
+        fault = environment_fault(exc)  # and the others would wait for their leases
+        for m in members:
+            m.abandon(refund=fault is None)
         for r in claimed[len(members):]:
-            _hand_back(store, r.id, worker)
-        raise environment_fault(exc) or exc
+            _hand_back(store, r.id, worker, refund=fault is None)
+        raise fault or exc
     rows = _EpochRows(store, worker)
     for m in members:
         m.rows = rows
@@ -622,7 +626,7 @@ def execute_pack(store: Store, run_ids: list[int], worker: str, *, device: str =
         fault = environment_fault(exc)
         if database_unavailable(exc) or fault is not None:
             for m in open_members:
-                m.abandon()
+                m.abandon(refund=fault is None)
             if fault is not None:
                 raise fault from exc
             raise

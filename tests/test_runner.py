@@ -977,8 +977,8 @@ def test_a_full_checkpoint_disk_hands_the_runs_back_instead_of_failing_them(sqli
                                                                              packed):
     """A full (or read-only) checkpoint folder is the machine's fault, not the runs': they were
     marked failed, each with a traceback, and the same command did not resume them. Now they
-    are handed back (attempt refunded), the worker stops on one ConfigError naming the folder,
-    and once there is room the runs finish."""
+    are handed back, the worker stops on one ConfigError naming the folder, and once there is
+    room the runs finish."""
     import errno
 
     from kanfarm.runner import execute_pack
@@ -999,8 +999,8 @@ def test_a_full_checkpoint_disk_hands_the_runs_back_instead_of_failing_them(sqli
     monkeypatch.setattr(CheckpointManager, "save", full_at_epoch_2)
     with pytest.raises(ConfigError, match="KANFARM_CHECKPOINT_DIR: .*No space left on device.*handed back"):
         execute_pack(store, ids, "w1") if packed else execute_run(store, ids[0], "w1")
-    for run_id in ids:
-        assert (store.run(run_id).status, store.run(run_id).attempts) == ("queued", 0)
+    for run_id in ids:  # the attempt counts: a run that fills the disk itself ends after max_attempts
+        assert (store.run(run_id).status, store.run(run_id).attempts) == ("queued", 1)
     monkeypatch.setattr(CheckpointManager, "save", save)  # room again
     outcomes = execute_pack(store, ids, "w1") if packed else [execute_run(store, ids[0], "w1")]
     assert {o.status for o in outcomes} == {"completed"}
@@ -1043,7 +1043,7 @@ def test_a_full_disk_while_wiring_a_run_hands_it_back(sqlite_store, tmp_path, mo
     monkeypatch.setattr(runner._ClaimedRun, "_say_where_checkpoints_went", no_room)
     with pytest.raises(ConfigError, match="KANFARM_CHECKPOINT_DIR"):
         execute_run(store, run_id, "w1")
-    assert (store.run(run_id).status, store.run(run_id).attempts) == ("queued", 0)
+    assert (store.run(run_id).status, store.run(run_id).attempts) == ("queued", 1)
 
 
 def test_the_checkpoint_check_writes_a_real_payload(tmp_path, monkeypatch):
