@@ -99,10 +99,14 @@ def write_higgs(folder: Path, n_rows=30, seed=0):
     labels = rng.integers(0, 2, size=n_rows)
     features = rng.normal(size=(n_rows, 28)) * 5 + 2
     features[3, 0] = 1e6  # an outlier that must be clipped into the range
+    write_higgs_rows(folder, labels, features)
+    return labels, features
+
+
+def write_higgs_rows(folder: Path, labels, features):
     with gzip.open(folder / "HIGGS.csv.gz", "wt") as f:
         for label, row in zip(labels, features):
             f.write(",".join(f"{v:.18e}" for v in [float(label), *row]) + "\n")
-    return labels, features
 
 
 def check_tensors(ds, n_train, n_test, n_features, n_classes):
@@ -426,6 +430,20 @@ def test_higgs_reads_split_rows_and_squashes_with_train_statistics(tmp_path):
     assert ds.x_train[3, 0].item() == 1.0  # the outlier is clipped to the grid end
 
 
+def test_higgs_feature_constant_over_the_training_rows_is_zero_not_nan(tmp_path):
+    """A feature with standard deviation 0 over the training rows divides by 1, not 0: training
+    rows sit at 0 and test rows keep their offset from the training value (clipped), not NaN."""
+    labels, features = write_higgs(tmp_path / "higgs", n_rows=30)
+    features[:20, 5] = 7.0
+    features[20:, 5] = [7.0, 7.6, 6.7, 8.5, 100.0, -50.0, 7.0, 7.3, 0.0, 0.0]
+    write_higgs_rows(tmp_path / "higgs", labels, features)
+    ds = load_dataset("higgs", data_dir=tmp_path, n_train=20, n_test=8, download=False)
+    assert (ds.x_train[:, 5] == 0).all()
+    expected = np.clip(features[20:28, 5] - 7.0, -3, 3) / 3
+    assert np.allclose(ds.x_test[:, 5].numpy(), expected, atol=1e-6)
+    assert torch.isfinite(ds.x_train).all() and torch.isfinite(ds.x_test).all()
+
+
 def test_higgs_split_sizes_are_part_of_cache_key(tmp_path):
     write_higgs(tmp_path / "higgs", n_rows=30)
     a = load_dataset("higgs", data_dir=tmp_path, n_train=10, n_test=5, download=False)
@@ -699,10 +717,12 @@ def _higgs_lines(n_rows=8):
     return [",".join(["1.0"] + [f"{0.1 * j + i:.3f}" for j in range(28)]) + "\n" for i in range(n_rows)]
 
 
-@pytest.mark.parametrize("damage", ["deflate", "utf8", "nan", "inf", "blank", "comment", "long", "huge", "wide"])
+@pytest.mark.parametrize("damage", ["deflate", "utf8", "nan", "inf", "blank", "comment", "long", "huge", "wide",
+                                    "label 2.0", "label -1.0", "label 0.5"])
 def test_higgs_damaged_file_is_a_format_error_naming_it(tmp_path, damage):
     """A blank or "#" line was skipped by loadtxt (the test split came out a row short); a line
-    without end was read whole (1 GiB of one digit gzips to 1 MB); 1e200 made its column 0."""
+    without end was read whole (1 GiB of one digit gzips to 1 MB); 1e200 made its column 0; a
+    label other than 0 or 1 (0.5 truncates to class 0) is refused at load, naming the file."""
     path = tmp_path / "higgs" / "HIGGS.csv.gz"
     path.parent.mkdir()
     lines = _higgs_lines()
@@ -719,6 +739,9 @@ def test_higgs_damaged_file_is_a_format_error_naming_it(tmp_path, damage):
     elif damage == "wide":  # 100,000 rows of 2,048 columns gzip to 2 MB and were all parsed (2.5 GB)
         lines[4] = ",".join(["1.0"] + ["0"] * 39) + "\n"
         path.write_bytes(gzip.compress("".join(lines).encode()))
+    elif damage.startswith("label "):
+        lines[5] = ",".join([damage.split()[1]] + lines[5].split(",")[1:])  # a test row
+        path.write_bytes(gzip.compress("".join(lines).encode()))
     elif damage == "huge":
         lines[1] = ",".join(["1.0", "1e200"] + lines[1].split(",")[2:])  # a training row, feature 1
         path.write_bytes(gzip.compress("".join(lines).encode()))
@@ -733,6 +756,8 @@ def test_higgs_damaged_file_is_a_format_error_naming_it(tmp_path, damage):
         assert "row 5" in str(err.value)
     if damage == "huge":
         assert "feature 1 has values too large" in str(err.value)
+    if damage.startswith("label "):
+        assert "labels must be 0 or 1" in str(err.value)
 
 
 def test_idx_with_damaged_deflate_stream_is_a_format_error(tmp_path):

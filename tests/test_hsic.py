@@ -311,34 +311,53 @@ def test_patience_counts_from_the_format_stage(digits):
 STAGED_TEST_ACC = [0.5, 0.1, 0.1, 0.1, 0.1, 0.1, 0.2, 0.25, 0.22, 0.3]
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_patience_waits_on_the_best_accuracy_of_the_format_stage(digits, monkeypatch, packed):
-    """Patience 1 stops at epoch 8 (no gain on epoch 7's 0.25), not at 6 against epoch 0's 0.5."""
+def _staged_run(config, digits, monkeypatch, packed, accs):
+    """Train ``config`` alone or as the first of a pack of two, every evaluation of epoch e
+    returning ``accs[e]``; the result and records of ``config``."""
     from kanfarm.packing import Member, train_pack
     from kanfarm.packing import trainer as pack_trainer
     from kanfarm.training import loop, train
 
-    config = _config("mlp", max_epochs=9, hsic_format_epochs=4, patience=1)
     records = []
     if packed:
         calls = []
 
         def evaluate(net, x, y, chunk=8192):  # train then test, once per epoch
             calls.append(1)
-            acc = torch.full((net.size,), STAGED_TEST_ACC[(len(calls) - 1) // 2])
+            acc = torch.full((net.size,), accs[(len(calls) - 1) // 2])
             return 1.0 - acc, acc
         monkeypatch.setattr(pack_trainer, "_evaluate", evaluate)
         configs = [config, dataclasses.replace(config, lr=config.lr / 2)]
         results = train_pack([Member(c, records.append if i == 0 else (lambda r: None))
                               for i, c in enumerate(configs)], digits)
-        result = results[0]
-        assert [r.epochs_run for r in results] == [8, 8]
-    else:
-        monkeypatch.setattr(loop, "evaluate", lambda model, x, y, chunk=8192: (
-            1.0 - STAGED_TEST_ACC[len(records)], STAGED_TEST_ACC[len(records)]))
-        result = train(config, digits, records.append)
+        assert results[0].epochs_run == results[1].epochs_run
+        return results[0], records
+    monkeypatch.setattr(loop, "evaluate", lambda model, x, y, chunk=8192: (
+        1.0 - accs[len(records)], accs[len(records)]))
+    return train(config, digits, records.append), records
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_patience_waits_on_the_best_accuracy_of_the_format_stage(digits, monkeypatch, packed):
+    """Patience 1 stops at epoch 8 (no gain on epoch 7's 0.25), not at 6 against epoch 0's 0.5."""
+    config = _config("mlp", max_epochs=9, hsic_format_epochs=4, patience=1)
+    result, records = _staged_run(config, digits, monkeypatch, packed, STAGED_TEST_ACC)
     assert (result.status, result.epochs_run) == ("completed", 8)
     assert [r.test_acc for r in records] == pytest.approx(STAGED_TEST_ACC[:9])
+
+
+#: as STAGED_TEST_ACC, but the last HSIC epoch (5) beats the format stage's first (6)
+STAGED_DIP_ACC = [0.5, 0.1, 0.1, 0.1, 0.1, 0.3, 0.2, 0.25, 0.22, 0.3]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_best_accuracy_restarts_at_the_first_epoch_of_the_format_stage(digits, monkeypatch, packed):
+    """The best restarts at epoch 6, the stage's first: restarted at 5 (the last HSIC epoch, its
+    0.3 from an untrained output layer), patience 1 would stop at 6 instead of 8."""
+    config = _config("mlp", max_epochs=9, hsic_format_epochs=4, patience=1)
+    result, records = _staged_run(config, digits, monkeypatch, packed, STAGED_DIP_ACC)
+    assert (result.status, result.epochs_run) == ("completed", 8)
+    assert [r.test_acc for r in records] == pytest.approx(STAGED_DIP_ACC[:9])
 
 
 def test_extra_is_measured_on_rows_of_every_class_when_the_loader_orders_rows_by_label(digits):

@@ -265,6 +265,28 @@ def test_a_bad_record_fails_its_member_alone(digits, monkeypatch):
     assert [len(r) for r in records] == [1 if i == bad else 3 for i in range(3)]
 
 
+def test_packed_patience_waits_on_test_accuracy_not_train_accuracy(digits, monkeypatch, tmp_path):
+    """A member's best epoch is its best *test* accuracy's, as in a solo run: with train accuracy
+    rising every epoch, a best tracked on it would never let patience stop the member."""
+    from kanfarm.packing import trainer
+
+    test_acc = [0.1, 0.5, 0.5, 0.4, 0.4, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9]
+    calls = []
+
+    def evaluate(net, x, y, chunk=8192):  # the train subset, then the test set, once per epoch
+        calls.append(1)
+        epoch = (len(calls) - 1) // 2
+        acc = torch.full((net.size,), 0.05 * (epoch + 1) if len(calls) % 2 else test_acc[epoch])
+        return 1.0 - acc, acc
+    monkeypatch.setattr(trainer, "_evaluate", evaluate)
+    configs = [dataclasses.replace(c, max_epochs=10, patience=2) for c in members("mlp")[:2]]
+    ckpts = [CheckpointManager(tmp_path / f"m{i}", c.config_hash()) for i, c in enumerate(configs)]
+    results, records = packed(configs, digits, ckpts)
+    assert [(r.status, r.epochs_run) for r in results] == [("completed", 3)] * 2
+    assert [r.train_acc for r in records[0]] == pytest.approx([0.05, 0.1, 0.15, 0.2])
+    assert [c.load_latest()[1]["progress"] for c in ckpts] == [{"best_acc": 0.5, "best_epoch": 1}] * 2
+
+
 def test_planner_groups_runs_that_share_shapes_and_data_order():
     base = RunConfig(dataset="digits", model="kan", depth="shallow", max_epochs=3)
     runs = [

@@ -397,6 +397,19 @@ def test_batch_norm_run_skips_a_last_batch_of_one_row(digits):
     assert err.value.field == "batch_size"
 
 
+@pytest.mark.parametrize("n,min_rows,rows", [(10, 1, 10), (11, 2, 11), (10, 2, 9)])
+def test_shuffled_batches_keep_a_last_batch_of_exactly_min_rows(n, min_rows, rows):
+    """Only a last batch *shorter* than ``min_rows`` is left out: one of exactly 1 row (2 with
+    batch norm) trains, or its rows would silently never be seen."""
+    from kanfarm.training.loop import shuffled_batches
+
+    x, y = torch.arange(n, dtype=torch.float32)[:, None], torch.arange(n)
+    batches = list(shuffled_batches(x, y, 3, torch.Generator().manual_seed(0), min_rows=min_rows))
+    assert [b[0].shape[0] for b in batches] == [3] * (n // 3) + ([n % 3] if n % 3 >= min_rows else [])
+    seen = torch.cat([b[1] for b in batches])
+    assert seen.shape[0] == rows and seen.unique().shape[0] == rows  # each row once
+
+
 SCRIPTED_TEST_ACC = [0.1, 0.5, 0.5, 0.4, 0.4, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9]
 
 
@@ -441,6 +454,62 @@ def test_a_resumed_run_stops_by_patience_where_the_straight_run_did(digits, tmp_
     assert (second.status, second.epochs_run) == ("completed", 3)
     strip = lambda rows: [dataclasses.replace(r, seconds=0.0) for r in rows]
     assert strip(records) == strip(full)
+
+
+def test_patience_waits_on_test_accuracy_not_train_accuracy(digits, tmp_path, monkeypatch):
+    """The best epoch is the best *test* accuracy's: with train accuracy rising every epoch, a
+    best tracked on train accuracy would never let patience stop the run."""
+    from kanfarm.training import loop
+
+    config = RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=10,
+                       patience=2)
+    calls = []
+
+    def evaluate(model, x, y, chunk=8192):  # the train subset, then the test set, once per epoch
+        calls.append(1)
+        epoch = (len(calls) - 1) // 2
+        acc = 0.05 * (epoch + 1) if len(calls) % 2 else SCRIPTED_TEST_ACC[epoch]
+        return 1.0 - acc, acc
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    records = []
+    ckpt = CheckpointManager(tmp_path, config.config_hash())
+    result = train(config, digits, records.append, checkpoints=ckpt)
+    assert (result.status, result.epochs_run) == ("completed", 3)
+    assert [r.train_acc for r in records] == pytest.approx([0.05, 0.1, 0.15, 0.2])
+    assert ckpt.load_latest()[1]["progress"] == {"best_acc": 0.5, "best_epoch": 1}
+
+
+@pytest.mark.parametrize("spacing", [{"every": 5}, {"min_interval_s": 3600}])
+def test_a_run_stopped_by_patience_checkpoints_its_last_epoch(digits, tmp_path, monkeypatch, spacing):
+    """A patience stop is the run's final epoch: it is saved even when ``every`` or
+    ``min_interval_s`` would skip it, or a resume would train epochs again that the store has."""
+    config = RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=10,
+                       patience=2)
+    records = []
+    scripted_evaluate(monkeypatch, records)
+    ckpt = CheckpointManager(tmp_path, config.config_hash(), **spacing)
+    result = train(config, digits, records.append, checkpoints=ckpt)
+    assert (result.status, result.epochs_run) == ("completed", 3)
+    assert [e for e, _ in ckpt.paths()] == [3, 0]
+
+
+def test_a_non_finite_training_loss_is_divergence_even_where_evaluation_is_finite(digits):
+    """An epoch whose summed training loss is NaN ends the run as diverged at that epoch (as a
+    pack does for its member), although the weights still evaluate to finite numbers."""
+    from kanfarm.training.backprop import Backprop
+    from kanfarm.training.loop import fit
+
+    class NaNLossAtEpoch2(Backprop):
+        def train_epoch(self, model, optimizers, batches, epoch, config):
+            total = super().train_epoch(model, optimizers, batches, epoch, config)
+            return torch.full_like(total, float("nan")) if epoch == 2 else total
+
+    config = RunConfig(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=4)
+    records = []
+    result = fit(config, digits, records.append, NaNLossAtEpoch2())
+    assert (result.status, result.epochs_run) == ("diverged", 2)
+    assert [(r.epoch, r.diverged) for r in records] == [(0, False), (1, False), (2, True)]
+    assert records[-1].test_acc is None
 
 
 CODE_RAN = []
