@@ -190,3 +190,40 @@ def test_runs_and_packs_warm_up_before_their_first_epoch(monkeypatch):
     train(hsic, digits, records.append)
     train_pack([Member(dataclasses.replace(hsic, lr=lr), records.append) for lr in (0.01, 0.02)], digits)
     assert [c[2] for c in calls[2:]] == [False, False]  # HSIC detaches every layer's input
+
+
+def test_a_run_compiles_only_when_its_spline_work_repays_the_compile(fresh, monkeypatch):
+    """A small run (or small pack) paid a 5-25 s compile to save under a second: it now trains
+    eager from the start. The work is the run's whole, fixed by its settings (a resumed run takes
+    the path it took before); a paper-sized MNIST run still compiles."""
+    import dataclasses
+
+    from kanfarm.config import RunConfig
+    from kanfarm.data import load_dataset
+    from kanfarm.packing import Member, train_pack
+    from kanfarm.training import train
+
+    mnist = RunConfig(dataset="mnist", model="kan", depth="shallow", batch_size=4096, max_epochs=100).normalised()
+    rows = 60_000 + 60_000 + 10_000  # trained, then evaluated: the training rows and the test rows
+    assert cs.run_elements(mnist, 784, 10, rows) == 100 * rows * (784 + 32) * 8 >= cs.WORTH_ELEMENTS
+    assert cs.run_elements(mnist, 784, 10, rows, members=9) == 100 * rows * (784 + 9 * 32) * 8
+    assert cs.run_elements(dataclasses.replace(mnist, model="mlp"), 784, 10, rows) == 0
+    x = torch.zeros(4, 3)
+    assert cs.applies(x, 8)  # outside a run: as the layer is used directly
+    with cs.for_run(cs.WORTH_ELEMENTS - 1):
+        assert not cs.applies(x, 8)
+        with cs.for_run(cs.WORTH_ELEMENTS):
+            assert cs.applies(x, 8)
+        assert not cs.applies(x, 8)
+    assert cs.applies(x, 8)
+
+    digits = load_dataset("digits")
+    compiled = []
+    monkeypatch.setattr(cs, "compiled_bases", lambda *a, **k: compiled.append(a[3:]) or uniform_basis(*a, **k))
+    config = RunConfig(dataset="digits", model="kan", depth="shallow", batch_size=256, max_epochs=1)
+    train(config, digits, lambda record: None)
+    train_pack([Member(dataclasses.replace(config, lr=lr), lambda record: None) for lr in (0.01, 0.02)], digits)
+    assert compiled == []
+    monkeypatch.setattr(cs, "WORTH_ELEMENTS", 0)
+    train(config, digits, lambda record: None)
+    assert compiled  # the same run, were it worth it

@@ -9,7 +9,8 @@ Costs, hence the conditions: a C++ compiler, and a compile per (G + k, k, slopes
 process (``warm_up`` does it before a run's first timed epoch), up to ~25 s on a fresh machine (4-6 s once Inductor's on-disk cache holds it). It pays
 back over a run (a shallow MNIST KAN's epoch at batch 4096 went from 2.41 to 1.79 s: ~60 s saved
 over 100 epochs) but not over a few small steps, so it is used only for blocks of at least
-``MIN_ELEMENTS``, and ``KANFARM_CPU_COMPILE=0`` turns it off. Any failure to compile (no compiler, an
+``MIN_ELEMENTS``, in runs whose whole work reaches ``WORTH_ELEMENTS`` (``for_run``), and
+``KANFARM_CPU_COMPILE=0`` turns it off. Any failure to compile (no compiler, an
 unsupported platform) turns it off for the process with one warning: the eager path computes the
 same values (within float32 rounding, ~2e-7).
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -28,10 +29,16 @@ log = logging.getLogger(__name__)
 
 #: smallest ``batch * (G + k) * in`` compiled (4 MiB of float32: batch >= 168 at 784 inputs, G + k = 8)
 MIN_ELEMENTS = 1 << 20
+#: the least spline work (basis elements over all its epochs, ``run_elements``) for which a run
+#: compiles: the compile takes 5-25 s per process, and the compiled loop saves about 1.5 ns per
+#: element on 2 cores (a shallow MNIST KAN epoch at batch 4096, ~4e8 elements: 2.41 -> 1.79 s), so
+#: this much work repays about 12 s. Small runs and small packs train eager from the start.
+WORTH_ELEMENTS = 8e9
 
 _compiled: dict[tuple[int, int, bool], Callable] = {}
 _lock = threading.Lock()
 _failed = False
+_run = threading.local()  # ``worth``: set by ``for_run`` around a run's training, on its thread
 
 
 def cpu_compile_wanted() -> bool:
@@ -46,7 +53,33 @@ def applies(x: torch.Tensor, n_bases: int) -> bool:
 
 def _applies(device: torch.device, dtype: torch.dtype, elements: int) -> bool:
     return (not _failed and device.type == "cpu" and dtype == torch.float32 and elements >= MIN_ELEMENTS
-            and cpu_compile_wanted())
+            and getattr(_run, "worth", True) and cpu_compile_wanted())
+
+
+def run_elements(config, n_features: int, n_classes: int, rows_per_epoch: int, members: int = 1) -> float:
+    """Basis elements a KAN run (or a pack of ``members``, whose first layer computes its shared
+    input's bases once) computes over all its epochs: ``rows_per_epoch`` (trained and evaluated)
+    times each layer's inputs times G + k. Fixed by the run's settings, not by where it resumes,
+    so a resumed run takes the path it took before (the two differ within float32 rounding)."""
+    from kanfarm.models.widths import model_widths
+
+    if config.model != "kan":
+        return 0.0
+    widths = model_widths(config, n_features, n_classes)[:-1]
+    inputs = widths[0] + members * sum(widths[1:])
+    return float(config.max_epochs) * rows_per_epoch * inputs * (config.grid_size + config.spline_order)
+
+
+@contextlib.contextmanager
+def for_run(elements: float) -> Iterator[None]:
+    """Within it (a run's training, on this thread), large blocks take the compiled path only if
+    the run's ``elements`` reach ``WORTH_ELEMENTS``: a compile (seconds) must pay for itself."""
+    before = getattr(_run, "worth", True)
+    _run.worth = elements >= WORTH_ELEMENTS
+    try:
+        yield
+    finally:
+        _run.worth = before
 
 
 def _bases_and_slopes(x: torch.Tensor, t0: torch.Tensor, inv_h: torch.Tensor, n_bases: int,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from kanfarm.config import RunConfig
 from kanfarm.data.dataset import Dataset
 from kanfarm.models import build_model, count_params
-from kanfarm.models.compiled_spline import warm_up
+from kanfarm.models.compiled_spline import for_run, run_elements, warm_up
 from kanfarm.packing.optim import _ORDER, StackedOptimizer, batches_per_epoch
 from kanfarm.packing.planner import pack_key, packable
 from kanfarm.packing.stacked import StackedNet, stream_key
@@ -30,7 +30,7 @@ from kanfarm.training import rng
 from kanfarm.training.checkpoint import CheckpointManager
 from kanfarm.training.hsic import HSICSettings, extra_rows, hsic_terms, layer_nhsic, phase
 from kanfarm.training.loop import (EVAL_CHUNK, _train_eval_subset, best_restarts, largest_block_rows,
-                                   patience_exhausted, shuffled_batches)
+                                   patience_exhausted, rows_per_epoch, shuffled_batches)
 from kanfarm.training.precision import matmul_precision
 from kanfarm.training.records import EpochRecord, RunResult, ShouldStop, Sink
 
@@ -120,10 +120,13 @@ def _train_pack(members: list[Member], configs: list[RunConfig], data: Dataset,
     data = data.to(device)
     for (start, _), same in sorted(by_start.items(), key=lambda item: item[0]):
         group = sorted(same, key=lambda s: (_ORDER.index(s.config.optimizer), s.config.activation, s.index))
-        for slot, result in _train_group(group, data, device, start):
-            results[slot.index] = result
-            if slot.member.on_end is not None and result.status != "failed":
-                slot.member.on_end(result)
+        config = group[0].config
+        rows = rows_per_epoch(config, data)
+        with for_run(run_elements(config, data.n_features, data.n_classes, rows, members=len(group))):
+            for slot, result in _train_group(group, data, device, start):
+                results[slot.index] = result
+                if slot.member.on_end is not None and result.status != "failed":
+                    slot.member.on_end(result)
     return results  # type: ignore[return-value]
 
 

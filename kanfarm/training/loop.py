@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from kanfarm.config import RunConfig
 from kanfarm.data.dataset import Dataset
 from kanfarm.models import build_model, count_params
+from kanfarm.models import compiled_spline
 from kanfarm.models.compiled_spline import warm_up
 from kanfarm.training import rng
 from kanfarm.training.checkpoint import CheckpointManager
@@ -75,6 +76,13 @@ def largest_block_rows(config: RunConfig, data: Dataset, x_eval: torch.Tensor) -
                min(EVAL_CHUNK, max(x_eval.shape[0], data.x_test.shape[0])))
 
 
+def rows_per_epoch(config: RunConfig, data: Dataset) -> int:
+    """Rows an epoch passes through the model: the training rows, then evaluation of the training
+    subset (``train_eval_size``) and of the test rows."""
+    n_train = data.x_train.shape[0]
+    return n_train + min(config.train_eval_size or n_train, n_train) + data.x_test.shape[0]
+
+
 def _train_eval_subset(data: Dataset, size: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     if size is None or size >= data.x_train.shape[0]:
         return data.x_train, data.y_train
@@ -118,7 +126,8 @@ def fit(config: RunConfig, data: Dataset, sink: Sink, method: Method, *,
     trained again and emit identical records. Products run at ``config.matmul_precision``.
     """
     config = config.normalised()
-    with matmul_precision(config.matmul_precision):
+    elements = compiled_spline.run_elements(config, data.n_features, data.n_classes, rows_per_epoch(config, data))
+    with matmul_precision(config.matmul_precision), compiled_spline.for_run(elements):
         return _fit(config, data, sink, method, checkpoints, device, should_stop)
 
 
