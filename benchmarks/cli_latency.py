@@ -21,17 +21,18 @@ import time
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 COMMANDS = (["--help"], ["status"], ["grid", "list"], ["grid", "show", "demo"], ["report", "summary", "--grid", "demo"],
             ["report", "efficiency"], ["export", "--format", "csv"])
-#: runs the CLI, then says on stderr whether torch was imported
-PROBE = ("import sys\nfrom cli.main import app\ntry:\n    app(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
-         "sys.stderr.write('TORCH=%s\\n' % ('torch' in sys.modules))\n")
+#: runs the CLI, then says on stderr whether torch was imported, and exits as the CLI did
+PROBE = ("import sys\nfrom cli.main import app\ncode = 0\ntry:\n    app(sys.argv[1:])\n"
+         "except SystemExit as stop:\n    code = stop.code or 0\n"
+         "sys.stderr.write('TORCH=%s\\n' % ('torch' in sys.modules))\nsys.exit(code)\n")
 
 
 def kanfarm(args: list[str], env: dict[str, str]) -> tuple[float, bool]:
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", PROBE, *args], env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    if "TORCH=" not in done.stderr:
-        sys.exit(f"kanfarm {' '.join(args)} failed:\n{done.stderr[-2000:]}")
+    if done.returncode != 0 or "TORCH=" not in done.stderr:  # a failing command's time says nothing
+        sys.exit(f"kanfarm {' '.join(args)} failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
     return seconds, "TORCH=True" in done.stderr
 
 

@@ -101,6 +101,8 @@ def handles_errors(func: Callable) -> Callable:
             # a full disk or a closed pipe under the output (``> file``, ``| head``): one line, not
             # Rich's traceback; stdout itself may be what cannot be written, so nothing more goes there
             _stdout_gone()
+            if exc.errno == errno.EPIPE:  # the reader has what it wanted: nothing to say
+                raise typer.Exit(1)
             fail(f"{exc.filename or 'standard output'} cannot be written ({exc.strerror})", code=1)
 
     return wrapper

@@ -398,15 +398,8 @@ def export(grid: Optional[str] = GridOpt,
             text_out.writelines(json_array_chunks(rows()))
             text_out.write("\n")
 
-    if out is None:
-        try:
-            write(sys.stdout)
-            sys.stdout.flush()
-        except BrokenPipeError:  # `| head`: the reader has what it wanted; no traceback at exit either
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise typer.Exit(1)
-        except OSError as exc:  # a full disk behind a redirect
-            fail(f"cannot write to stdout: {exc.strerror or exc}", code=1)
+    if out is None:  # a full disk or a closed pipe behind it: handles_errors says so
+        write(sys.stdout)
         return
     try:
         with atomic_writer(out) as raw:

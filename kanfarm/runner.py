@@ -268,10 +268,10 @@ class _Heartbeat(threading.Thread):
 
     def _give_up(self, waited: float) -> None:
         self.lost.set()
-        log.error("run %s: no epoch written for %.0f s (more than KANFARM_STALL_SECONDS=%g and %gx its longest gap "
-                  "between epochs): taken for hung, its lease ended so that another worker takes it; this process "
-                  "stops the run if it wakes up, but cannot interrupt a hung call: restart it", self.run_id, waited,
-                  self.progress.stall_s, STALL_FACTOR)
+        log.error("run %s: no epoch written for %.0f s (past KANFARM_STALL_SECONDS=%g and %gx its longest gap "
+                  "between epochs, or that limit before a gap is known): taken for hung, its lease ended so that "
+                  "another worker takes it; this process stops the run if it wakes up, but cannot interrupt a hung "
+                  "call: restart it", self.run_id, waited, self.progress.stall_s, STALL_FACTOR)
         try:
             self.store.expire_lease(self.run_id, self.worker)
         except Exception as exc:  # no beat follows: the lease runs out by itself
@@ -439,22 +439,35 @@ class _ClaimedRun:
         self.store.finish(self.run.id, self.worker, "failed", error=error, last_epoch=self.reached)
         return Outcome(self.run.id, "failed")
 
-    def abandon(self, refund: bool = True) -> None:
+    def abandon(self, refund: bool = True, error: str | None = None) -> None:
         """After a database error: the run is not at fault, so hand it back to ``queued`` if the
         database lets us (else its lease runs out); its rows and checkpoints stay for the resume.
-        After a full disk its attempt counts (``refund=False``): a run whose own checkpoint fills
-        the disk every time then ends failed after ``KANFARM_MAX_ATTEMPTS`` workers stopped on it."""
+        After a full disk its attempt counts (``refund=False``; ``error`` says why): a run whose
+        own checkpoint fills the disk every time then ends failed after ``KANFARM_MAX_ATTEMPTS``."""
         self.beat.stop()
-        _hand_back(self.store, self.run.id, self.worker, refund)
+        _release_claim(self.store, self.run.id, self.worker, refund, error)
 
 
-def _hand_back(store: Store, run_id: int, worker: str, refund: bool = True) -> None:
+def _release_claim(store: Store, run_id: int, worker: str, refund: bool = True, error: str | None = None) -> None:
     """Release a claimed run to ``queued``, its attempt refunded unless not ``refund``; if the
     database refuses, its lease runs out instead."""
     try:
-        store.release(run_id, worker, refund=refund)
+        store.release(run_id, worker, error=error, refund=refund)
     except Exception as exc:
         log.warning("run %s: could not be released (%s); its lease will expire", run_id, type(exc).__name__)
+
+
+def _unwired(store: Store, run_id: int, worker: str, exc: Exception) -> Outcome:
+    """A claimed run whose wiring (``_ClaimedRun``) failed: handed back after a database error
+    (attempt refunded) or a full disk (attempt kept), both re-raised; failed after an error of
+    its own (its checkpoint folder unreadable, say), as a training error would fail it."""
+    fault = environment_fault(exc)
+    if _store_gone(exc) or fault is not None:
+        _release_claim(store, run_id, worker, refund=fault is None, error=str(fault) if fault else None)
+        raise fault or exc
+    log.exception("run %s failed before training", run_id)
+    store.finish(run_id, worker, "failed", error=_error_text(exc))
+    return Outcome(run_id, "failed")
 
 
 class _EpochRows:
@@ -485,17 +498,30 @@ class _EpochRows:
             self.done.update({run_id: (record, run_id in lost, run_id in cancelled) for run_id, record in pending})
 
 
+def _store_gone(exc: BaseException) -> bool:
+    """The store cannot take what the run would record: unavailable (``database_unavailable``:
+    the run is handed back, and a work loop retries), or its SQLite file deleted or replaced
+    (nothing is retried: the command ends)."""
+    return database_unavailable(exc) or isinstance(exc, DatabaseFileReplaced)
+
+
 def environment_fault(exc: BaseException) -> ConfigError | None:
-    """A file-system error of this machine (``FILE_SYSTEM_FAULTS``) as the ConfigError a worker
-    stops on, naming the setting whose folder it hit; None for any other error. Not the run's
-    fault: it is handed back, not failed, and finishes once the disk is fixed."""
-    if not isinstance(exc, OSError) or exc.errno not in FILE_SYSTEM_FAULTS:
+    """A file-system error of this machine (``FILE_SYSTEM_FAULTS``), raised or the cause of what
+    was raised (a download wraps it in DatasetUnavailable), as the ConfigError a worker stops on,
+    naming the setting whose folder it hit (the innermost, where one holds the other); None for
+    any other error. Not the run's fault: it is handed back, not failed, and finishes once the
+    disk is fixed."""
+    while exc is not None and not (isinstance(exc, OSError) and exc.errno in FILE_SYSTEM_FAULTS):
+        exc = exc.__cause__
+    if exc is None:
         return None
+    assert isinstance(exc, OSError)
     where = Path(os.path.abspath(exc.filename)) if isinstance(exc.filename, str) else None
-    name = "file system"
+    name, deepest = "file system", -1
     for setting, root in (("KANFARM_CHECKPOINT_DIR", checkpoint_root()), ("KANFARM_DATA_DIR", data_dir())):
-        if where is not None and where.is_relative_to(Path(os.path.abspath(root))):
-            name = setting
+        root = Path(os.path.abspath(root))
+        if where is not None and where.is_relative_to(root) and len(root.parts) > deepest:
+            name, deepest = setting, len(root.parts)
     what = repr(exc.filename) if where is not None else "a file"
     return ConfigError(name, f"{what} cannot be written ({exc.strerror or type(exc).__name__}); "
                              "the run was handed back and resumes once that is fixed")
@@ -536,20 +562,18 @@ def execute_run(store: Store, run_id: int, worker: str, *, device: str = "cpu",
         return Outcome(run_id, "not-claimed")
     try:
         attached = _ClaimedRun(store, store.run(run_id), worker, lease_s, shutdown, on_epoch, interval_s)
-    except Exception as exc:  # (the database, the checkpoint folder) held, the run would wait for its lease
-        fault = environment_fault(exc)
-        _hand_back(store, run_id, worker, refund=fault is None)
-        raise fault or exc
+    except Exception as exc:  # held, the run would wait for its lease
+        return _unwired(store, run_id, worker, exc)
     config = attached.run.config
     try:
         result = train(config, _dataset(config), attached.sink, checkpoints=attached.checkpoints,
                        device=device, should_stop=attached.should_stop)
     except Exception as exc:
-        if database_unavailable(exc):
+        if _store_gone(exc):
             attached.abandon()
             raise
         if (fault := environment_fault(exc)) is not None:
-            attached.abandon(refund=False)
+            attached.abandon(refund=False, error=str(fault))
             raise fault from exc
         if isinstance(exc, (DatasetUnavailable, DatasetFormatError)):  # the message says it all
             log.error("run %s failed: %s", run_id, exc)
@@ -565,7 +589,7 @@ def _settled(attached: _ClaimedRun, settle: Callable[[], Outcome]) -> Outcome:
     try:
         return settle()
     except Exception as exc:
-        if database_unavailable(exc):
+        if _store_gone(exc):
             attached.abandon()
         raise
 
@@ -587,16 +611,21 @@ def execute_pack(store: Store, run_ids: list[int], worker: str, *, device: str =
                                        shutdown=shutdown, on_epoch=on_epoch) for r in claimed]
     progress = _Progress(stall_seconds())
     members: list[_ClaimedRun] = []
-    try:
-        for r in claimed:
+    for i, r in enumerate(claimed):
+        try:
             members.append(_ClaimedRun(store, r, worker, lease_s, shutdown, on_epoch, interval_s, progress))
-    except Exception as exc:  # (a database error) the members wired so far would beat on, held for good,
-        fault = environment_fault(exc)  # and the others would wait for their leases
-        for m in members:
-            m.abandon(refund=fault is None)
-        for r in claimed[len(members):]:
-            _hand_back(store, r.id, worker, refund=fault is None)
-        raise fault or exc
+        except Exception as exc:
+            if not (_store_gone(exc) or environment_fault(exc)):
+                outcomes.append(_unwired(store, r.id, worker, exc))  # its own error: it fails alone
+                continue
+            # the members wired so far would beat on, held for good, and the others would wait
+            # for their leases: all go back
+            fault = environment_fault(exc)
+            for m in members:
+                m.abandon(refund=fault is None, error=str(fault) if fault else None)
+            for rest in claimed[i + 1:]:
+                _release_claim(store, rest.id, worker)
+            return [*outcomes, _unwired(store, r.id, worker, exc)]  # raises
     rows = _EpochRows(store, worker)
     for m in members:
         m.rows = rows
@@ -609,7 +638,7 @@ def execute_pack(store: Store, run_ids: list[int], worker: str, *, device: str =
         """A member's own error (its checkpoint folder, its resume) fails that member alone; a
         database error or a full or read-only disk is the pack's, and ends it (handed back below)."""
         def fail_alone(exc: BaseException) -> bool:
-            if database_unavailable(exc) or environment_fault(exc) is not None:
+            if _store_gone(exc) or environment_fault(exc) is not None:
                 return False
             log.exception("run %s failed in pack %s", member.run.id, [m.run.id for m in members])
             ended[member.run.id] = member.fail(_error_text(exc))
@@ -624,9 +653,9 @@ def execute_pack(store: Store, run_ids: list[int], worker: str, *, device: str =
         for m in open_members:  # no lease of the pack is renewed from here on, whatever happens below
             m.beat.stop()
         fault = environment_fault(exc)
-        if database_unavailable(exc) or fault is not None:
+        if _store_gone(exc) or fault is not None:
             for m in open_members:
-                m.abandon(refund=fault is None)
+                m.abandon(refund=fault is None, error=str(fault) if fault else None)
             if fault is not None:
                 raise fault from exc
             raise
@@ -683,7 +712,7 @@ class _DatabaseRetries:
         try:
             yield
         except Exception as exc:
-            if not database_unavailable(exc) or isinstance(exc, DatabaseFileReplaced):  # no coming back
+            if not database_unavailable(exc):
                 raise
             self.in_a_row += 1
             if self.in_a_row >= self.limit:

@@ -77,13 +77,20 @@ def test_output_to_a_full_disk_is_one_line_and_exit_1(env):
     """``kanfarm status > file`` on a full disk was Rich's 60-line traceback (or, past the last
     buffer, exit 0 with the output cut)."""
     assert invoke("db", "upgrade").exit_code == 0
-    for args in (["status"], ["grid", "show", "tiny.toml", "--json"]):
+    for args in (["status"], ["grid", "show", "tiny.toml", "--json"], ["export", "--format", "csv"]):
         with open("/dev/full", "w") as full:
             done = subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=env, stdout=full, stderr=subprocess.PIPE,
                                   text=True, timeout=120,
                                   env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
         assert done.returncode == 1, done.stderr
         assert done.stderr.strip() == "error: standard output cannot be written (No space left on device)"
+    for args in (["status"], ["status", "--json"], ["export", "--format", "csv"]):  # a reader that went away (`| head`): nothing to say
+        reader_gone = subprocess.Popen([sys.executable, "-m", "cli.main", *args], cwd=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True,
+                                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        reader_gone.stdout.close()
+        _, err = reader_gone.communicate(timeout=120)
+        assert (reader_gone.returncode, err) == (1, ""), args
 
 
 @pytest.mark.parametrize("how", ["deleted", "replaced"])
@@ -120,8 +127,7 @@ def test_a_database_file_deleted_or_replaced_mid_run_is_an_error_not_done(env, m
     with pytest.raises(DatabaseFileReplaced):  # and nothing more is written through this store
         store.status_counts("tiny")
     store.dispose()
-    if how == "replaced":
-        assert {r["status"] for r in rows(db, "SELECT status FROM runs")} == {"pending"}
+    # (What the replacing file now holds is not asserted: SQLite reads the old file's -wal beside it.)
 
     @handles_errors
     def command():
@@ -637,17 +643,6 @@ def test_a_terminal_without_utf8_gets_escapes_not_a_traceback(env):
                                      "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
         assert result.returncode == 0 and b"Traceback" not in result.stderr, (args, result.stderr)
         assert b"party \\U0001f389" in result.stdout, (args, result.stdout)
-
-
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
-def test_export_to_a_full_stdout_is_one_line_not_a_traceback(env):
-    assert invoke("db", "upgrade").exit_code == 0
-    with open("/dev/full", "w") as full:
-        result = subprocess.run([sys.executable, "-m", "cli.main", "export", "--format", "csv"], stdout=full,
-                                stderr=subprocess.PIPE, cwd=env, text=True,
-                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    assert result.returncode == 1 and "cannot write to stdout" in result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
 
 
 def test_user_text_that_looks_like_rich_markup_is_printed_as_it_is(env):

@@ -202,6 +202,36 @@ def test_a_worker_whose_checkpoint_folder_goes_bad_hands_the_message_back_and_st
     assert [(sqlite_store.run(i).status, sqlite_store.run(i).attempts) for i in ids] == [("pending", 0)] * 2
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_worker_whose_sqlite_file_was_replaced_hands_the_message_back_and_stops(sqlite_store, monkeypatch, packed):
+    """Every write of this worker's store now fails for good: taken for a passing outage, the task
+    waited for the database for ever, or the worker took and dropped every message in turn."""
+    import kanfarm.runner
+    from kanfarm.grids import parse_spec
+    from kanfarm.store import DatabaseFileReplaced
+    from kanfarm.submission import submit
+    from workers import tasks
+
+    submit(sqlite_store, parse_spec(spec("replaced", lrs=(0.01, 0.005), epochs=2)))
+    ids = sqlite_store.run_ids("replaced")
+    published, killed = [], []
+
+    def replaced(*args, **kwargs):
+        raise DatabaseFileReplaced("/data/k.db", deleted=False)
+
+    monkeypatch.setattr(tasks, "store", lambda: sqlite_store)
+    monkeypatch.setattr(kanfarm.runner, "execute_pack" if packed else "execute_run", replaced)
+    monkeypatch.setattr(tasks, "publish_packs", lambda packs, queue, app=None, fit=False: published.append(
+        ([list(p) for p in packs], queue)) or sum(map(len, packs)))
+    monkeypatch.setattr(tasks.os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    try:
+        outcome = tasks.execute_pack_task.run(ids) if packed else tasks.execute_run_task.run(ids[0])
+        assert outcome == "worker-unfit" and tasks.SHUTDOWN.is_set()
+    finally:
+        tasks.SHUTDOWN.clear()
+    assert published == [([ids if packed else ids[:1]], "cpu")] and killed == [(os.getpid(), signal.SIGTERM)]
+
+
 @pytest.mark.parametrize("task_name,args", [("execute_run_task", (True,)), ("execute_run_task", ("1",)),
                                              ("execute_pack_task", ([1, True],)), ("execute_pack_task", ("1,2",))])
 def test_a_malformed_message_is_ignored_and_claims_nothing(sqlite_store, monkeypatch, task_name, args):

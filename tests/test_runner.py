@@ -733,14 +733,14 @@ def test_the_next_part_of_a_pack_is_not_judged_by_the_pace_of_the_last(sqlite_st
 
     store = sqlite_store
     resumed, fresh = _resumed_and_fresh(store, monkeypatch, tmp_path)
-    monkeypatch.setenv("KANFARM_STALL_SECONDS", "0.5")
+    monkeypatch.setenv("KANFARM_STALL_SECONDS", "1.0")  # 10 s to a part's first row, whatever the load
     warm_ups = []
     original = trainer.warm_up
 
     def slow_second_warm_up(*args, **kwargs):
         warm_ups.append(1)
         if len(warm_ups) == 2:
-            time.sleep(3.5)  # a compile: far over 10x the first part's epochs, under 10x the limit
+            time.sleep(3.5)  # a compile: far over 10x the first part's epochs, well under 10x the limit
         return original(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "warm_up", slow_second_warm_up)
@@ -1001,6 +1001,7 @@ def test_a_full_checkpoint_disk_hands_the_runs_back_instead_of_failing_them(sqli
         execute_pack(store, ids, "w1") if packed else execute_run(store, ids[0], "w1")
     for run_id in ids:  # the attempt counts: a run that fills the disk itself ends after max_attempts
         assert (store.run(run_id).status, store.run(run_id).attempts) == ("queued", 1)
+        assert "No space left on device" in store.run(run_id).error  # what it would end failed with
     monkeypatch.setattr(CheckpointManager, "save", save)  # room again
     outcomes = execute_pack(store, ids, "w1") if packed else [execute_run(store, ids[0], "w1")]
     assert {o.status for o in outcomes} == {"completed"}
@@ -1044,6 +1045,56 @@ def test_a_full_disk_while_wiring_a_run_hands_it_back(sqlite_store, tmp_path, mo
     with pytest.raises(ConfigError, match="KANFARM_CHECKPOINT_DIR"):
         execute_run(store, run_id, "w1")
     assert (store.run(run_id).status, store.run(run_id).attempts) == ("queued", 1)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_run_whose_wiring_fails_on_its_own_error_fails_alone(sqlite_store, tmp_path, monkeypatch, packed):
+    """Its checkpoint folder unreadable, say: handed back with its attempt refunded, it was taken
+    again at once, for ever (and under Celery left queued with no message). It fails, as an
+    error in training would; the other members of its pack train on."""
+    from kanfarm import runner
+    from kanfarm.runner import execute_pack
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    store = sqlite_store
+    base = dict(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=1)
+    ids = _grid(store, [RunConfig(lr=lr, **base) for lr in (0.01, 0.02, 0.03)])
+    bad = ids[1] if packed else ids[0]
+    original = runner._ClaimedRun._say_where_checkpoints_went
+
+    def unreadable(self):
+        if self.run.id == bad:
+            raise PermissionError(13, "Permission denied", str(self.checkpoints.directory))
+        return original(self)
+
+    monkeypatch.setattr(runner._ClaimedRun, "_say_where_checkpoints_went", unreadable)
+    outcomes = execute_pack(store, ids, "w1", max_attempts=3) if packed else [execute_run(store, bad, "w1")]
+    assert {o.run_id: o.status for o in outcomes} == ({i: "failed" if i == bad else "completed" for i in ids}
+                                                      if packed else {bad: "failed"})
+    assert (store.run(bad).status, store.run(bad).attempts) == ("failed", 1)
+    assert "Permission denied" in store.run(bad).error
+
+
+def test_a_full_disk_is_found_behind_a_download_error_and_named_by_the_innermost_folder(tmp_path, monkeypatch):
+    """A download that fills the disk is raised as DatasetUnavailable (its cause the OSError);
+    with the checkpoint folder inside the data folder, a full checkpoint disk is the checkpoint
+    folder's."""
+    import errno
+
+    from kanfarm.data import DatasetUnavailable
+    from kanfarm.runner import environment_fault
+
+    monkeypatch.setenv("KANFARM_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "mnist" / "train.gz"))
+    try:
+        raise DatasetUnavailable("dataset 'mnist' is unavailable") from full
+    except DatasetUnavailable as exc:
+        assert environment_fault(exc).field == "KANFARM_DATA_DIR"
+    assert environment_fault(OSError(errno.ENOSPC, "full", str(tmp_path / "ckpt" / "h" / "e.pt"))).field == \
+        "KANFARM_CHECKPOINT_DIR"
+    assert environment_fault(OSError(errno.EACCES, "Permission denied", str(tmp_path / "x"))) is None
+    assert environment_fault(RuntimeError("not a disk")) is None
 
 
 def test_the_checkpoint_check_writes_a_real_payload(tmp_path, monkeypatch):

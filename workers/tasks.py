@@ -19,7 +19,7 @@ from celery import Task, signals
 from celery.exceptions import InvalidTaskError
 from celery.utils.log import get_task_logger
 
-from kanfarm.store import database_errors
+from kanfarm.store import DatabaseFileReplaced, database_errors
 from workers.celery_app import DEFAULT_QUEUE, QUEUES, TASK_NAME, app
 
 log = get_task_logger(__name__)
@@ -241,8 +241,9 @@ def _ride_out_outage(task, run_ids: list[int], fit: bool, exc: Exception) -> str
 
 
 def _unfit(task, run_ids: list[int], fit: bool, exc: Exception) -> str:
-    """A setting of this worker went bad before a claim (its checkpoint folder cannot be written
-    any more, its GPU is gone): neither the runs nor the other workers are at fault. The message
+    """A setting of this worker went bad (its checkpoint folder cannot be written any more, its
+    disk is full, its GPU is gone, its SQLite file was replaced): neither the runs nor the other
+    workers are at fault. The message
     goes back to the queue and this worker stops (warm), rather than taking and dropping every
     message of the queue while the runs wait ``queued`` with none."""
     log.error("runs %s: this worker cannot run them (%s); their message goes back to the queue and the "
@@ -328,7 +329,8 @@ def execute_pack_task(self, run_ids: list[int], fit: bool = False) -> str:
             raise self.retry(countdown=0)
     except database_errors() as exc:
         return _ride_out_outage(self, run_ids, fit is True, exc)
-    except ConfigError as exc:  # before a claim (runs claimed earlier were settled): all go back
+    except (ConfigError, DatabaseFileReplaced) as exc:  # a setting (before a claim, or a full disk: the
+        # runs it held went back), or the SQLite file replaced: all go back to the queue, the worker stops
         return _unfit(self, run_ids, fit is True, exc)
     if released:
         _publish_released(self, released, fit is True)
@@ -353,7 +355,8 @@ def execute_run_task(self, run_id: int) -> str:
             raise self.retry(countdown=0)
     except database_errors() as exc:
         return _ride_out_outage(self, [run_id], False, exc)
-    except ConfigError as exc:  # raised before the claim: the run is untouched
+    except (ConfigError, DatabaseFileReplaced) as exc:  # before the claim, or a full disk (the run went
+        # back to queued), or the SQLite file replaced: the message goes back, the worker stops
         return _unfit(self, [run_id], False, exc)
     if outcome.status == "released":
         _publish_released(self, [run_id], False)

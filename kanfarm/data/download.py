@@ -5,6 +5,7 @@ renamed into place, so a crash or a concurrent worker never leaves a half file u
 """
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import http.client
@@ -78,10 +79,16 @@ def fetch(remote: RemoteFile, folder: Path) -> Path:
             raise ValueError(f"checksum mismatch for {remote.filename}: expected sha256 {remote.sha256},"
                              f" got {digest.hexdigest()}")
         os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL and exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(dest)) from exc  # a write names no file: say which
         raise
     return dest
+
+
+#: a write's errors that are the disk's (full, over quota, read-only), not the download's
+_DISK_FULL = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EROFS))
 
 
 def _message(dataset: str, folder: Path, missing: list[RemoteFile], reason: str) -> str:

@@ -40,13 +40,12 @@ def database_errors() -> tuple[type[Exception], ...]:
     """What ``database_unavailable`` accepts, as a tuple for ``except`` clauses."""
     from sqlalchemy.exc import InterfaceError, InternalError, OperationalError, TimeoutError
 
-    return OperationalError, InternalError, InterfaceError, TimeoutError, DatabaseFileReplaced
+    return OperationalError, InternalError, InterfaceError, TimeoutError
 
 
 def database_unavailable(exc: BaseException) -> bool:
     """A lost connection, a locked SQLite file, a server restart, a failover onto a read-only
-    standby (PostgreSQL's ``InternalError``), no pooled connection free in time (``TimeoutError``),
-    the SQLite file deleted or replaced (``DatabaseFileReplaced``):
+    standby (PostgreSQL's ``InternalError``), no pooled connection free in time (``TimeoutError``):
     errors of the database, not of the run, which must
     not mark it failed (callers retry instead). Errors of the statement itself (``IntegrityError``,
     ``DataError``, ``ProgrammingError``) are bugs and propagate."""
