@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
@@ -20,7 +21,7 @@ from cli.common import (CsvOpt, GridOpt, JsonOpt, database_url, grid_exists, han
                         read_spec, submit_spec,
                         open_store, parse_pack_size)
 from cli.distributed import register as register_distributed
-from cli.output import (console, emit_rows, err_console, fail, json_array_chunks, to_json, working,
+from cli.output import (console, emit_rows, err_console, fail, json_array_chunks, show_warning, to_json, working,
                         use_escapes_where_unencodable, write_csv)
 from cli.plots import register as register_plots
 
@@ -31,6 +32,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
 @app.callback()
 def _start() -> None:
     use_escapes_where_unencodable()
+    warnings.showwarning = show_warning
 
 
 db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic migrations).")

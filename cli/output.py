@@ -56,6 +56,13 @@ def working(text: str) -> Iterator[None]:
         err_console.print(f"{text}: done in {time.monotonic() - started:.1f} s", highlight=False, soft_wrap=True)
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python's warnings (a dataset cache that could not be read or written) as one ``warning:``
+    line, not kanfarm's file and line and a source line the user did not write."""
+    err_console.print(Text("warning: ", style="yellow") + Text(visible(str(message))), highlight=False,
+                      soft_wrap=True)
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     """Exit with ``code`` (2: bad input) and a one-line message on stderr."""
     err_console.print(Text("error: ", style="bold red") + Text(visible(message, keep="\n\t")), highlight=False,

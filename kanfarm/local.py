@@ -15,6 +15,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -150,6 +151,8 @@ def _child(url: str, grid: str, device: str, lease_s: float, shutdown: Any, thre
     database gone) go to ``reports`` as ``(kind, field, text)`` instead of a traceback."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into a warm shutdown
     watch_parent(os.getppid() if parent is None else parent, shutdown)
+    # a warning (a dataset cache it could not write) as one line, as the parent shows its own
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     import torch
 
     if not os.environ.get("OMP_NUM_THREADS"):  # the user's choice, as with one worker and under Celery

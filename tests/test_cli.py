@@ -138,6 +138,29 @@ def test_a_database_file_deleted_or_replaced_mid_run_is_an_error_not_done(env, m
     assert stopped.value.exit_code == 1
 
 
+def test_a_warning_is_one_line_not_a_file_a_line_and_source(env):
+    """A dataset cache that cannot be read or written was reported as ``kanfarm/...py:233:
+    UserWarning: ...`` and a line of kanfarm's source, by the command and again by each worker."""
+    data = env / "data"
+    environ = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "KANFARM_DATA_DIR": str(data)}
+
+    def kanfarm(*args):
+        return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=env, env=environ, capture_output=True,
+                              text=True, timeout=300)
+
+    assert kanfarm("db", "upgrade").returncode == 0
+    assert kanfarm("run", "grid", "tiny.toml").returncode == 0  # builds the digits cache
+    (cache,) = data.glob("digits/cache-*.pt")
+    cache.unlink()
+    cache.mkdir()  # neither read nor written from now on
+    (env / "tiny.toml").write_text(TINY.replace('"tiny"', '"tiny2"').replace("epochs = 2", "epochs = 1"))
+    done = kanfarm("run", "grid", "tiny.toml", "--workers", "2")
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "dataset cache" in line]
+    assert len(lines) >= 3 and all(line.startswith("warning: ") for line in lines), done.stderr  # command, workers
+    assert "UserWarning" not in done.stderr and "load_dataset(" not in done.stderr, done.stderr
+
+
 def test_commands_refuse_an_unmigrated_database(env):
     result = invoke("status")
     assert result.exit_code == 2
