@@ -100,9 +100,11 @@ def handles_errors(func: Callable) -> Callable:
                 raise
             # a full disk or a closed pipe under the output (``> file``, ``| head``): one line, not
             # Rich's traceback; stdout itself may be what cannot be written, so nothing more goes there
-            _stdout_gone()
-            if exc.errno == errno.EPIPE:  # the reader has what it wanted: nothing to say
+            if exc.errno == errno.EPIPE and exc.filename is None and _stdout_reader_gone():
+                _stdout_gone()  # `| head`: the reader has what it wanted, nothing to say
                 raise typer.Exit(1)
+            if exc.filename is None:
+                _stdout_gone()
             fail(f"{exc.filename or 'standard output'} cannot be written ({exc.strerror})", code=1)
 
     return wrapper
@@ -110,6 +112,18 @@ def handles_errors(func: Callable) -> Callable:
 
 #: errors of where a command writes (``> file`` on a full disk, a pipe closed by ``head``)
 _OUTPUT_FAULTS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EPIPE, errno.EROFS))
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader closed it (another pipe's EPIPE is an error to show)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no real descriptor (a test's captured stdout)
+        return False
 
 
 def _stdout_gone() -> None:

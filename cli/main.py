@@ -30,9 +30,11 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
 
 
 @app.callback()
-def _start() -> None:
+def _start(ctx: typer.Context) -> None:
     use_escapes_where_unencodable()
+    shown_before = warnings.showwarning  # put back when the command ends: it may run inside a program
     warnings.showwarning = show_warning
+    ctx.call_on_close(lambda: setattr(warnings, "showwarning", shown_before))
 
 
 db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic migrations).")

@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -448,7 +449,8 @@ class _ClaimedRun:
         _release_claim(self.store, self.run.id, self.worker, refund, error)
 
 
-def _release_claim(store: Store, run_id: int, worker: str, refund: bool = True, error: str | None = None) -> None:
+def _release_claim(store: Store, run_id: int, worker: str, refund: bool = True,
+                   error: str | None = None) -> None:
     """Release a claimed run to ``queued``, its attempt refunded unless not ``refund``; if the
     database refuses, its lease runs out instead."""
     try:
@@ -457,17 +459,31 @@ def _release_claim(store: Store, run_id: int, worker: str, refund: bool = True, 
         log.warning("run %s: could not be released (%s); its lease will expire", run_id, type(exc).__name__)
 
 
+def _own_wiring_error(exc: BaseException) -> bool:
+    """An error wiring one run that is that run's own (its checkpoint folder unreadable, a link
+    planted there): it fails alone. Anything else (the database, a full disk, a setting, no
+    thread to be had, a bug) is the worker's, and would fail every run it claimed in turn."""
+    return (isinstance(exc, (OSError, ValueError)) and not isinstance(exc, ConfigError)
+            and not _store_gone(exc) and environment_fault(exc) is None)
+
+
 def _unwired(store: Store, run_id: int, worker: str, exc: Exception) -> Outcome:
-    """A claimed run whose wiring (``_ClaimedRun``) failed: handed back after a database error
-    (attempt refunded) or a full disk (attempt kept), both re-raised; failed after an error of
-    its own (its checkpoint folder unreadable, say), as a training error would fail it."""
+    """A claimed run whose wiring (``_ClaimedRun``) failed: failed after an error of its own, as
+    a training error would fail it; else handed back and the error re-raised (after a full disk,
+    as its ConfigError), its attempt refunded but after a full disk."""
+    if _own_wiring_error(exc):
+        log.exception("run %s failed before training", run_id)
+        try:
+            held = store.finish(run_id, worker, "failed", error=_error_text(exc))
+        except Exception:
+            _release_claim(store, run_id, worker)  # the store went away meanwhile: not the run's doing
+            raise
+        return Outcome(run_id, "failed" if held else "stopped")
     fault = environment_fault(exc)
-    if _store_gone(exc) or fault is not None:
-        _release_claim(store, run_id, worker, refund=fault is None, error=str(fault) if fault else None)
-        raise fault or exc
-    log.exception("run %s failed before training", run_id)
-    store.finish(run_id, worker, "failed", error=_error_text(exc))
-    return Outcome(run_id, "failed")
+    _release_claim(store, run_id, worker, refund=fault is None, error=str(fault) if fault else None)
+    if fault is not None:
+        raise fault from exc
+    raise exc
 
 
 class _EpochRows:
@@ -511,9 +527,13 @@ def environment_fault(exc: BaseException) -> ConfigError | None:
     naming the setting whose folder it hit (the innermost, where one holds the other); None for
     any other error. Not the run's fault: it is handed back, not failed, and finishes once the
     disk is fixed."""
-    while exc is not None and not (isinstance(exc, OSError) and exc.errno in FILE_SYSTEM_FAULTS):
+    seen: set[int] = set()  # a chain of causes can be a loop
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno in FILE_SYSTEM_FAULTS:
+            break
+        seen.add(id(exc))
         exc = exc.__cause__
-    if exc is None:
+    else:
         return None
     assert isinstance(exc, OSError)
     where = Path(os.path.abspath(exc.filename)) if isinstance(exc.filename, str) else None
@@ -611,21 +631,26 @@ def execute_pack(store: Store, run_ids: list[int], worker: str, *, device: str =
                                        shutdown=shutdown, on_epoch=on_epoch) for r in claimed]
     progress = _Progress(stall_seconds())
     members: list[_ClaimedRun] = []
-    for i, r in enumerate(claimed):
-        try:
-            members.append(_ClaimedRun(store, r, worker, lease_s, shutdown, on_epoch, interval_s, progress))
-        except Exception as exc:
-            if not (_store_gone(exc) or environment_fault(exc)):
-                outcomes.append(_unwired(store, r.id, worker, exc))  # its own error: it fails alone
-                continue
-            # the members wired so far would beat on, held for good, and the others would wait
-            # for their leases: all go back
-            fault = environment_fault(exc)
-            for m in members:
-                m.abandon(refund=fault is None, error=str(fault) if fault else None)
-            for rest in claimed[i + 1:]:
-                _release_claim(store, rest.id, worker)
-            return [*outcomes, _unwired(store, r.id, worker, exc)]  # raises
+    try:
+        for r in claimed:
+            try:
+                members.append(_ClaimedRun(store, r, worker, lease_s, shutdown, on_epoch, interval_s, progress))
+            except Exception as exc:
+                if not _own_wiring_error(exc):
+                    raise
+                outcomes.append(_unwired(store, r.id, worker, exc))  # it fails alone
+    except Exception:  # the members wired so far would beat on, held for good, and the others would wait for
+        settled = {o.run_id for o in outcomes}  # their leases: all go back (attempts refunded), then
+        for m in members:                       # the run that met the error, as _unwired hands it back
+            m.abandon()
+            settled.add(m.run.id)
+        failing = next(r for r in claimed if r.id not in settled)
+        for r in claimed:
+            if r.id not in settled and r is not failing:
+                _release_claim(store, r.id, worker)
+        _unwired(store, failing.id, worker, sys.exc_info()[1])  # raises
+    if not members:  # every claimed run failed alone
+        return outcomes
     rows = _EpochRows(store, worker)
     for m in members:
         m.rows = rows

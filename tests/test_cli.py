@@ -161,6 +161,16 @@ def test_a_warning_is_one_line_not_a_file_a_line_and_source(env):
     assert "UserWarning" not in done.stderr and "load_dataset(" not in done.stderr, done.stderr
 
 
+def test_a_command_run_inside_a_program_puts_its_warning_display_back(env):
+    """The CLI shows warnings as one line; run in-process (CliRunner, a notebook) it left that
+    display in place, and warnings.catch_warnings(record=True) around it recorded nothing."""
+    import warnings
+
+    before = warnings.showwarning
+    assert invoke("db", "upgrade").exit_code == 0
+    assert warnings.showwarning is before
+
+
 def test_commands_refuse_an_unmigrated_database(env):
     result = invoke("status")
     assert result.exit_code == 2

@@ -232,6 +232,30 @@ def test_a_worker_whose_sqlite_file_was_replaced_hands_the_message_back_and_stop
     assert published == [([ids if packed else ids[:1]], "cpu")] and killed == [(os.getpid(), signal.SIGTERM)]
 
 
+def test_a_file_replaced_during_an_outage_wait_hands_the_message_back_and_stops(sqlite_store, monkeypatch):
+    """Waiting for the database after an outage, the worker found its SQLite file replaced: the
+    task failed (its message acked), leaving the run queued with no message."""
+    from kanfarm.store import DatabaseFileReplaced
+    from workers import tasks
+
+    published, killed = [], []
+
+    def replaced(run_ids):
+        raise DatabaseFileReplaced("/data/k.db", deleted=True)
+
+    monkeypatch.setattr(tasks, "publish_packs", lambda packs, queue, app=None, fit=False: published.append(
+        ([list(p) for p in packs], queue)) or sum(map(len, packs)))
+    monkeypatch.setattr(tasks, "_hand_back", replaced)
+    monkeypatch.setattr(tasks.os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    try:
+        outcome = tasks._ride_out_outage(tasks.execute_run_task, [7], False, RuntimeError("outage"))
+        assert outcome == "worker-unfit" and tasks.SHUTDOWN.is_set()
+    finally:
+        tasks.SHUTDOWN.clear()
+    assert published == [([[7]], "cpu"), ([[7]], "cpu")]  # the copy, then the hand-back's
+    assert killed == [(os.getpid(), signal.SIGTERM)]
+
+
 @pytest.mark.parametrize("task_name,args", [("execute_run_task", (True,)), ("execute_run_task", ("1",)),
                                              ("execute_pack_task", ([1, True],)), ("execute_pack_task", ("1,2",))])
 def test_a_malformed_message_is_ignored_and_claims_nothing(sqlite_store, monkeypatch, task_name, args):

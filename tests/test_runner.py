@@ -1075,6 +1075,77 @@ def test_a_run_whose_wiring_fails_on_its_own_error_fails_alone(sqlite_store, tmp
     assert "Permission denied" in store.run(bad).error
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_wiring_error_of_the_worker_hands_every_run_back_and_stops(sqlite_store, tmp_path, monkeypatch, packed):
+    """No thread to be had for a heartbeat (or a bug): failing the run alone would fail every run
+    the work loop claims next, the whole grid. Every claimed run goes back, attempts refunded,
+    no heartbeat is left beating, and the error ends the work."""
+    from kanfarm import runner
+    from kanfarm.runner import execute_pack
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    store = sqlite_store
+    base = dict(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=1)
+    ids = _grid(store, [RunConfig(lr=lr, **base) for lr in (0.01, 0.02, 0.03)])
+    started = []
+    original = runner._Heartbeat.start
+
+    def no_thread(self):
+        if len(started) == (1 if packed else 0):
+            raise RuntimeError("can't start new thread")
+        started.append(self)
+        original(self)
+
+    monkeypatch.setattr(runner._Heartbeat, "start", no_thread)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        execute_pack(store, ids, "w1", lease_s=0.6) if packed else execute_run(store, ids[0], "w1")
+    for run_id in ids if packed else ids[:1]:
+        assert (store.run(run_id).status, store.run(run_id).attempts) == ("queued", 0)
+    for beat in started:
+        beat.join(timeout=5)
+        assert not beat.is_alive()
+
+
+def test_a_store_gone_while_a_member_fails_alone_leaves_no_run_held(sqlite_store, tmp_path, monkeypatch):
+    """Failing the member whose folder is unreadable met a database outage: the members wired
+    before it went on beating (held for the life of the worker), the rest waited for leases."""
+    from kanfarm import runner
+    from kanfarm.runner import execute_pack
+
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    store = sqlite_store
+    base = dict(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=1)
+    ids = _grid(store, [RunConfig(lr=lr, **base) for lr in (0.01, 0.02, 0.03)])
+    original = runner._ClaimedRun._say_where_checkpoints_went
+
+    def unreadable(self):
+        if self.run.id == ids[1]:
+            raise PermissionError(13, "Permission denied", str(self.checkpoints.directory))
+        return original(self)
+
+    def outage(*args, **kwargs):
+        raise sa.exc.OperationalError("UPDATE", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(runner._ClaimedRun, "_say_where_checkpoints_went", unreadable)
+    monkeypatch.setattr(store, "finish", outage)
+    with pytest.raises(sa.exc.OperationalError):
+        execute_pack(store, ids, "w1", lease_s=0.6)
+    for run_id in ids:
+        assert (store.run(run_id).status, store.run(run_id).attempts) == ("queued", 0)
+    beats = [t for t in threading.enumerate() if t.name.startswith("heartbeat-")]
+    for beat in beats:
+        beat.join(timeout=5)
+    assert not any(beat.is_alive() for beat in beats)
+
+
+def test_a_cycle_of_causes_is_no_disk_fault():
+    from kanfarm.runner import environment_fault
+
+    a, b = RuntimeError("a"), RuntimeError("b")
+    a.__cause__, b.__cause__ = b, a
+    assert environment_fault(a) is None
+
+
 def test_a_full_disk_is_found_behind_a_download_error_and_named_by_the_innermost_folder(tmp_path, monkeypatch):
     """A download that fills the disk is raised as DatasetUnavailable (its cause the OSError);
     with the checkpoint folder inside the data folder, a full checkpoint disk is the checkpoint

@@ -234,7 +234,10 @@ def _ride_out_outage(task, run_ids: list[int], fit: bool, exc: Exception) -> str
     except Exception as publish_error:  # the broker too: Celery's own retry publishes below
         log.warning("could not publish a copy (%s)", type(publish_error).__name__)
         copied = False
-    handed_back = _hand_back_when_reachable(run_ids)
+    try:
+        handed_back = _hand_back_when_reachable(run_ids)
+    except DatabaseFileReplaced as replaced:  # no outage to wait out: this worker's store is gone for good
+        return _unfit(task, run_ids, fit, replaced)
     if not copied or handed_back:
         raise task.retry(countdown=0, exc=exc)
     return "database-unavailable"

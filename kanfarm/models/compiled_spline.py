@@ -59,8 +59,9 @@ def _applies(device: torch.device, dtype: torch.dtype, elements: int) -> bool:
 def run_elements(config, n_features: int, n_classes: int, rows_per_epoch: int, members: int = 1) -> float:
     """Basis elements a KAN run (or a pack of ``members``, whose first layer computes its shared
     input's bases once) computes over all its epochs: ``rows_per_epoch`` (trained and evaluated)
-    times each layer's inputs times G + k. Fixed by the run's settings, not by where it resumes,
-    so a resumed run takes the path it took before (the two differ within float32 rounding)."""
+    times each layer's inputs times G + k. For a single run fixed by its settings, not by where it
+    resumes, so a resumed run takes the path it took before (the two differ within float32
+    rounding); a pack's depends on which members train together, as its results do anyway."""
     from kanfarm.models.widths import model_widths
 
     if config.model != "kan":
