@@ -176,19 +176,29 @@ def test_pack_task_trained_in_turn_republishes_the_unstarted_chunks_after_warm_s
     assert published == [([[ids[1], *ids[2:]]], "cpu")]
 
 
+@pytest.mark.parametrize("why", ["folder", "replaced"])
 @pytest.mark.parametrize("packed", [False, True])
 def test_a_worker_whose_checkpoint_folder_goes_bad_hands_the_message_back_and_stops(sqlite_store, monkeypatch,
-                                                                                  packed):
+                                                                                  packed, why):
     """Read-only or unmounted after the worker started: it used to take and drop every message of
-    the queue (the runs stayed queued with none), or before that fail every run."""
+    the queue (the runs stayed queued with none), or before that fail every run. The same when
+    its SQLite file was replaced: every write of its store fails for good (taken for a passing
+    outage, the task waited for the database for ever)."""
+    import kanfarm.runner
     from kanfarm.grids import parse_spec
+    from kanfarm.store import DatabaseFileReplaced
     from kanfarm.submission import submit
     from workers import tasks
 
     submit(sqlite_store, parse_spec(spec("unfit", lrs=(0.01, 0.005), epochs=2)))
     ids = sqlite_store.run_ids("unfit")
     published, killed = [], []
-    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", "/proc/kanfarm-checkpoints")
+    if why == "folder":
+        monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", "/proc/kanfarm-checkpoints")
+    else:
+        def replaced(*args, **kwargs):
+            raise DatabaseFileReplaced("/data/k.db", deleted=False)
+        monkeypatch.setattr(kanfarm.runner, "execute_pack" if packed else "execute_run", replaced)
     monkeypatch.setattr(tasks, "store", lambda: sqlite_store)
     monkeypatch.setattr(tasks, "publish_packs", lambda packs, queue, app=None, fit=False: published.append(
         ([list(p) for p in packs], queue)) or sum(map(len, packs)))
@@ -200,36 +210,6 @@ def test_a_worker_whose_checkpoint_folder_goes_bad_hands_the_message_back_and_st
         tasks.SHUTDOWN.clear()
     assert published == [([ids if packed else ids[:1]], "cpu")] and killed == [(os.getpid(), signal.SIGTERM)]
     assert [(sqlite_store.run(i).status, sqlite_store.run(i).attempts) for i in ids] == [("pending", 0)] * 2
-
-
-@pytest.mark.parametrize("packed", [False, True])
-def test_a_worker_whose_sqlite_file_was_replaced_hands_the_message_back_and_stops(sqlite_store, monkeypatch, packed):
-    """Every write of this worker's store now fails for good: taken for a passing outage, the task
-    waited for the database for ever, or the worker took and dropped every message in turn."""
-    import kanfarm.runner
-    from kanfarm.grids import parse_spec
-    from kanfarm.store import DatabaseFileReplaced
-    from kanfarm.submission import submit
-    from workers import tasks
-
-    submit(sqlite_store, parse_spec(spec("replaced", lrs=(0.01, 0.005), epochs=2)))
-    ids = sqlite_store.run_ids("replaced")
-    published, killed = [], []
-
-    def replaced(*args, **kwargs):
-        raise DatabaseFileReplaced("/data/k.db", deleted=False)
-
-    monkeypatch.setattr(tasks, "store", lambda: sqlite_store)
-    monkeypatch.setattr(kanfarm.runner, "execute_pack" if packed else "execute_run", replaced)
-    monkeypatch.setattr(tasks, "publish_packs", lambda packs, queue, app=None, fit=False: published.append(
-        ([list(p) for p in packs], queue)) or sum(map(len, packs)))
-    monkeypatch.setattr(tasks.os, "kill", lambda pid, sig: killed.append((pid, sig)))
-    try:
-        outcome = tasks.execute_pack_task.run(ids) if packed else tasks.execute_run_task.run(ids[0])
-        assert outcome == "worker-unfit" and tasks.SHUTDOWN.is_set()
-    finally:
-        tasks.SHUTDOWN.clear()
-    assert published == [([ids if packed else ids[:1]], "cpu")] and killed == [(os.getpid(), signal.SIGTERM)]
 
 
 def test_a_file_replaced_during_an_outage_wait_hands_the_message_back_and_stops(sqlite_store, monkeypatch):

@@ -136,6 +136,13 @@ def _grid(store, configs):
     return store.run_ids()
 
 
+def _three_one_epoch_runs(store, monkeypatch, tmp_path) -> list[int]:
+    """Three one-epoch digits MLPs that pack together (checkpoints under ``tmp_path``)."""
+    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    base = dict(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=1)
+    return _grid(store, [RunConfig(lr=lr, **base) for lr in (0.01, 0.02, 0.03)])
+
+
 def test_a_packs_epoch_rows_go_in_one_transaction_and_a_member_taken_over_stops(sqlite_store, tmp_path, monkeypatch):
     """One write per pack epoch, not one per member (each cost more than a small pack's epoch on a
     GPU). A member whose run another worker took over writes no more rows and stops, alone."""
@@ -757,10 +764,7 @@ def test_a_pack_whose_member_cannot_be_wired_hands_back_every_member(sqlite_stor
     from kanfarm import runner
     from kanfarm.runner import execute_pack
 
-    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
-    store = sqlite_store
-    base = dict(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=1)
-    ids = _grid(store, [RunConfig(lr=lr, **base) for lr in (0.01, 0.02, 0.03)])
+    store, ids = sqlite_store, _three_one_epoch_runs(sqlite_store, monkeypatch, tmp_path)
     wired = []
     original = runner._ClaimedRun._say_where_checkpoints_went
 
@@ -1055,10 +1059,7 @@ def test_a_run_whose_wiring_fails_on_its_own_error_fails_alone(sqlite_store, tmp
     from kanfarm import runner
     from kanfarm.runner import execute_pack
 
-    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
-    store = sqlite_store
-    base = dict(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=1)
-    ids = _grid(store, [RunConfig(lr=lr, **base) for lr in (0.01, 0.02, 0.03)])
+    store, ids = sqlite_store, _three_one_epoch_runs(sqlite_store, monkeypatch, tmp_path)
     bad = ids[1] if packed else ids[0]
     original = runner._ClaimedRun._say_where_checkpoints_went
 
@@ -1083,10 +1084,7 @@ def test_a_wiring_error_of_the_worker_hands_every_run_back_and_stops(sqlite_stor
     from kanfarm import runner
     from kanfarm.runner import execute_pack
 
-    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
-    store = sqlite_store
-    base = dict(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=1)
-    ids = _grid(store, [RunConfig(lr=lr, **base) for lr in (0.01, 0.02, 0.03)])
+    store, ids = sqlite_store, _three_one_epoch_runs(sqlite_store, monkeypatch, tmp_path)
     started = []
     original = runner._Heartbeat.start
 
@@ -1112,10 +1110,7 @@ def test_a_store_gone_while_a_member_fails_alone_leaves_no_run_held(sqlite_store
     from kanfarm import runner
     from kanfarm.runner import execute_pack
 
-    monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
-    store = sqlite_store
-    base = dict(dataset="digits", model="mlp", depth="shallow", batch_size=256, max_epochs=1)
-    ids = _grid(store, [RunConfig(lr=lr, **base) for lr in (0.01, 0.02, 0.03)])
+    store, ids = sqlite_store, _three_one_epoch_runs(sqlite_store, monkeypatch, tmp_path)
     original = runner._ClaimedRun._say_where_checkpoints_went
 
     def unreadable(self):
