@@ -176,10 +176,11 @@ class _Progress:
     epoch after epoch 0 or a resume), for ``STALL_FACTOR`` times ``stall_s``. The same generous
     limit holds before the first row, counted from the claim (loading or downloading a large
     dataset, reading a checkpoint, compiling), and again from when every run that wrote a row
-    has ended (the next part of a pack, resumed elsewhere, starts). Time the whole process stood still (SIGSTOP, Ctrl-Z, a suspended VM) is not
-    waiting: a heartbeat that wakes over ``LATE_S`` after its time reports how late it is, and
-    the rows before move on by that much (a pause that began during a heartbeat's wait counts
-    for what of it came before the wait's end: at most an interval, a third of the lease)."""
+    has ended (the next part of a pack, resumed elsewhere, starts). Time the whole process
+    stood still (SIGSTOP, Ctrl-Z, a suspended VM) is not waiting: a heartbeat that wakes over
+    ``LATE_S`` after its time reports how late it is, and the rows before move on by that much
+    (a pause that began during a heartbeat's wait counts for what of it came before the wait's
+    end: at most an interval, a third of the lease)."""
 
     def __init__(self, stall_s: float):
         self.stall_s = stall_s

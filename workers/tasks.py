@@ -246,9 +246,8 @@ def _ride_out_outage(task, run_ids: list[int], fit: bool, exc: Exception) -> str
 def _unfit(task, run_ids: list[int], fit: bool, exc: Exception) -> str:
     """A setting of this worker went bad (its checkpoint folder cannot be written any more, its
     disk is full, its GPU is gone, its SQLite file was replaced): neither the runs nor the other
-    workers are at fault. The message
-    goes back to the queue and this worker stops (warm), rather than taking and dropping every
-    message of the queue while the runs wait ``queued`` with none."""
+    workers are at fault. The message goes back to the queue and this worker stops (warm), rather
+    than taking and dropping every message of the queue while the runs wait ``queued`` with none."""
     log.error("runs %s: this worker cannot run them (%s); their message goes back to the queue and the "
               "worker stops", run_ids, exc)
     _publish_released(task, run_ids, fit)

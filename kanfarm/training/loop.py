@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from kanfarm.config import RunConfig
 from kanfarm.data.dataset import Dataset
 from kanfarm.models import build_model, count_params
-from kanfarm.models import compiled_spline
-from kanfarm.models.compiled_spline import warm_up
+from kanfarm.models.compiled_spline import for_run, run_elements, warm_up
 from kanfarm.training import rng
 from kanfarm.training.checkpoint import CheckpointManager
 from kanfarm.training.precision import matmul_precision
@@ -126,8 +125,8 @@ def fit(config: RunConfig, data: Dataset, sink: Sink, method: Method, *,
     trained again and emit identical records. Products run at ``config.matmul_precision``.
     """
     config = config.normalised()
-    elements = compiled_spline.run_elements(config, data.n_features, data.n_classes, rows_per_epoch(config, data))
-    with matmul_precision(config.matmul_precision), compiled_spline.for_run(elements):
+    elements = run_elements(config, data.n_features, data.n_classes, rows_per_epoch(config, data))
+    with matmul_precision(config.matmul_precision), for_run(elements):
         return _fit(config, data, sink, method, checkpoints, device, should_stop)
 
 
