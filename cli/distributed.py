@@ -3,8 +3,8 @@
 The database decides what runs; the broker only carries "try run N" messages. So the commands
 here change run states in the database and publish run ids (first the states, so that a message
 never finds its run not yet claimable; ``sweep`` the other way round, as stale runs are claimable
-already), and publishing the same id twice is always safe (the second claim is a no-op). Wired into the main app by
-``register(app)`` in ``cli/main.py``.
+already), and publishing the same id twice is always safe (the second claim is a no-op). Wired
+into the main app by ``register(app)`` in ``cli/main.py``.
 """
 from __future__ import annotations
 
