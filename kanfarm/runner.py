@@ -624,6 +624,7 @@ def execute_pack(store: Store, run_ids: list[int], worker: str, *, device: str =
     keeps its own lease, epoch rows, checkpoints and final status."""
     from kanfarm.packing import Member, train_pack
 
+    run_ids = list(dict.fromkeys(run_ids))  # one outcome per run, as one claim per run
     interval_s = _settings_before_claim()
     claimed = store.claim_many(run_ids, worker, lease_s, max_attempts=max_attempts)
     outcomes = [Outcome(i, "not-claimed") for i in run_ids if i not in {r.id for r in claimed}]
@@ -649,7 +650,10 @@ def execute_pack(store: Store, run_ids: list[int], worker: str, *, device: str =
         for r in claimed:
             if r.id not in settled and r is not failing:
                 _release_claim(store, r.id, worker)
-        _unwired(store, failing.id, worker, sys.exc_info()[1])  # raises
+        error = sys.exc_info()[1]
+        if _own_wiring_error(error):  # raised by the store while _unwired failed that run: released there
+            raise
+        _unwired(store, failing.id, worker, error)  # raises
     if not members:  # every claimed run failed alone
         return outcomes
     rows = _EpochRows(store, worker)

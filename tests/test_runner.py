@@ -1133,6 +1133,46 @@ def test_a_store_gone_while_a_member_fails_alone_leaves_no_run_held(sqlite_store
     assert not any(beat.is_alive() for beat in beats)
 
 
+def test_a_store_error_that_looks_like_a_runs_own_while_failing_a_member_still_ends_the_pack(
+        sqlite_store, tmp_path, monkeypatch):
+    """Failing a member whose folder is unreadable, the store raised a PermissionError (its own
+    folder unreadable): taken for the member's own error again, it was swallowed, and the pack
+    trained runs it had already handed back, returning an outcome for one of three."""
+    from kanfarm import runner
+    from kanfarm.runner import execute_pack
+
+    store, ids = sqlite_store, _three_one_epoch_runs(sqlite_store, monkeypatch, tmp_path)
+    original, finish, calls = runner._ClaimedRun._say_where_checkpoints_went, store.finish, []
+
+    def unreadable(self):
+        if self.run.id == ids[1]:
+            raise PermissionError(13, "Permission denied", str(self.checkpoints.directory))
+        return original(self)
+
+    def database_folder_unreadable_once(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise PermissionError(13, "Permission denied", "/data/k.db")
+        return finish(*args, **kwargs)
+
+    monkeypatch.setattr(runner._ClaimedRun, "_say_where_checkpoints_went", unreadable)
+    monkeypatch.setattr(store, "finish", database_folder_unreadable_once)
+    with pytest.raises(PermissionError, match="/data/k.db"):
+        execute_pack(store, ids, "w1", lease_s=0.6)
+    assert len(calls) == 1
+    for run_id in ids:
+        assert (store.run(run_id).status, store.run(run_id).attempts) == ("queued", 0)
+
+
+def test_a_pack_of_repeated_ids_has_one_outcome_per_run(sqlite_store, tmp_path, monkeypatch):
+    from kanfarm.runner import execute_pack
+
+    store, ids = sqlite_store, _three_one_epoch_runs(sqlite_store, monkeypatch, tmp_path)
+    outcomes = execute_pack(store, [ids[0], ids[1], ids[1], 999, 999], "w1")
+    assert sorted((o.run_id, o.status) for o in outcomes) == [(ids[0], "completed"), (ids[1], "completed"),
+                                                               (999, "not-claimed")]
+
+
 def test_a_cycle_of_causes_is_no_disk_fault():
     from kanfarm.runner import environment_fault
 
