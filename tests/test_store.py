@@ -826,3 +826,22 @@ def test_sqlite_without_math_functions_gets_ln_from_python():
     assert registered == [("ln", 1, _ln)]
     _provide_ln(Connection(), builtin.cursor())  # built in: left alone
     assert len(registered) == 1
+
+
+def test_a_deleted_database_file_recreated_empty_by_another_connection_is_reported_deleted(tmp_path):
+    """After the file is deleted, any process's next connection creates it anew, empty, before its
+    own check refuses: that file is the deleted one's trace, not a database put in its place."""
+    import sqlite3
+
+    from kanfarm.store import DatabaseFileReplaced
+
+    db = tmp_path / "k.db"
+    store = Store(f"sqlite:///{db}")
+    store.upgrade()
+    store.status_counts()
+    db.unlink()
+    sqlite3.connect(db).close()  # another worker's connection
+    assert db.stat().st_size == 0
+    with pytest.raises(DatabaseFileReplaced, match="was deleted while"):
+        store.status_counts()
+    store.dispose()

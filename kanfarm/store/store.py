@@ -182,7 +182,9 @@ class Store:
         if self._file_id is None:
             self._file_id = now
         elif now != self._file_id:
-            raise DatabaseFileReplaced(self._file_path, deleted=now is None)
+            # an empty file is the deleted one's trace: a connection of another process, opened
+            # after the deletion, creates the file empty before its own check refuses to go on
+            raise DatabaseFileReplaced(self._file_path, deleted=now is None or st.st_size == 0)
 
     def _insert(self, table: sa.Table):
         dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
