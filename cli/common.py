@@ -8,7 +8,6 @@ import errno
 import functools
 import os
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import typer
@@ -144,85 +143,17 @@ def _url_text() -> str:
         return URL_ENV
 
 
-def database_url():
-    """``$KANFARM_DATABASE_URL`` (or the default), refused with exit 2 unless it is a SQLite or
-    PostgreSQL URL."""
-    from sqlalchemy.exc import ArgumentError
-
-    from kanfarm.store import engine
-
-    try:
-        url = engine.database_url()
-    except (ArgumentError, ValueError):  # not echoed: an unparsable URL may still hold a password
-        fail(f"{engine.URL_ENV}: not a database URL (sqlite:///path/to.db or postgresql+psycopg://user@host/db)")
-    if url.host and "@" in url.host:  # not echoed: the host holds part of the password
-        fail(f"{engine.URL_ENV}: the host part holds '@': write an '@' in the password as %40")
-    if url.get_backend_name() not in ("sqlite", "postgresql"):
-        fail(f"{engine.URL_ENV}: unsupported database {engine.masked(url)}: use sqlite or postgresql")
-    if url.port is not None and not 0 < url.port < 65536:
-        fail(f"{engine.URL_ENV}: port {url.port} is not a port number (1-65535)")
-    if url.get_backend_name() == "sqlite":
-        _check_sqlite_url(url)
-    _check_driver_options(url)
-    return url
-
-
-def _check_sqlite_url(url) -> None:
-    """A SQLite URL's file, refused here rather than as "database unavailable"."""
-    from kanfarm.store.engine import URL_ENV
-
-    if url.database in (None, "", ":memory:"):
-        fail(f"{URL_ENV}: an in-memory SQLite database keeps nothing between commands: "
-             "give a file (sqlite:///path/to.db)")
-    if str(url.query.get("uri", "")).lower() in ("true", "1"):
-        fail(f"{URL_ENV}: SQLite URI filenames (uri=true) are not supported: give a path (sqlite:///path/to.db)")
-    path = Path(url.database)
-    if path.is_dir():
-        fail(f"{URL_ENV}: {url.database} is a folder, not a database file")
-    if not path.absolute().parent.is_dir():
-        fail(f"{URL_ENV}: no folder {str(path.absolute().parent)!r} for the database file")
-
-
-def _check_driver_options(url) -> None:
-    """The URL's query options as the driver's dialect reads them (a port or timeout that is no
-    number, an option SQLite's driver would ignore), refused here rather than as a traceback at the
-    first connection. A driver that is not installed is left to ``open_store``."""
-    import warnings
-
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SAWarning
-
-    from kanfarm.store.engine import URL_ENV
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", SAWarning)  # an option the driver would ignore
-        try:
-            url.get_dialect()().create_connect_args(url)
-        except (NoSuchModuleError, ImportError):
-            return
-        except SAWarning as exc:
-            fail(f"{URL_ENV}: {str(exc).splitlines()[0]}")
-        except (ArgumentError, ValueError, TypeError) as exc:
-            fail(f"{URL_ENV}: a query option's value: {str(exc).splitlines()[0]}")
-
-
-def missing_sqlite_file(url) -> str | None:
-    """The path of a SQLite database file that does not exist yet, else None."""
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
-            and not Path(url.database).is_file():
-        return url.database
-    return None
-
-
 def open_store(check: bool = True):
     """The Store of ``$KANFARM_DATABASE_URL``. With ``check`` (every command but the ones that
     create the schema) it must exist and be migrated: a SQLite file that is not there is refused
     before it would be created empty."""
-    from kanfarm.store import Store
-    from kanfarm.store.engine import URL_ENV
-
     from sqlalchemy.exc import NoSuchModuleError
 
-    url = database_url()
+    from kanfarm.store import Store
+    from kanfarm.store.engine import URL_ENV
+    from kanfarm.store.url import checked_database_url, missing_sqlite_file
+
+    url = checked_database_url()
     if check and (path := missing_sqlite_file(url)):
         fail(f"no database at {path} ({URL_ENV}): run `kanfarm db upgrade` to create it")
     try:

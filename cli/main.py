@@ -17,9 +17,8 @@ from typing import Any, Optional
 
 import typer
 
-from cli.common import (CsvOpt, GridOpt, JsonOpt, database_url, grid_exists, handles_errors, missing_sqlite_file,
-                        read_spec, submit_spec,
-                        open_store, parse_pack_size)
+from cli.common import (CsvOpt, GridOpt, JsonOpt, grid_exists, handles_errors, open_store, parse_pack_size,
+                        read_spec, submit_spec)
 from cli.distributed import register as register_distributed
 from cli.output import (console, emit_rows, err_console, fail, json_array_chunks, show_warning, to_json, working,
                         use_escapes_where_unencodable, write_csv)
@@ -66,8 +65,9 @@ def db_upgrade() -> None:
 def db_current() -> None:
     """Print the schema revision of the database (without creating a SQLite file that is not there)."""
     from kanfarm.store.engine import masked
+    from kanfarm.store.url import checked_database_url, missing_sqlite_file
 
-    url = database_url()
+    url = checked_database_url()
     if missing_sqlite_file(url):
         console.print(f"database {masked(url)} at revision none (no file yet)")
         return

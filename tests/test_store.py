@@ -845,3 +845,20 @@ def test_a_deleted_database_file_recreated_empty_by_another_connection_is_report
     with pytest.raises(DatabaseFileReplaced, match="was deleted while"):
         store.status_counts()
     store.dispose()
+
+
+@pytest.mark.parametrize("url, words", [
+    ("mysql://root:topsecret@127.0.0.1/db", "unsupported database"),
+    ("sqlite://", "in-memory"),
+    ("sqlite:////no/such/folder/k.db", "no folder"),
+    ("postgresql+psycopg://u:top@secret@127.0.0.1/db", "holds '@'"),
+    ("sqlite:///k.db?bogus_option=1", "KANFARM_DATABASE_URL"),
+])
+def test_a_bad_database_url_is_a_config_error_naming_the_setting_and_no_password(url, words):
+    from kanfarm.config import ConfigError
+    from kanfarm.store.url import checked_database_url
+
+    with pytest.raises(ConfigError) as caught:
+        checked_database_url(url)
+    assert caught.value.field == "KANFARM_DATABASE_URL" and words in str(caught.value)
+    assert "topsecret" not in str(caught.value) and "secret@" not in str(caught.value)
