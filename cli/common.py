@@ -21,7 +21,7 @@ def grid_name(value: str | None) -> str | None:
     return None if value is None else stored_form(value)
 
 
-GridOpt = typer.Option(None, "--grid", help="Only runs of this grid (default: all).", callback=grid_name)
+GridOpt = typer.Option(None, "--grid", metavar="NAME", help="Only runs of this grid (default: all).", callback=grid_name)
 JsonOpt = typer.Option(False, "--json", help="Machine-readable JSON on stdout.")
 CsvOpt = typer.Option(False, "--csv", help="CSV on stdout.")
 

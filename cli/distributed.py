@@ -18,9 +18,9 @@ from cli.common import (GridOpt, JsonOpt, grid_exists, grid_name, handles_errors
                         read_spec, submit_spec)
 from cli.output import console, err_console, fail, to_json, working
 
-enqueue_app = typer.Typer(no_args_is_help=True, help="Put runs on the Redis queue for Celery workers.")
+enqueue_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Put runs on the Redis queue for Celery workers.")
 
-QueueOpt = typer.Option("cpu", "--queue", help="Broker queue: gpu or cpu.")
+QueueOpt = typer.Option("cpu", "--queue", metavar="gpu|cpu", help="Broker queue: gpu or cpu.")
 
 #: what Celery's ``--loglevel`` accepts (any case)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "FATAL")
@@ -69,11 +69,11 @@ def _report(info: dict[str, Any], as_json: bool, lines: list[str]) -> None:
 
 @enqueue_app.command("grid")
 @handles_errors
-def enqueue_grid(spec: str = typer.Argument(..., help="A TOML spec file or a preset name."),
+def enqueue_grid(spec: str = typer.Argument(..., metavar="SPEC", help="A TOML spec file or a preset name."),
                  queue: str = QueueOpt,
                  dry_run: bool = typer.Option(False, "--dry-run", help="Say what would happen; write nothing."),
                  as_json: bool = JsonOpt,
-                 pack_size: str = typer.Option("1", "--pack-size",
+                 pack_size: str = typer.Option("1", "--pack-size", metavar="N|auto",
                                                help="Publish compatible runs as packs of up to N (trained as one stacked model), or auto (each worker fits its GPU).")) -> None:
     """Write a grid's runs (idempotent), mark the unfinished ones queued, publish one message per run (or pack)."""
     from kanfarm import dispatch
@@ -103,12 +103,12 @@ def requeue(grid: Optional[str] = GridOpt,
             stale: bool = typer.Option(False, "--stale", help="Also runs whose lease expired (dead worker)."),
             failed: bool = typer.Option(False, "--failed", help="Also failed runs with attempts left."),
             queue: Optional[str] = typer.Option(
-                None, "--queue", help="Publish every run to this queue (gpu or cpu) instead of the one it was "
+                None, "--queue", metavar="gpu|cpu", help="Publish every run to this queue (gpu or cpu) instead of the one it was "
                                       "enqueued on (cpu for a run never enqueued)."),
             max_attempts: Optional[int] = typer.Option(
-                None, "--max-attempts", min=1, help="Attempts bound for --failed (default $KANFARM_MAX_ATTEMPTS or 3)."),
+                None, "--max-attempts", metavar="N", min=1, help="Attempts bound for --failed (default $KANFARM_MAX_ATTEMPTS or 3)."),
             as_json: bool = JsonOpt,
-            pack_size: str = typer.Option("1", "--pack-size",
+            pack_size: str = typer.Option("1", "--pack-size", metavar="N|auto",
                                           help="Publish compatible runs as packs of up to N, or auto, as enqueue grid does.")) -> None:
     """Re-publish every queued run (after a Redis restart or flush), and stale/failed ones if asked.
 
@@ -151,11 +151,11 @@ def requeue(grid: Optional[str] = GridOpt,
 
 def sweep(grid: Optional[str] = GridOpt,
           every: Optional[float] = typer.Option(
-              None, "--every", min=1, help="Sweep again every SECONDS until stopped (the compose sweeper service)."),
+              None, "--every", metavar="SECONDS", min=1, help="Sweep again every SECONDS until stopped (the compose sweeper service)."),
           grace: float = typer.Option(
-              300.0, "--grace", min=0,
+              300.0, "--grace", metavar="SECONDS", min=0,
               help="Only runs whose lease expired at least SECONDS ago (a worker cut off for less hands its run back itself, attempt refunded)."),
-          pack_size: str = typer.Option("1", "--pack-size",
+          pack_size: str = typer.Option("1", "--pack-size", metavar="N|auto",
                                         help="Publish compatible runs as packs of up to N, or auto, as enqueue grid does."),
           as_json: bool = JsonOpt) -> None:
     """Publish again, once each, the runs whose lease expired (their worker died) and mark them queued.
@@ -203,7 +203,7 @@ def _sweep_line(info: dict[str, Any]) -> str:
             + (f", {info['local']} left to the local `run grid` that holds them" if info["local"] else ""))
 
 
-def cancel(grid: str = typer.Option(..., "--grid", help="The grid to cancel.", callback=grid_name),
+def cancel(grid: str = typer.Option(..., "--grid", metavar="NAME", help="The grid to cancel.", callback=grid_name),
            as_json: bool = JsonOpt) -> None:
     """Waiting (pending or queued) runs become cancelled; running ones stop at their next epoch boundary."""
     from kanfarm.dispatch import grids_sharing_unfinished
@@ -219,10 +219,10 @@ def cancel(grid: str = typer.Option(..., "--grid", help="The grid to cancel.", c
     _report({"grid": grid, "cancelled": waiting, "stopping": running, "other_grids": shared}, as_json, lines)
 
 
-def worker(gpus: Optional[str] = typer.Option(None, "--gpus", help="GPU ids, e.g. 0,1: one worker process per GPU."),
-           queues: Optional[str] = typer.Option(None, "--queues", help="Queues to consume (default gpu with --gpus, else cpu)."),
-           concurrency: int = typer.Option(1, "--concurrency", min=1, help="Worker processes per GPU (or CPU workers)."),
-           loglevel: str = typer.Option("INFO", "--loglevel", help="Celery log level.")) -> None:
+def worker(gpus: Optional[str] = typer.Option(None, "--gpus", metavar="IDS", help="GPU ids, e.g. 0,1: one worker process per GPU."),
+           queues: Optional[str] = typer.Option(None, "--queues", metavar="QUEUES", help="Queues to consume (default gpu with --gpus, else cpu)."),
+           concurrency: int = typer.Option(1, "--concurrency", metavar="N", min=1, help="Worker processes per GPU (or CPU workers)."),
+           loglevel: str = typer.Option("INFO", "--loglevel", metavar="LEVEL", help="Celery log level.")) -> None:
     """Start Celery workers on this machine and wait; SIGTERM/Ctrl-C checkpoints and releases runs."""
     from workers.launcher import check_gpus, launch, parse_gpus, parse_queues, plan
 

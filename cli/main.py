@@ -24,7 +24,7 @@ from cli.output import (console, emit_rows, err_console, fail, json_array_chunks
                         use_escapes_where_unencodable, write_csv)
 from cli.plots import register as register_plots
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
+app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, add_completion=False,
                   help="Batch benchmarking of KANs against MLPs: grids of runs, workers, per-epoch metrics, reports.")
 
 
@@ -36,10 +36,10 @@ def _start(ctx: typer.Context) -> None:
     ctx.call_on_close(lambda: setattr(warnings, "showwarning", shown_before))
 
 
-db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic migrations).")
-grid_app = typer.Typer(no_args_is_help=True, help="Inspect and submit grid specs.")
-run_app = typer.Typer(no_args_is_help=True, help="Run grids on this machine.")
-report_app = typer.Typer(no_args_is_help=True, help="Reports over a grid's runs (or all runs).")
+db_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Database schema (Alembic migrations).")
+grid_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspect and submit grid specs.")
+run_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Run grids on this machine.")
+report_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Reports over a grid's runs (or all runs).")
 app.add_typer(db_app, name="db")
 app.add_typer(grid_app, name="grid")
 app.add_typer(run_app, name="run")
@@ -86,8 +86,8 @@ def db_current() -> None:
 
 @grid_app.command("show")
 @handles_errors
-def grid_show(spec: str = typer.Argument(..., help="A TOML spec file or a preset name."),
-              sample: int = typer.Option(5, min=0, help="How many cells to show."), as_json: bool = JsonOpt) -> None:
+def grid_show(spec: str = typer.Argument(..., metavar="SPEC", help="A TOML spec file or a preset name."),
+              sample: int = typer.Option(5, "--sample", metavar="N", min=0, help="How many cells to show."), as_json: bool = JsonOpt) -> None:
     """Print a spec's cell count, axes and a sample of cells."""
     from kanfarm.grids import load_spec
     from kanfarm.submission import sized_cells
@@ -126,7 +126,7 @@ def _submit(store, spec: str | Any):
 
 @grid_app.command("submit")
 @handles_errors
-def grid_submit(spec: str = typer.Argument(..., help="A TOML spec file or a preset name.")) -> None:
+def grid_submit(spec: str = typer.Argument(..., metavar="SPEC", help="A TOML spec file or a preset name.")) -> None:
     """Write a grid's runs into the database (idempotent: existing cells are kept)."""
     _submit(open_store(), spec)
 
@@ -183,10 +183,10 @@ def _check_device(device: str) -> None:
 
 @run_app.command("grid")
 @handles_errors
-def run_grid(spec: str = typer.Argument(..., help="A TOML spec file or a preset name."),
-             workers: int = typer.Option(1, "--workers", min=1, help="Local worker processes."),
-             device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-             pack_size: str = typer.Option("1", "--pack-size",
+def run_grid(spec: str = typer.Argument(..., metavar="SPEC", help="A TOML spec file or a preset name."),
+             workers: int = typer.Option(1, "--workers", metavar="N", min=1, help="Local worker processes."),
+             device: str = typer.Option("cpu", "--device", metavar="cpu|cuda", help="cpu or cuda."),
+             pack_size: str = typer.Option("1", "--pack-size", metavar="N|auto",
                                            help="Train up to N compatible runs at once as one stacked model, or auto (fit free GPU memory)."),
              retry_failed: bool = typer.Option(False, "--retry-failed",
                                                help="Run the grid's failed runs again too (from their last checkpoint).")) -> None:
@@ -263,7 +263,7 @@ def download_progress():
 
 @app.command()
 @handles_errors
-def demo(workers: int = typer.Option(2, "--workers", min=1, help="Local worker processes.")) -> None:
+def demo(workers: int = typer.Option(2, "--workers", metavar="N", min=1, help="Local worker processes.")) -> None:
     """A small KAN vs MLP vs MLP-Wide grid on scikit-learn's digits, then its summary."""
     from kanfarm.runner import check_run_environment
     from kanfarm.store.engine import masked
@@ -341,7 +341,7 @@ def report_summary(grid: Optional[str] = GridOpt, as_json: bool = JsonOpt, as_cs
 @handles_errors
 def report_efficiency(grid: Optional[str] = GridOpt, as_json: bool = JsonOpt, as_csv: bool = CsvOpt,
                       intrinsic_dim: list[str] = typer.Option(
-                          [], "--intrinsic-dim", help="DATASET=N, overrides the stored intrinsic dimension.")) -> None:
+                          [], "--intrinsic-dim", metavar="DATASET=N", help="DATASET=N, overrides the stored intrinsic dimension.")) -> None:
     """A / (t + 1) / ln(1 + N - ID) per finished run, best first (FACTS.md)."""
     from kanfarm.data import DATASETS
 
@@ -375,8 +375,8 @@ def report_sensitivity(grid: Optional[str] = GridOpt, as_json: bool = JsonOpt, a
 @app.command()
 @handles_errors
 def export(grid: Optional[str] = GridOpt,
-           fmt: str = typer.Option(..., "--format", help="csv or json."),
-           out: Optional[Path] = typer.Option(None, "--out", help="File to write (default: stdout).")) -> None:
+           fmt: str = typer.Option(..., "--format", metavar="csv|json", help="csv or json."),
+           out: Optional[Path] = typer.Option(None, "--out", metavar="FILE", help="File to write (default: stdout).")) -> None:
     """Runs and their epoch metrics in long format (one row per run and epoch)."""
     if fmt not in ("csv", "json"):
         fail(f"--format: {fmt!r} is not one of csv, json")

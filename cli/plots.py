@@ -15,7 +15,7 @@ def register(report_app: typer.Typer) -> None:
     @report_app.command("plot")
     @handles_errors
     def report_plot(grid: Optional[str] = GridOpt,
-                    out: str = typer.Option(..., "--out", help="Folder for name.png and name.svg.")) -> None:
+                    out: str = typer.Option(..., "--out", metavar="FOLDER", help="Folder for name.png and name.svg.")) -> None:
         """Figures (PNG and SVG) of every study question the grid has data for."""
         from kanfarm.reports.figures import build_figures, save_figures
 
@@ -43,7 +43,7 @@ def register(report_app: typer.Typer) -> None:
     @report_app.command("html")
     @handles_errors
     def report_html(grid: Optional[str] = GridOpt,
-                    out: Path = typer.Option(Path("report.html"), "--out", help="The page to write.")) -> None:
+                    out: Path = typer.Option(Path("report.html"), "--out", metavar="FILE", help="The page to write.")) -> None:
         """One self-contained HTML page: figures, tables, grid spec, versions and hardware."""
         from kanfarm.reports.html import write_html
 
