@@ -9,7 +9,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import os
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,20 +80,6 @@ def check_hsic_sigma(name: str, value: float) -> float:
     if not low <= value <= high:
         raise ConfigError(name, f"{value!r} must lie in [{low:g}, {high:g}]")
     return value
-
-
-def env_flag(name: str, default: bool) -> bool:
-    """A boolean setting from the environment: 1/true/yes/on or 0/false/no/off (any case), the
-    ``default`` when unset or empty; another value is a ConfigError naming the variable, so a typo
-    never silently means the default."""
-    value = os.environ.get(name, "").strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    if value == "":
-        return default
-    raise ConfigError(name, f"{value!r}: use 1 (on) or 0 (off)")
 
 
 def check_widths_text(name: str, widths: tuple[int, ...]) -> None:

@@ -23,6 +23,7 @@ from types import TracebackType
 from typing import Callable, Iterator
 
 from kanfarm.config import ConfigError, RunConfig, check_folder
+from kanfarm.settings import env_number
 from kanfarm.data import DatasetFormatError, DatasetUnavailable, data_dir, load_dataset
 from kanfarm.data.dataset import Dataset
 from kanfarm.store import LeaseLost, Store
@@ -61,14 +62,10 @@ def checkpoint_settings() -> tuple[int, int]:
     """(every, keep) from ``KANFARM_CHECKPOINT_EVERY`` (default 1) and ``KANFARM_CHECKPOINT_KEEP`` (2).
 
     Read before a run is claimed, so a bad value claims nothing."""
-    settings = []
-    for name, default in (("KANFARM_CHECKPOINT_EVERY", 1), ("KANFARM_CHECKPOINT_KEEP", 2)):
-        value = os.environ.get(name, str(default))
-        if not (value.isascii() and value.isdigit()) or int(value) < 1:
-            raise ConfigError(name, f"{value!r} must be a positive integer")
-        settings.append(int(value))
+    every = env_number("KANFARM_CHECKPOINT_EVERY", 1, kind=int)
+    keep = env_number("KANFARM_CHECKPOINT_KEEP", 2, kind=int)
     check_folder("KANFARM_CHECKPOINT_DIR", checkpoint_root())
-    return settings[0], settings[1]
+    return every, keep
 
 
 def check_checkpoints_writable(leave_nothing: bool = False) -> None:
@@ -122,23 +119,12 @@ def checkpoint_interval() -> float:
     if os.environ.get("KANFARM_PACK_CHECKPOINT_SECONDS"):  # its old name: ignoring it would change the cadence unsaid
         raise ConfigError("KANFARM_PACK_CHECKPOINT_SECONDS", "renamed KANFARM_CHECKPOINT_SECONDS (it now applies to "
                           "single runs too): set that one instead")
-    return _seconds("KANFARM_CHECKPOINT_SECONDS", CHECKPOINT_S)
+    return env_number("KANFARM_CHECKPOINT_SECONDS", CHECKPOINT_S, zero=True, unit="seconds")
 
 
 def stall_seconds() -> float:
     """``KANFARM_STALL_SECONDS`` (default ``STALL_S``; 0 = never): see ``_Heartbeat``. Read before a claim."""
-    return _seconds("KANFARM_STALL_SECONDS", STALL_S)
-
-
-def _seconds(name: str, default: float) -> float:
-    value = os.environ.get(name, str(default))
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = float("nan")
-    if not 0 <= seconds < float("inf"):
-        raise ConfigError(name, f"{value!r} must be a non-negative number of seconds")
-    return seconds
+    return env_number("KANFARM_STALL_SECONDS", STALL_S, zero=True, unit="seconds")
 
 
 def worker_name(suffix: str = "") -> str:

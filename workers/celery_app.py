@@ -14,6 +14,7 @@ Configured from the environment so one image serves every machine:
 """
 from __future__ import annotations
 
+import math
 import os
 
 from celery import Celery
@@ -33,16 +34,9 @@ def broker_url(url: str | None = None) -> str:
 
 
 def visibility_timeout() -> int:
-    from kanfarm.config import ConfigError
+    from kanfarm.settings import env_number
 
-    raw = os.environ.get(VISIBILITY_ENV, "")
-    try:
-        value = int(float(raw)) if raw.strip() else DEFAULT_VISIBILITY_S
-    except (ValueError, OverflowError):  # text, nan, inf
-        value = 0
-    if value <= 0:
-        raise ConfigError(VISIBILITY_ENV, f"{raw!r} must be a positive number of seconds")
-    return value
+    return math.ceil(env_number(VISIBILITY_ENV, DEFAULT_VISIBILITY_S, unit="seconds"))  # Redis counts whole seconds
 
 
 def settings(url: str | None = None) -> dict:

@@ -19,6 +19,7 @@ from celery import Task, signals
 from celery.exceptions import InvalidTaskError
 from celery.utils.log import get_task_logger
 
+from kanfarm.settings import env_number
 from kanfarm.store import DatabaseFileReplaced, database_errors
 from workers.celery_app import DEFAULT_QUEUE, QUEUES, TASK_NAME, app
 
@@ -57,32 +58,14 @@ _store = None
 _store_lock = threading.Lock()
 
 
-def _positive(env: str, default: float, kind=float):
-    """A positive finite ``kind`` from ``env``; ConfigError naming the variable otherwise (the CLI
-    prints it as one line, exit 2)."""
-    from kanfarm.config import ConfigError
-
-    raw = os.environ.get(env, "").strip()
-    if not raw:
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        value = None
-    if value is None or not 0 < value < float("inf"):
-        what = "a positive integer" if kind is int else "a positive number"
-        raise ConfigError(env, f"{raw!r} must be {what}")
-    return value
-
-
 def lease_seconds() -> float:
     from kanfarm.runner import DEFAULT_LEASE_S
 
-    return _positive(LEASE_ENV, DEFAULT_LEASE_S)
+    return env_number(LEASE_ENV, DEFAULT_LEASE_S, unit="seconds")
 
 
 def max_attempts() -> int:
-    return _positive(ATTEMPTS_ENV, DEFAULT_MAX_ATTEMPTS, int)
+    return env_number(ATTEMPTS_ENV, DEFAULT_MAX_ATTEMPTS, kind=int)
 
 
 def device() -> str:

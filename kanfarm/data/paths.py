@@ -15,6 +15,6 @@ def data_dir() -> Path:
 def offline() -> bool:
     """True when ``KANFARM_OFFLINE`` asks never to download (1/true/yes/on; 0/false/no/off or
     unset: downloads allowed). Another value is refused, so a typo cannot silently download."""
-    from kanfarm.config import env_flag
+    from kanfarm.settings import env_flag
 
     return env_flag("KANFARM_OFFLINE", False)

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from kanfarm.config import env_flag
+from kanfarm.settings import env_flag
 
 log = logging.getLogger(__name__)
 

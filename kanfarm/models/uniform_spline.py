@@ -114,7 +114,7 @@ def cell_coordinates(x: torch.Tensor, t0: torch.Tensor, inv_h: torch.Tensor) -> 
 def triton_wanted() -> bool:
     """``KANFARM_TRITON`` (default on): 0, false, no or off turn the fused kernels off; any other
     value than those and 1, true, yes, on is refused, so a typo cannot leave them silently on."""
-    from kanfarm.config import env_flag
+    from kanfarm.settings import env_flag
 
     return env_flag("KANFARM_TRITON", True)
 

@@ -19,7 +19,7 @@ import ctypes
 import logging
 import platform
 
-from kanfarm.config import env_flag
+from kanfarm.settings import env_flag
 
 #: glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8

@@ -1,0 +1,39 @@
+"""Settings read from the environment: one parser per kind of value.
+
+Each refuses a bad value with a ``ConfigError`` naming the variable (the CLI prints it as one
+line, exit 2), so a typo never silently means the default. Unset or empty means the default.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+from kanfarm.config import ConfigError
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """1/true/yes/on or 0/false/no/off, any case."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    if value == "":
+        return default
+    raise ConfigError(name, f"{value!r}: use 1 (on) or 0 (off)")
+
+
+def env_number(name: str, default: float, *, kind: type = float, zero: bool = False, unit: str = "") -> float:
+    """A finite number of ``kind`` (int: digits only), above 0, or at least 0 with ``zero``.
+    ``unit`` names what it counts in the refusal ("seconds")."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw) if kind is int and raw.isascii() and raw.isdigit() else float(raw) if kind is float else None
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        what = ("a non-negative" if zero else "a positive") + (" integer" if kind is int else " number")
+        raise ConfigError(name, f"{raw!r} must be {what}" + (f" of {unit}" if unit else ""))
+    return value

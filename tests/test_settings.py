@@ -1,0 +1,43 @@
+"""kanfarm.settings: every environment setting is parsed by one of these, and a bad value is a
+ConfigError naming the variable, never the default in disguise."""
+from __future__ import annotations
+
+import pytest
+
+from kanfarm.config import ConfigError
+from kanfarm.settings import env_flag, env_number
+
+
+@pytest.mark.parametrize("raw, kind, zero, expected", [
+    ("", int, False, 7), ("  ", float, False, 7), ("3", int, False, 3), (" 3 ", int, False, 3),
+    ("2.5", float, False, 2.5), ("0", float, True, 0.0), ("1e3", float, False, 1000.0),
+])
+def test_env_number_takes(monkeypatch, raw, kind, zero, expected):
+    monkeypatch.setenv("KANFARM_X", raw)
+    value = env_number("KANFARM_X", 7, kind=kind, zero=zero)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize("raw, kind, zero, words", [
+    ("abc", float, False, "a positive number"), ("1.5", int, False, "a positive integer"),
+    ("0", int, False, "a positive integer"), ("0", float, False, "a positive number"),
+    ("-1", float, True, "a non-negative number"), ("nan", float, True, "non-negative"),
+    ("inf", float, False, "positive"), ("\u00b2", int, False, "integer"), ("-3", int, False, "integer"),
+])
+def test_env_number_refuses_naming_the_variable(monkeypatch, raw, kind, zero, words):
+    monkeypatch.setenv("KANFARM_X", raw)
+    with pytest.raises(ConfigError) as caught:
+        env_number("KANFARM_X", 7, kind=kind, zero=zero, unit="seconds")
+    assert caught.value.field == "KANFARM_X" and words in str(caught.value) and str(caught.value).endswith("seconds")
+
+
+@pytest.mark.parametrize("raw, expected", [("", True), ("0", False), ("OFF", False), (" yes ", True), ("On", True)])
+def test_env_flag(monkeypatch, raw, expected):
+    monkeypatch.setenv("KANFARM_F", raw)
+    assert env_flag("KANFARM_F", True) is expected
+
+
+def test_env_flag_refuses_a_typo(monkeypatch):
+    monkeypatch.setenv("KANFARM_F", "ture")
+    with pytest.raises(ConfigError, match="KANFARM_F: 'ture'"):
+        env_flag("KANFARM_F", True)
