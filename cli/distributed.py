@@ -234,7 +234,7 @@ def worker(gpus: Optional[str] = typer.Option(None, "--gpus", metavar="IDS", hel
         specs = plan(gpu_ids, parse_queues(queues, "gpu" if gpu_ids else "cpu"), concurrency)
     except ValueError as exc:
         fail(str(exc))
-    from kanfarm.runner import check_run_environment
+    from kanfarm.run_environment import check_run_environment
     from workers.broker import check_answers, check_url
     from workers.celery_app import visibility_timeout
     from workers.tasks import lease_seconds, max_attempts

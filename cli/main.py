@@ -191,7 +191,7 @@ def run_grid(spec: str = typer.Argument(..., metavar="SPEC", help="A TOML spec f
              retry_failed: bool = typer.Option(False, "--retry-failed",
                                                help="Run the grid's failed runs again too (from their last checkpoint).")) -> None:
     """Write a grid's runs, then execute them with local workers (resumable: run again to finish)."""
-    from kanfarm.runner import check_run_environment
+    from kanfarm.run_environment import check_run_environment
 
     _check_device(device)
     size = parse_pack_size(pack_size)
@@ -265,7 +265,7 @@ def download_progress():
 @handles_errors
 def demo(workers: int = typer.Option(2, "--workers", metavar="N", min=1, help="Local worker processes.")) -> None:
     """A small KAN vs MLP vs MLP-Wide grid on scikit-learn's digits, then its summary."""
-    from kanfarm.runner import check_run_environment
+    from kanfarm.run_environment import check_run_environment
     from kanfarm.store.engine import masked
 
     check_run_environment()

@@ -874,7 +874,7 @@ def test_checkpoint_interval_from_the_environment(sqlite_store, tmp_path, monkey
     (solo,) = store.run_ids("solo2")
     assert execute_run(store, solo, "w").status == "completed"
     assert [c.epoch for c in store.checkpoints(solo)] == [2, 3]
-    from kanfarm.runner import checkpoint_interval
+    from kanfarm.run_environment import checkpoint_interval
 
     monkeypatch.setenv("KANFARM_PACK_CHECKPOINT_SECONDS", "")  # what compose passes when .env does not set it
     assert checkpoint_interval() == 0
@@ -953,7 +953,7 @@ def test_an_empty_checkpoint_folder_variable_means_the_default(monkeypatch):
     """As every other variable: empty is unset, not the current folder."""
     from pathlib import Path
 
-    from kanfarm.runner import checkpoint_root
+    from kanfarm.run_environment import checkpoint_root
 
     monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", "")
     assert checkpoint_root() == Path("kanfarm-checkpoints").absolute()
@@ -1174,7 +1174,7 @@ def test_a_pack_of_repeated_ids_has_one_outcome_per_run(sqlite_store, tmp_path, 
 
 
 def test_a_cycle_of_causes_is_no_disk_fault():
-    from kanfarm.runner import environment_fault
+    from kanfarm.run_environment import environment_fault
 
     a, b = RuntimeError("a"), RuntimeError("b")
     a.__cause__, b.__cause__ = b, a
@@ -1188,7 +1188,7 @@ def test_a_full_disk_is_found_behind_a_download_error_and_named_by_the_innermost
     import errno
 
     from kanfarm.data import DatasetUnavailable
-    from kanfarm.runner import environment_fault
+    from kanfarm.run_environment import environment_fault
 
     monkeypatch.setenv("KANFARM_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
@@ -1209,7 +1209,7 @@ def test_the_checkpoint_check_writes_a_real_payload(tmp_path, monkeypatch):
     import errno
     import tempfile
 
-    from kanfarm import runner
+    from kanfarm import run_environment
 
     monkeypatch.setenv("KANFARM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
     real = tempfile.NamedTemporaryFile
@@ -1233,4 +1233,4 @@ def test_the_checkpoint_check_writes_a_real_payload(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tempfile, "NamedTemporaryFile", FullDisk)
     with pytest.raises(ConfigError, match="KANFARM_CHECKPOINT_DIR: .*No space left on device"):
-        runner.check_checkpoints_writable()
+        run_environment.check_checkpoints_writable()

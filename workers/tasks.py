@@ -110,11 +110,12 @@ def _forked_child(**_kwargs) -> None:
 def _warm_up(**_kwargs) -> None:
     """Import torch and the trainer before the worker says ready, not inside the first run, and
     say early when the database is unreachable or not migrated. Never initialises CUDA."""
-    import kanfarm.runner
+    import kanfarm.runner  # noqa: F401
     import kanfarm.training.loop  # noqa: F401
+    from kanfarm.run_environment import check_run_environment
 
     try:  # `kanfarm worker` refuses to start on these, and so does a worker started by `celery`:
-        kanfarm.runner.check_run_environment()  # it would take every message and run none
+        check_run_environment()  # it would take every message and run none
         lease_seconds(), max_attempts(), device()
     except ValueError as exc:
         _say_at_start(f"bad setting: {exc}; not starting")
