@@ -74,7 +74,7 @@ def enqueue_grid(spec: str = typer.Argument(..., metavar="SPEC", help="A TOML sp
                  dry_run: bool = typer.Option(False, "--dry-run", help="Say what would happen; write nothing."),
                  as_json: bool = JsonOpt,
                  pack_size: str = typer.Option("1", "--pack-size", metavar="N|auto",
-                                               help="Publish compatible runs as packs of up to N (trained as one stacked model), or auto (each worker fits its GPU).")) -> None:
+                                               help="Publish compatible runs as packs of up to N (trained as one stacked model), or auto (each worker splits them to what fits: free GPU memory, on a CPU up to 8).")) -> None:
     """Write a grid's runs (idempotent), mark the unfinished ones queued, publish one message per run (or pack)."""
     from kanfarm import dispatch
     from kanfarm.submission import sized_cells

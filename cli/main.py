@@ -187,7 +187,7 @@ def run_grid(spec: str = typer.Argument(..., metavar="SPEC", help="A TOML spec f
              workers: int = typer.Option(1, "--workers", metavar="N", min=1, help="Local worker processes."),
              device: str = typer.Option("cpu", "--device", metavar="cpu|cuda", help="cpu or cuda."),
              pack_size: str = typer.Option("1", "--pack-size", metavar="N|auto",
-                                           help="Train up to N compatible runs at once as one stacked model, or auto (fit free GPU memory)."),
+                                           help="Train up to N compatible runs at once as one stacked model, or auto (fit free GPU memory; on a CPU up to 8)."),
              retry_failed: bool = typer.Option(False, "--retry-failed",
                                                help="Run the grid's failed runs again too (from their last checkpoint).")) -> None:
     """Write a grid's runs, then execute them with local workers (resumable: run again to finish)."""

@@ -216,7 +216,7 @@ def test_cancel_catches_a_run_handed_back_while_it_runs(postgres_store):
     assert store.run(run_id).status == "cancelled"
 
 
-def test_release_requeues_and_max_attempts_fails_the_run(store):
+def test_release_requeues_and_max_attempts_fails_the_run(store, caplog):
     store.submit_grid("g", {}, cells(1))
     run_id = store.run_ids()[0]
     store.claim(run_id, "w1", 60, max_attempts=2)
@@ -225,6 +225,8 @@ def test_release_requeues_and_max_attempts_fails_the_run(store):
     assert store.run(run_id).status == "queued"
     store.claim(run_id, "w2", -1, max_attempts=2)  # second attempt, then the lease lapses
     assert store.claim(run_id, "w3", 60, max_attempts=2) is None
+    # to its caller one more run not claimed: the log says the claim failed it
+    assert f"run {run_id} marked failed at a claim by w3: it has used its 2 attempts" in caplog.text
     failed = store.run(run_id)
     assert (failed.status, failed.attempts, failed.error) == ("failed", 2, "worker shut down")
     assert store.mark_queued([run_id]) == 1

@@ -16,6 +16,7 @@ and use leases much longer than the skew.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ from kanfarm.store.schema import (CLAIMABLE, FINISHED, RUN_SUMMARY_COLUMNS, STAT
 _CHUNK = 500  # ids per IN (...) list: far below SQLite's bound-parameter limit
 _METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "seconds", "diverged", "extra")
 _run_summary = sa.table("run_summary", *(sa.column(name) for name in RUN_SUMMARY_COLUMNS))
+log = logging.getLogger(__name__)
 
 
 def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
@@ -349,7 +351,9 @@ class Store:
                 sa.update(runs).where(where, runs.c.attempts >= max_attempts, sa.not_(own))
                 .values(status="failed", finished_at=_at(now), lease_expires_at=None,
                         error=sa.func.coalesce(runs.c.error, f"gave up after {max_attempts} attempts")))
-            if gave_up.rowcount:
+            if gave_up.rowcount:  # said here: to the caller it is one more run not claimed
+                log.warning("run %s marked failed at a claim by %s: it has used its %d attempts (KANFARM_MAX_ATTEMPTS)",
+                            run_id, worker, max_attempts)
                 return None
             where = sa.and_(where, sa.or_(runs.c.attempts < max_attempts, own))
         claimed = conn.execute(
