@@ -592,3 +592,19 @@ def test_bar_figures_are_as_wide_as_their_fullest_panel_and_no_wider_than_the_ca
         F.accuracy_bars(many)
     with pytest.raises(F.NoData, match="100 boxes in one panel"):
         F.sensitivity_boxes(many)
+
+
+def test_cli_plot_and_html_json_list_what_they_wrote(cli, tmp_path):
+    import json
+
+    out = tmp_path / "figs"
+    result = cli("plot", "--grid", "full", "--out", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["grid"] == "full" and info["skipped"] == {}
+    assert sorted(info["written"]) == sorted(str(p) for p in out.iterdir())
+    result = cli("plot", "--grid", "empty", "--out", str(tmp_path / "none"), "--json")
+    info = json.loads(result.stdout)  # the notes go to stderr: stdout stays one JSON object
+    assert info["written"] == [] and "trainers" in info["skipped"]
+    result = cli("html", "--grid", "full", "--out", str(tmp_path / "r.html"), "--json")
+    assert json.loads(result.stdout) == {"grid": "full", "written": str(tmp_path / "r.html")}
