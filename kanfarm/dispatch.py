@@ -26,11 +26,11 @@ Publish = Callable[[list[list[int]], str, bool], int]
 def pack_messages(run_ids: list[int], size: int | str, config_of: Callable[[int], RunConfig]) -> list[list[int]]:
     """The runs' messages: one each with ``size`` 1, else packs of up to ``size`` (``auto``: the
     largest; each worker splits them to suit its device)."""
-    from kanfarm.packing import plan_packs
-    from kanfarm.packing.planner import MAX_PACK
-
     if size == 1:
         return [[i] for i in run_ids]
+    from kanfarm.packing import plan_packs  # imports torch: only for packs
+    from kanfarm.packing.planner import MAX_PACK
+
     return plan_packs([(i, config_of(i)) for i in run_ids], MAX_PACK if size == "auto" else size)
 
 

@@ -24,16 +24,16 @@ def env_flag(name: str, default: bool) -> bool:
 
 
 def env_number(name: str, default: float, *, kind: type = float, zero: bool = False, unit: str = "") -> float:
-    """A finite number of ``kind`` (int: digits only), above 0, or at least 0 with ``zero``.
-    ``unit`` names what it counts in the refusal ("seconds")."""
+    """A finite number of ``kind`` as Python writes one (ASCII: int("٣") would be 3), above 0, or at
+    least 0 with ``zero``. ``unit`` names what it counts in the refusal ("seconds")."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
     try:
-        value = int(raw) if kind is int and raw.isascii() and raw.isdigit() else float(raw) if kind is float else None
+        value = kind(raw) if raw.isascii() else None
     except ValueError:
         value = None
-    if value is None or not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+    if value is None or (kind is float and not math.isfinite(value)) or value < 0 or (value == 0 and not zero):
         what = ("a non-negative" if zero else "a positive") + (" integer" if kind is int else " number")
         raise ConfigError(name, f"{raw!r} must be {what}" + (f" of {unit}" if unit else ""))
     return value

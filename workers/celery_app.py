@@ -14,7 +14,6 @@ Configured from the environment so one image serves every machine:
 """
 from __future__ import annotations
 
-import math
 import os
 
 from celery import Celery
@@ -34,9 +33,13 @@ def broker_url(url: str | None = None) -> str:
 
 
 def visibility_timeout() -> int:
+    from kanfarm.config import ConfigError
     from kanfarm.settings import env_number
 
-    return math.ceil(env_number(VISIBILITY_ENV, DEFAULT_VISIBILITY_S, unit="seconds"))  # Redis counts whole seconds
+    value = env_number(VISIBILITY_ENV, DEFAULT_VISIBILITY_S, unit="seconds")
+    if value < 1:  # Redis counts whole seconds
+        raise ConfigError(VISIBILITY_ENV, f"{value!r} must be at least 1 second")
+    return int(value)
 
 
 def settings(url: str | None = None) -> dict:

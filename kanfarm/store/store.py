@@ -335,11 +335,16 @@ class Store:
         """Take run ``run_id`` for ``worker`` if it is waiting or its lease expired; None if
         someone else holds it, it is finished, or (with ``max_attempts``) it ran out of tries, in
         which case it is marked failed."""
+        gave_up: list[int] = []
         with self._write() as conn:
-            return self._claim(conn, run_id, worker, lease_seconds, max_attempts)
+            row = self._claim(conn, run_id, worker, lease_seconds, max_attempts, gave_up)
+        _say_gave_up(gave_up, worker, max_attempts)
+        return row
 
     def _claim(self, conn: Connection, run_id: int, worker: str, lease_seconds: float,
-               max_attempts: int | None) -> RunRow | None:
+               max_attempts: int | None, gave_up: list[int]) -> RunRow | None:
+        """The claim's update; a run it marks failed for its used attempts is added to ``gave_up``
+        (for ``_say_gave_up`` once the transaction committed)."""
         now = utcnow()
         where = sa.and_(runs.c.id == run_id, self._claimable(now))
         # The same worker taking back its own expired run: its hand-back failed in a database
@@ -347,13 +352,12 @@ class Store:
         # the run's fault, so it costs no attempt, as a successful hand-back would have refunded.
         own = sa.and_(runs.c.status == "running", runs.c.worker == worker)
         if max_attempts is not None:
-            gave_up = conn.execute(
+            failed = conn.execute(
                 sa.update(runs).where(where, runs.c.attempts >= max_attempts, sa.not_(own))
                 .values(status="failed", finished_at=_at(now), lease_expires_at=None,
                         error=sa.func.coalesce(runs.c.error, f"gave up after {max_attempts} attempts")))
-            if gave_up.rowcount:  # said here: to the caller it is one more run not claimed
-                log.warning("run %s marked failed at a claim by %s: it has used its %d attempts (KANFARM_MAX_ATTEMPTS)",
-                            run_id, worker, max_attempts)
+            if failed.rowcount:
+                gave_up.append(run_id)
                 return None
             where = sa.and_(where, sa.or_(runs.c.attempts < max_attempts, own))
         claimed = conn.execute(
@@ -369,6 +373,7 @@ class Store:
                    max_attempts: int | None = None) -> RunRow | None:
         """Claim the lowest-id claimable run (of ``grid``); None when none is left."""
         while True:
+            gave_up: list[int] = []
             with self._write() as conn:
                 candidate = conn.scalar(
                     _in_grid(sa.select(runs.c.id), grid).where(self._claimable(utcnow()))
@@ -376,7 +381,8 @@ class Store:
                     .with_for_update(skip_locked=True, of=runs))  # PostgreSQL; SQLite: BEGIN IMMEDIATE
                 if candidate is None:
                     return None
-                row = self._claim(conn, candidate, worker, lease_seconds, max_attempts)
+                row = self._claim(conn, candidate, worker, lease_seconds, max_attempts, gave_up)
+            _say_gave_up(gave_up, worker, max_attempts)
             if row is not None:
                 return row  # else: lost a race or the run ran out of attempts; try the next one
 
@@ -385,9 +391,11 @@ class Store:
         """Claim every claimable run of ``run_ids`` in one transaction (a pack); the others
         (finished, held by someone else, out of attempts) are left out. Returns those claimed."""
         order = list(dict.fromkeys(run_ids))
+        gave_up: list[int] = []
         with self._write() as conn:  # rows locked in id order: two overlapping packs cannot deadlock
-            rows = {run_id: self._claim(conn, run_id, worker, lease_seconds, max_attempts)
+            rows = {run_id: self._claim(conn, run_id, worker, lease_seconds, max_attempts, gave_up)
                     for run_id in sorted(order)}
+        _say_gave_up(gave_up, worker, max_attempts)
         return [rows[run_id] for run_id in order if rows[run_id] is not None]
 
     def claimable_runs(self, grid: str | None = None) -> list[tuple[int, RunConfig]]:
@@ -685,6 +693,13 @@ class Store:
 _ONE_STATEMENT = "query takes one SQL statement; remove the ';' between statements"
 #: what ``Store.query``'s statement may begin with
 _READING = ("SELECT", "WITH", "VALUES", "TABLE")
+
+
+def _say_gave_up(run_ids: list[int], worker: str, max_attempts: int | None) -> None:
+    """Log the runs a committed claim marked failed: to its caller each is one more run not claimed."""
+    for run_id in run_ids:
+        log.warning("run %s marked failed at a claim by %s: it has used its %d attempts (KANFARM_MAX_ATTEMPTS)",
+                    run_id, worker, max_attempts)
 
 
 def _release_session_locks(conn: Connection) -> None:
