@@ -606,5 +606,6 @@ def test_cli_plot_and_html_json_list_what_they_wrote(cli, tmp_path):
     result = cli("plot", "--grid", "empty", "--out", str(tmp_path / "none"), "--json")
     info = json.loads(result.stdout)  # the notes go to stderr: stdout stays one JSON object
     assert info["written"] == [] and "trainers" in info["skipped"]
-    result = cli("html", "--grid", "full", "--out", str(tmp_path / "r.html"), "--json")
-    assert json.loads(result.stdout) == {"grid": "full", "written": str(tmp_path / "r.html")}
+    result = cli("html", "--grid", "empty", "--out", str(tmp_path / "r.html"), "--json")
+    assert json.loads(result.stdout) == {"grid": "empty", "written": str(tmp_path / "r.html")}
+    assert (tmp_path / "r.html").is_file()
