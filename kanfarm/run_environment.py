@@ -100,7 +100,7 @@ def checkpoint_interval() -> float:
 
 
 def stall_seconds() -> float:
-    """``KANFARM_STALL_SECONDS`` (default ``STALL_S``; 0 = never): see ``_Heartbeat``. Read before a claim."""
+    """``KANFARM_STALL_SECONDS`` (default ``STALL_S``; 0 = never): see ``runner._Heartbeat``. Read before a claim."""
     return env_number("KANFARM_STALL_SECONDS", STALL_S, zero=True, unit="seconds")
 
 
