@@ -10,8 +10,6 @@ one optimiser step per block:
   per batch); trace(R_z R_y) = a^T (U^T V)^2 b. Gradient through eigh.
 * fast: the trainer (``kanfarm.training.hsic.hsic_step``): mean-subtraction centring, layers
   batched, one Cholesky per layer, low-rank label target (solve with C right-hand sides).
-* fast+sync: the same with the label codes from ``F.one_hot``, as before the fourteenth session:
-  its range check reads two values back (host syncs) in every step.
 
 Also prints how far eigh's gradient lies from the Cholesky one (eigh's backward divides by
 eigenvalue gaps). A second table times the factorisation alone, the two float64 m x m Cholesky
@@ -35,7 +33,6 @@ from kanfarm.config import RunConfig  # noqa: E402
 from kanfarm.models import build_model  # noqa: E402
 from kanfarm.training.backprop import backprop_step  # noqa: E402
 from kanfarm.training.hsic import HSICBottleneck, HSICSettings, hsic_step  # noqa: E402
-from kanfarm.training import hsic_kernels  # noqa: E402
 from kanfarm.training.hsic_kernels import WORK_DTYPE, _cholesky_ex, gaussian_kernel  # noqa: E402
 
 BETA, SIGMA, EPS = 100.0, 10.0, 1e-5
@@ -110,18 +107,6 @@ def timed(fn, reps, device):
     return statistics.median(times)
 
 
-def with_one_hot_sync(fn):
-    """``fn`` with the label codes from ``F.one_hot`` (two host syncs per step), as before."""
-    def run():
-        kept = hsic_kernels._one_hot
-        hsic_kernels._one_hot = F.one_hot
-        try:
-            return fn()
-        finally:
-            hsic_kernels._one_hot = kept
-    return run
-
-
 def grad_of(loss_fn, model, x, y):
     model.zero_grad(set_to_none=True)
     model.train()
@@ -181,9 +166,8 @@ def main() -> None:
         sys.exit("--device cuda: torch sees no CUDA device")  # not an empty table that looks like a pass
     devices = [torch.device(d) for d in (["cpu", "cuda"] if args.device == "all" else [args.device])
                if d == "cpu" or torch.cuda.is_available()]
-    print("| device | model | backprop ms | plain HSIC ms | eigh HSIC ms | fast HSIC ms | fast+sync HSIC ms | plain/bp "
-          "| eigh/bp | fast/bp | fast+sync/bp | eigh-vs-chol grad rel. diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| device | model | backprop ms | plain HSIC ms | eigh HSIC ms | fast HSIC ms | plain/bp | eigh/bp | fast/bp | eigh-vs-chol grad rel. diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for device in devices:
         for kind in ("mlp", "kan"):
             torch.manual_seed(0)
@@ -199,13 +183,11 @@ def main() -> None:
             plain = timed(lambda: step_with(plain_loss, model, opts, x, y, 10), args.plain_reps, device)
             eig = timed(lambda: step_with(eigh_loss, model, opts, x, y, 10), args.plain_reps, device)
             fast = timed(lambda: hsic_step(model, opts, x, y, settings), args.reps, device)
-            synced = timed(with_one_hot_sync(lambda: hsic_step(model, opts, x, y, settings)), args.reps, device)
             g_eig, g_fast = grad_of(eigh_loss, model, x, y), grad_of(plain_loss, model, x, y)
             diff = float((g_eig - g_fast).norm() / g_fast.norm())
             name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{args.threads} threads"
             print(f"| {name} | {kind} | {bp * 1e3:.1f} | {plain * 1e3:.0f} | {eig * 1e3:.0f} | {fast * 1e3:.1f} "
-                  f"| {synced * 1e3:.1f} | {plain / bp:.0f}x | {eig / bp:.0f}x | {fast / bp:.1f}x | {synced / bp:.1f}x "
-                  f"| {diff:.1e} |", flush=True)
+                  f"| {plain / bp:.0f}x | {eig / bp:.0f}x | {fast / bp:.1f}x | {diff:.1e} |", flush=True)
     factorisation_rows(devices, args.batch, args.reps, args.threads)
     if args.profile:
         for device in devices:
