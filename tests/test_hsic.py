@@ -406,29 +406,3 @@ def test_exploding_run_is_marked_diverged_not_failed(model, digits):
     result = train(config, digits, records.append)
     assert result.status == "diverged"
     assert [(r.epoch, r.diverged) for r in records] == [(0, False), (1, True)]
-
-
-def test_the_hsic_loss_and_its_gradient_never_wait_for_the_device():
-    """No host sync (a value read back, as F.one_hot's range check does twice) from the kernels to
-    the gradient: on a GPU each one stalls the step until every kernel queued before it has run."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from kanfarm.training.hsic import HSICSettings, hsic_terms
-
-    class Syncs(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero):
-                self.seen.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    g = torch.Generator().manual_seed(0)
-    z = [torch.randn(64, 16, generator=g, requires_grad=True), torch.randn(64, 8, generator=g, requires_grad=True)]
-    x, y = torch.randn(64, 30, generator=g), torch.randint(0, 10, (64,), generator=g)
-    for x_term in (False, True):
-        with Syncs() as syncs:
-            hsic_terms(z, x, y, 10, HSICSettings(x_term=x_term)).sum().backward()
-        assert syncs.seen == [], syncs.seen

@@ -138,9 +138,7 @@ def label_target(y: torch.Tensor, n_classes: int, sigma: float, eps: float = 1e-
     One-hot rows are at squared distance 0 or 2, so K_y = e 11^T + (1 - e) Y Y^T with
     e = exp(-1 / (sigma^2 C)); centring removes e 11^T. M = (F^T F + eps m I)^-1 is C x C."""
     m = y.shape[0]
-    # not F.one_hot: it checks the labels' range with two host syncs, which on a GPU stall every
-    # HSIC step midway (the labels were checked once, when the dataset loaded)
-    onehot = (y.unsqueeze(-1) == torch.arange(n_classes, device=y.device)).to(WORK_DTYPE)
+    onehot = torch.nn.functional.one_hot(y, n_classes).to(WORK_DTYPE)
     scale = math.sqrt(-math.expm1(-1.0 / (sigma * sigma * n_classes)))
     f = scale * (onehot - onehot.mean(dim=0, keepdim=True))
     g = f.T @ f + (eps * m) * torch.eye(n_classes, dtype=WORK_DTYPE, device=y.device)
