@@ -178,7 +178,7 @@ def no_host_sync() -> None:
 
     loss_sum = torch.zeros(2, device=DEVICE)
     steps.append(("pack of MLPs with dropout", lambda: pack_step(pack, popt, x, y, [None, None], alive, loss_sum)))
-    for name, fn in steps:
+    def syncs_in(fn) -> list:
         fn()  # warm-up: compile kernels, allocate
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
@@ -188,7 +188,14 @@ def no_host_sync() -> None:
                 fn()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+        # "called a synchronizing CUDA operation"; not the notice that the debug mode is a prototype,
+        # which the first check catches (counted as a sync in session 14's first run)
+        return [w for w in caught if "synchronizing cuda operation" in str(w.message).lower()]
+
+    seen = len(syncs_in(lambda: x.sum().item()))  # the control: a read-back the detector must see
+    report("host sync detector misses a .item() on CUDA", float(seen == 0), 0)
+    for name, fn in steps:
+        syncs = syncs_in(fn)
         for w in syncs[:3]:
             print(f"  {name}: {str(w.message).splitlines()[0]}")
         report(f"host syncs in one {name} step on CUDA", float(len(syncs)), 0)
