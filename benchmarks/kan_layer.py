@@ -13,6 +13,8 @@ Rows per shape (batch, in -> out), G = 5, k = 3, float32 (TF32 off, PyTorch's de
   mlp         nn.Linear(in, out) + GELU of the same shape
 The KAN and MLP rows also compute the input gradient (as every layer after the first must).
 CUDA adds rows that pair each KAN row with its own floor:
+  reference-tf32  the reference with TF32 matrix products: what ``fast-tf32`` is compared with
+              when both take the opt-in
   fast-tf32   the fast layer with TF32 matrix products (what a run with matmul_precision = "tf32"
               gets; its error against the float32 reference is printed with the check)
   fast-nodx   the fast layer without the input gradient (a first layer: x is data)
@@ -51,7 +53,7 @@ from kanfarm.models import KANLinear  # noqa: E402
 from kanfarm.training.precision import matmul_precision  # noqa: E402
 
 ROWS = ("reference", "fast", "fast-eager", "matmuls", "matmuls-dx", "mlp")
-CUDA_ROWS = ("reference", "fast", "fast-eager", "fast-tf32", "fast-nodx", "matmuls", "matmuls-dx",
+CUDA_ROWS = ("reference", "fast", "fast-eager", "reference-tf32", "fast-tf32", "fast-nodx", "matmuls", "matmuls-dx",
              "matmuls-dx-tf32", "mlp")
 CPU_SHAPES = [(256, 784, 256), (1024, 784, 256), (256, 256, 256), (1024, 256, 256)]
 CUDA_SHAPES = [(8192, 784, 256), (8192, 1024, 1024)]
@@ -61,8 +63,8 @@ def make_step(row: str, batch: int, n_in: int, n_out: int, device: str):
     """A closure running one forward + backward of ``row`` at this shape."""
     torch.manual_seed(0)
     x = (torch.rand(batch, n_in, device=device) * 2 - 1)
-    if row in ("reference", "fast", "fast-eager", "fast-tf32", "fast-nodx"):
-        layer = KANLinear(n_in, n_out, fast=row != "reference").to(device)
+    if row in ("reference", "reference-tf32", "fast", "fast-eager", "fast-tf32", "fast-nodx"):
+        layer = KANLinear(n_in, n_out, fast=not row.startswith("reference")).to(device)
         x.requires_grad_(row != "fast-nodx")
 
         def eager(inp):
