@@ -25,14 +25,14 @@ def test_env_number_takes(monkeypatch, raw, kind, zero, expected):
     ("-1", float, True, "a non-negative number"), ("nan", float, True, "non-negative"),
     ("inf", float, False, "positive"), ("\u00b2", int, False, "integer"), ("-3", int, False, "integer"),
     ("\u0663", int, False, "integer"), ("\u0663", float, False, "number"), ("9" * 400, float, False, "number"),
-    ("9" * 400, int, False, "at most"), (str(2**31), int, False, "at most"),
+    ("9" * 400, int, False, "at most"), (str(2**31), int, False, "at most"), ("1e12", float, False, "at most 1e+09"),
 ])
 def test_env_number_refuses_naming_the_variable(monkeypatch, raw, kind, zero, words):
     monkeypatch.setenv("KANFARM_X", raw)
     with pytest.raises(ConfigError) as caught:
         env_number("KANFARM_X", 7, kind=kind, zero=zero, unit="seconds")
     assert caught.value.field == "KANFARM_X" and words in str(caught.value)
-    assert words == "at most" or str(caught.value).endswith("seconds")
+    assert words.startswith("at most") or str(caught.value).endswith("seconds")
 
 
 @pytest.mark.parametrize("raw, expected", [("", True), ("0", False), ("OFF", False), (" yes ", True), ("On", True)])

@@ -226,7 +226,8 @@ def test_release_requeues_and_max_attempts_fails_the_run(store, caplog):
     store.claim(run_id, "w2", -1, max_attempts=2)  # second attempt, then the lease lapses
     assert store.claim(run_id, "w3", 60, max_attempts=2) is None
     # to its caller one more run not claimed: the log says the claim failed it
-    assert f"run {run_id} marked failed at a claim by w3: it has used its 2 attempts" in caplog.text
+    assert f"run {run_id} marked failed at a claim by w3: it has used all its attempts (KANFARM_MAX_ATTEMPTS=2)" \
+        in caplog.text
     failed = store.run(run_id)
     assert (failed.status, failed.attempts, failed.error) == ("failed", 2, "worker shut down")
     assert store.mark_queued([run_id]) == 1

@@ -698,7 +698,7 @@ _READING = ("SELECT", "WITH", "VALUES", "TABLE")
 def _say_gave_up(run_ids: list[int], worker: str, max_attempts: int | None) -> None:
     """Log the runs a committed claim marked failed: to its caller each is one more run not claimed."""
     for run_id in run_ids:
-        log.warning("run %s marked failed at a claim by %s: it has used its %d attempts (KANFARM_MAX_ATTEMPTS)",
+        log.warning("run %s marked failed at a claim by %s: it has used all its attempts (KANFARM_MAX_ATTEMPTS=%d)",
                     run_id, worker, max_attempts)
 
 
