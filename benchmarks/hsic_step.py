@@ -13,7 +13,8 @@ one optimiser step per block:
 
 Also prints how far eigh's gradient lies from the Cholesky one (eigh's backward divides by
 eigenvalue gaps). A second table times the factorisation alone, the two float64 m x m Cholesky
-factors of one step, as one batched call and one matrix at a time (the trainer's choice on CUDA).
+factors of one step, as one batched call and one matrix at a time (the trainer's choice on CUDA),
+and the solve with them for the label target's 10 columns, the same two ways.
 ``--profile`` adds the operators that take the fast MLP step's time (torch.profiler, top 15).
 Usage: python benchmarks/hsic_step.py [--batch 2048] [--reps 5] [--threads 2] [--device cpu|cuda|all] [--profile]
 """
@@ -33,7 +34,7 @@ from kanfarm.config import RunConfig  # noqa: E402
 from kanfarm.models import build_model  # noqa: E402
 from kanfarm.training.backprop import backprop_step  # noqa: E402
 from kanfarm.training.hsic import HSICBottleneck, HSICSettings, hsic_step  # noqa: E402
-from kanfarm.training.hsic_kernels import WORK_DTYPE, _cholesky_ex, gaussian_kernel  # noqa: E402
+from kanfarm.training.hsic_kernels import WORK_DTYPE, _cholesky_ex, _cholesky_solve, gaussian_kernel  # noqa: E402
 
 BETA, SIGMA, EPS = 100.0, 10.0, 1e-5
 
@@ -115,18 +116,24 @@ def grad_of(loss_fn, model, x, y):
 
 
 def factorisation_rows(devices, m, reps, threads):
-    """Batched against one-at-a-time Cholesky of two SPD float64 m x m matrices per device."""
+    """Batched against one-at-a-time Cholesky of two SPD float64 m x m matrices per device, and
+    the solve with their factors for 10 right-hand sides (the label target's, one per class)."""
     print()
-    print("| device | 2 x Cholesky float64 m x m | batched ms | one at a time ms |")
-    print("|---|---|---|---|")
+    print("| device | 2 x float64 m x m | factorise: batched ms | one at a time ms | solve 10 columns: batched ms | one at a time ms |")
+    print("|---|---|---|---|---|---|")
     for device in devices:
         g = torch.Generator(device=device).manual_seed(0)
         z = torch.randn(2, m, 64, generator=g, device=device, dtype=WORK_DTYPE)
         a = z @ z.transpose(-1, -2) / 64 + 1e-2 * torch.eye(m, device=device, dtype=WORK_DTYPE)
         batched = timed(lambda: _cholesky_ex(a, looped=False), reps, device)
         looped = timed(lambda: _cholesky_ex(a, looped=True), reps, device)
+        factor, _ = _cholesky_ex(a)
+        b = torch.randn(m, 10, generator=g, device=device, dtype=WORK_DTYPE).expand(2, m, 10)
+        solve_batched = timed(lambda: _cholesky_solve(b, factor, looped=False), reps, device)
+        solve_looped = timed(lambda: _cholesky_solve(b, factor, looped=True), reps, device)
         name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{threads} threads"
-        print(f"| {name} | m = {m} | {batched * 1e3:.2f} | {looped * 1e3:.2f} |", flush=True)
+        print(f"| {name} | m = {m} | {batched * 1e3:.2f} | {looped * 1e3:.2f} | {solve_batched * 1e3:.2f} "
+              f"| {solve_looped * 1e3:.2f} |", flush=True)
 
 
 def profile_fast_step(device, batch, steps=5):

@@ -109,6 +109,39 @@ def test_looped_factorisation_equals_batched_and_flags_failures():
     torch.testing.assert_close(looped[ok], batched[ok], rtol=0, atol=1e-12)
 
 
+def test_solving_one_matrix_at_a_time_changes_nothing(monkeypatch):
+    """CUDA also solves with large factors one matrix at a time: the trainer's losses and gradients
+    (label and input terms) are those of the batched solves, and a right-hand side shared by the
+    batch is broadcast as before."""
+    from kanfarm.training import hsic_kernels
+    from kanfarm.training.hsic_kernels import _cholesky_solve
+
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(3, 30, 30, generator=g, dtype=torch.float64)
+    factor = torch.linalg.cholesky(a @ a.transpose(-1, -2) + 30 * torch.eye(30, dtype=torch.float64))
+    shared = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    for b in (shared.expand(3, 30, 4), torch.randn(3, 30, 4, generator=g, dtype=torch.float64)):
+        torch.testing.assert_close(_cholesky_solve(b, factor, looped=True), torch.cholesky_solve(b, factor),
+                                   rtol=1e-12, atol=1e-12)
+
+    z0 = [torch.randn(48, 12, generator=g), torch.randn(48, 6, generator=g)]
+    x, y = torch.randn(48, 20, generator=g), torch.randint(0, 10, (48,), generator=g)
+
+    def terms_and_grads():
+        zs = [z.clone().requires_grad_(True) for z in z0]
+        terms = hsic_terms(zs, x, y, 10, HSICSettings(x_term=True))
+        terms.sum().backward()
+        return terms.detach(), [z.grad for z in zs]
+    batched = terms_and_grads()
+    calls = []
+    monkeypatch.setattr(hsic_kernels, "_one_at_a_time", lambda a, looped: calls.append(a.shape) or True)
+    looped = terms_and_grads()
+    assert calls  # the looped path ran
+    torch.testing.assert_close(looped[0], batched[0], rtol=1e-10, atol=1e-12)
+    for got, want in zip(looped[1], batched[1]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+
 def test_gradients_match_finite_differences():
     g = torch.Generator().manual_seed(3)
     z = torch.randn(7, 3, generator=g, dtype=torch.float64, requires_grad=True)
