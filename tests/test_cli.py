@@ -700,7 +700,7 @@ def test_user_text_that_looks_like_rich_markup_is_printed_as_it_is(env):
                                              ("KANFARM_CHECKPOINT_DIR", "/proc/kanfarm-checkpoints"),  # unwritable
                                              ("KANFARM_DATA_DIR", "afile"), ("KANFARM_TRITON", "maybe"),
                                              ("KANFARM_OFFLINE", "maybe"), ("KANFARM_KEEP_FREED_MEMORY", "maybe"),
-                                             ("KANFARM_CPU_COMPILE", "maybe")])
+                                             ("KANFARM_CPU_COMPILE", "maybe"), ("KANFARM_STALL_SECONDS", "-1")])
 def test_run_grid_checks_the_environment_before_writing_anything(env, monkeypatch, variable, value):
     (env / "afile").write_text("not a folder")
     assert invoke("db", "upgrade").exit_code == 0

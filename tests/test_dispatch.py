@@ -72,3 +72,5 @@ def test_enqueue_preview_counts_what_enqueue_then_publishes(sqlite_store):
     queued = dispatch.enqueue(sqlite_store, "p", "cpu")
     assert len(queued) == preview["published"] and set(ids) <= set(queued)
     assert set(sqlite_store.queues(queued).values()) == {"cpu"}
+    # once queued (their messages perhaps lost), enqueue publishes them again, and the preview says so
+    assert dispatch.enqueue_preview(sqlite_store, "p", hashes) == {"added": 0, "skipped": 2, "published": 3}

@@ -120,9 +120,16 @@ def test_solving_one_matrix_at_a_time_changes_nothing(monkeypatch):
     a = torch.randn(3, 30, 30, generator=g, dtype=torch.float64)
     factor = torch.linalg.cholesky(a @ a.transpose(-1, -2) + 30 * torch.eye(30, dtype=torch.float64))
     shared = torch.randn(30, 4, generator=g, dtype=torch.float64)
-    for b in (shared.expand(3, 30, 4), torch.randn(3, 30, 4, generator=g, dtype=torch.float64)):
+    for b in (shared, shared.expand(3, 30, 4), torch.randn(3, 30, 4, generator=g, dtype=torch.float64)):
         torch.testing.assert_close(_cholesky_solve(b, factor, looped=True), torch.cholesky_solve(b, factor),
                                    rtol=1e-12, atol=1e-12)
+
+    class Stand:  # what the choice reads of a tensor
+        def __init__(self, device, m):
+            self.device, self.shape = torch.device(device), (2, m, m)
+    choose = hsic_kernels._one_at_a_time
+    assert [choose(Stand(d, m), None) for d, m in (("cuda", 256), ("cuda", 255), ("cpu", 2048))] == [True, False, False]
+    assert choose(Stand("cpu", 8), True) is True and choose(Stand("cuda", 4096), False) is False
 
     z0 = [torch.randn(48, 12, generator=g), torch.randn(48, 6, generator=g)]
     x, y = torch.randn(48, 20, generator=g), torch.randint(0, 10, (48,), generator=g)
@@ -136,7 +143,7 @@ def test_solving_one_matrix_at_a_time_changes_nothing(monkeypatch):
     calls = []
     monkeypatch.setattr(hsic_kernels, "_one_at_a_time", lambda a, looped: calls.append(a.shape) or True)
     looped = terms_and_grads()
-    assert calls  # the looped path ran
+    assert calls and all(shape[-1] == shape[-2] for shape in calls)  # the looped path ran, chosen by the factor
     torch.testing.assert_close(looped[0], batched[0], rtol=1e-10, atol=1e-12)
     for got, want in zip(looped[1], batched[1]):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)

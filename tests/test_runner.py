@@ -1199,8 +1199,19 @@ def test_a_full_disk_is_found_behind_a_download_error_and_named_by_the_innermost
         assert environment_fault(exc).field == "KANFARM_DATA_DIR"
     assert environment_fault(OSError(errno.ENOSPC, "full", str(tmp_path / "ckpt" / "h" / "e.pt"))).field == \
         "KANFARM_CHECKPOINT_DIR"
+    for code in (errno.EROFS, errno.EDQUOT):  # a read-only mount, a quota: the machine's too
+        assert environment_fault(OSError(code, "read-only", str(tmp_path / "ckpt" / "e.pt"))).field == \
+            "KANFARM_CHECKPOINT_DIR"
     assert environment_fault(OSError(errno.EACCES, "Permission denied", str(tmp_path / "x"))) is None
     assert environment_fault(RuntimeError("not a disk")) is None
+
+
+def test_a_stall_limit_of_zero_means_never(monkeypatch):
+    from kanfarm import runner
+    from kanfarm.run_environment import stall_seconds
+
+    monkeypatch.setenv("KANFARM_STALL_SECONDS", "0")
+    assert stall_seconds() == 0 and runner._Progress(stall_seconds()).stalled() is None
 
 
 def test_the_checkpoint_check_writes_a_real_payload(tmp_path, monkeypatch):

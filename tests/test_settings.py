@@ -25,7 +25,7 @@ def test_env_number_takes(monkeypatch, raw, kind, zero, expected):
     ("-1", float, True, "a non-negative number"), ("nan", float, True, "non-negative"),
     ("inf", float, False, "positive"), ("\u00b2", int, False, "integer"), ("-3", int, False, "integer"),
     ("\u0663", int, False, "integer"), ("\u0663", float, False, "number"), ("9" * 400, float, False, "number"),
-    ("9" * 400, int, False, "at most"), (str(2**31), int, False, "at most"), ("1e12", float, False, "at most 1e+09"),
+    ("9" * 400, int, False, "at most"), (str(2**31), int, False, "at most"), ("-0.5", float, True, "non-negative"), ("1e12", float, False, "at most 1e+09"),
 ])
 def test_env_number_refuses_naming_the_variable(monkeypatch, raw, kind, zero, words):
     monkeypatch.setenv("KANFARM_X", raw)
@@ -33,6 +33,12 @@ def test_env_number_refuses_naming_the_variable(monkeypatch, raw, kind, zero, wo
         env_number("KANFARM_X", 7, kind=kind, zero=zero, unit="seconds")
     assert caught.value.field == "KANFARM_X" and words in str(caught.value)
     assert words.startswith("at most") or str(caught.value).endswith("seconds")
+
+
+def test_env_number_takes_int_or_float_kinds_only(monkeypatch):
+    monkeypatch.setenv("KANFARM_X", "3")
+    with pytest.raises(TypeError):
+        env_number("KANFARM_X", 7, kind=str)
 
 
 @pytest.mark.parametrize("raw, expected", [("", True), ("0", False), ("OFF", False), (" yes ", True), ("On", True)])
@@ -47,7 +53,8 @@ def test_env_flag_refuses_a_typo(monkeypatch):
         env_flag("KANFARM_F", True)
 
 
-@pytest.mark.parametrize("raw, expected", [("", 12 * 3600), ("3600.5", 3600), ("1", 1), ("0.5", None), ("0", None)])
+@pytest.mark.parametrize("raw, expected", [("", 12 * 3600), ("3600.5", 3600), ("3600.7", 3600), ("1", 1), ("0.5", None),
+                                           ("0", None)])
 def test_visibility_timeout_is_whole_seconds_and_at_least_one(monkeypatch, raw, expected):
     from workers.celery_app import VISIBILITY_ENV, visibility_timeout
 

@@ -234,6 +234,22 @@ def test_release_requeues_and_max_attempts_fails_the_run(store, caplog):
     assert store.claim(run_id, "w4", 60, max_attempts=2).attempts == 1
 
 
+def test_each_claim_path_logs_a_run_it_fails_for_its_attempts_once(store, caplog):
+    """claim_next moves on past a run out of attempts to the next; claim_many takes a pack: each
+    run failed on the way is logged once, the run claimed not at all."""
+    store.submit_grid("g", {}, cells(4))
+    ids = store.run_ids()
+    for run_id in ids:
+        store.claim(run_id, "w0", -1)  # an attempt each, its lease already lapsed
+    assert store.claim_next("w1", 60, max_attempts=1) is None  # all four are out of attempts
+    assert [caplog.text.count(f"run {i} marked failed at a claim by w1") for i in ids] == [1, 1, 1, 1]
+    caplog.clear()
+    assert store.mark_queued(ids[2:3]) == 1  # a fresh attempt budget for this one
+    assert store.mark_queued(ids[:2], fresh_attempts=False) == 2
+    assert [r.id for r in store.claim_many(ids[:3], "w2", 60, max_attempts=1)] == [ids[2]]
+    assert [caplog.text.count(f"run {i} marked failed at a claim by w2") for i in ids] == [1, 1, 0, 0]
+
+
 def test_requeue_can_keep_the_attempt_count(store):
     store.submit_grid("g", {}, cells(2))
     kept, fresh = store.run_ids()
@@ -856,6 +872,9 @@ def test_a_deleted_database_file_recreated_empty_by_another_connection_is_report
     ("sqlite:////no/such/folder/k.db", "no folder"),
     ("postgresql+psycopg://u:top@secret@127.0.0.1/db", "holds '@'"),
     ("sqlite:///k.db?bogus_option=1", "'bogus_option' are not accepted"),
+    ("sqlite:///:memory:", "in-memory"),
+    ("sqlite:///k.db?uri=1", "URI filenames"),
+    ("postgresql+psycopg://u:topsecret@127.0.0.1:65536/db", "not a port number"),
 ])
 def test_a_bad_database_url_is_a_config_error_naming_the_setting_and_no_password(url, words):
     from kanfarm.config import ConfigError
@@ -865,3 +884,9 @@ def test_a_bad_database_url_is_a_config_error_naming_the_setting_and_no_password
         checked_database_url(url)
     assert caught.value.field == "KANFARM_DATABASE_URL" and words in str(caught.value)
     assert "topsecret" not in str(caught.value) and "secret@" not in str(caught.value)
+
+
+def test_the_highest_port_is_a_port(tmp_path):
+    from kanfarm.store.url import checked_database_url
+
+    assert checked_database_url("postgresql+psycopg://u@127.0.0.1:65535/db").port == 65535
