@@ -23,6 +23,12 @@ def grid_name(value: str | None) -> str | None:
 
 GridOpt = typer.Option(None, "--grid", metavar="NAME", help="Only runs of this grid (default: all).", callback=grid_name)
 JsonOpt = typer.Option(False, "--json", help="Machine-readable JSON on stdout.")
+SpecArg = typer.Argument(..., metavar="SPEC", help="A TOML spec file or a preset name.")
+
+
+def command_group(help: str, **options: Any) -> typer.Typer:
+    """A group of commands, its help in click's plain layout (Typer's rich one shows flags as ``<bool>``)."""
+    return typer.Typer(no_args_is_help=True, rich_markup_mode=None, help=help, **options)
 CsvOpt = typer.Option(False, "--csv", help="CSV on stdout.")
 
 

@@ -14,11 +14,11 @@ from typing import Any, Optional
 
 import typer
 
-from cli.common import (GridOpt, JsonOpt, grid_exists, grid_name, handles_errors, open_store, parse_pack_size,
-                        read_spec, submit_spec)
-from cli.output import console, err_console, fail, to_json, working
+from cli.common import (GridOpt, JsonOpt, SpecArg, command_group, grid_exists, grid_name, handles_errors, open_store,
+                        parse_pack_size, read_spec, submit_spec)
+from cli.output import console, emit_json, err_console, fail, working
 
-enqueue_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Put runs on the Redis queue for Celery workers.")
+enqueue_app = command_group("Put runs on the Redis queue for Celery workers.")
 
 QueueOpt = typer.Option("cpu", "--queue", metavar="gpu|cpu", help="Broker queue: gpu or cpu.")
 
@@ -59,7 +59,7 @@ def _publish_queued(store, grid: str | None, run_ids: list[int], size: int | str
 
 def _report(info: dict[str, Any], as_json: bool, lines: list[str]) -> None:
     if as_json:
-        sys.stdout.write(to_json(info) + "\n")
+        emit_json(info)
     else:
         for line in lines:
             console.print(line, highlight=False)
@@ -69,7 +69,7 @@ def _report(info: dict[str, Any], as_json: bool, lines: list[str]) -> None:
 
 @enqueue_app.command("grid")
 @handles_errors
-def enqueue_grid(spec: str = typer.Argument(..., metavar="SPEC", help="A TOML spec file or a preset name."),
+def enqueue_grid(spec: str = SpecArg,
                  queue: str = QueueOpt,
                  dry_run: bool = typer.Option(False, "--dry-run", help="Say what would happen; write nothing."),
                  as_json: bool = JsonOpt,

@@ -17,15 +17,15 @@ from typing import Any, Optional
 
 import typer
 
-from cli.common import (CsvOpt, GridOpt, JsonOpt, grid_exists, handles_errors, open_store, parse_pack_size,
-                        read_spec, submit_spec)
+from cli.common import (CsvOpt, GridOpt, JsonOpt, SpecArg, command_group, grid_exists, handles_errors, open_store,
+                        parse_pack_size, read_spec, submit_spec)
 from cli.distributed import register as register_distributed
-from cli.output import (console, emit_rows, err_console, fail, json_array_chunks, show_warning, to_json, working,
+from cli.output import (console, emit_json, emit_rows, err_console, fail, json_array_chunks, show_warning, working,
                         use_escapes_where_unencodable, write_csv)
 from cli.plots import register as register_plots
 
-app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, add_completion=False,
-                  help="Batch benchmarking of KANs against MLPs: grids of runs, workers, per-epoch metrics, reports.")
+app = command_group("Batch benchmarking of KANs against MLPs: grids of runs, workers, per-epoch metrics, reports.",
+                    add_completion=False)
 
 
 @app.callback()
@@ -36,10 +36,10 @@ def _start(ctx: typer.Context) -> None:
     ctx.call_on_close(lambda: setattr(warnings, "showwarning", shown_before))
 
 
-db_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Database schema (Alembic migrations).")
-grid_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspect and submit grid specs.")
-run_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Run grids on this machine.")
-report_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Reports over a grid's runs (or all runs).")
+db_app = command_group("Database schema (Alembic migrations).")
+grid_app = command_group("Inspect and submit grid specs.")
+run_app = command_group("Run grids on this machine.")
+report_app = command_group("Reports over a grid's runs (or all runs).")
 app.add_typer(db_app, name="db")
 app.add_typer(grid_app, name="grid")
 app.add_typer(run_app, name="run")
@@ -86,7 +86,7 @@ def db_current() -> None:
 
 @grid_app.command("show")
 @handles_errors
-def grid_show(spec: str = typer.Argument(..., metavar="SPEC", help="A TOML spec file or a preset name."),
+def grid_show(spec: str = SpecArg,
               sample: int = typer.Option(5, "--sample", metavar="N", min=0, help="How many cells to show."), as_json: bool = JsonOpt) -> None:
     """Print a spec's cell count, axes and a sample of cells."""
     from kanfarm.grids import load_spec
@@ -98,7 +98,7 @@ def grid_show(spec: str = typer.Argument(..., metavar="SPEC", help="A TOML spec 
         cells = sized_cells(grid)
     info["n_params"] = {"min": min(c[1] for c in cells), "max": max(c[1] for c in cells)} if cells else None
     if as_json:
-        sys.stdout.write(to_json(info) + "\n")
+        emit_json(info)
         return
     console.print(f"{grid.name}: {info['cells']} cells")
     for key, value in info.items():
@@ -126,7 +126,7 @@ def _submit(store, spec: str | Any):
 
 @grid_app.command("submit")
 @handles_errors
-def grid_submit(spec: str = typer.Argument(..., metavar="SPEC", help="A TOML spec file or a preset name.")) -> None:
+def grid_submit(spec: str = SpecArg) -> None:
     """Write a grid's runs into the database (idempotent: existing cells are kept)."""
     _submit(open_store(), spec)
 
@@ -183,7 +183,7 @@ def _check_device(device: str) -> None:
 
 @run_app.command("grid")
 @handles_errors
-def run_grid(spec: str = typer.Argument(..., metavar="SPEC", help="A TOML spec file or a preset name."),
+def run_grid(spec: str = SpecArg,
              workers: int = typer.Option(1, "--workers", metavar="N", min=1, help="Local worker processes."),
              device: str = typer.Option("cpu", "--device", metavar="cpu|cuda", help="cpu or cuda."),
              pack_size: str = typer.Option("1", "--pack-size", metavar="N|auto",
@@ -300,7 +300,7 @@ def status(grid: Optional[str] = GridOpt, as_json: bool = JsonOpt) -> None:
     grid_exists(store, grid)
     info = grid_status(store, grid)
     if as_json:
-        sys.stdout.write(to_json(info) + "\n")
+        emit_json(info)
         return
     percent = math.floor(100 * info["progress"])  # 100% only when every run has ended
     console.print(f"{grid or 'all grids'}: {info['done']}/{info['total']} runs ended ({percent}%: completed, "

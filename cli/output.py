@@ -112,6 +112,11 @@ def to_json(data: Any) -> str:
     return json.dumps(data, indent=2, default=_json_default)
 
 
+def emit_json(data: Any) -> None:
+    """``data`` as one JSON document on stdout (what every ``--json`` prints)."""
+    sys.stdout.write(to_json(data) + "\n")
+
+
 def json_array_chunks(rows: Iterable[Any]) -> Iterator[str]:
     """``to_json(list(rows))`` in pieces, one row at a time: a long export is never one string."""
     first = True
@@ -143,7 +148,7 @@ def emit_rows(rows: list[dict[str, Any]], *, title: str, as_json: bool = False, 
     if as_json and as_csv:
         fail("--json and --csv exclude each other")
     if as_json:
-        sys.stdout.write(to_json(rows) + "\n")
+        emit_json(rows)
         return
     if as_csv:
         sys.stdout.write(to_csv(rows, columns if not rows else None))

@@ -2,14 +2,13 @@
 
 Kept out of cli/main.py; main adds them with ``register(report_app)``.
 """
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from cli.common import GridOpt, JsonOpt, grid_exists, handles_errors, open_store
-from cli.output import console, err_console, fail, to_json
+from cli.output import console, emit_json, err_console, fail
 
 
 def register(report_app: typer.Typer) -> None:
@@ -40,7 +39,7 @@ def register(report_app: typer.Typer) -> None:
             left = f" ({' and '.join(older)} in {out} are from an earlier plot, left as they were)" if older else ""
             err_console.print(f"skipped {name}: {reason}{left}", highlight=False, soft_wrap=True)
         if as_json:
-            sys.stdout.write(to_json({"grid": grid, "written": [str(p) for p in paths], "skipped": built.skipped}) + "\n")
+            emit_json({"grid": grid, "written": [str(p) for p in paths], "skipped": built.skipped})
         else:
             for path in paths:
                 console.print(str(path), highlight=False, soft_wrap=True)
@@ -64,6 +63,6 @@ def register(report_app: typer.Typer) -> None:
         except OSError as exc:
             fail(f"--out: cannot write {out}: {exc.strerror or exc}")
         if as_json:
-            sys.stdout.write(to_json({"grid": grid, "written": str(out)}) + "\n")
+            emit_json({"grid": grid, "written": str(out)})
         else:
             console.print(f"wrote {out}", highlight=False, soft_wrap=True)
