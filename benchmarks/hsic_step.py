@@ -9,12 +9,14 @@ one optimiser step per block:
 * eigh: R = U diag(l / (l + eps m)) U^T from one eigendecomposition per kernel (label kernel once
   per batch); trace(R_z R_y) = a^T (U^T V)^2 b. Gradient through eigh.
 * fast: the trainer (``kanfarm.training.hsic.hsic_step``): mean-subtraction centring, layers
-  batched, one Cholesky per layer, low-rank label target (solve with C right-hand sides).
+  batched, one Cholesky per layer, low-rank label target (solve with C right-hand sides),
+  closed-form gradients.
 
 Also prints how far eigh's gradient lies from the Cholesky one (eigh's backward divides by
 eigenvalue gaps). A second table times the factorisation alone, the two float64 m x m Cholesky
 factors of one step, as one batched call and one matrix at a time (the trainer's choice on CUDA),
-and the solve with them for the label target's 10 columns, the same two ways.
+and the solve with them for the label target's 10 columns: by triangular solves, and through the
+factors' inverses (``tril_inverse``, then two products: the trainer's choice on CUDA).
 ``--profile`` adds the operators that take the fast MLP step's time (torch.profiler, top 15).
 Usage: python benchmarks/hsic_step.py [--batch 2048] [--reps 5] [--threads 2] [--device cpu|cuda|all] [--profile]
 """
@@ -34,7 +36,7 @@ from kanfarm.config import RunConfig  # noqa: E402
 from kanfarm.models import build_model  # noqa: E402
 from kanfarm.training.backprop import backprop_step  # noqa: E402
 from kanfarm.training.hsic import HSICBottleneck, HSICSettings, hsic_step  # noqa: E402
-from kanfarm.training.hsic_kernels import WORK_DTYPE, _cholesky_ex, _cholesky_solve, gaussian_kernel  # noqa: E402
+from kanfarm.training.hsic_kernels import WORK_DTYPE, _cholesky_ex, gaussian_kernel, tril_inverse  # noqa: E402
 
 BETA, SIGMA, EPS = 100.0, 10.0, 1e-5
 
@@ -65,12 +67,12 @@ def plain_loss(model, x, y, n_classes):
 
 
 def eigh_loss(model, x, y, n_classes):
-    from kanfarm.training.hsic_kernels import centre, centred_gaussian_kernel
+    from kanfarm.training.hsic_kernels import centre
     zs, _ = _hidden(model, x)
     m = x.shape[0]
     ly, v = torch.linalg.eigh(centre(gaussian_kernel(F.one_hot(y, n_classes).to(WORK_DTYPE), SIGMA)))
     b = ly.clamp_min(0) / (ly.clamp_min(0) + EPS * m)
-    kz = torch.stack([centred_gaussian_kernel(z, SIGMA) for z in zs])
+    kz = torch.stack([centre(gaussian_kernel(z, SIGMA)) for z in zs])  # differentiable, for eigh's gradient
     lz, u = torch.linalg.eigh(kz)
     a = lz.clamp_min(0) / (lz.clamp_min(0) + EPS * m)
     w = u.transpose(-1, -2) @ v
@@ -117,9 +119,10 @@ def grad_of(loss_fn, model, x, y):
 
 def factorisation_rows(devices, m, reps, threads):
     """Batched against one-at-a-time Cholesky of two SPD float64 m x m matrices per device, and
-    the solve with their factors for 10 right-hand sides (the label target's, one per class)."""
+    the solve with their factors for 10 right-hand sides (the label target's, one per class): by
+    triangular solves, and by the inverse factors (computed in the timing) and two products."""
     print()
-    print("| device | 2 x float64 m x m | factorise: batched ms | one at a time ms | solve 10 columns: batched ms | one at a time ms |")
+    print("| device | 2 x float64 m x m | factorise: batched ms | one at a time ms | solve 10 columns: triangular ms | by inverse factors ms |")
     print("|---|---|---|---|---|---|")
     for device in devices:
         g = torch.Generator(device=device).manual_seed(0)
@@ -128,12 +131,12 @@ def factorisation_rows(devices, m, reps, threads):
         batched = timed(lambda: _cholesky_ex(a, looped=False), reps, device)
         looped = timed(lambda: _cholesky_ex(a, looped=True), reps, device)
         factor, _ = _cholesky_ex(a)
-        b = torch.randn(m, 10, generator=g, device=device, dtype=WORK_DTYPE).expand(2, m, 10)
-        solve_batched = timed(lambda: _cholesky_solve(b, factor, looped=False), reps, device)
-        solve_looped = timed(lambda: _cholesky_solve(b, factor, looped=True), reps, device)
+        b = torch.randn(m, 10, generator=g, device=device, dtype=WORK_DTYPE)
+        triangular = timed(lambda: torch.cholesky_solve(b.expand(2, m, 10), factor), reps, device)
+        by_inverse = timed(lambda: (lambda inv: inv.transpose(-1, -2) @ (inv @ b))(tril_inverse(factor)), reps, device)
         name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{threads} threads"
-        print(f"| {name} | m = {m} | {batched * 1e3:.2f} | {looped * 1e3:.2f} | {solve_batched * 1e3:.2f} "
-              f"| {solve_looped * 1e3:.2f} |", flush=True)
+        print(f"| {name} | m = {m} | {batched * 1e3:.2f} | {looped * 1e3:.2f} | {triangular * 1e3:.2f} "
+              f"| {by_inverse * 1e3:.2f} |", flush=True)
 
 
 def profile_fast_step(device, batch, steps=5):

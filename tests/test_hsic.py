@@ -14,7 +14,7 @@ from kanfarm.models import build_model
 from kanfarm.training.hsic import (HSICBottleneck, HSICSettings, gaussian_kernel, hsic_step, hsic_terms, nhsic,
                                    phase)
 from kanfarm.training.hsic_kernels import (_cholesky_ex, centred_gaussian_kernel, full_target,
-                                           label_target, nhsic_against)
+                                           label_target, layer_terms, tril_inverse)
 
 
 @pytest.fixture(autouse=True)
@@ -45,6 +45,10 @@ def direct_nhsic(kx: np.ndarray, ky: np.ndarray, eps: float = 1e-5) -> float:
     return float(np.trace(r(kx) @ r(ky)))
 
 
+def h(m: int) -> np.ndarray:
+    return np.eye(m) - np.ones((m, m)) / m
+
+
 def onehot(y: torch.Tensor, c: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(y, c).double()
 
@@ -62,12 +66,14 @@ def test_kernel_and_nhsic_match_direct_formula(m, sigma):
     ref_zy, ref_zx = direct_nhsic(kz_ref, ky_ref), direct_nhsic(kz_ref, kx_ref)
     assert float(nhsic(gaussian_kernel(z, sigma), gaussian_kernel(onehot(y, 5), sigma))) == pytest.approx(ref_zy, rel=1e-6)
     assert float(nhsic(torch.from_numpy(kz_ref), torch.from_numpy(kx_ref))) == pytest.approx(ref_zx, rel=1e-6)
-    # the trainer's fast paths: low-rank label target and full input target, batched over layers
-    kz = centred_gaussian_kernel(torch.stack([z, z]), sigma)
-    fast_y = nhsic_against(kz, label_target(y, 5, sigma))
-    fast_x = nhsic_against(kz, full_target(x, sigma))
-    assert fast_y.tolist() == pytest.approx([ref_zy] * 2, rel=1e-6)
-    assert fast_x.tolist() == pytest.approx([ref_zx] * 2, rel=1e-6)
+    # the trainer's fast paths: low-rank label target and full input target, layers of different
+    # widths batched (z and z padded with a constant column: same distances, other width)
+    np.testing.assert_allclose(centred_gaussian_kernel(z, sigma).numpy(), np.asarray(h(m) @ kz_ref @ h(m)), atol=1e-13)
+    wide = torch.cat([z, torch.zeros(m, 2, dtype=torch.float64)], dim=1)
+    (fast_y, fast_x), _ = layer_terms([z, wide], [label_target(y, 5, sigma), full_target(x, sigma)], sigma)
+    ref_wide = direct_nhsic(direct_kernel(wide.numpy(), sigma), ky_ref)
+    assert fast_y.tolist() == pytest.approx([ref_zy, ref_wide], rel=1e-6)
+    assert fast_x.tolist()[0] == pytest.approx(ref_zx, rel=1e-6)
 
 
 def test_nhsic_of_a_variable_with_itself_dominates_independent_pairs():
@@ -87,7 +93,7 @@ def test_stable_at_batch_2048_float32_features():
     m = 2048
     z = torch.randn(m, 32, generator=g).requires_grad_()
     y = torch.randint(0, 10, (m,), generator=g)
-    value = nhsic_against(centred_gaussian_kernel(z, 10.0)[None], label_target(y, 10, 10.0))[0]
+    value = hsic_terms([z], None, y, 10, HSICSettings(beta=-1.0))[0]  # nHSIC(Z, Y) alone
     value.backward()
     assert math.isfinite(value.item()) and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
     assert 0.0 < value.item() <= 9.0 + 1e-9  # trace(R_z R_y) <= rank(R_y) <= C - 1
@@ -109,44 +115,84 @@ def test_looped_factorisation_equals_batched_and_flags_failures():
     torch.testing.assert_close(looped[ok], batched[ok], rtol=0, atol=1e-12)
 
 
-def test_solving_one_matrix_at_a_time_changes_nothing(monkeypatch):
-    """CUDA also solves with large factors one matrix at a time: the trainer's losses and gradients
-    (label and input terms) are those of the batched solves, and a right-hand side shared by the
-    batch is broadcast as before."""
-    from kanfarm.training import hsic_kernels
-    from kanfarm.training.hsic_kernels import _cholesky_solve
+@pytest.mark.parametrize("n,leaf", [(64, 8), (60, 8), (37, 4), (8, 8), (5, 8), (300, 128)])
+def test_tril_inverse_matches_a_triangular_solve(n, leaf):
+    """The doubling inverse (CUDA's way to solve with large factors), at sizes that split evenly,
+    that need padding, and that fit one leaf; batched over a leading dimension."""
+    g = torch.Generator().manual_seed(n)
+    a = torch.randn(2, n, n, generator=g, dtype=torch.float64)
+    factor = torch.linalg.cholesky(a @ a.transpose(-1, -2) / n + 0.5 * torch.eye(n, dtype=torch.float64))
+    want = torch.linalg.solve_triangular(factor, torch.eye(n, dtype=torch.float64), upper=False)
+    got = tril_inverse(factor, leaf=leaf)
+    assert got.shape == (2, n, n)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(tril_inverse(factor[1], leaf=leaf), want[1], rtol=1e-10, atol=1e-12)
+    assert (got.triu(1) == 0).all()
 
-    g = torch.Generator().manual_seed(5)
-    a = torch.randn(3, 30, 30, generator=g, dtype=torch.float64)
-    factor = torch.linalg.cholesky(a @ a.transpose(-1, -2) + 30 * torch.eye(30, dtype=torch.float64))
-    shared = torch.randn(30, 4, generator=g, dtype=torch.float64)
-    for b in (shared, shared.expand(3, 30, 4), torch.randn(3, 30, 4, generator=g, dtype=torch.float64)):
-        torch.testing.assert_close(_cholesky_solve(b, factor, looped=True), torch.cholesky_solve(b, factor),
-                                   rtol=1e-12, atol=1e-12)
+
+def test_solving_through_the_inverse_factor_changes_nothing(monkeypatch):
+    """Large CUDA factors are solved with through their inverse: the trainer's losses and gradients
+    (label and input terms), for one run and for a pack, are those of the triangular solves; a
+    member with a non-finite activation gets NaN values and gradients either way, the others not."""
+    from kanfarm.training import hsic_kernels
 
     class Stand:  # what the choice reads of a tensor
         def __init__(self, device, m):
             self.device, self.shape = torch.device(device), (2, m, m)
-    choose = hsic_kernels._one_at_a_time
+    choose = hsic_kernels._large_on_cuda
     assert [choose(Stand(d, m), None) for d, m in (("cuda", 256), ("cuda", 255), ("cpu", 2048))] == [True, False, False]
     assert choose(Stand("cpu", 8), True) is True and choose(Stand("cuda", 4096), False) is False
 
-    z0 = [torch.randn(48, 12, generator=g), torch.randn(48, 6, generator=g)]
+    g = torch.Generator().manual_seed(5)
     x, y = torch.randn(48, 20, generator=g), torch.randint(0, 10, (48,), generator=g)
+    for lead in ((), (3,)):
+        z0 = [torch.randn(*lead, 48, 12, generator=g), torch.randn(*lead, 48, 6, generator=g)]
 
-    def terms_and_grads():
-        zs = [z.clone().requires_grad_(True) for z in z0]
-        terms = hsic_terms(zs, x, y, 10, HSICSettings(x_term=True))
+        def terms_and_grads():
+            zs = [z.clone().requires_grad_(True) for z in z0]
+            terms = hsic_terms(zs, x, y, 10, HSICSettings(x_term=True))
+            terms.sum().backward()
+            return terms.detach(), [z.grad for z in zs]
+        monkeypatch.setattr(hsic_kernels, "_large_on_cuda", lambda a, override: False)
+        solved = terms_and_grads()
+        calls = []
+        monkeypatch.setattr(hsic_kernels, "_large_on_cuda", lambda a, override: calls.append(a.shape) or True)
+        inverted = terms_and_grads()
+        assert calls and all(shape[-1] == shape[-2] == 48 for shape in calls)  # the inverse path ran
+        assert inverted[0].shape == (2, *lead)
+        torch.testing.assert_close(inverted[0], solved[0], rtol=1e-10, atol=1e-12)
+        for got, want in zip(inverted[1], solved[1]):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+    for inverse in (False, True):  # a diverged member of a pack (one activation NaN, or inf): NaN all through
+        monkeypatch.setattr(hsic_kernels, "_large_on_cuda", lambda a, override: inverse)
+        bad = torch.randn(3, 48, 5, generator=g)
+        bad[1, 7, 2], bad[2, 40, 0] = float("nan"), float("inf")
+        bad.requires_grad_(True)
+        terms = hsic_terms([bad], x, y, 10, HSICSettings(x_term=True))
         terms.sum().backward()
-        return terms.detach(), [z.grad for z in zs]
-    batched = terms_and_grads()
-    calls = []
-    monkeypatch.setattr(hsic_kernels, "_one_at_a_time", lambda a, looped: calls.append(a.shape) or True)
-    looped = terms_and_grads()
-    assert calls and all(shape[-1] == shape[-2] for shape in calls)  # the looped path ran, chosen by the factor
-    torch.testing.assert_close(looped[0], batched[0], rtol=1e-10, atol=1e-12)
-    for got, want in zip(looped[1], batched[1]):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+        assert torch.isfinite(terms[0, 0]) and torch.isnan(terms[0, 1:]).all()
+        assert torch.isfinite(bad.grad[0]).all() and torch.isnan(bad.grad[1:]).all()
+
+
+def test_closed_form_gradients_equal_autograd_through_the_formula():
+    """The trainer's closed-form gradients (label and input terms, layers of different widths,
+    float32 features) against autograd through the general ``nhsic`` (Cholesky solves, explicit
+    kernels); and a kernel that does not keep the gradient."""
+    g = torch.Generator().manual_seed(6)
+    zs = [torch.randn(40, 9, generator=g), torch.randn(40, 3, generator=g)]
+    x, y = torch.randn(40, 6, generator=g), torch.randint(0, 4, (40,), generator=g)
+    settings = HSICSettings(beta=3.0, sigma=1.5, x_term=True, eps=1e-3)
+    ours = [z.clone().requires_grad_(True) for z in zs]
+    hsic_terms(ours, x, y, 4, settings).sum().backward()
+    ky, kx = gaussian_kernel(onehot(y, 4), 1.5), gaussian_kernel(x, 1.5)
+    for z, got in zip(zs, ours):
+        ref = z.double().requires_grad_(True)
+        kz = gaussian_kernel(ref, 1.5)
+        (nhsic(kz, kx, 1e-3) - 3.0 * nhsic(kz, ky, 1e-3)).backward()
+        assert got.grad.dtype == torch.float32
+        torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-5, atol=1e-7)
+    assert not centred_gaussian_kernel(ours[0], 1.0).requires_grad
 
 
 def test_gradients_match_finite_differences():
@@ -154,9 +200,12 @@ def test_gradients_match_finite_differences():
     z = torch.randn(7, 3, generator=g, dtype=torch.float64, requires_grad=True)
     x = torch.randn(7, 4, generator=g, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 0, 1, 2, 2])
-    labels, inputs = label_target(y, 3, 1.0, eps=1e-2), full_target(x, 1.0, eps=1e-2)
-    torch.autograd.gradcheck(lambda v: nhsic_against(centred_gaussian_kernel(v, 1.0)[None], labels, 1e-2), (z,))
-    torch.autograd.gradcheck(lambda v: nhsic_against(centred_gaussian_kernel(v, 1.0)[None], inputs, 1e-2), (z,))
+    w = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    pack = [torch.randn(2, 7, d, generator=g, dtype=torch.float64, requires_grad=True) for d in (3, 5)]
+    for x_term in (False, True):
+        settings = HSICSettings(beta=2.0, sigma=1.0, x_term=x_term, eps=1e-2)
+        torch.autograd.gradcheck(lambda a, b: hsic_terms([a, b], x, y, 3, settings), (z, w))
+        torch.autograd.gradcheck(lambda a, b: hsic_terms([a, b], x, y, 3, settings), pack)
     torch.autograd.gradcheck(lambda v: nhsic(gaussian_kernel(v, 1.0), gaussian_kernel(x, 1.0), 1e-2), (z,))
 
 
@@ -169,6 +218,9 @@ def test_kernel_keeps_precision_when_features_share_a_large_offset():
     np.testing.assert_allclose(gaussian_kernel(z, 1.0).numpy(), kz_ref, rtol=1e-9)
     got = float(nhsic(gaussian_kernel(z, 1.0), gaussian_kernel(onehot(y, 4), 1.0)))
     assert got == pytest.approx(direct_nhsic(kz_ref, ky_ref), rel=1e-6)
+    np.testing.assert_allclose(centred_gaussian_kernel(z, 1.0).numpy(), h(128) @ kz_ref @ h(128), atol=1e-9)
+    (trainer,), _ = layer_terms([z], [label_target(y, 4, 1.0)], 1.0)  # the trainer's own kernel
+    assert trainer.item() == pytest.approx(direct_nhsic(kz_ref, ky_ref), rel=1e-6)
 
 
 @pytest.mark.parametrize("changes, field", [
@@ -289,8 +341,7 @@ def test_optimizers_one_per_block_and_no_gradient_crosses_blocks():
     block0 = model.blocks[0]
     model.train()
     z0 = block0(x)
-    own = -settings.beta * nhsic_against(centred_gaussian_kernel(z0, settings.sigma)[None],
-                                         label_target(y, 3, settings.sigma))[0]
+    own = -settings.beta * nhsic(gaussian_kernel(z0, settings.sigma), gaussian_kernel(onehot(y, 3), settings.sigma))
     expected = torch.autograd.grad(own, list(block0.parameters()))
     for p, e in zip(block0.parameters(), expected):
         torch.testing.assert_close(p.grad, e)

@@ -62,8 +62,9 @@ def plan_packs(runs: Sequence[tuple[Id, RunConfig]], pack_size: int | Callable[[
     return packs
 
 
-#: float64 (m, m) matrices alive per hidden layer in an HSIC step (kernel, its centring and
-#: regularised copy, Cholesky factor, and their gradients): a deliberate over-estimate.
+#: float64 (m, m) matrices alive per hidden layer in an HSIC step (K - 1 and its centring, the
+#: regularised copy, the Cholesky factor and its inverse, the gradient and its product with K,
+#: a solve against the input target): a deliberate over-estimate.
 HSIC_MATRICES = 8
 
 

@@ -28,8 +28,7 @@ import torch.nn.functional as F
 
 from kanfarm.config import RunConfig
 from kanfarm.data.dataset import Dataset
-from kanfarm.training.hsic_kernels import (centred_gaussian_kernel, full_target, gaussian_kernel,
-                                           hsic_factors, label_target, nhsic, nhsic_against)
+from kanfarm.training.hsic_kernels import full_target, gaussian_kernel, label_target, layer_terms, nhsic
 from kanfarm.training.optim import make_optimizer
 
 __all__ = ["HSICBottleneck", "HSICSettings", "gaussian_kernel", "nhsic", "hsic_step", "phase",
@@ -81,36 +80,42 @@ def _flat(z: torch.Tensor) -> torch.Tensor:
     return z.reshape(z.shape[0], -1)
 
 
-def _layer_kernels(zs: list[torch.Tensor], eps: float, sigma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
-    """Centred kernels of hidden outputs ``zs`` (each ``(*lead, m, features)``: ``lead`` is empty for
-    one run, ``(members,)`` for a pack) as one batch of ``(m, m)`` matrices, their Cholesky factors,
-    and the ``(L, *lead)`` shape of the per-matrix results."""
-    kz = torch.stack([centred_gaussian_kernel(z, sigma) for z in zs])
-    shape = kz.shape[:-2]
-    kz = kz.reshape(-1, *kz.shape[-2:])
-    return kz, hsic_factors(kz, eps), shape
+class _Terms(torch.autograd.Function):
+    """Hidden layers' losses as one autograd node: the values and their closed-form gradients come
+    from ``layer_terms`` together, so backward only scales the gradients by the upstream ones."""
+
+    @staticmethod
+    def forward(ctx, targets, weights, sigma, eps, *zs):
+        values, grads = layer_terms(list(zs), targets, sigma, eps, weights if any(ctx.needs_input_grad[4:]) else None)
+        terms = values[0] * weights[0]
+        for value, weight in zip(values[1:], weights[1:]):
+            terms = terms + value * weight
+        ctx.save_for_backward(*(grads or ()))
+        return terms
+
+    @staticmethod
+    def backward(ctx, upstream):
+        return (None, None, None, None, *(up[..., None, None] * grad for up, grad in zip(upstream, ctx.saved_tensors)))
 
 
 def hsic_terms(zs: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, n_classes: int,
                settings: HSICSettings) -> torch.Tensor:
-    """Each hidden layer's loss ``x_term * nHSIC(Z_i, X) - beta * nHSIC(Z_i, Y)``, shape ``(L, *lead)``."""
-    kz, chol, shape = _layer_kernels(zs, settings.eps, settings.sigma)
-    labels = label_target(y, n_classes, settings.sigma, settings.eps)
-    terms = -settings.beta * nhsic_against(kz, labels, settings.eps, chol=chol)
+    """Each hidden layer's loss ``x_term * nHSIC(Z_i, X) - beta * nHSIC(Z_i, Y)``, shape ``(L, *lead)``
+    for hidden outputs ``zs`` of shape ``(*lead, m, features)`` (``lead`` is empty for one run,
+    ``(members,)`` for a pack); differentiable with respect to ``zs``."""
+    targets, weights = [label_target(y, n_classes, settings.sigma, settings.eps)], [-settings.beta]
     if settings.x_term:
-        inputs = full_target(x, settings.sigma, settings.eps)
-        terms = terms + nhsic_against(kz, inputs, settings.eps, chol=chol)
-    return terms.view(shape)
+        targets.append(full_target(x, settings.sigma, settings.eps))
+        weights.append(1.0)
+    return _Terms.apply(targets, weights, settings.sigma, settings.eps, *zs)
 
 
 @torch.no_grad()
 def layer_nhsic(zs: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, n_classes: int, sigma: float,
                 eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
     """(nHSIC(Z_i, X), nHSIC(Z_i, Y)) for hidden outputs ``zs``, each of shape ``(L, *lead)``."""
-    kz, chol, shape = _layer_kernels(zs, eps, sigma)
-    ny = nhsic_against(kz, label_target(y, n_classes, sigma, eps), eps, chol=chol)
-    nx = nhsic_against(kz, full_target(x, sigma, eps), eps, chol=chol)
-    return nx.view(shape), ny.view(shape)
+    (ny, nx), _ = layer_terms(zs, [label_target(y, n_classes, sigma, eps), full_target(x, sigma, eps)], sigma, eps)
+    return nx, ny
 
 
 def hsic_step(model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer],
