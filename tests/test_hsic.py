@@ -136,12 +136,13 @@ def test_solving_through_the_inverse_factor_changes_nothing(monkeypatch):
     member with a non-finite activation gets NaN values and gradients either way, the others not."""
     from kanfarm.training import hsic_kernels
 
-    class Stand:  # what the choice reads of a tensor
+    class Stand:  # what the choices read of a tensor
         def __init__(self, device, m):
             self.device, self.shape = torch.device(device), (2, m, m)
-    choose = hsic_kernels._large_on_cuda
-    assert [choose(Stand(d, m), None) for d, m in (("cuda", 256), ("cuda", 255), ("cpu", 2048))] == [True, False, False]
-    assert choose(Stand("cpu", 8), True) is True and choose(Stand("cuda", 4096), False) is False
+    inverse, looped = hsic_kernels._by_inverse, hsic_kernels._on_cuda_from
+    assert [inverse(Stand(d, m)) for d, m in (("cuda", 2048), ("cuda", 2047), ("cpu", 4096))] == [True, False, False]
+    assert [looped(Stand(d, m), 256, None) for d, m in (("cuda", 256), ("cuda", 255), ("cpu", 2048))] == [True, False, False]
+    assert looped(Stand("cpu", 8), 256, True) is True and looped(Stand("cuda", 4096), 256, False) is False
 
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(48, 20, generator=g), torch.randint(0, 10, (48,), generator=g)
@@ -153,10 +154,10 @@ def test_solving_through_the_inverse_factor_changes_nothing(monkeypatch):
             terms = hsic_terms(zs, x, y, 10, HSICSettings(x_term=True))
             terms.sum().backward()
             return terms.detach(), [z.grad for z in zs]
-        monkeypatch.setattr(hsic_kernels, "_large_on_cuda", lambda a, override: False)
+        monkeypatch.setattr(hsic_kernels, "_by_inverse", lambda factor: False)
         solved = terms_and_grads()
         calls = []
-        monkeypatch.setattr(hsic_kernels, "_large_on_cuda", lambda a, override: calls.append(a.shape) or True)
+        monkeypatch.setattr(hsic_kernels, "_by_inverse", lambda factor: calls.append(factor.shape) or True)
         inverted = terms_and_grads()
         assert calls and all(shape[-1] == shape[-2] == 48 for shape in calls)  # the inverse path ran
         assert inverted[0].shape == (2, *lead)
@@ -164,8 +165,8 @@ def test_solving_through_the_inverse_factor_changes_nothing(monkeypatch):
         for got, want in zip(inverted[1], solved[1]):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
 
-    for inverse in (False, True):  # a diverged member of a pack (one activation NaN, or inf): NaN all through
-        monkeypatch.setattr(hsic_kernels, "_large_on_cuda", lambda a, override: inverse)
+    for by_inverse in (False, True):  # a diverged member of a pack (one activation NaN, or inf): NaN all through
+        monkeypatch.setattr(hsic_kernels, "_by_inverse", lambda factor: by_inverse)
         bad = torch.randn(3, 48, 5, generator=g)
         bad[1, 7, 2], bad[2, 40, 0] = float("nan"), float("inf")
         bad.requires_grad_(True)
