@@ -44,8 +44,8 @@ micro)
     step cuda_checks 90 python3 benchmarks/cuda_checks.py
     step kan_layer 90 python3 benchmarks/kan_layer.py --device cuda --json "$OUT/kan_layer.json"
     step epoch 60 python3 benchmarks/epoch.py --device cuda
-    step hsic_step 70 python3 benchmarks/hsic_step.py --device cuda --reps 20 --plain-reps 5 --profile
-    step packing 180 python3 benchmarks/packing.py --device cuda --profile
+    step hsic_step 90 sh -c 'python3 benchmarks/hsic_step.py --device cuda --reps 20 --plain-reps 5 --profile && python3 benchmarks/hsic_solves.py --device cuda'
+    step packing 160 python3 benchmarks/packing.py --device cuda --profile
     step packing_eager 80 env KANFARM_TRITON=0 python3 benchmarks/packing.py --device cuda --models mlp --profile
     ;;
 grid)

@@ -17,6 +17,9 @@ eigenvalue gaps). A second table times the factorisation alone, the two float64 
 factors of one step, as one batched call and one matrix at a time (the trainer's choice on CUDA),
 and the solve with them for the label target's 10 columns: by triangular solves, and through the
 factors' inverses (``tril_inverse``, then two products: the trainer's choice on CUDA).
+It also counts the operators each step dispatches (``dispatched_ops``). The main table's last
+column is the host's share of the backprop and fast steps (``host_time``): on CUDA, a step whose
+host time is about its step time is bound by launching kernels, not by running them.
 ``--profile`` adds the operators that take the fast MLP step's time (torch.profiler, top 15).
 Usage: python benchmarks/hsic_step.py [--batch 2048] [--reps 5] [--threads 2] [--device cpu|cuda|all] [--profile]
 """
@@ -110,6 +113,46 @@ def timed(fn, reps, device):
     return statistics.median(times)
 
 
+def host_time(fn, reps, device):
+    """Median seconds until ``fn`` returns, the device idle at the call and not waited for after it:
+    the host's share of a step. Where it is about the step's time, the step is bound by the host
+    issuing kernels, not by the device running them."""
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+#: operators that only make views or metadata: they launch no kernel
+VIEW_OPS = {"view", "_unsafe_view", "as_strided", "transpose", "t", "expand", "unsqueeze", "squeeze", "reshape",
+            "detach", "alias", "select", "slice", "diagonal", "permute", "unflatten", "movedim", "_reshape_alias",
+            "empty", "empty_like", "empty_strided", "split", "unbind", "new_empty", "new_empty_strided",
+            "resolve_conj", "resolve_neg", "is_same_size", "_local_scalar_dense"}
+
+
+def dispatched_ops(fn) -> int:
+    """Operators one call of ``fn`` dispatches that are not views: a device-independent count of the
+    kernel launches the host must issue (what bounds a small step on a fast GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in VIEW_OPS:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+    with Count():
+        fn()
+    return Count.n
+
+
 def grad_of(loss_fn, model, x, y):
     model.zero_grad(set_to_none=True)
     model.train()
@@ -176,8 +219,10 @@ def main() -> None:
         sys.exit("--device cuda: torch sees no CUDA device")  # not an empty table that looks like a pass
     devices = [torch.device(d) for d in (["cpu", "cuda"] if args.device == "all" else [args.device])
                if d == "cpu" or torch.cuda.is_available()]
-    print("| device | model | backprop ms | plain HSIC ms | eigh HSIC ms | fast HSIC ms | plain/bp | eigh/bp | fast/bp | eigh-vs-chol grad rel. diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| device | model | backprop ms | plain HSIC ms | eigh HSIC ms | fast HSIC ms | plain/bp | eigh/bp | fast/bp "
+          "| eigh-vs-chol grad rel. diff | host ms: backprop, fast |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    ops = {}
     for device in devices:
         for kind in ("mlp", "kan"):
             torch.manual_seed(0)
@@ -193,11 +238,19 @@ def main() -> None:
             plain = timed(lambda: step_with(plain_loss, model, opts, x, y, 10), args.plain_reps, device)
             eig = timed(lambda: step_with(eigh_loss, model, opts, x, y, 10), args.plain_reps, device)
             fast = timed(lambda: hsic_step(model, opts, x, y, settings), args.reps, device)
+            ops[kind] = (dispatched_ops(lambda: backprop_step(model, bp_opt, x, y)),
+                         dispatched_ops(lambda: hsic_step(model, opts, x, y, settings)))
+            host_bp = host_time(lambda: backprop_step(model, bp_opt, x, y), args.reps, device)
+            host_fast = host_time(lambda: hsic_step(model, opts, x, y, settings), args.reps, device)
             g_eig, g_fast = grad_of(eigh_loss, model, x, y), grad_of(plain_loss, model, x, y)
             diff = float((g_eig - g_fast).norm() / g_fast.norm())
             name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{args.threads} threads"
             print(f"| {name} | {kind} | {bp * 1e3:.1f} | {plain * 1e3:.0f} | {eig * 1e3:.0f} | {fast * 1e3:.1f} "
-                  f"| {plain / bp:.0f}x | {eig / bp:.0f}x | {fast / bp:.1f}x | {diff:.1e} |", flush=True)
+                  f"| {plain / bp:.0f}x | {eig / bp:.0f}x | {fast / bp:.1f}x | {diff:.1e} "
+                  f"| {host_bp * 1e3:.1f}, {host_fast * 1e3:.1f} |", flush=True)
+    print("\nOperators dispatched per step, not views (last device; Adam as it runs there: a loop over "
+          "parameters on the CPU, foreach on CUDA): "
+          + "; ".join(f"{kind}: backprop {bp_ops}, fast HSIC {fast_ops}" for kind, (bp_ops, fast_ops) in ops.items()))
     factorisation_rows(devices, args.batch, args.reps, args.threads)
     if args.profile:
         for device in devices:

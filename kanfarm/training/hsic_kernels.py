@@ -169,7 +169,11 @@ def tril_inverse(l: torch.Tensor, leaf: int = TRIL_LEAF) -> torch.Tensor:
     factorisation. Here the diagonal blocks are inverted as one batch, then pairs of neighbouring
     blocks are joined with [[A, 0], [C, B]]^-1 = [[A^-1, 0], [-B^-1 C A^-1, B^-1]], all pairs of a
     level at once: log2(n / leaf) levels of two batched products each. A matrix whose size is not
-    ``leaf * 2^levels`` is padded with an identity block, whose inverse is itself."""
+    ``leaf * 2^levels`` is padded with an identity block, whose inverse is itself.
+
+    Accuracy: this inverts the factor, not A; cond(L) = sqrt(cond(A)) <= ~316 at the trainer's
+    eps, and L^-T (L^-1 b) matched the triangular solve to 2e-15 (relative) on an H200 at sizes
+    128-4096 (``benchmarks/hsic_solves.py``)."""
     n, lead = l.shape[-1], l.shape[:-2]
     levels = max(0, math.ceil(math.log2(n / leaf)))
     size = -(-n // (1 << levels))  # ceil: blocks of the first level
