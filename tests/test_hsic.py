@@ -130,19 +130,20 @@ def test_tril_inverse_matches_a_triangular_solve(n, leaf):
     assert (got.triu(1) == 0).all()
 
 
-def test_solving_through_the_inverse_factor_changes_nothing(monkeypatch):
-    """Large CUDA factors are solved with through their inverse: the trainer's losses and gradients
-    (label and input terms), for one run and for a pack, are those of the triangular solves; a
-    member with a non-finite activation gets NaN values and gradients either way, the others not."""
+def test_each_way_of_solving_gives_the_same_terms_and_gradients(monkeypatch):
+    """CUDA solves with a batch of large factors one matrix at a time, and with the largest through
+    their inverse: the trainer's losses and gradients (label and input terms), for one run and for a
+    pack, are those of the batched triangular solves; a member with a non-finite activation gets NaN
+    values and gradients either way, the others not."""
     from kanfarm.training import hsic_kernels
 
     class Stand:  # what the choices read of a tensor
         def __init__(self, device, m):
             self.device, self.shape = torch.device(device), (2, m, m)
-    inverse, looped = hsic_kernels._by_inverse, hsic_kernels._on_cuda_from
+    inverse, looped = hsic_kernels._by_inverse, hsic_kernels._one_at_a_time
     assert [inverse(Stand(d, m)) for d, m in (("cuda", 2048), ("cuda", 2047), ("cpu", 4096))] == [True, False, False]
-    assert [looped(Stand(d, m), 256, None) for d, m in (("cuda", 256), ("cuda", 255), ("cpu", 2048))] == [True, False, False]
-    assert looped(Stand("cpu", 8), 256, True) is True and looped(Stand("cuda", 4096), 256, False) is False
+    assert [looped(Stand(d, m), None) for d, m in (("cuda", 256), ("cuda", 255), ("cpu", 2048))] == [True, False, False]
+    assert looped(Stand("cpu", 8), True) is True and looped(Stand("cuda", 4096), False) is False
 
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(48, 20, generator=g), torch.randint(0, 10, (48,), generator=g)
@@ -157,13 +158,19 @@ def test_solving_through_the_inverse_factor_changes_nothing(monkeypatch):
         monkeypatch.setattr(hsic_kernels, "_by_inverse", lambda factor: False)
         solved = terms_and_grads()
         calls = []
+        monkeypatch.setattr(hsic_kernels, "_one_at_a_time", lambda a, looped: calls.append(a.shape) or True)
+        looped = terms_and_grads()
+        assert calls and all(shape[-1] == shape[-2] == 48 for shape in calls)  # the looped path ran
+        monkeypatch.setattr(hsic_kernels, "_one_at_a_time", lambda a, looped: False)
+        calls = []
         monkeypatch.setattr(hsic_kernels, "_by_inverse", lambda factor: calls.append(factor.shape) or True)
         inverted = terms_and_grads()
         assert calls and all(shape[-1] == shape[-2] == 48 for shape in calls)  # the inverse path ran
-        assert inverted[0].shape == (2, *lead)
-        torch.testing.assert_close(inverted[0], solved[0], rtol=1e-10, atol=1e-12)
-        for got, want in zip(inverted[1], solved[1]):
-            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+        assert inverted[0].shape == looped[0].shape == (2, *lead)
+        for other in (looped, inverted):
+            torch.testing.assert_close(other[0], solved[0], rtol=1e-10, atol=1e-12)
+            for got, want in zip(other[1], solved[1]):
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
 
     for by_inverse in (False, True):  # a diverged member of a pack (one activation NaN, or inf): NaN all through
         monkeypatch.setattr(hsic_kernels, "_by_inverse", lambda factor: by_inverse)
