@@ -12,33 +12,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hsic_step import timed  # noqa: E402
 from kanfarm.training.hsic_kernels import centred_gaussian_kernel, label_target, tril_inverse  # noqa: E402
-
-
-def timed(fn, reps: int, device: torch.device) -> float:
-    """Median milliseconds of ``fn`` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -70,11 +51,10 @@ def main() -> None:
                        / torch.cholesky_solve(f, factor).norm())
         diff_m = float((by_inverse(kc, inverse) - torch.cholesky_solve(kc, factor)).norm()
                        / torch.cholesky_solve(kc, factor).norm())
-        t = [timed(lambda: torch.linalg.cholesky_ex(a), args.reps, device),
-             timed(lambda: torch.cholesky_solve(f, factor), args.reps, device),
-             timed(lambda: by_inverse(f, tril_inverse(factor)), args.reps, device),
-             timed(lambda: torch.cholesky_solve(kc, factor), args.reps, device),
-             timed(lambda: by_inverse(kc, inverse), args.reps, device)]
+        t = [1e3 * timed(fn, args.reps, device) for fn in (
+            lambda: torch.linalg.cholesky_ex(a), lambda: torch.cholesky_solve(f, factor),
+            lambda: by_inverse(f, tril_inverse(factor)), lambda: torch.cholesky_solve(kc, factor),
+            lambda: by_inverse(kc, inverse))]
         print(f"| {m} | {t[0]:.3f} | {t[1]:.3f} | {t[2]:.3f} | {diff_f:.1e} | {t[3]:.3f} | {t[4]:.3f} | {diff_m:.1e} |",
               flush=True)
 
