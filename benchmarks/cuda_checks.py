@@ -11,6 +11,8 @@
    members over 5 steps, dead members frozen. (Check 1 already trains packs with it.)
 5. No host sync inside a training step (backprop, HSIC, pack of MLPs with dropout), under
    ``torch.cuda.set_sync_debug_mode("warn")``: the count of synchronising calls must be 0.
+6. The HSIC layer terms and their closed-form gradients on CUDA (inverse factors at 2048, one
+   factor at a time at 512, a pack) against the CPU's triangular solves, in float64.
 
 Prints one line per check with its figure and PASS/FAIL; exits 1 on any FAIL.
 
@@ -36,7 +38,7 @@ from kanfarm.packing import Member, train_pack  # noqa: E402
 from kanfarm.packing.optim import StackedOptimizer  # noqa: E402
 from kanfarm.training import CheckpointManager, train  # noqa: E402
 
-DEVICE = os.environ.get("CHECK_DEVICE", "cuda")  # cpu: a dry run of checks 1 and 2
+DEVICE = os.environ.get("CHECK_DEVICE", "cuda")  # cpu: a dry run of checks 1, 2 and 6
 FIELDS = ("train_loss", "train_acc", "test_loss", "test_acc")
 failed = False
 
@@ -201,6 +203,28 @@ def no_host_sync() -> None:
         report(f"host syncs in one {name} step on CUDA", float(len(syncs)), 0)
 
 
+def hsic_terms_on_device() -> None:
+    """The HSIC layer terms and their closed-form gradients on CUDA against the CPU's, in float64:
+    one run at batch 2048 (CUDA solves through the inverse factor), one at 512 (one factor at a
+    time), a pack of 3 members at 512; x term on, layers of different widths."""
+    from kanfarm.training.hsic import HSICSettings, hsic_terms
+
+    g = torch.Generator().manual_seed(7)
+    settings = HSICSettings(x_term=True)
+    worst = 0.0
+    for lead, m in (((), 2048), ((), 512), ((3,), 512)):
+        zs = [torch.randn(*lead, m, d, generator=g, dtype=torch.float64).relu() for d in (64, 32)]
+        x, y = torch.rand(m, 784, generator=g, dtype=torch.float64), torch.randint(0, 10, (m,), generator=g)
+        got = {}
+        for device in ("cpu", DEVICE):
+            leaves = [z.to(device).requires_grad_(True) for z in zs]
+            terms = hsic_terms(leaves, x.to(device), y.to(device), 10, settings)
+            terms.sum().backward()
+            got[device] = [terms.detach().cpu()] + [z.grad.cpu() for z in leaves]
+        worst = max([worst] + [float((b - a).norm() / a.norm()) for a, b in zip(got["cpu"], got[DEVICE])])
+    report(f"HSIC terms and gradients, {DEVICE} vs CPU in float64 (relative)", worst, 1e-9)
+
+
 def guarded(check, *args) -> None:
     """Run one check; its crash is reported as a failure and the later checks still run (a crash
     used to end the script, and the checks after it went unmeasured)."""
@@ -217,6 +241,7 @@ if __name__ == "__main__":
         guarded(kernels)
         guarded(fused_optimiser)
         guarded(no_host_sync)
+    guarded(hsic_terms_on_device)
     guarded(pack_vs_solo, d)
     guarded(resume, d)
     sys.exit(1 if failed else 0)
