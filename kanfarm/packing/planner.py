@@ -62,10 +62,9 @@ def plan_packs(runs: Sequence[tuple[Id, RunConfig]], pack_size: int | Callable[[
     return packs
 
 
-#: float64 (m, m) matrices alive at once per hidden layer in an HSIC step: K - 1 and its
-#: centring, the Cholesky factor and its inverse, and then either the regularised copy and the
-#: one-at-a-time factors being stacked (6 with the other 4), or the gradient with its product
-#: with K (6), or with the input term two solves against it and a product between them (8).
+#: float64 (m, m) matrices alive at once per hidden layer in an HSIC step, at most 8: K - 1 and
+#: its centring, the Cholesky factor and its inverse, the gradient, and with the input term two
+#: solves against it and the product between them (without it, at most 6).
 HSIC_MATRICES = 8
 
 
