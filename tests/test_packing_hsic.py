@@ -102,7 +102,7 @@ def test_a_diverging_hsic_member_leaves_the_others_alone(digits):
 
 def test_member_memory_counts_the_hsic_kernels():
     """auto pack sizes come from member_bytes: an HSIC member also holds float64 batch x batch
-    matrices for every hidden layer (512 MiB per layer at the study's batch of 2048)."""
+    matrices for every hidden layer (HSIC_MATRICES x 32 MiB per layer at a batch of 2048)."""
     from kanfarm.models import model_widths
     from kanfarm.packing.planner import HSIC_MATRICES, member_bytes
     for depth in ("shallow", "deep"):
