@@ -4,6 +4,7 @@
 #                                     # 2 min on an H200 before the profiles and the eager packing run
 #                                     # were added; the steps' limits add up to 570 s, under a 600 s call
 #   benchmarks/gpu_session.sh grid    # paper_mnist: the whole 243-run grid through the CLI
+#   benchmarks/gpu_session.sh hsic    # the HSIC step, CUDA checks, solves by size and HSIC packs (limits: 330 s)
 # Logs go to $OUT (default ./gpu-out): micro writes 8 files there, the most the device tool brings
 # back (a ninth would be dropped). grid needs the wheels below (carry [".whl"]); micro does not. Wheels of packages the machine lacks (sqlalchemy, greenlet,
 # alembic, mako) may be put in .whl/; they are installed to /tmp/site first. To fetch them for the
@@ -47,6 +48,12 @@ micro)
     step hsic_step 90 sh -c 'python3 benchmarks/hsic_step.py --device cuda --reps 20 --plain-reps 5 --profile && python3 benchmarks/hsic_solves.py --device cuda'
     step packing 160 python3 benchmarks/packing.py --device cuda --profile
     step packing_eager 80 env KANFARM_TRITON=0 python3 benchmarks/packing.py --device cuda --models mlp --profile
+    ;;
+hsic)
+    step hsic_step 90 python3 benchmarks/hsic_step.py --device cuda --reps 50 --plain-reps 3
+    step cuda_checks 100 python3 benchmarks/cuda_checks.py
+    step hsic_solves 40 python3 benchmarks/hsic_solves.py --device cuda
+    step packing_hsic 100 python3 benchmarks/packing.py --quick --device cuda --trainer hsic --models mlp --batches 2048
     ;;
 grid)
     rm -rf /tmp/paper-mnist  # a warm machine's earlier grid: paper_mnist.py refuses to time over it
