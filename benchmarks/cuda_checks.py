@@ -217,7 +217,7 @@ def hsic_terms_on_device() -> None:
         x, y = torch.rand(m, 784, generator=g, dtype=torch.float64), torch.randint(0, 10, (m,), generator=g)
         got = {}
         for device in ("cpu", DEVICE):
-            leaves = [z.to(device).requires_grad_(True) for z in zs]
+            leaves = [z.detach().to(device).requires_grad_(True) for z in zs]
             terms = hsic_terms(leaves, x.to(device), y.to(device), 10, settings)
             terms.sum().backward()
             got[device] = [terms.detach().cpu()] + [z.grad.cpu() for z in leaves]
