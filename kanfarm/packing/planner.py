@@ -63,10 +63,10 @@ def plan_packs(runs: Sequence[tuple[Id, RunConfig]], pack_size: int | Callable[[
 
 
 #: float64 (m, m) matrices alive at once per hidden layer in an HSIC step: K - 1 and its
-#: centring, the Cholesky factor and its inverse, the gradient and, with the input term, two
-#: solves against that target. ``benchmarks/hsic_memory.py`` measured a peak of 6.4 per layer on
-#: CUDA's solve path, 8.5 with the input term (5.2 and 7.1 on the CPU's): 9 covers both.
-HSIC_MATRICES = 9
+#: centring, the Cholesky factor (or, on CUDA, its inverse), the gradient and, with the input term,
+#: two solves against that target. ``benchmarks/hsic_memory.py`` measured a peak of 5.3 per layer
+#: on CUDA's solve path, 7.3 with the input term (5.2 and 7.1 on the CPU's): 8 covers both.
+HSIC_MATRICES = 8
 
 
 def member_bytes(config: RunConfig, n_features: int, n_classes: int) -> int:

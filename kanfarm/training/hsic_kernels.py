@@ -237,8 +237,8 @@ def _resolvent(kc: torch.Tensor, eps: float) -> torch.Tensor:
 
 class Factors(NamedTuple):
     """What solving with A = K~ + eps m I needs, computed once per kernel and shared by targets:
-    the Cholesky factor ``l`` and, where solving by products is faster (``INVERSE_SOLVE_MIN``), its
-    inverse ``l_inv`` (``tril_inverse``), else None.
+    the Cholesky factor ``l`` or, where solving by products is faster (``INVERSE_SOLVE_MIN``), only
+    its inverse ``l_inv`` (``tril_inverse``; the factor is not kept: one m x m matrix less).
 
     A is positive definite for finite activations (its smallest eigenvalue is at least eps m, far
     above rounding), so the factorisation's ``info`` is not read (on a GPU that would wait for the
@@ -246,7 +246,7 @@ class Factors(NamedTuple):
     every row and column mean of the centring), hence the factor, values and gradients too, and
     the run is marked diverged as under backprop."""
 
-    l: torch.Tensor
+    l: torch.Tensor | None
     l_inv: torch.Tensor | None
 
     def solve(self, b: torch.Tensor) -> torch.Tensor:
@@ -264,7 +264,7 @@ def _by_inverse(factor: torch.Tensor) -> bool:
 def hsic_factors(kc: torch.Tensor, eps: float = 1e-5) -> Factors:
     """``Factors`` of K~ + eps m I (batched)."""
     factor, _ = _cholesky_ex(_shifted(kc, eps))
-    return Factors(factor, tril_inverse(factor) if _by_inverse(factor) else None)
+    return Factors(None, tril_inverse(factor)) if _by_inverse(factor) else Factors(factor, None)
 
 
 @dataclass(frozen=True)
