@@ -140,10 +140,10 @@ def test_each_way_of_solving_gives_the_same_terms_and_gradients(monkeypatch):
     class Stand:  # what the choices read of a tensor
         def __init__(self, device, m):
             self.device, self.shape = torch.device(device), (2, m, m)
-    inverse, looped = hsic_kernels._by_inverse, hsic_kernels._one_at_a_time
-    assert [inverse(Stand(d, m)) for d, m in (("cuda", 2048), ("cuda", 2047), ("cpu", 4096))] == [True, False, False]
-    assert [looped(Stand(d, m), None) for d, m in (("cuda", 256), ("cuda", 255), ("cpu", 2048))] == [True, False, False]
-    assert looped(Stand("cpu", 8), True) is True and looped(Stand("cuda", 4096), False) is False
+    by_inverse, one_at_a_time = hsic_kernels._by_inverse, hsic_kernels._one_at_a_time
+    assert [by_inverse(Stand(d, m)) for d, m in (("cuda", 2048), ("cuda", 2047), ("cpu", 4096))] == [True, False, False]
+    assert [one_at_a_time(Stand(d, m), None) for d, m in (("cuda", 256), ("cuda", 255), ("cpu", 2048))] == [True, False, False]
+    assert one_at_a_time(Stand("cpu", 8), True) is True and one_at_a_time(Stand("cuda", 4096), False) is False
 
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(48, 20, generator=g), torch.randint(0, 10, (48,), generator=g)
@@ -172,8 +172,8 @@ def test_each_way_of_solving_gives_the_same_terms_and_gradients(monkeypatch):
             for got, want in zip(other[1], solved[1]):
                 torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
 
-    for by_inverse in (False, True):  # a diverged member of a pack (one activation NaN, or inf): NaN all through
-        monkeypatch.setattr(hsic_kernels, "_by_inverse", lambda factor: by_inverse)
+    for inverse in (False, True):  # a diverged member of a pack (one activation NaN, or inf): NaN all through
+        monkeypatch.setattr(hsic_kernels, "_by_inverse", lambda factor: inverse)
         bad = torch.randn(3, 48, 5, generator=g)
         bad[1, 7, 2], bad[2, 40, 0] = float("nan"), float("inf")
         bad.requires_grad_(True)
