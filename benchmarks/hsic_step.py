@@ -165,7 +165,7 @@ def factorisation_rows(devices, m, reps, threads):
     the solve with their factors for 10 right-hand sides (the label target's, one per class): by
     triangular solves, and by the inverse factors (computed in the timing) and two products."""
     print()
-    print("| device | 2 x float64 m x m | factorise: batched ms | one at a time ms | solve 10 columns: triangular ms | by inverse factors ms |")
+    print("| device | 2 x float64 m x m | factorise: batched ms | one at a time ms | solve 10 columns: batched triangular ms | by inverse factors ms |")
     print("|---|---|---|---|---|---|")
     for device in devices:
         g = torch.Generator(device=device).manual_seed(0)
