@@ -172,15 +172,19 @@ def test_each_way_of_solving_gives_the_same_terms_and_gradients(monkeypatch):
             for got, want in zip(other[1], solved[1]):
                 torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
 
-    for inverse in (False, True):  # a diverged member of a pack (one activation NaN, or inf): NaN all through
+    for inverse in (False, True):  # diverging members of a pack: NaN all through, the others untouched
         monkeypatch.setattr(hsic_kernels, "_by_inverse", lambda factor: inverse)
-        bad = torch.randn(3, 48, 5, generator=g)
+        bad = torch.randn(4, 48, 5, generator=g).relu()
         bad[1, 7, 2], bad[2, 40, 0] = float("nan"), float("inf")
+        bad[3, 3, 0] = 1e10  # finite, but its kernel does not factorise: a finite nHSIC of -1e17 unless caught
         bad.requires_grad_(True)
         terms = hsic_terms([bad], x, y, 10, HSICSettings(x_term=True))
         terms.sum().backward()
         assert torch.isfinite(terms[0, 0]) and torch.isnan(terms[0, 1:]).all()
         assert torch.isfinite(bad.grad[0]).all() and torch.isnan(bad.grad[1:]).all()
+        outlier = x.clone()
+        outlier[3, 0] = 1e10  # an input kernel that does not factorise: a NaN input target, not a wrong one
+        assert torch.isnan(full_target(outlier, 10.0).r).all() and torch.isfinite(full_target(x, 10.0).r).all()
 
 
 def test_closed_form_gradients_equal_autograd_through_the_formula():
@@ -201,6 +205,27 @@ def test_closed_form_gradients_equal_autograd_through_the_formula():
         assert got.grad.dtype == torch.float32
         torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-5, atol=1e-7)
     assert not centred_gaussian_kernel(ours[0], 1.0).requires_grad
+
+
+def test_terms_compute_gradients_only_when_asked_and_to_first_order(monkeypatch):
+    """No closed-form gradient is computed under no_grad; a second derivative is refused with an
+    error, not silently zero."""
+    from kanfarm.training import hsic_kernels
+    g = torch.Generator().manual_seed(8)
+    zs = [torch.randn(20, 4, generator=g, requires_grad=True)]
+    y = torch.randint(0, 3, (20,), generator=g)
+    calls = []
+    real = hsic_kernels._kernel_grad
+    monkeypatch.setattr(hsic_kernels, "_kernel_grad", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        hsic_terms(zs, None, y, 3, HSICSettings())
+    assert calls == []
+    terms = hsic_terms(zs, None, y, 3, HSICSettings())
+    assert calls == [1]
+    upstream = torch.ones_like(terms, requires_grad=True)  # as gradgradcheck differentiates
+    (grad,) = torch.autograd.grad(terms, zs, upstream, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
 
 
 def test_gradients_match_finite_differences():

@@ -65,7 +65,8 @@ def plan_packs(runs: Sequence[tuple[Id, RunConfig]], pack_size: int | Callable[[
 #: float64 (m, m) matrices alive at once per hidden layer in an HSIC step: K - 1 and its
 #: centring, the Cholesky factor (or, on CUDA, its inverse), the gradient and, with the input term,
 #: two solves against that target. ``benchmarks/hsic_memory.py`` measured a peak of 5.3 per layer
-#: on CUDA's solve path, 7.3 with the input term (5.2 and 7.1 on the CPU's): 8 covers both.
+#: on CUDA's solve path, 7.3 with the input term (5.2 and 7.1 on the CPU's): 8 covers both. The
+#: input target R_x itself, one matrix per batch that a pack's members share, comes on top once.
 HSIC_MATRICES = 8
 
 

@@ -25,6 +25,7 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from kanfarm.config import RunConfig
 from kanfarm.data.dataset import Dataset
@@ -82,11 +83,12 @@ def _flat(z: torch.Tensor) -> torch.Tensor:
 
 class _Terms(torch.autograd.Function):
     """Hidden layers' losses as one autograd node: the values and their closed-form gradients come
-    from ``layer_terms`` together, so backward only scales the gradients by the upstream ones."""
+    from ``layer_terms`` together, so backward only scales the gradients by the upstream ones.
+    First order only (``once_differentiable``): the closed form has no graph of its own."""
 
     @staticmethod
-    def forward(ctx, targets, weights, sigma, eps, *zs):
-        values, grads = layer_terms(list(zs), targets, sigma, eps, weights if any(ctx.needs_input_grad[4:]) else None)
+    def forward(ctx, targets, weights, sigma, eps, with_grads, *zs):
+        values, grads = layer_terms(list(zs), targets, sigma, eps, weights if with_grads else None)
         terms = values[0] * weights[0]
         for value, weight in zip(values[1:], weights[1:]):
             terms = terms + value * weight
@@ -94,8 +96,9 @@ class _Terms(torch.autograd.Function):
         return terms
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, upstream):
-        return (None, None, None, None, *(up[..., None, None] * grad for up, grad in zip(upstream, ctx.saved_tensors)))
+        return (None,) * 5 + tuple(up[..., None, None] * grad for up, grad in zip(upstream, ctx.saved_tensors))
 
 
 def hsic_terms(zs: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, n_classes: int,
@@ -107,7 +110,8 @@ def hsic_terms(zs: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, n_class
     if settings.x_term:
         targets.append(full_target(x, settings.sigma, settings.eps))
         weights.append(1.0)
-    return _Terms.apply(targets, weights, settings.sigma, settings.eps, *zs)
+    with_grads = torch.is_grad_enabled() and any(z.requires_grad for z in zs)  # not computed for nothing
+    return _Terms.apply(targets, weights, settings.sigma, settings.eps, with_grads, *zs)
 
 
 @torch.no_grad()

@@ -74,7 +74,8 @@ def _features(zs: list[torch.Tensor], sigma: float) -> tuple[torch.Tensor, list[
 
     Scaled, a squared distance is already divided by the kernel's width; zero-padded columns add
     nothing to a distance; centred over rows, the distance expansion does not cancel when every
-    row shares a large offset (|a|^2 >> |a - b|^2)."""
+    row shares a large offset (|a|^2 >> |a - b|^2). A few outlier rows still make it cancel for
+    the others (see ``Factors.failed``)."""
     scales = [1.0 / math.sqrt(2.0 * sigma * sigma * z.shape[-1]) for z in zs]
     x = torch.zeros(len(zs), *zs[0].shape[:-1], max(z.shape[-1] for z in zs), dtype=WORK_DTYPE,
                     device=zs[0].device)
@@ -185,8 +186,9 @@ def tril_inverse(l: torch.Tensor, leaf: int = TRIL_LEAF) -> torch.Tensor:
     of a label target it took 1.1 ms per 2048 x 2048 factor on an H200, longer than the
     factorisation. Here the diagonal blocks are inverted as one batch, then pairs of neighbouring
     blocks are joined with [[A, 0], [C, B]]^-1 = [[A^-1, 0], [-B^-1 C A^-1, B^-1]], all pairs of a
-    level at once: log2(n / leaf) levels of two batched products each. A matrix whose size is not
-    ``leaf * 2^levels`` is padded with an identity block, whose inverse is itself.
+    level at once: log2(n / leaf) levels of two batched products each, from blocks of
+    ceil(n / 2^levels) <= leaf. A matrix whose size 2^levels does not divide is padded with an
+    identity block, whose inverse is itself.
 
     Accuracy: this inverts the factor, not A; cond(L) = sqrt(cond(A)) <= ~316 at the trainer's
     eps, and L^-T (L^-1 b) matched the triangular solve to 2e-15 (relative) on an H200 at sizes
@@ -240,14 +242,17 @@ class Factors(NamedTuple):
     the Cholesky factor ``l`` or, where solving by products is faster (``INVERSE_SOLVE_MIN``), only
     its inverse ``l_inv`` (``tril_inverse``; the factor is not kept: one m x m matrix less).
 
-    A is positive definite for finite activations (its smallest eigenvalue is at least eps m, far
-    above rounding), so the factorisation's ``info`` is not read (on a GPU that would wait for the
-    device). Non-finite activations of a diverging layer make K~ NaN in every entry (a NaN reaches
-    every row and column mean of the centring), hence the factor, values and gradients too, and
-    the run is marked diverged as under backprop."""
+    ``failed`` is 0 where a kernel factorised and NaN where it did not, per matrix: added to a
+    value or gradient it makes that run's (or pack member's) loss non-finite, so the run is marked
+    diverged as under backprop, with no host sync waiting for the factorisation's ``info``. A is
+    positive definite in exact arithmetic, but a diverging layer's outlier activations (one at
+    1e10 among values near 1) wipe out the other rows' distances in the expansion, leave K~ with
+    negative eigenvalues beyond eps m, and a factorisation that stops part way: its solves are
+    finite and wrong (an nHSIC of -2e12), not NaN."""
 
     l: torch.Tensor | None
     l_inv: torch.Tensor | None
+    failed: torch.Tensor
 
     def solve(self, b: torch.Tensor) -> torch.Tensor:
         """A^-1 b."""
@@ -263,8 +268,9 @@ def _by_inverse(factor: torch.Tensor) -> bool:
 @torch.no_grad()
 def hsic_factors(kc: torch.Tensor, eps: float = 1e-5) -> Factors:
     """``Factors`` of K~ + eps m I (batched)."""
-    factor, _ = _cholesky_ex(_shifted(kc, eps))
-    return Factors(None, tril_inverse(factor)) if _by_inverse(factor) else Factors(factor, None)
+    factor, info = _cholesky_ex(_shifted(kc, eps))
+    failed = torch.where(info == 0, 0.0, math.nan).to(WORK_DTYPE)
+    return Factors(None, tril_inverse(factor), failed) if _by_inverse(factor) else Factors(factor, None, failed)
 
 
 @dataclass(frozen=True)
@@ -318,7 +324,8 @@ def label_target(y: torch.Tensor, n_classes: int, sigma: float, eps: float = 1e-
 def full_target(x: torch.Tensor, sigma: float, eps: float = 1e-5) -> Target:
     """Target for a full-rank variable (the network input X): R_x, computed once per batch."""
     kc = centred_gaussian_kernel(_flat(x), sigma)
-    return Target(r=hsic_factors(kc, eps).solve(kc))
+    factors = hsic_factors(kc, eps)
+    return Target(r=factors.solve(kc) + factors.failed[..., None, None])
 
 
 def layer_terms(zs: list[torch.Tensor], targets: list[Target], sigma: float, eps: float = 1e-5,
@@ -335,9 +342,9 @@ def layer_terms(zs: list[torch.Tensor], targets: list[Target], sigma: float, eps
     values, grad = [], None
     for i, target in enumerate(targets):
         value, g = target.nhsic(kc, factors, eps, None if weights is None else weights[i])
-        values.append(value)
+        values.append(value + factors.failed)
         grad = g if grad is None else grad.add_(g)
     if weights is None:
         return values, None
-    dx = _kernel_grad(grad, x, e)
+    dx = _kernel_grad(grad, x, e).add_(factors.failed[..., None, None])
     return values, [(layer[..., :z.shape[-1]] * scale).to(z.dtype) for layer, z, scale in zip(dx, zs, scales)]
