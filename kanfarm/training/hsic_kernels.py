@@ -231,10 +231,14 @@ def _resolvent(kc: torch.Tensor, eps: float) -> torch.Tensor:
     """R = (K~ + eps m I)^-1 K~ (= K~ (K~ + eps m I)^-1; they commute) for a centred kernel;
     differentiable, for the general ``nhsic``."""
     factor, info = _cholesky_ex(_shifted(kc, eps))
-    # a matrix with no factor (non-finite, or no kernel) gives NaN rather than raising; and no
-    # host sync waits for ``info`` on a GPU
-    factor = torch.where((info == 0)[..., None, None], factor, torch.nan)
-    return torch.cholesky_solve(kc, factor)
+    return torch.cholesky_solve(kc, factor) + _failures(info)[..., None, None]
+
+
+def _failures(info: torch.Tensor) -> torch.Tensor:
+    """0 where a factorisation succeeded and NaN where it did not (``info`` != 0), in float64: added
+    to a result it makes a matrix with no factor give NaN rather than raise or give finite garbage,
+    with no host sync waiting for ``info`` on a GPU."""
+    return torch.where(info == 0, 0.0, math.nan).to(WORK_DTYPE)
 
 
 class Factors(NamedTuple):
@@ -242,9 +246,8 @@ class Factors(NamedTuple):
     the Cholesky factor ``l`` or, where solving by products is faster (``INVERSE_SOLVE_MIN``), only
     its inverse ``l_inv`` (``tril_inverse``; the factor is not kept: one m x m matrix less).
 
-    ``failed`` is 0 where a kernel factorised and NaN where it did not, per matrix: added to a
-    value or gradient it makes that run's (or pack member's) loss non-finite, so the run is marked
-    diverged as under backprop, with no host sync waiting for the factorisation's ``info``. A is
+    ``failed`` is ``_failures`` per matrix: added to a value or gradient it makes that run's (or
+    pack member's) loss non-finite, so the run is marked diverged as under backprop. A is
     positive definite in exact arithmetic, but a diverging layer's outlier activations (one at
     1e10 among values near 1) wipe out the other rows' distances in the expansion, leave K~ with
     negative eigenvalues beyond eps m, and a factorisation that stops part way: its solves are
@@ -269,7 +272,7 @@ def _by_inverse(factor: torch.Tensor) -> bool:
 def hsic_factors(kc: torch.Tensor, eps: float = 1e-5) -> Factors:
     """``Factors`` of K~ + eps m I (batched)."""
     factor, info = _cholesky_ex(_shifted(kc, eps))
-    failed = torch.where(info == 0, 0.0, math.nan).to(WORK_DTYPE)
+    failed = _failures(info)
     return Factors(None, tril_inverse(factor), failed) if _by_inverse(factor) else Factors(factor, None, failed)
 
 
